@@ -1,0 +1,1 @@
+"""Compiles @intervene experiment functions into checkpointed code and a plan."""

@@ -1,0 +1,1 @@
+"""Runs compiled intervention plans on live PyTorch models."""
