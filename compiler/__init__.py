@@ -1,1 +1,50 @@
-"""Compiles @intervene experiment functions into checkpointed code and a plan."""
+"""Compiles @intervene experiment functions into checkpointed code and a plan.
+
+Public surface: ``intervene`` (the decorator) and ``CompileError``.  The
+compiler never imports torch or a model; the runtime is imported on the first
+call of a compiled function.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable, TypeVar
+
+from .codegen import Compiled, compile_source
+from .errors import CompileError
+from .parse import source_of
+from .plan import Plan
+
+__all__ = ["intervene", "CompileError", "compile_function"]
+
+F = TypeVar("F", bound=Callable)
+
+
+def compile_function(fn) -> Compiled:
+    """Compile a live function (its source, file and line) without building it."""
+    return compile_source(source_of(fn), fn.__code__.co_freevars)
+
+
+def intervene(fn: F) -> F:
+    """Compile an experiment function once; calling it runs the compiled code.
+
+    The returned function has ``.plan`` (a ``Plan`` with this function's
+    blocks; ``str()`` is what ``show-plan`` prints) and ``.code`` (the
+    rewritten source).
+    """
+    compiled = compile_function(fn)
+    built = None
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        nonlocal built
+        if built is None:
+            from runtime.api import handle_for
+
+            built = compiled.build(handle_for(compiled.plan), fn)
+        return built(*args, **kwargs)
+
+    run.plan = Plan((compiled.plan,))  # type: ignore[attr-defined]
+    run.code = compiled.code  # type: ignore[attr-defined]
+    run.compiled = compiled  # type: ignore[attr-defined]
+    return run  # type: ignore[return-value]

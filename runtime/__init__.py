@@ -1,1 +1,39 @@
-"""Runs compiled intervention plans on live PyTorch models."""
+"""Runs compiled intervention plans on live PyTorch models.
+
+Public surface: ``NNsight`` (wrap any module), ``LanguageModel`` (a
+transformers causal LM, or the embedded default ``"smollm2-135m"``), and the
+errors a run can raise.  Names load on first use, so ``import runtime`` stays
+cheap (no torch) until a model is wrapped.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+__all__ = [
+    "NNsight",
+    "LanguageModel",
+    "OutOfOrderError",
+    "MissedCheckpointError",
+    "NotInTraceError",
+]
+
+_WHERE = {
+    "NNsight": ".nnsight",
+    "LanguageModel": ".language",
+    "OutOfOrderError": ".errors",
+    "MissedCheckpointError": ".errors",
+    "NotInTraceError": ".errors",
+}
+
+
+def __getattr__(name: str):
+    if name in _WHERE:
+        value = getattr(importlib.import_module(_WHERE[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'runtime' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(__all__)

@@ -1,0 +1,522 @@
+"""Scopes and static checks: what each trace block binds, saves and shares.
+
+One read-only pass over the function finds its trace blocks and their lanes
+(the invokes, or the whole body), records every name the function touches and
+where, and reports the mistakes that can be seen in the source alone: reading
+an unsaved variable after its block, ``.save()`` outside a trace, syntax that
+cannot live inside a checkpointed body.  The rewrite pass then uses the
+result to decide which names a lane shares with the function (``nonlocal``)
+and which it keeps to itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import libcst as cst
+import libcst.matchers as m
+import libcst.metadata as meta
+
+from .errors import CompileError
+from .parse import Source
+
+VALUE_ATTRS = frozenset({"output", "input", "inputs"})
+BLOCK_KINDS = frozenset({"trace", "generate", "scan"})
+RESERVED_PREFIX = "__iv"
+
+_COMPS = (cst.ListComp, cst.SetComp, cst.DictComp, cst.GeneratorExp)
+_LOOPS = (cst.For, cst.While)
+
+
+def block_call(node: cst.With) -> cst.Call | None:
+    """The ``X.trace(...)`` call of a trace block, or None."""
+    if len(node.items) != 1:
+        return None
+    item = node.items[0].item
+    if m.matches(item, m.Call(func=m.Attribute(attr=m.Name()))) and (
+        item.func.attr.value in BLOCK_KINDS
+    ):
+        return item
+    return None
+
+
+def invoke_call(node: cst.With) -> cst.Call | None:
+    if len(node.items) != 1:
+        return None
+    item = node.items[0].item
+    if m.matches(item, m.Call(func=m.Attribute(attr=m.Name("invoke")))):
+        return item
+    return None
+
+
+def _contains_invoke(body: cst.BaseSuite) -> bool:
+    found = False
+
+    class V(cst.CSTVisitor):
+        def visit_With(self, node: cst.With) -> bool:
+            nonlocal found
+            if invoke_call(node) is not None:
+                found = True
+            return not found
+
+        def visit_FunctionDef(self, node: cst.FunctionDef) -> bool:
+            return False
+
+        def visit_ClassDef(self, node: cst.ClassDef) -> bool:
+            return False
+
+    body.visit(V())
+    return found
+
+
+@dataclass
+class LaneInfo:
+    index: int
+    node: cst.CSTNode  # the With of the invoke, or the block's With
+    line: int
+    input: str | None
+    bound: dict[str, int] = field(default_factory=dict)  # name -> first line bound
+    nonlocal_names: tuple[str, ...] = ()
+
+
+@dataclass
+class BlockInfo:
+    index: int
+    node: cst.With
+    kind: str
+    model: str
+    args: str
+    line: int
+    end_line: int
+    tracer: str | None  # the ``as`` name
+    has_input: bool
+    has_invokes: bool
+    lanes: list[LaneInfo] = field(default_factory=list)
+    saved: set[str] = field(default_factory=set)
+    unsaved_shared: tuple[str, ...] = ()  # shared with the function, not saved: unbound after
+
+
+@dataclass(frozen=True)
+class NameRef:
+    name: str
+    store: bool
+    line: int
+    col: int
+    lane: LaneInfo | None
+    block: BlockInfo | None
+    nested: bool  # inside a def/lambda/class/comprehension of its own
+
+
+@dataclass
+class Analysis:
+    blocks: list[BlockInfo]
+    block_of: dict[int, BlockInfo]  # id(With node) -> block
+    lane_of: dict[int, LaneInfo]  # id(With node) -> lane
+    outer_bound: set[str]
+    saved_anywhere: set[str]
+    model_names: set[str]
+
+
+class _Analyzer(cst.CSTVisitor):
+    METADATA_DEPENDENCIES = (
+        meta.PositionProvider,
+        meta.ExpressionContextProvider,
+        meta.ParentNodeProvider,
+    )
+
+    def __init__(self, src: Source, fn: cst.FunctionDef) -> None:
+        self.src = src
+        self.fn = fn
+        self.blocks: list[BlockInfo] = []
+        self.block_of: dict[int, BlockInfo] = {}
+        self.lane_of: dict[int, LaneInfo] = {}
+        self.refs: list[NameRef] = []
+        self.block: BlockInfo | None = None
+        self.lane: LaneInfo | None = None
+        self.nested = 0  # depth of def/lambda/class scopes inside the function
+        self.comp = 0
+        self.lane_loops = 0  # loops opened inside the current lane
+
+    # -- helpers ---------------------------------------------------------
+    def where(self, node: cst.CSTNode) -> tuple[int, int]:
+        pos = self.get_metadata(meta.PositionProvider, node)
+        return self.src.position(pos.start.line, pos.start.column)
+
+    def error(self, node: cst.CSTNode, message: str) -> CompileError:
+        line, col = self.where(node)
+        return CompileError(message, self.src.filename, line, col)
+
+    def code(self, node: cst.CSTNode) -> str:
+        return cst.Module([]).code_for_node(node)
+
+    # -- blocks and lanes --------------------------------------------------
+    def visit_With(self, node: cst.With) -> None:
+        call = block_call(node)
+        if call is not None and self.nested == 0:
+            if self.block is not None:
+                raise self.error(
+                    node,
+                    f"a `{call.func.attr.value}` block inside another trace block: close the "
+                    f"first block (line {self.block.line}) before opening the next",
+                )
+            line, _ = self.where(node)
+            end = self.get_metadata(meta.PositionProvider, node).end.line
+            asname = node.items[0].asname
+            tracer = (
+                asname.name.value
+                if asname is not None and isinstance(asname.name, cst.Name)
+                else None
+            )
+            block = BlockInfo(
+                index=len(self.blocks),
+                node=node,
+                kind=call.func.attr.value,
+                model=self.code(call.func.value),
+                args=", ".join(self.code(a).rstrip(", ") for a in call.args),
+                line=line,
+                end_line=self.src.position(end, 0)[0],
+                tracer=tracer,
+                has_input=bool(call.args) and not all(a.keyword for a in call.args),
+                has_invokes=_contains_invoke(node.body),
+            )
+            if block.has_invokes and block.has_input and block.kind != "generate":
+                raise self.error(
+                    node,
+                    f"`{block.model}.{block.kind}({block.args})` has an input and also "
+                    "`tracer.invoke(...)` blocks: give every input to an invoke and call "
+                    f"`{block.model}.{block.kind}()` with no input",
+                )
+            if not block.has_invokes and not block.has_input:
+                raise self.error(
+                    node,
+                    f"`{block.model}.{block.kind}()` has neither an input nor any "
+                    f"`tracer.invoke(...)`: write `{block.model}.{block.kind}(input)` or add "
+                    "`with tracer.invoke(input):` blocks inside it",
+                )
+            self.blocks.append(block)
+            self.block_of[id(node)] = block
+            self.block = block
+            if not block.has_invokes:
+                self._open_lane(node, None)
+            return
+        inv = invoke_call(node)
+        if inv is not None and self.nested == 0:
+            if self.block is None:
+                raise self.error(node, "`tracer.invoke(...)` outside a trace block")
+            if self.lane is not None:
+                raise self.error(
+                    node,
+                    "an invoke inside an invoke: close the first invoke (line "
+                    f"{self.lane.line}) before opening the next; each invoke is one input",
+                )
+            self._open_lane(node, ", ".join(self.code(a).rstrip(", ") for a in inv.args) or None)
+
+    def _open_lane(self, node: cst.With, input_text: str | None) -> None:
+        assert self.block is not None
+        line, _ = self.where(node)
+        lane = LaneInfo(len(self.block.lanes), node, line, input_text)
+        self.block.lanes.append(lane)
+        self.lane_of[id(node)] = lane
+        self.lane = lane
+        self.lane_loops = 0
+
+    def leave_With(self, node: cst.With) -> None:
+        if self.lane is not None and self.lane.node is node:
+            self.lane = None
+        if self.block is not None and self.block.node is node:
+            self.block = None
+
+    # -- scopes ------------------------------------------------------------
+    def _enter_scope(self) -> None:
+        self.nested += 1
+
+    def _leave_scope(self) -> None:
+        self.nested -= 1
+
+    def visit_FunctionDef(self, node: cst.FunctionDef) -> bool | None:
+        if node is self.fn:
+            for p in _param_names(node.params):
+                self._ref(node, p, True)
+            return None
+        self._ref(node, node.name.value, True)
+        self._enter_scope()
+        return None
+
+    def leave_FunctionDef(self, node: cst.FunctionDef) -> None:
+        if node is not self.fn:
+            self._leave_scope()
+
+    def visit_ClassDef(self, node: cst.ClassDef) -> None:
+        self._ref(node, node.name.value, True)
+        self._enter_scope()
+
+    def leave_ClassDef(self, node: cst.ClassDef) -> None:
+        self._leave_scope()
+
+    def visit_Lambda(self, node: cst.Lambda) -> None:
+        self._enter_scope()
+
+    def leave_Lambda(self, node: cst.Lambda) -> None:
+        self._leave_scope()
+
+    def visit_Param(self, node: cst.Param) -> bool:
+        # Parameter names of nested functions bind in their own scope; defaults
+        # and annotations are read here.
+        for part in (node.default, node.annotation):
+            if part is not None:
+                part.visit(self)
+        return False
+
+    def _comp_enter(self, node: cst.CSTNode) -> None:
+        self.comp += 1
+
+    def _comp_leave(self, node: cst.CSTNode) -> None:
+        self.comp -= 1
+
+    visit_ListComp = visit_SetComp = visit_DictComp = visit_GeneratorExp = _comp_enter
+    leave_ListComp = leave_SetComp = leave_DictComp = leave_GeneratorExp = _comp_leave
+
+    def visit_For(self, node: cst.For) -> None:
+        if self.lane is not None:
+            self.lane_loops += 1
+        if node.asynchronous is not None and self.lane is not None and self.nested == 0:
+            raise self.error(node, "`async for` cannot be used inside a trace block")
+
+    def leave_For(self, node: cst.For) -> None:
+        if self.lane is not None:
+            self.lane_loops -= 1
+
+    def visit_While(self, node: cst.While) -> None:
+        if self.lane is not None:
+            self.lane_loops += 1
+
+    def leave_While(self, node: cst.While) -> None:
+        if self.lane is not None:
+            self.lane_loops -= 1
+
+    # -- names -------------------------------------------------------------
+    def _ref(self, node: cst.CSTNode, name: str, store: bool) -> None:
+        line, col = self.where(node)
+        nested = self.nested > 0 or self.comp > 0
+        self.refs.append(NameRef(name, store, line, col, self.lane, self.block, nested))
+        if store and not nested and self.lane is not None:
+            if name.startswith(RESERVED_PREFIX):
+                raise self.error(node, f"names starting with `{RESERVED_PREFIX}` are reserved")
+            self.lane.bound.setdefault(name, line)
+
+    def visit_Name(self, node: cst.Name) -> None:
+        ctx = self.get_metadata(meta.ExpressionContextProvider, node, None)
+        if ctx is None:
+            return
+        self._ref(node, node.value, ctx != meta.ExpressionContext.LOAD)
+
+    def visit_Attribute(self, node: cst.Attribute) -> bool:
+        attr = node.attr.value
+        if attr in VALUE_ATTRS:
+            self._check_value_access(node)
+        node.value.visit(self)  # never the attribute's own name
+        return False
+
+    def visit_Arg(self, node: cst.Arg) -> bool:
+        node.value.visit(self)  # never the keyword's name
+        return False
+
+    def visit_ImportAlias(self, node: cst.ImportAlias) -> bool:
+        if node.asname is not None and isinstance(node.asname.name, cst.Name):
+            self._ref(node, node.asname.name.value, True)
+        elif isinstance(node.name, cst.Name):
+            self._ref(node, node.name.value, True)
+        return False
+
+    def _check_value_access(self, node: cst.Attribute) -> None:
+        attr = node.attr.value
+        if self.block is None:
+            root = _root_name(node.value)
+            if root is not None and root in {b.model for b in self.blocks}:
+                raise self.error(
+                    node,
+                    f"`.{attr}` of a module is only available inside a trace block "
+                    f"(`with {root}.trace(...):`); save it there with `.save()`",
+                )
+            return
+        if self.lane is None:
+            raise self.error(
+                node,
+                f"`.{attr}` outside any invoke: in a trace with invokes, module values are "
+                "read inside `with tracer.invoke(...):`; use `tracer.invoke()` with no "
+                "input to see the whole batch",
+            )
+        if self.nested:
+            raise self.error(
+                node,
+                f"`.{attr}` inside a lambda or nested function in a trace block: module "
+                "values can only be awaited by the block's own code; read the value into "
+                "a variable first and use the variable in the function",
+            )
+
+    # -- statements that cannot live in a lane ------------------------------
+    def _forbid(self, node: cst.CSTNode, what: str, instead: str) -> None:
+        if self.block is not None and self.nested == 0:
+            raise self.error(node, f"{what} cannot be used inside a trace block: {instead}")
+
+    def visit_Yield(self, node: cst.Yield) -> None:
+        self._forbid(node, "`yield`", "the block's body is run by the runtime, not iterated")
+
+    def visit_Await(self, node: cst.Await) -> None:
+        self._forbid(node, "`await`", "the model runs synchronously")
+
+    def visit_Global(self, node: cst.Global) -> None:
+        self._forbid(node, "`global`", "assign to a variable and copy it after the block")
+
+    def visit_Nonlocal(self, node: cst.Nonlocal) -> None:
+        self._forbid(node, "`nonlocal`", "assign to a variable and copy it after the block")
+
+    def visit_Return(self, node: cst.Return) -> None:
+        self._forbid(node, "`return`", "save the value and return it after the block")
+
+    def _loop_jump(self, node: cst.CSTNode, word: str) -> None:
+        if self.lane is not None and self.nested == 0 and self.lane_loops == 0:
+            raise self.error(
+                node, f"`{word}` would leave the trace block: only loops inside the block can "
+                "be left with it",
+            )
+
+    def visit_Break(self, node: cst.Break) -> None:
+        self._loop_jump(node, "break")
+
+    def visit_Continue(self, node: cst.Continue) -> None:
+        self._loop_jump(node, "continue")
+
+    def visit_Del(self, node: cst.Del) -> None:
+        if m.matches(node.target, m.Attribute(attr=m.Name())) and (
+            node.target.attr.value in VALUE_ATTRS
+        ):
+            raise self.error(node, f"`del ...{node.target.attr.value}`: a module value cannot be deleted")
+
+    def visit_Assign(self, node: cst.Assign) -> None:
+        if len(node.targets) > 1 and any(
+            m.matches(t.target, m.Attribute(attr=m.Name())) and t.target.attr.value in VALUE_ATTRS
+            for t in node.targets
+        ):
+            raise self.error(
+                node, "a module value as one of several assignment targets: write it in its own "
+                "assignment (`m.output = value`)",
+            )
+
+    # -- saves ---------------------------------------------------------------
+    def visit_Call(self, node: cst.Call) -> None:
+        if not (m.matches(node.func, m.Attribute(attr=m.Name("save"))) and not node.args):
+            return
+        if self.block is None:
+            raise self.error(
+                node,
+                "`.save()` outside a trace block: `.save()` marks a value computed inside "
+                "`with model.trace(...):` to be kept after it; outside a block every value "
+                "is already kept",
+            )
+        if self.lane is None:
+            raise self.error(node, "`.save()` outside any invoke: save values inside an invoke")
+        receiver = node.func.value
+        if isinstance(receiver, cst.Name):
+            self.block.saved.add(receiver.value)
+        for name in self._assigned_names(node):
+            self.block.saved.add(name)
+
+    def _assigned_names(self, node: cst.CSTNode) -> list[str]:
+        """Names an expression's value is assigned to, walking up to its statement."""
+        child = node
+        parent = self.get_metadata(meta.ParentNodeProvider, child)
+        while not isinstance(parent, (cst.BaseSmallStatement, cst.BaseCompoundStatement)):
+            if isinstance(parent, cst.Lambda):
+                return []
+            child = parent
+            parent = self.get_metadata(meta.ParentNodeProvider, child)
+        targets: list[cst.BaseExpression] = []
+        if isinstance(parent, cst.Assign) and child is parent.value:
+            targets = [t.target for t in parent.targets]
+        elif isinstance(parent, cst.AnnAssign) and child is parent.value:
+            targets = [parent.target]
+        names = []
+        for t in targets:
+            names.extend(_names_in_target(t))
+        return names
+
+
+def _root_name(node: cst.BaseExpression) -> str | None:
+    while isinstance(node, (cst.Attribute, cst.Subscript, cst.Call)):
+        node = node.value if not isinstance(node, cst.Call) else node.func
+    return node.value if isinstance(node, cst.Name) else None
+
+
+def _names_in_target(t: cst.BaseExpression) -> list[str]:
+    if isinstance(t, cst.Name):
+        return [t.value]
+    if isinstance(t, (cst.Tuple, cst.List)):
+        out = []
+        for el in t.elements:
+            out.extend(_names_in_target(el.value))
+        return out
+    if isinstance(t, cst.StarredElement):
+        return _names_in_target(t.value)
+    return []
+
+
+def _param_names(params: cst.Parameters) -> list[str]:
+    out = [p.name.value for p in (*params.posonly_params, *params.params, *params.kwonly_params)]
+    for star in (params.star_arg, params.star_kwarg):
+        if isinstance(star, cst.Param):
+            out.append(star.name.value)
+    return out
+
+
+def analyze(src: Source, wrapper: meta.MetadataWrapper, fn: cst.FunctionDef) -> Analysis:
+    visitor = _Analyzer(src, fn)
+    wrapper.visit(visitor)
+    refs = visitor.refs
+    blocks = visitor.blocks
+
+    outer_bound = {r.name for r in refs if r.store and r.lane is None and not r.nested}
+    for block in blocks:
+        block_refs = [r for r in refs if r.block is block]
+        bound_here: dict[str, int] = {}
+        for lane in block.lanes:
+            for name, line in lane.bound.items():
+                bound_here.setdefault(name, line)
+            outside = {r.name for r in refs if r.lane is not lane}
+            lane.nonlocal_names = tuple(
+                sorted(n for n in lane.bound if n in block.saved or n in outside)
+            )
+        shared = {n for lane in block.lanes for n in lane.nonlocal_names}
+        block.unsaved_shared = tuple(sorted(shared - block.saved))
+        # An unsaved variable read after the block: both lines named.
+        later = sorted(
+            (r for r in refs if r.block is not block and r.line > block.end_line),
+            key=lambda r: (r.line, r.col),
+        )
+        first_after: dict[str, NameRef] = {}
+        for r in later:
+            first_after.setdefault(r.name, r)
+        for name, line in sorted(bound_here.items(), key=lambda kv: kv[1]):
+            if name in block.saved:
+                continue
+            r = first_after.get(name)
+            if r is not None and not r.store:
+                raise CompileError(
+                    f"`{name}` is assigned inside the {block.kind} block at line {line} but "
+                    f"read at line {r.line}, after the block, without being saved: write "
+                    f"`{name} = ....save()` at line {line} (or call `{name}.save()` in the "
+                    "block) to keep it",
+                    src.filename,
+                    r.line,
+                    r.col,
+                )
+        del block_refs
+    saved_anywhere = set().union(*(b.saved for b in blocks)) if blocks else set()
+    return Analysis(
+        blocks=blocks,
+        block_of=visitor.block_of,
+        lane_of=visitor.lane_of,
+        outer_bound=outer_bound,
+        saved_anywhere=saved_anywhere,
+        model_names={b.model for b in blocks},
+    )

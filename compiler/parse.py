@@ -1,0 +1,115 @@
+"""Finding source: a function object's source, or every @intervene function in a file.
+
+The result is always a ``Source``: the function's own text (dedented), the file
+it came from and where it starts there, so every later pass can report
+positions in the user's file.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import libcst as cst
+import libcst.metadata as meta
+
+from .errors import CompileError
+
+
+@dataclass(frozen=True)
+class Source:
+    text: str  # dedented source of the function, decorators included
+    filename: str
+    first_line: int  # line of ``text``'s first line in ``filename``
+    indent: int  # columns removed by dedenting
+
+    def position(self, line: int, col: int) -> tuple[int, int]:
+        """A (line, column) in ``text`` -> the same place in the file."""
+        return self.first_line + line - 1, col + self.indent
+
+
+def _dedent(lines: list[str]) -> tuple[str, int]:
+    first = lines[0]
+    indent = len(first) - len(first.lstrip())
+    prefix = first[:indent]
+    out = [ln[indent:] if ln.startswith(prefix) else ln.lstrip() for ln in lines]
+    return "".join(out), indent
+
+
+def source_of(fn) -> Source:
+    """The source of a live function, or a CompileError saying why there is none."""
+    name = getattr(fn, "__qualname__", repr(fn))
+    code = getattr(fn, "__code__", None)
+    if code is None:
+        raise CompileError(f"@intervene needs a plain function, got {type(fn).__name__}")
+    filename = code.co_filename
+    if fn.__name__ == "<lambda>":
+        raise CompileError(
+            "@intervene cannot compile a lambda: write the experiment as a `def` function",
+            filename,
+            code.co_firstlineno,
+        )
+    try:
+        lines, first_line = inspect.getsourcelines(fn)
+    except (OSError, TypeError) as exc:
+        raise CompileError(
+            f"@intervene cannot read the source of {name}() ({exc}). It compiles the "
+            "function from its source, which Python keeps only for code in a file or a "
+            "notebook cell: define the experiment in a .py file (or a Jupyter/IPython "
+            "cell), not in the plain REPL or through exec()/eval() of a string",
+            filename,
+            code.co_firstlineno,
+        ) from None
+    text, indent = _dedent(lines)
+    return Source(text, filename, first_line, indent)
+
+
+def _decorator_name(dec: cst.Decorator) -> str | None:
+    node = dec.decorator
+    if isinstance(node, cst.Call):
+        node = node.func
+    if isinstance(node, cst.Name):
+        return node.value
+    if isinstance(node, cst.Attribute):
+        return node.attr.value
+    return None
+
+
+def is_intervene(fn: cst.FunctionDef) -> bool:
+    return any(_decorator_name(d) == "intervene" for d in fn.decorators)
+
+
+class _FindFunctions(cst.CSTVisitor):
+    METADATA_DEPENDENCIES = (meta.PositionProvider,)
+
+    def __init__(self) -> None:
+        self.found: list[tuple[str, int, int]] = []  # (name, first line, last line)
+
+    def visit_FunctionDef(self, node: cst.FunctionDef) -> None:
+        if is_intervene(node):
+            pos = self.get_metadata(meta.PositionProvider, node)
+            first = min(
+                [pos.start.line]
+                + [self.get_metadata(meta.PositionProvider, d).start.line for d in node.decorators]
+            )
+            self.found.append((node.name.value, first, pos.end.line))
+
+
+def functions_in_file(filename: str, text: str | None = None) -> list[Source]:
+    """Every ``@intervene`` function of a file, without importing or running it."""
+    if text is None:
+        with open(filename, encoding="utf-8") as f:
+            text = f.read()
+    try:
+        module = cst.parse_module(text)
+    except cst.ParserSyntaxError as exc:
+        raise CompileError(f"cannot parse: {exc.message}", filename, exc.raw_line, exc.raw_column)
+    wrapper = meta.MetadataWrapper(module, unsafe_skip_copy=True)
+    finder = _FindFunctions()
+    wrapper.visit(finder)
+    all_lines = text.splitlines(keepends=True)
+    out = []
+    for _name, first, last in finder.found:
+        body, indent = _dedent(all_lines[first - 1 : last])
+        out.append(Source(body, filename, first, indent))
+    return out

@@ -1,0 +1,614 @@
+"""The rewrite: trace blocks -> lanes of checkpointed code the runtime drives.
+
+Each trace block becomes ``with __iv.block(<the user's call>, <index>) as t:``
+whose body defines one generator function per lane (an invoke, or the whole
+body) and hands it to the runtime.  Inside a lane every module value access
+becomes a ``yield`` of a checkpoint request::
+
+    h = model.layers[5].output[0].save()
+    # becomes
+    h = __iv.save((yield __iv.read(model.layers[5], 'output', 0))[0])
+
+so the runtime can suspend the lane until the module runs and resume it with
+the real value.  Names a lane shares with the rest of the function are
+``nonlocal``; those it does not save are unbound again after the block.
+Comprehensions that touch module values are lowered to loops (``yield``
+cannot live in them).  Checkpoint numbers follow evaluation order, and every
+rewritten statement remembers the line it came from so tracebacks and pdb
+show the user's own lines.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+import libcst as cst
+import libcst.matchers as m
+import libcst.metadata as meta
+
+from .analyze import VALUE_ATTRS, Analysis, BlockInfo, LaneInfo, block_call, invoke_call
+from .errors import CompileError
+from .parse import Source
+from .plan import Checkpoint
+
+RT = "__iv"
+TMP_BASE = 7_770_000_000  # provisional checkpoint numbers, renumbered in evaluation order
+
+
+def _rt(attr: str) -> cst.Attribute:
+    return cst.Attribute(cst.Name(RT), cst.Name(attr))
+
+
+def _call(attr: str, *args: cst.BaseExpression) -> cst.Call:
+    return cst.Call(_rt(attr), [cst.Arg(a) for a in args])
+
+
+def _paren(e: cst.BaseExpression) -> cst.BaseExpression:
+    return e.with_changes(lpar=[cst.LeftParen()], rpar=[cst.RightParen()])
+
+
+def _stmt(*small: cst.BaseSmallStatement) -> cst.SimpleStatementLine:
+    return cst.SimpleStatementLine(list(small))
+
+
+@dataclass
+class PendingCheckpoint:
+    block: int
+    lane: int
+    path: str
+    parts: tuple | None
+    value: str
+    access: str
+    line: int
+    col: int
+    saves: bool
+    scope: tuple[str, ...]
+
+
+@dataclass
+class RewriteResult:
+    module: cst.Module
+    pending: dict[int, PendingCheckpoint]
+    line_of: list[tuple[cst.CSTNode, int, int, bool]] = field(default_factory=list)
+
+
+def path_parts(expr: cst.BaseExpression, model: str) -> tuple | None:
+    """``model.transformer.h[5]`` -> ("transformer", "h", 5); None if not static."""
+    code = cst.Module([]).code_for_node(expr)
+    if code == model:
+        return ()
+    if isinstance(expr, cst.Attribute):
+        base = path_parts(expr.value, model)
+        return None if base is None else (*base, expr.attr.value)
+    if isinstance(expr, cst.Subscript) and len(expr.slice) == 1:
+        idx = expr.slice[0].slice
+        if isinstance(idx, cst.Index):
+            v = idx.value
+            sign = 1
+            if isinstance(v, cst.UnaryOperation) and isinstance(v.operator, cst.Minus):
+                sign, v = -1, v.expression
+            if isinstance(v, cst.Integer):
+                base = path_parts(expr.value, model)
+                return None if base is None else (*base, sign * int(v.value, 0))
+    return None
+
+
+def written_path(expr: cst.BaseExpression, model: str) -> str:
+    code = cst.Module([]).code_for_node(expr)
+    if code == model:
+        return "<model>"
+    if code.startswith(model + "."):
+        return code[len(model) + 1 :]
+    if code.startswith(model + "["):
+        return code[len(model) :]
+    return code
+
+
+class Rewriter(cst.CSTTransformer):
+    METADATA_DEPENDENCIES = (meta.PositionProvider,)
+
+    def __init__(self, src: Source, fn: cst.FunctionDef, info: Analysis) -> None:
+        super().__init__()
+        self.src = src
+        self.fn = fn
+        self.info = info
+        self.block: BlockInfo | None = None
+        self.lane: LaneInfo | None = None
+        self.pending: dict[int, PendingCheckpoint] = {}
+        self.tmp = itertools.count(TMP_BASE)
+        self.write_targets: set[int] = set()  # id() of target attributes of writes
+        self.inplace_roots: set[int] = set()  # id() of value attributes edited in place
+        self.save_depth = 0
+        self.saving_stmt = False
+        self.scope: list[str] = []
+        self.hoist: list[list[cst.BaseStatement]] = []  # per statement being rebuilt
+        self.comp_hoist: list[list[cst.BaseStatement]] = []
+        self.comp_count = itertools.count()
+        self.comp_touched: list[bool] = []
+        self.line_of: list[tuple[cst.CSTNode, int, int, bool]] = []
+        self.lane_count = itertools.count()
+
+    # -- positions -----------------------------------------------------------
+    def pos(self, node: cst.CSTNode) -> tuple[int, int]:
+        p = self.get_metadata(meta.PositionProvider, node)
+        return self.src.position(p.start.line, p.start.column)
+
+    def span(self, node: cst.CSTNode) -> tuple[int, int]:
+        p = self.get_metadata(meta.PositionProvider, node)
+        return self.src.position(p.start.line, 0)[0], self.src.position(p.end.line, 0)[0]
+
+    def error(self, node: cst.CSTNode, message: str) -> CompileError:
+        line, col = self.pos(node)
+        return CompileError(message, self.src.filename, line, col)
+
+    def remember(self, new: cst.CSTNode, first: int, last: int, exact: bool = True) -> None:
+        self.line_of.append((new, first, last, exact))
+
+    # -- blocks and lanes ------------------------------------------------------
+    def visit_With(self, node: cst.With) -> None:
+        block = self.info.block_of.get(id(node))
+        if block is not None:
+            self.block = block
+        lane = self.info.lane_of.get(id(node))
+        if lane is not None:
+            self.lane = lane
+            self.scope = []
+
+    def leave_With(self, original: cst.With, updated: cst.With):
+        lane = self.info.lane_of.get(id(original))
+        block = self.info.block_of.get(id(original))
+        if block is None and lane is None:
+            return self._statement(original, updated)
+        self.hoist.pop()
+        line = self.pos(original)[0]
+        assert self.block is not None
+        tracer = self.block.tracer or f"{RT}_t{self.block.index}"
+        out: list[cst.BaseStatement] = []
+        if lane is not None:
+            body = list(updated.body.body)
+            invoke = None if block is not None else invoke_call(updated)
+            out = self._lane(lane, body, tracer, invoke, line)
+            self.lane = None
+        if block is None:
+            return cst.FlattenSentinel(out)
+        # The block itself.
+        call = block_call(updated)
+        assert call is not None
+        inner = out if lane is not None else list(updated.body.body)
+        # `model.trace(x)` -> `__iv.block(model, 'trace', 0, x)`: outside a
+        # compiled function `model.generate(...)` stays the model's own.
+        opened = cst.Call(
+            _rt("block"),
+            [
+                cst.Arg(call.func.value),
+                cst.Arg(cst.SimpleString(repr(block.kind))),
+                cst.Arg(cst.Integer(str(block.index))),
+                *call.args,
+            ],
+        )
+        new_with = updated.with_changes(
+            items=[cst.WithItem(opened, asname=cst.AsName(cst.Name(tracer)))],
+            body=updated.body.with_changes(body=inner),
+        )
+        self.remember(new_with, line, line, exact=False)
+        result: list[cst.BaseStatement] = [new_with]
+        if block.unsaved_shared:
+            names = block.unsaved_shared
+            targets = [cst.AssignTarget(cst.Name(n)) for n in names]
+            unbind = _stmt(cst.Assign(targets, cst.Name("None")))
+            delete = _stmt(
+                cst.Del(cst.Tuple([cst.Element(cst.Name(n)) for n in names], lpar=[], rpar=[]))
+            )
+            self.remember(unbind, block.end_line, block.end_line, exact=False)
+            self.remember(delete, block.end_line, block.end_line, exact=False)
+            result += [unbind, delete]
+        self.block = None
+        return cst.FlattenSentinel(result)
+
+    def _lane(self, lane: LaneInfo, body, tracer: str, invoke, line: int):
+        assert self.block is not None
+        name = f"{RT}_lane{self.block.index}_{lane.index}"
+        stmts = list(body)
+        if lane.nonlocal_names:
+            nl = _stmt(cst.Nonlocal([cst.NameItem(cst.Name(n)) for n in lane.nonlocal_names]))
+            self.remember(nl, line, line, exact=False)
+            stmts.insert(0, nl)
+        fdef = cst.FunctionDef(
+            name=cst.Name(name),
+            params=cst.Parameters(),
+            body=cst.IndentedBlock(stmts),
+        )
+        self.remember(fdef, line, line, exact=False)
+        spec: cst.BaseExpression = invoke if invoke is not None else cst.Name("None")
+        reg = _stmt(
+            cst.Expr(
+                _call("lane", cst.Name(tracer), cst.Name(name), spec, cst.Integer(str(lane.index)))
+            )
+        )
+        self.remember(reg, line, line, exact=False)
+        return [fdef, reg]
+
+    # -- statements: line memory and hoisting ------------------------------
+    def _visit_statement(self, node: cst.CSTNode) -> None:
+        self.hoist.append([])
+
+    def _statement(self, original: cst.CSTNode, updated):
+        hoisted = self.hoist.pop() if self.hoist else []
+        first, last = self.span(original)
+        if isinstance(original, cst.SimpleStatementLine):
+            self.remember(updated, first, last, exact=True)
+        else:
+            self.remember(updated, first, first, exact=False)
+        if hoisted:
+            if isinstance(original, cst.While):
+                raise self.error(
+                    original,
+                    "a comprehension that reads module values in a `while` condition: "
+                    "compute it in the loop body into a variable instead",
+                )
+            return cst.FlattenSentinel([*hoisted, updated])
+        return updated
+
+    def visit_SimpleStatementLine(self, node) -> None:
+        self._visit_statement(node)
+
+    def leave_SimpleStatementLine(self, original, updated):
+        return self._statement(original, updated)
+
+    # Compound statements: hoisting per statement; the control-flow scope of
+    # each body (a checkpoint surely follows another only when its scope
+    # extends the other's) through libcst's per-field hooks.
+    def _push(self, tag: str, node: cst.CSTNode) -> None:
+        if self.lane is not None:
+            self.scope.append(f"{tag}@{self.pos(node)[0]}")
+
+    def _pop(self) -> None:
+        if self.lane is not None and self.scope:
+            self.scope.pop()
+
+    def visit_If(self, node):
+        self._visit_statement(node)
+
+    def leave_If(self, original, updated):
+        return self._statement(original, updated)
+
+    def visit_If_body(self, node):
+        self._push("if", node)
+
+    def leave_If_body(self, node):
+        self._pop()
+
+    def visit_If_orelse(self, node):
+        self._push("else", node)
+
+    def leave_If_orelse(self, node):
+        self._pop()
+
+    def visit_For(self, node):
+        self._visit_statement(node)
+
+    def leave_For(self, original, updated):
+        return self._statement(original, updated)
+
+    def visit_For_body(self, node):
+        self._push("for", node)
+
+    def leave_For_body(self, node):
+        self._pop()
+
+    def visit_For_orelse(self, node):
+        self._push("for-else", node)
+
+    def leave_For_orelse(self, node):
+        self._pop()
+
+    def visit_While(self, node):
+        self._visit_statement(node)
+
+    def leave_While(self, original, updated):
+        return self._statement(original, updated)
+
+    def visit_While_body(self, node):
+        self._push("while", node)
+
+    def leave_While_body(self, node):
+        self._pop()
+
+    def visit_While_orelse(self, node):
+        self._push("while-else", node)
+
+    def leave_While_orelse(self, node):
+        self._pop()
+
+    def visit_Try(self, node):
+        self._visit_statement(node)
+        self._push("try", node)
+
+    def leave_Try(self, original, updated):
+        self._pop()
+        return self._statement(original, updated)
+
+    def visit_FunctionDef(self, node):
+        if node is not self.fn:
+            self._visit_statement(node)
+
+    def leave_FunctionDef(self, original, updated):
+        if original is self.fn:
+            return updated
+        return self._statement(original, updated)
+
+    def visit_ClassDef(self, node):
+        self._visit_statement(node)
+
+    def leave_ClassDef(self, original, updated):
+        return self._statement(original, updated)
+
+    # ``with`` needs both the statement bookkeeping and the block logic.
+    def on_visit(self, node: cst.CSTNode) -> bool:
+        if isinstance(node, cst.With):
+            self._visit_statement(node)
+        return super().on_visit(node)
+
+    # -- checkpoints -----------------------------------------------------------
+    def _checkpoint(self, node: cst.Attribute, env: cst.BaseExpression, access: str) -> int:
+        assert self.block is not None and self.lane is not None
+        tmp = next(self.tmp)
+        line, col = self.pos(node)
+        self.pending[tmp] = PendingCheckpoint(
+            block=self.block.index,
+            lane=self.lane.index,
+            path=written_path(node.value, self.block.model),
+            parts=path_parts(node.value, self.block.model),
+            value=node.attr.value,
+            access=access,
+            line=line,
+            col=col,
+            saves=self.save_depth > 0 or self.saving_stmt,
+            scope=tuple(self.scope),
+        )
+        return tmp
+
+    def _read(self, original: cst.Attribute, updated: cst.Attribute) -> cst.BaseExpression:
+        access = "inplace" if id(original) in self.inplace_roots else "read"
+        tmp = self._checkpoint(original, updated.value, access)
+        req = _call("read", updated.value, cst.SimpleString(repr(original.attr.value)),
+                    cst.Integer(str(tmp)))
+        if self.comp_hoist:
+            self._comp_touch()
+        return _paren(cst.Yield(req))
+
+    def visit_Attribute(self, node: cst.Attribute) -> None:
+        pass
+
+    def leave_Attribute(self, original: cst.Attribute, updated: cst.Attribute):
+        attr = original.attr.value
+        if (
+            attr == "value"
+            and isinstance(updated.value, cst.Name)
+            and updated.value.value in self.info.saved_anywhere
+        ):
+            return updated.value  # seed style: `saved.value` is the saved value itself
+        if self.lane is None or attr not in VALUE_ATTRS or id(original) in self.write_targets:
+            return updated
+        return self._read(original, updated)
+
+    def visit_Call(self, node: cst.Call) -> None:
+        if self.lane is not None and m.matches(node.func, m.Attribute(attr=m.Name("save"))) and (
+            not node.args
+        ):
+            self.save_depth += 1
+        # `m.output[0].zero_()`, `m.output.mul_(2)`: in-place through a method.
+        if self.lane is not None and m.matches(node.func, m.Attribute(attr=m.Name())):
+            name = node.func.attr.value
+            if name.endswith("_") and not name.endswith("__"):
+                root = _value_root(node.func.value)
+                if root is not None:
+                    self.inplace_roots.add(id(root))
+
+    def leave_Call(self, original: cst.Call, updated: cst.Call):
+        if self.lane is not None and m.matches(original.func, m.Attribute(attr=m.Name("save"))) and (
+            not original.args
+        ):
+            self.save_depth -= 1
+            return _call("save", updated.func.value)
+        return updated
+
+    # -- writes ------------------------------------------------------------------
+    def _mark_targets(self, target: cst.BaseExpression) -> None:
+        if m.matches(target, m.Attribute(attr=m.Name())) and target.attr.value in VALUE_ATTRS:
+            self.write_targets.add(id(target))
+        else:
+            root = _value_root(target)
+            if root is not None:
+                self.inplace_roots.add(id(root))
+
+    def visit_Assign(self, node: cst.Assign) -> None:
+        if self.lane is None:
+            return
+        for t in node.targets:
+            self._mark_targets(t.target)
+        names = {n for t in node.targets for n in _target_names(t.target)}
+        assert self.block is not None
+        self.saving_stmt = bool(names & self.block.saved)
+
+    def leave_Assign(self, original: cst.Assign, updated: cst.Assign):
+        self.saving_stmt = False
+        if self.lane is None:
+            return updated
+        target = updated.targets[0].target
+        if id(original.targets[0].target) in self.write_targets:
+            tmp = self._checkpoint(original.targets[0].target, target.value, "write")
+            return cst.Expr(
+                cst.Yield(
+                    _call("write", target.value, cst.SimpleString(repr(target.attr.value)),
+                          cst.Integer(str(tmp)), updated.value)
+                )
+            )
+        if m.matches(target, m.Attribute(attr=m.Name("requires_grad"))):
+            return cst.Expr(_call("requires_grad", target.value, updated.value))
+        return updated
+
+    def visit_AugAssign(self, node: cst.AugAssign) -> None:
+        if self.lane is not None:
+            self._mark_targets(node.target)
+
+    def leave_AugAssign(self, original: cst.AugAssign, updated: cst.AugAssign):
+        if self.lane is None or id(original.target) not in self.write_targets:
+            return updated
+        # `m.output += v`  ->  t = read; t += v; write t   (the value may be in-place)
+        target = updated.target
+        kind = cst.SimpleString(repr(target.attr.value))
+        def tmp_name() -> cst.Name:
+            return cst.Name(f"{RT}_value")
+
+        t_read = self._checkpoint(original.target, target.value, "inplace")
+        t_write = self._checkpoint(original.target, target.value, "write")
+        return cst.FlattenSentinel(
+            [
+                cst.Assign(
+                    [cst.AssignTarget(tmp_name())],
+                    _paren(cst.Yield(_call("read", target.value, kind, cst.Integer(str(t_read))))),
+                ),
+                updated.with_changes(target=tmp_name()),
+                cst.Expr(cst.Yield(_call("write", target.value.deep_clone(), kind,
+                                         cst.Integer(str(t_write)), tmp_name()))),
+            ]
+        )
+
+    # -- comprehensions -> loops --------------------------------------------------
+    def _comp_visit(self, node) -> None:
+        if self.lane is not None:
+            self.comp_hoist.append([])
+            self.scope.append(f"comp@{self.pos(node)[0]}")
+            self.comp_touched.append(False)
+
+    def _comp_touch(self) -> None:
+        self.comp_touched[-1] = True
+
+    def _comp_leave(self, original, updated):
+        if self.lane is None:
+            return updated
+        inner = self.comp_hoist.pop()
+        self.scope.pop()
+        touched = self.comp_touched.pop()
+        if not touched and not inner:
+            return updated
+        if self.comp_touched:
+            self.comp_touched[-1] = True  # an outer comprehension must be lowered too
+        if any(f.asynchronous is not None for f in _comp_fors(updated.for_in)):
+            raise self.error(original, "an async comprehension cannot read module values")
+        name = cst.Name(f"{RT}_c{next(self.comp_count)}")
+        if isinstance(updated, cst.DictComp):
+            init: cst.BaseExpression = cst.Dict([])
+            add: cst.BaseSmallStatement = cst.Assign(
+                [cst.AssignTarget(cst.Subscript(name, [cst.SubscriptElement(cst.Index(updated.key))]))],
+                updated.value,
+            )
+        else:
+            init = cst.Call(cst.Name("set")) if isinstance(updated, cst.SetComp) else cst.List([])
+            method = "add" if isinstance(updated, cst.SetComp) else "append"
+            add = cst.Expr(cst.Call(cst.Attribute(name, cst.Name(method)), [cst.Arg(updated.elt)]))
+        body: list[cst.BaseStatement] = [*inner, _stmt(add)]
+        for clause in reversed(_comp_fors(updated.for_in)):
+            for cond in reversed(clause.ifs):
+                body = [cst.If(test=cond.test, body=cst.IndentedBlock(body))]
+            body = [cst.For(target=clause.target, iter=clause.iter, body=cst.IndentedBlock(body))]
+        stmts = [_stmt(cst.Assign([cst.AssignTarget(name)], init)), *body]
+        target = self.comp_hoist[-1] if self.comp_hoist else self.hoist[-1]
+        target.extend(stmts)
+        line = self.pos(original)[0]
+        for s in stmts:
+            self.remember(s, line, line, exact=False)
+        return name
+
+    visit_ListComp = visit_SetComp = visit_DictComp = visit_GeneratorExp = _comp_visit
+    leave_ListComp = leave_SetComp = leave_DictComp = leave_GeneratorExp = _comp_leave
+
+
+def _comp_fors(for_in: cst.CompFor) -> list[cst.CompFor]:
+    out = []
+    node: cst.CompFor | None = for_in
+    while node is not None:
+        out.append(node)
+        node = node.inner_for_in
+    return out
+
+
+def _value_root(node: cst.BaseExpression) -> cst.Attribute | None:
+    """The ``m.output`` at the root of ``m.output[0][:, -1]`` (or ``m.output.x_()``)."""
+    while True:
+        if m.matches(node, m.Attribute(attr=m.Name())) and node.attr.value in VALUE_ATTRS:
+            return node
+        if isinstance(node, cst.Subscript):
+            node = node.value
+        elif isinstance(node, cst.Attribute):
+            node = node.value
+        else:
+            return None
+
+
+def _target_names(t: cst.BaseExpression) -> list[str]:
+    if isinstance(t, cst.Name):
+        return [t.value]
+    if isinstance(t, (cst.Tuple, cst.List)):
+        return [n for el in t.elements for n in _target_names(el.value)]
+    return []
+
+
+class EvaluationOrder(cst.CSTVisitor):
+    """Provisional checkpoint numbers in the order Python will evaluate them."""
+
+    def __init__(self) -> None:
+        self.order: list[int] = []
+
+    def leave_Call(self, node: cst.Call) -> None:
+        # A request is made once its arguments (which may hold other requests)
+        # have been evaluated: post-order.
+        if m.matches(node.func, m.Attribute(value=m.Name(RT), attr=m.Name("read") | m.Name("write"))):
+            arg = node.args[2].value
+            if isinstance(arg, cst.Integer):
+                self.order.append(int(arg.value))
+
+    def visit_Assign(self, node: cst.Assign) -> bool:
+        node.value.visit(self)  # the value is evaluated before the targets
+        for t in node.targets:
+            t.visit(self)
+        return False
+
+    def visit_AnnAssign(self, node: cst.AnnAssign) -> bool:
+        if node.value is not None:
+            node.value.visit(self)
+        node.target.visit(self)
+        return False
+
+
+def number_checkpoints(
+    module: cst.Module, pending: dict[int, PendingCheckpoint]
+) -> tuple[dict[int, int], dict[tuple[int, int], list[Checkpoint]]]:
+    """Provisional -> final numbers (per block, evaluation order), and the
+    checkpoints of each (block, lane)."""
+    visitor = EvaluationOrder()
+    module.visit(visitor)
+    counters: dict[int, int] = {}
+    final: dict[int, int] = {}
+    lanes: dict[tuple[int, int], list[Checkpoint]] = {}
+    for tmp in visitor.order:
+        p = pending[tmp]
+        order = counters.get(p.block, 0)
+        counters[p.block] = order + 1
+        final[tmp] = order
+        lanes.setdefault((p.block, p.lane), []).append(
+            Checkpoint(
+                order=order,
+                path=p.path,
+                value=p.value,  # type: ignore[arg-type]
+                access=p.access,  # type: ignore[arg-type]
+                line=p.line,
+                col=p.col,
+                parts=p.parts,
+                saves=p.saves,
+                scope=p.scope,
+            )
+        )
+    return final, lanes

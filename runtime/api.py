@@ -1,0 +1,67 @@
+"""The one small interface the rewritten code calls (``__iv`` in its text).
+
+Every compiled function gets a ``Handle`` bound to its plan; the rewritten
+code reaches the runtime only through it: ``block``, ``lane``, ``read``,
+``write``, ``save``, ``requires_grad``.  Keeping it this small is what lets a
+server validate and run shipped experiments later.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .envoy import Envoy
+from .interleave import read, write
+from .nnsight import NNsight
+from .tracer import Tracer
+
+
+def save(value):
+    """``x.save()``: the value itself outlives the block (nothing to copy)."""
+    return value
+
+
+def requires_grad(value, flag: bool) -> None:
+    """``x.requires_grad = flag`` on a module value, whether or not the model's
+    parameters require grad: a value already in the graph keeps its gradient
+    (``retain_grad``) instead of failing as a non-leaf."""
+    if isinstance(value, torch.Tensor) and not value.is_leaf:
+        if flag:
+            value.retain_grad()
+            return
+        raise RuntimeError(
+            "`requires_grad = False` on a value computed from parameters that require grad: "
+            "use `.detach()` instead"
+        )
+    value.requires_grad = flag
+
+
+class Handle:
+    __slots__ = ("plan", "sites", "read", "write", "save", "requires_grad")
+
+    def __init__(self, plan) -> None:
+        self.plan = plan
+        self.sites = [
+            {cp.order: cp for lane in b.lanes for cp in lane.checkpoints} for b in plan.blocks
+        ]
+        self.read = read
+        self.write = write
+        self.save = save
+        self.requires_grad = requires_grad
+
+    def block(self, model, kind: str, index: int, /, *args, **kwargs) -> Tracer:
+        if not isinstance(model, NNsight):
+            what = "an Envoy (a part of a model)" if isinstance(model, Envoy) else type(model).__name__
+            raise TypeError(
+                f"`with ....{kind}(...)` needs the wrapped model (NNsight(module) or "
+                f"LanguageModel(...)), got {what}"
+            )
+        return Tracer(model, kind, self.plan.blocks[index], self.sites[index], args, kwargs)
+
+    @staticmethod
+    def lane(tracer: Tracer, fn, spec, index: int) -> None:
+        tracer._add_lane(fn, spec, index)
+
+
+def handle_for(plan) -> Handle:
+    return Handle(plan)

@@ -1,0 +1,124 @@
+"""A trace block at run time: collect its lanes, check them, run the model once.
+
+The compiled code opens ``with __iv.block(model, kind, index, *inputs) as
+tracer:``, registers each lane (``__iv.lane``), and on leaving the ``with``
+the tracer checks the plan against the model (static paths resolve, static
+checkpoints come in an order the model can produce), starts the lanes, runs
+the model's forward (or ``generate``) once and cleans up: every hook is
+removed and every lane closed, whether the run succeeded or not.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from . import order
+from .errors import OutOfOrderError
+from .interleave import OUT, PRE, Interleaver
+
+_PHASE = {"output": OUT, "input": PRE, "inputs": PRE}
+
+
+class InvokeSpec:
+    __slots__ = ("args", "kwargs")
+
+    def __init__(self, args: tuple, kwargs: dict) -> None:
+        self.args = args
+        self.kwargs = kwargs
+
+
+class Tracer:
+    """The object bound by ``with model.trace(...) as tracer``."""
+
+    def __init__(self, root, kind: str, block, sites: dict, args: tuple, kwargs: dict) -> None:
+        self._root = root
+        self._kind = kind
+        self._block = block
+        self._sites = sites
+        self._args = args
+        self._kwargs = kwargs
+        self._lanes: list[tuple[Any, InvokeSpec | None, int]] = []
+
+    # -- user-facing -----------------------------------------------------------
+    def invoke(self, *args, **kwargs) -> InvokeSpec:
+        return InvokeSpec(args, kwargs)
+
+    def __repr__(self) -> str:
+        return f"<Tracer {self._kind} of {self._root._path} (block {self._block.index})>"
+
+    # -- compiled-code protocol ----------------------------------------------
+    def _add_lane(self, fn, spec: InvokeSpec | None, index: int) -> None:
+        self._lanes.append((fn, spec, index))
+
+    def __enter__(self) -> "Tracer":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        try:
+            if exc_type is None:
+                self._execute()
+        finally:
+            self._lanes.clear()
+        return False
+
+    def _execute(self) -> None:
+        root = self._root
+        check_block(root, self._block)
+        if any(spec is not None for _, spec, _ in self._lanes):
+            args, kwargs, rows = root._batch(
+                [(spec.args, spec.kwargs) if spec is not None else None for _, spec, _ in self._lanes]
+            )
+            kwargs = {**kwargs, **self._kwargs}
+        else:
+            args, kwargs = root._prepare(self._args, self._kwargs)
+            rows = [None] * len(self._lanes)
+        inter = Interleaver(root, self._block, self._sites)
+        learning = root._learn_order() if not root._order_complete else None
+        try:
+            for (fn, _spec, index), r in zip(self._lanes, rows):
+                inter.start(fn, index, r)
+            root._run(self._kind, args, kwargs, self)
+            inter.finish()
+        finally:
+            inter.cleanup()
+            if learning is not None:
+                for handle in learning:
+                    handle.remove()
+                root._order_complete = True
+
+
+def check_block(root, block) -> None:
+    """Before running: static paths exist, and static checkpoints of each lane
+    come in an order the model can produce.  Checked once per model and block."""
+    done = root._checked
+    if id(block) in done and done[id(block)] is block:
+        return
+    complete = True
+    for lane in block.lanes:
+        static = []
+        for cp in lane.checkpoints:
+            if cp.parts is None:
+                continue
+            try:
+                env = root._resolve(cp.parts)
+            except (AttributeError, IndexError, KeyError, TypeError) as exc:
+                raise type(exc)(f"line {cp.line}: `{cp.path}`: {exc}") from None
+            static.append((cp, env._module, _PHASE.get(cp.value, OUT), env))
+        for j, (b, mb, pb, eb) in enumerate(static):
+            for a, ma, pa, ea in static[:j]:
+                if b.scope[: len(a.scope)] != a.scope or len(a.scope) > len(b.scope):
+                    continue
+                verdict = order.precedes(root, mb, pb, ma, pa)
+                if verdict is None:
+                    complete = False
+                elif verdict:
+                    raise OutOfOrderError(
+                        f"`{eb._path}.{b.value}` (line {b.line}) is asked for after "
+                        f"`{ea._path}.{a.value}` (line {a.line}), but the model computes "
+                        f"`{eb._path}.{b.value}` first: in one forward pass, ask for module "
+                        "values in the order the model computes them (or use two traces)",
+                        eb._path,
+                        b.line,
+                    )
+    if complete:
+        done[id(block)] = block

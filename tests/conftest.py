@@ -1,0 +1,24 @@
+"""Shared fixtures: the default language model (loaded once per session) and tiny models."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from runtime.models import DEFAULT_ALIAS, load_causal_lm, tiny_llama
+
+
+@pytest.fixture(scope="session")
+def default_lm() -> tuple[Any, Any]:
+    """(model, tokenizer) for the default alias; fetched and converted on first use.
+
+    Tests using this fixture should be marked ``@pytest.mark.slow``.
+    """
+    return load_causal_lm(DEFAULT_ALIAS)
+
+
+@pytest.fixture
+def tiny_lm() -> Any:
+    """A fresh, seed-0 tiny Llama (cheap to build, so not shared between tests)."""
+    return tiny_llama(0)
