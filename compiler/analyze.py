@@ -179,7 +179,7 @@ class _Analyzer(cst.CSTVisitor):
                 has_input=bool(call.args) and not all(a.keyword for a in call.args),
                 has_invokes=_contains_invoke(node.body),
             )
-            if block.has_invokes and block.has_input and block.kind != "generate":
+            if block.has_invokes and block.has_input:
                 raise self.error(
                     node,
                     f"`{block.model}.{block.kind}({block.args})` has an input and also "
@@ -299,6 +299,10 @@ class _Analyzer(cst.CSTVisitor):
         line, col = self.where(node)
         nested = self.nested > 0 or self.comp > 0
         self.refs.append(NameRef(name, store, line, col, self.lane, self.block, nested))
+        if store and self.block is not None and name == self.block.tracer and self.lane is not None:
+            # `as tracer` of the block: bound by the function, not by the lane.
+            self.refs[-1] = NameRef(name, store, line, col, None, self.block, nested)
+            return
         if store and not nested and self.lane is not None:
             if name.startswith(RESERVED_PREFIX):
                 raise self.error(node, f"names starting with `{RESERVED_PREFIX}` are reserved")

@@ -113,7 +113,7 @@ def compile_source(src: Source, freevars: tuple[str, ...] = ()) -> Compiled:
     new_fn, decls = _declare(new_fn, shared)
     for d in decls:
         rewriter.remember(d, fn_line, fn_line, exact=False)
-    final, lanes = number_checkpoints(cst.Module([new_fn]), rewriter.pending)
+    final, lanes = number_checkpoints(cst.Module([new_fn]), rewriter.pending, rewriter.markers)
 
     blocks = []
     for b in info.blocks:

@@ -30,7 +30,7 @@ import libcst.metadata as meta
 from .analyze import VALUE_ATTRS, Analysis, BlockInfo, LaneInfo, block_call, invoke_call
 from .errors import CompileError
 from .parse import Source
-from .plan import Checkpoint
+from .plan import Checkpoint, Marker
 
 RT = "__iv"
 TMP_BASE = 7_770_000_000  # provisional checkpoint numbers, renumbered in evaluation order
@@ -64,6 +64,7 @@ class PendingCheckpoint:
     col: int
     saves: bool
     scope: tuple[str, ...]
+    steps: str | None = None
 
 
 @dataclass
@@ -128,6 +129,10 @@ class Rewriter(cst.CSTTransformer):
         self.comp_touched: list[bool] = []
         self.line_of: list[tuple[cst.CSTNode, int, int, bool]] = []
         self.lane_count = itertools.count()
+        self.steps: list[str] = []  # step selections around the current code
+        self.step_count = itertools.count()
+        self.barriers: set[str] = set()  # names bound to `tracer.barrier(n)` in the block
+        self.markers: dict[int, tuple] = {}  # provisional number -> (block, lane, kind, line, detail, scope)
 
     # -- positions -----------------------------------------------------------
     def pos(self, node: cst.CSTNode) -> tuple[int, int]:
@@ -150,6 +155,10 @@ class Rewriter(cst.CSTTransformer):
         block = self.info.block_of.get(id(node))
         if block is not None:
             self.block = block
+            self.barriers = _barrier_names(node.body)
+        sel = self._step_selection(node.items[0].item) if len(node.items) == 1 else None
+        if sel is not None:
+            self.steps.append(sel)
         lane = self.info.lane_of.get(id(node))
         if lane is not None:
             self.lane = lane
@@ -159,6 +168,9 @@ class Rewriter(cst.CSTTransformer):
         lane = self.info.lane_of.get(id(original))
         block = self.info.block_of.get(id(original))
         if block is None and lane is None:
+            if len(original.items) == 1 and self._step_selection(original.items[0].item):
+                self.steps.pop()
+                return self._statement(original, self._lower_steps(original, updated, None))
             return self._statement(original, updated)
         self.hoist.pop()
         line = self.pos(original)[0]
@@ -287,9 +299,65 @@ class Rewriter(cst.CSTTransformer):
 
     def visit_For(self, node):
         self._visit_statement(node)
+        sel = self._step_selection(node.iter)
+        if sel is not None:
+            if node.orelse is not None:
+                raise self.error(node, "a step loop (`for step in tracer.all():`) cannot have `else`")
+            self.steps.append(sel)
 
     def leave_For(self, original, updated):
+        if self._step_selection(original.iter) is not None:
+            self.steps.pop()
+            return self._statement(original, self._lower_steps(original, updated, updated.target))
         return self._statement(original, updated)
+
+    # -- generation steps -------------------------------------------------------------
+    def _step_selection(self, expr: cst.BaseExpression) -> str | None:
+        """``tracer.all()`` -> "all"; ``tracer.iter[2:5]`` -> "[2:5]"; else None."""
+        if self.lane is None or self.block is None or self.block.tracer is None:
+            return None
+        tracer = m.Name(self.block.tracer)
+        if m.matches(expr, m.Call(func=m.Attribute(value=tracer, attr=m.Name("all")), args=[])):
+            return "all"
+        if m.matches(expr, m.Subscript(value=m.Attribute(value=tracer, attr=m.Name("iter")))):
+            code = cst.Module([]).code_for_node(expr)
+            return code[code.index("[") :]
+        return None
+
+    def _marker(self, kind: str, node: cst.CSTNode, detail: str = "") -> int:
+        assert self.block is not None and self.lane is not None
+        tmp = next(self.tmp)
+        self.markers[tmp] = (self.block.index, self.lane.index, kind, self.pos(node)[0], detail,
+                             tuple(self.scope))
+        return tmp
+
+    def _lower_steps(self, original, updated, target):
+        """``with tracer.iter[1:3]: BODY`` ->
+        ``s = tracer.iter[1:3]; while (yield __iv.next_step(s, n)): BODY``, then
+        ``yield __iv.end_steps(tracer, n)``: code after a step block runs once
+        generation has ended."""
+        assert self.block is not None
+        sel_expr = original.iter if isinstance(original, cst.For) else original.items[0].item
+        detail = self._step_selection(sel_expr) or ""
+        name = f"{RT}_steps{next(self.step_count)}"
+        t_next = self._marker("steps", original, detail)
+        t_end = self._marker("end-steps", original, detail)
+        body = list(updated.body.body)
+        if target is not None:
+            body.insert(0, _stmt(cst.Assign([cst.AssignTarget(target)],
+                                             cst.Attribute(cst.Name(name), cst.Name("current")))))
+        sel_new = updated.iter if isinstance(updated, cst.For) else updated.items[0].item
+        init = _stmt(cst.Assign([cst.AssignTarget(cst.Name(name))], sel_new))
+        loop = cst.While(
+            test=_paren(cst.Yield(_call("next_step", cst.Name(name), cst.Integer(str(t_next))))),
+            body=updated.body.with_changes(body=body),
+        )
+        end = _stmt(cst.Expr(cst.Yield(_call("end_steps", cst.Name(self.block.tracer),
+                                                 cst.Integer(str(t_end))))))
+        line = self.pos(original)[0]
+        for st in (init, loop, end):
+            self.remember(st, line, line, exact=False)
+        return cst.FlattenSentinel([init, loop, end])
 
     def visit_For_body(self, node):
         self._push("for", node)
@@ -366,6 +434,7 @@ class Rewriter(cst.CSTTransformer):
             col=col,
             saves=self.save_depth > 0 or self.saving_stmt,
             scope=tuple(self.scope),
+            steps=self.steps[-1] if self.steps else None,
         )
         return tmp
 
@@ -405,6 +474,21 @@ class Rewriter(cst.CSTTransformer):
                 root = _value_root(node.func.value)
                 if root is not None:
                     self.inplace_roots.add(id(root))
+
+    def leave_Expr(self, original: cst.Expr, updated: cst.Expr):
+        call = original.value
+        if (
+            self.lane is not None
+            and isinstance(call, cst.Call)
+            and isinstance(call.func, cst.Name)
+            and call.func.value in self.barriers
+            and not call.args
+        ):
+            tmp = self._marker("barrier", original, call.func.value)
+            return updated.with_changes(
+                value=cst.Yield(_call("barrier", cst.Name(call.func.value), cst.Integer(str(tmp))))
+            )
+        return updated
 
     def leave_Call(self, original: cst.Call, updated: cst.Call):
         if self.lane is not None and m.matches(original.func, m.Attribute(attr=m.Name("save"))) and (
@@ -526,6 +610,20 @@ class Rewriter(cst.CSTTransformer):
     leave_ListComp = leave_SetComp = leave_DictComp = leave_GeneratorExp = _comp_leave
 
 
+def _barrier_names(body: cst.BaseSuite) -> set[str]:
+    """Names assigned ``<x>.barrier(n)`` directly in a block's body."""
+    names = set()
+    for stmt in getattr(body, "body", ()):
+        if isinstance(stmt, cst.SimpleStatementLine):
+            for small in stmt.body:
+                if (
+                    isinstance(small, cst.Assign)
+                    and m.matches(small.value, m.Call(func=m.Attribute(attr=m.Name("barrier"))))
+                ):
+                    names.update(_target_names(small.targets[0].target))
+    return names
+
+
 def _comp_fors(for_in: cst.CompFor) -> list[cst.CompFor]:
     out = []
     node: cst.CompFor | None = for_in
@@ -569,6 +667,14 @@ class EvaluationOrder(cst.CSTVisitor):
             arg = node.args[2].value
             if isinstance(arg, cst.Integer):
                 self.order.append(int(arg.value))
+        elif m.matches(
+            node.func,
+            m.Attribute(value=m.Name(RT),
+                        attr=m.Name("next_step") | m.Name("end_steps") | m.Name("barrier")),
+        ):
+            arg = node.args[1].value
+            if isinstance(arg, cst.Integer):
+                self.order.append(int(arg.value))
 
     def visit_Assign(self, node: cst.Assign) -> bool:
         node.value.visit(self)  # the value is evaluated before the targets
@@ -584,8 +690,8 @@ class EvaluationOrder(cst.CSTVisitor):
 
 
 def number_checkpoints(
-    module: cst.Module, pending: dict[int, PendingCheckpoint]
-) -> tuple[dict[int, int], dict[tuple[int, int], list[Checkpoint]]]:
+    module: cst.Module, pending: dict[int, PendingCheckpoint], markers: dict[int, tuple]
+) -> tuple[dict[int, int], dict[tuple[int, int], list]]:
     """Provisional -> final numbers (per block, evaluation order), and the
     checkpoints of each (block, lane)."""
     visitor = EvaluationOrder()
@@ -594,6 +700,13 @@ def number_checkpoints(
     final: dict[int, int] = {}
     lanes: dict[tuple[int, int], list[Checkpoint]] = {}
     for tmp in visitor.order:
+        if tmp in markers:
+            block, lane, kind, line, detail, scope = markers[tmp]
+            order = counters.get(block, 0)
+            counters[block] = order + 1
+            final[tmp] = order
+            lanes.setdefault((block, lane), []).append(Marker(order, kind, line, detail, scope))
+            continue
         p = pending[tmp]
         order = counters.get(p.block, 0)
         counters[p.block] = order + 1
@@ -608,6 +721,7 @@ def number_checkpoints(
                 col=p.col,
                 parts=p.parts,
                 saves=p.saves,
+                steps=p.steps,
                 scope=p.scope,
             )
         )

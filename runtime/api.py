@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from .envoy import Envoy
-from .interleave import read, write
+from .interleave import barrier, end_steps, next_step, read, write
 from .nnsight import NNsight
 from .tracer import Tracer
 
@@ -37,17 +37,25 @@ def requires_grad(value, flag: bool) -> None:
 
 
 class Handle:
-    __slots__ = ("plan", "sites", "read", "write", "save", "requires_grad")
+    __slots__ = ("plan", "sites", "read", "write", "save", "requires_grad", "next_step",
+                 "end_steps", "barrier", "has_steps")
 
     def __init__(self, plan) -> None:
         self.plan = plan
         self.sites = [
-            {cp.order: cp for lane in b.lanes for cp in lane.checkpoints} for b in plan.blocks
+            {item.order: item for lane in b.lanes for item in lane.items} for b in plan.blocks
         ]
         self.read = read
         self.write = write
         self.save = save
         self.requires_grad = requires_grad
+        self.next_step = next_step
+        self.end_steps = end_steps
+        self.barrier = barrier
+        self.has_steps = [
+            any(getattr(i, "kind", None) == "steps" for lane in b.lanes for i in lane.items)
+            for b in plan.blocks
+        ]
 
     def block(self, model, kind: str, index: int, /, *args, **kwargs) -> Tracer:
         if not isinstance(model, NNsight):
@@ -56,7 +64,10 @@ class Handle:
                 f"`with ....{kind}(...)` needs the wrapped model (NNsight(module) or "
                 f"LanguageModel(...)), got {what}"
             )
-        return Tracer(model, kind, self.plan.blocks[index], self.sites[index], args, kwargs)
+        tracer = Tracer(model, kind, self.plan.blocks[index], self.sites[index], args, kwargs)
+        tracer._filename = self.plan.filename
+        tracer._has_steps = self.has_steps[index]
+        return tracer
 
     @staticmethod
     def lane(tracer: Tracer, fn, spec, index: int) -> None:

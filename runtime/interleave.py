@@ -23,6 +23,7 @@ from .envoy import Envoy
 from .errors import MissedCheckpointError, OutOfOrderError
 
 PRE, OUT = "pre", "out"
+_PARKED = object()
 _PHASE = {"output": OUT, "input": PRE, "inputs": PRE}
 
 
@@ -32,6 +33,94 @@ def read(envoy, value: str, site: int) -> tuple:
 
 def write(envoy, value: str, site: int, new) -> tuple:
     return (envoy, value, site, new)
+
+
+class _Control:
+    """First item of a request that is not a module value."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"<{self.name}>"
+
+
+STEP, END, BARRIER = _Control("next step"), _Control("end of generation"), _Control("barrier")
+
+
+def next_step(selection, site: int) -> tuple:
+    return (STEP, selection, site)
+
+
+def end_steps(tracer, site: int) -> tuple:
+    return (END, tracer, site)
+
+
+def barrier(b, site: int) -> tuple:
+    return (BARRIER, b, site)
+
+
+class StepSelection:
+    """``tracer.all()`` / ``tracer.iter[...]``: which generation steps a block runs at."""
+
+    __slots__ = ("key", "current", "served", "skipped")
+
+    def __init__(self, key) -> None:
+        if key is not None and not isinstance(key, (int, slice, list, tuple, range)):
+            raise TypeError(
+                f"tracer.iter[...] takes an int, a slice or a list of ints, got {type(key).__name__}"
+            )
+        if isinstance(key, slice) and (key.step or 1) <= 0:
+            raise ValueError("tracer.iter[a:b:c] needs a positive step")
+        self.key = key
+        self.current = None
+        self.served: list[int] = []
+        self.skipped: list[int] = []
+
+    def wanted_after(self, last: int | None) -> int | None:
+        """The first selected step after ``last`` (None: no more)."""
+        lo = -1 if last is None else last
+        key = self.key
+        if key is None:
+            return lo + 1
+        if isinstance(key, int):
+            return key if key > lo else None
+        if isinstance(key, slice):
+            start, step = key.start or 0, key.step or 1
+            k = start if lo < start else start + ((lo - start) // step + 1) * step
+            return k if key.stop is None or k < key.stop else None
+        later = sorted(k for k in key if k > lo)
+        return later[0] if later else None
+
+    def missing(self) -> list[int] | str:
+        """Selected steps that were never served (for the warning)."""
+        if self.key is None:
+            return []
+        last = self.served[-1] if self.served else None
+        out = list(self.skipped)
+        k = self.wanted_after(last)
+        if isinstance(self.key, slice) and self.key.stop is None:
+            return out + ([f"{k}..."] if k is not None else [])
+        while k is not None:
+            out.append(k)
+            k = self.wanted_after(k)
+        return out
+
+
+class Barrier:
+    """``b = tracer.barrier(n)``: n invokes wait at ``b()`` until all have arrived."""
+
+    __slots__ = ("n", "waiting", "arrived", "line")
+
+    def __init__(self, n: int) -> None:
+        if not isinstance(n, int) or n < 1:
+            raise ValueError(f"tracer.barrier(n) needs a positive int, got {n!r}")
+        self.n = n
+        self.waiting: list = []
+        self.arrived = 0
+        self.line = None
 
 
 class Lane:
@@ -90,10 +179,17 @@ class Event:
 
 
 class Interleaver:
-    def __init__(self, root, block, sites) -> None:
+    def __init__(self, root, block, sites, filename: str = "<unknown>") -> None:
         self.root = root
         self.block = block
-        self.sites = sites  # site number -> Checkpoint of the plan
+        self.sites = sites  # site number -> Checkpoint or Marker of the plan
+        self.filename = filename
+        self.step = -1  # forward passes begun (generation steps)
+        self.ended = False
+        self.step_waiting: dict[int, list[tuple[Lane, tuple]]] = {}
+        self.end_waiting: list[Lane] = []
+        self.barriers: list[Barrier] = []
+        self.result = None
         self.waiting: dict[tuple[int, str], list[tuple[Lane, tuple]]] = {}
         self.hooks: dict[tuple[int, str], Any] = {}
         self.fired: set[tuple[int, str]] = set()
@@ -125,6 +221,12 @@ class Interleaver:
                     return
                 error = None
                 envoy, what = req[0], req[1]
+                if envoy.__class__ is _Control:
+                    lane.line = req[2]
+                    value = self._control(lane, req)
+                    if value is _PARKED:
+                        return
+                    continue
                 if not isinstance(envoy, Envoy):
                     # Not a module: `.output` of an ordinary object.
                     if len(req) == 4:
@@ -156,6 +258,91 @@ class Interleaver:
             lane.grad = torch.is_grad_enabled()
             if lane.grad != outer:
                 torch.set_grad_enabled(outer)
+
+    # -- steps, the end of generation, barriers -------------------------------------------
+    def _control(self, lane: Lane, req: tuple):
+        kind, arg = req[0], req[1]
+        if kind is STEP:
+            sel = arg
+            last = sel.served[-1] if sel.served else None
+            k = sel.wanted_after(last)
+            while k is not None and not self.ended and k < self.step:
+                sel.skipped.append(k)  # passed before this line was reached
+                k = sel.wanted_after(k)
+            if k is None or self.ended:
+                self._warn_missing(sel, req[2])
+                return False
+            if k == self.step:
+                sel.served.append(k)
+                sel.current = k
+                return True
+            lane.parked = (None, "step", req)
+            self.step_waiting.setdefault(k, []).append((lane, req))
+            self._ensure_step_hook()
+            return _PARKED
+        if kind is END:
+            if self.ended:
+                return None
+            lane.parked = (None, "end", req)
+            self.end_waiting.append(lane)
+            return _PARKED
+        # a barrier
+        b = arg
+        if not isinstance(b, Barrier):
+            raise TypeError(f"`{b!r}()` is not a barrier made by tracer.barrier(n)")
+        b.arrived += 1
+        if b not in self.barriers:
+            self.barriers.append(b)
+        if b.arrived < b.n:
+            cp = self.sites.get(req[2])
+            b.line = cp.line if cp is not None else None
+            lane.parked = (None, "barrier", req)
+            b.waiting.append(lane)
+            return _PARKED
+        released, b.waiting, b.arrived = b.waiting, [], 0
+        for other in sorted(released, key=lambda ln: ln.index):
+            other.parked = None
+            self.advance(other, None)
+        return None
+
+    def _warn_missing(self, sel: StepSelection, site: int) -> None:
+        missing = sel.missing()
+        if not missing:
+            return
+        import warnings
+
+        cp = self.sites.get(site)
+        line = cp.line if cp is not None else 0
+        shown = ", ".join(str(k) for k in missing)
+        reason = (
+            f"generation ran {self.step + 1} step(s)" if self.ended else
+            f"the code reached it at step {self.step}"
+        )
+        warnings.warn_explicit(
+            f"the step block at line {line} selected step(s) {shown}, which never came to it "
+            f"({reason}); the code after the block still runs",
+            RuntimeWarning, self.filename, line,
+        )
+
+    def _ensure_step_hook(self) -> None:
+        key = (id(self.root._module), "step")
+        if key in self.hooks:
+            return
+
+        def step_hook(mod, args, kwargs):
+            self.step += 1
+            self.fired.clear()
+            waiters = self.step_waiting.pop(self.step, None)
+            if waiters:
+                for lane, req in sorted(waiters, key=lambda w: w[0].index):
+                    lane.parked = None
+                    sel = req[1]
+                    sel.served.append(self.step)
+                    sel.current = self.step
+                    self.advance(lane, True)
+            return None
+
+        self.hooks[key] = self.root._module.register_forward_pre_hook(step_hook, with_kwargs=True)
 
     def _narrow(self, lane: Lane, value):
         return value if lane.rows is None else narrow(value, lane.rows)
@@ -236,11 +423,51 @@ class Interleaver:
 
     # -- the end ---------------------------------------------------------------------
     def finish(self) -> None:
-        """After the forward: every lane still parked gets an error at its line."""
+        """After the run: step loops end, code after step blocks runs, the
+        generator's output is handed out; every lane still parked then gets
+        an error at its line, never a hang."""
+        self.ended = True
+        gen = getattr(self.root, "_generator", None)
+        progress = True
+        while progress:
+            progress = False
+            waiting = sorted(
+                (w for ws in self.step_waiting.values() for w in ws), key=lambda w: w[0].index
+            )
+            self.step_waiting.clear()
+            for lane, req in waiting:
+                lane.parked = None
+                self._warn_missing(req[1], req[2])
+                self.advance(lane, False)
+                progress = True
+            ended, self.end_waiting = self.end_waiting, []
+            for lane in sorted(ended, key=lambda ln: ln.index):
+                lane.parked = None
+                self.advance(lane, None)
+                progress = True
+            if gen is not None and self.result is not None:
+                key = (id(gen._module), OUT)
+                waiters = self.waiting.pop(key, None)
+                if waiters:
+                    self._serve(Event(gen._module, OUT, self.result), waiters)
+                    progress = True
         for lane in self.lanes:
             if lane.done or lane.parked is None:
                 continue
             module, phase, req = lane.parked
+            if module is None:
+                b = req[1]
+                lane.parked = None
+                err = RuntimeError(
+                    f"barrier at line {b.line if isinstance(b, Barrier) else '?'} waits for "
+                    f"{getattr(b, 'n', '?')} invokes but only {getattr(b, 'arrived', '?')} "
+                    "reached it: every invoke that calls it must reach it in the same forward pass"
+                )
+                self.advance(lane, None, error=err)
+                if not lane.done:
+                    lane.gen.close()
+                    raise err
+                continue
             self.waiting.pop((id(module), phase), None)
             lane.parked = None
             envoy, what, site = req[0], req[1], req[2]

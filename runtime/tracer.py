@@ -14,7 +14,7 @@ from typing import Any
 
 from . import order
 from .errors import OutOfOrderError
-from .interleave import OUT, PRE, Interleaver
+from .interleave import OUT, PRE, Barrier, Interleaver, StepSelection
 
 _PHASE = {"output": OUT, "input": PRE, "inputs": PRE}
 
@@ -38,10 +38,28 @@ class Tracer:
         self._args = args
         self._kwargs = kwargs
         self._lanes: list[tuple[Any, InvokeSpec | None, int]] = []
+        self._result = None
+        self._filename = "<unknown>"
+        self._has_steps = False
 
     # -- user-facing -----------------------------------------------------------
     def invoke(self, *args, **kwargs) -> InvokeSpec:
         return InvokeSpec(args, kwargs)
+
+    def barrier(self, n: int) -> Barrier:
+        return Barrier(n)
+
+    def all(self) -> StepSelection:
+        return StepSelection(None)
+
+    @property
+    def iter(self) -> "_StepIndexer":
+        return _StepIndexer()
+
+    @property
+    def result(self):
+        """The generated token ids (prompt included), once generation has ended."""
+        return self._result
 
     def __repr__(self) -> str:
         return f"<Tracer {self._kind} of {self._root._path} (block {self._block.index})>"
@@ -72,12 +90,17 @@ class Tracer:
         else:
             args, kwargs = root._prepare(self._args, self._kwargs)
             rows = [None] * len(self._lanes)
-        inter = Interleaver(root, self._block, self._sites)
+        inter = Interleaver(root, self._block, self._sites, self._filename)
         learning = root._learn_order() if not root._order_complete else None
         try:
+            if self._kind == "generate" or self._has_steps:
+                inter._ensure_step_hook()
             for (fn, _spec, index), r in zip(self._lanes, rows):
                 inter.start(fn, index, r)
-            root._run(self._kind, args, kwargs, self)
+            out = root._run(self._kind, args, kwargs, self)
+            if self._kind == "generate":
+                self._result = out
+                inter.result = out
             inter.finish()
         finally:
             inter.cleanup()
@@ -85,6 +108,11 @@ class Tracer:
                 for handle in learning:
                     handle.remove()
                 root._order_complete = True
+
+
+class _StepIndexer:
+    def __getitem__(self, key) -> StepSelection:
+        return StepSelection(key)
 
 
 def check_block(root, block) -> None:
