@@ -83,8 +83,10 @@ class Tracer:
         root = self._root
         check_block(root, self._block)
         if any(spec is not None for _, spec, _ in self._lanes):
+            # `tracer.invoke()` with no input adds no rows: it sees the whole batch.
             args, kwargs, rows = root._batch(
-                [(spec.args, spec.kwargs) if spec is not None else None for _, spec, _ in self._lanes]
+                [(spec.args, spec.kwargs) if spec is not None and (spec.args or spec.kwargs)
+                 else None for _, spec, _ in self._lanes]
             )
             kwargs = {**kwargs, **self._kwargs}
         else:
