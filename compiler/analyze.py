@@ -136,6 +136,7 @@ class _Analyzer(cst.CSTVisitor):
         self.nested = 0  # depth of def/lambda/class scopes inside the function
         self.comp = 0
         self.lane_loops = 0  # loops opened inside the current lane
+        self.model_names = _traced_models(fn)
 
     # -- helpers ---------------------------------------------------------
     def where(self, node: cst.CSTNode) -> tuple[int, int]:
@@ -176,7 +177,11 @@ class _Analyzer(cst.CSTVisitor):
                 line=line,
                 end_line=self.src.position(end, 0)[0],
                 tracer=tracer,
-                has_input=bool(call.args) and not all(a.keyword for a in call.args),
+                # generate's keywords are generation options; trace/scan keywords
+                # are the model's own inputs.
+                has_input=bool(call.args) and (
+                    call.func.attr.value != "generate" or not all(a.keyword for a in call.args)
+                ),
                 has_invokes=_contains_invoke(node.body),
             )
             if block.has_invokes and block.has_input:
@@ -336,7 +341,7 @@ class _Analyzer(cst.CSTVisitor):
         attr = node.attr.value
         if self.block is None:
             root = _root_name(node.value)
-            if root is not None and root in {b.model for b in self.blocks}:
+            if root is not None and root in self.model_names:
                 raise self.error(
                     node,
                     f"`.{attr}` of a module is only available inside a trace block "
@@ -409,6 +414,16 @@ class _Analyzer(cst.CSTVisitor):
 
     # -- saves ---------------------------------------------------------------
     def visit_Call(self, node: cst.Call) -> None:
+        if (
+            self.block is not None
+            and self.block.tracer is not None
+            and m.matches(node.func, m.Attribute(value=m.Name(self.block.tracer),
+                                                 attr=m.Name("cache")))
+        ):
+            # `cache = tracer.cache()`: the cache is filled by the run and read after it.
+            for name in self._assigned_names(node):
+                self.block.saved.add(name)
+            return
         if not (m.matches(node.func, m.Attribute(attr=m.Name("save"))) and not node.args):
             return
         if self.block is None:
@@ -444,6 +459,22 @@ class _Analyzer(cst.CSTVisitor):
         for t in targets:
             names.extend(_names_in_target(t))
         return names
+
+
+def _traced_models(fn: cst.FunctionDef) -> set[str]:
+    """Root names of every model traced in the function (``model`` of ``model.trace``)."""
+    names: set[str] = set()
+
+    class V(cst.CSTVisitor):
+        def visit_With(self, node: cst.With) -> None:
+            call = block_call(node)
+            if call is not None:
+                root = _root_name(call.func.value)
+                if root is not None:
+                    names.add(root)
+
+    fn.visit(V())
+    return names
 
 
 def _root_name(node: cst.BaseExpression) -> str | None:

@@ -22,7 +22,7 @@ import libcst.metadata as meta
 from . import plan as P
 from .analyze import analyze
 from .errors import CompileError
-from .parse import Source
+from .parse import Source, parse_error_position
 from .rewrite import RT, TMP_BASE, Rewriter, number_checkpoints
 
 _TMP_RE = re.compile(r"\b777\d{7}\b")
@@ -83,7 +83,7 @@ def compile_source(src: Source, freevars: tuple[str, ...] = ()) -> Compiled:
     try:
         module = cst.parse_module(src.text)
     except cst.ParserSyntaxError as exc:
-        line, col = src.position(exc.raw_line, exc.raw_column)
+        line, col = src.position(*parse_error_position(exc))
         raise CompileError(f"cannot parse: {exc.message}", src.filename, line, col) from None
     fn = module.body[0] if module.body else None
     if not isinstance(fn, cst.FunctionDef):

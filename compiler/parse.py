@@ -8,6 +8,7 @@ positions in the user's file.
 from __future__ import annotations
 
 import inspect
+import re
 from dataclasses import dataclass
 
 import libcst as cst
@@ -64,6 +65,15 @@ def source_of(fn) -> Source:
     return Source(text, filename, first_line, indent)
 
 
+def parse_error_position(exc: cst.ParserSyntaxError) -> tuple[int, int]:
+    """Where a parse error is.  libcst's ``raw_line`` can point past the end of
+    the bad line (at the next token); its message names the exact place."""
+    found = re.search(r"error at (\d+):(\d+)", exc.message)
+    if found:
+        return int(found.group(1)), max(int(found.group(2)) - 1, 0)
+    return exc.raw_line, exc.raw_column
+
+
 def _decorator_name(dec: cst.Decorator) -> str | None:
     node = dec.decorator
     if isinstance(node, cst.Call):
@@ -103,7 +113,8 @@ def functions_in_file(filename: str, text: str | None = None) -> list[Source]:
     try:
         module = cst.parse_module(text)
     except cst.ParserSyntaxError as exc:
-        raise CompileError(f"cannot parse: {exc.message}", filename, exc.raw_line, exc.raw_column)
+        line, col = parse_error_position(exc)
+        raise CompileError(f"cannot parse: {exc.message}", filename, line, col) from None
     wrapper = meta.MetadataWrapper(module, unsafe_skip_copy=True)
     finder = _FindFunctions()
     wrapper.visit(finder)

@@ -133,6 +133,7 @@ class Rewriter(cst.CSTTransformer):
         self.step_count = itertools.count()
         self.barriers: set[str] = set()  # names bound to `tracer.barrier(n)` in the block
         self.markers: dict[int, tuple] = {}  # provisional number -> (block, lane, kind, line, detail, scope)
+        self.backward_depth = 0  # inside `with loss.backward():` of a lane
 
     # -- positions -----------------------------------------------------------
     def pos(self, node: cst.CSTNode) -> tuple[int, int]:
@@ -159,6 +160,8 @@ class Rewriter(cst.CSTTransformer):
         sel = self._step_selection(node.items[0].item) if len(node.items) == 1 else None
         if sel is not None:
             self.steps.append(sel)
+        if self._backward_call(node) is not None:
+            self.backward_depth += 1
         lane = self.info.lane_of.get(id(node))
         if lane is not None:
             self.lane = lane
@@ -168,6 +171,9 @@ class Rewriter(cst.CSTTransformer):
         lane = self.info.lane_of.get(id(original))
         block = self.info.block_of.get(id(original))
         if block is None and lane is None:
+            if self._backward_call(original) is not None:
+                self.backward_depth -= 1
+                return self._statement(original, self._lower_backward(original, updated))
             if len(original.items) == 1 and self._step_selection(original.items[0].item):
                 self.steps.pop()
                 return self._statement(original, self._lower_steps(original, updated, None))
@@ -311,6 +317,33 @@ class Rewriter(cst.CSTTransformer):
             return self._statement(original, self._lower_steps(original, updated, updated.target))
         return self._statement(original, updated)
 
+    # -- backward blocks ------------------------------------------------------------------
+    def _backward_call(self, node: cst.With) -> cst.Call | None:
+        if self.lane is None or len(node.items) != 1:
+            return None
+        item = node.items[0].item
+        if m.matches(item, m.Call(func=m.Attribute(attr=m.Name("backward")))):
+            return item
+        return None
+
+    def _lower_backward(self, original: cst.With, updated: cst.With):
+        """``with loss.backward(**kw): BODY`` -> ``yield __iv.backward(loss, n, **kw)``,
+        BODY (``x.grad`` is a checkpoint), ``yield __iv.end_backward(n)``: the
+        backward pass runs while BODY waits for gradients, in reverse order."""
+        call = updated.items[0].item
+        detail = cst.Module([]).code_for_node(original.items[0].item.func.value)
+        t_start = self._marker("backward", original, detail)
+        t_end = self._marker("end-backward", original, detail)
+        start = _stmt(cst.Expr(cst.Yield(cst.Call(
+            _rt("backward"),
+            [cst.Arg(call.func.value), cst.Arg(cst.Integer(str(t_start))), *call.args],
+        ))))
+        end = _stmt(cst.Expr(cst.Yield(_call("end_backward", cst.Integer(str(t_end))))))
+        line = self.pos(original)[0]
+        self.remember(start, line, line, exact=False)
+        self.remember(end, line, line, exact=False)
+        return cst.FlattenSentinel([start, *updated.body.body, end])
+
     # -- generation steps -------------------------------------------------------------
     def _step_selection(self, expr: cst.BaseExpression) -> str | None:
         """``tracer.all()`` -> "all"; ``tracer.iter[2:5]`` -> "[2:5]"; else None."""
@@ -389,6 +422,24 @@ class Rewriter(cst.CSTTransformer):
     def leave_While_orelse(self, node):
         self._pop()
 
+    def visit_IfExp_body(self, node):
+        self._push("ifexp", node)
+
+    def leave_IfExp_body(self, node):
+        self._pop()
+
+    def visit_IfExp_orelse(self, node):
+        self._push("ifexp-else", node)
+
+    def leave_IfExp_orelse(self, node):
+        self._pop()
+
+    def visit_BooleanOperation_right(self, node):
+        self._push("bool", node)  # `a and b`: b may not be evaluated
+
+    def leave_BooleanOperation_right(self, node):
+        self._pop()
+
     def visit_Try(self, node):
         self._visit_statement(node)
         self._push("try", node)
@@ -438,6 +489,10 @@ class Rewriter(cst.CSTTransformer):
         )
         return tmp
 
+    def _values(self) -> frozenset:
+        """Attributes that are checkpoints here: ``.grad`` only in backward blocks."""
+        return VALUE_ATTRS | {"grad"} if self.backward_depth else VALUE_ATTRS
+
     def _read(self, original: cst.Attribute, updated: cst.Attribute) -> cst.BaseExpression:
         access = "inplace" if id(original) in self.inplace_roots else "read"
         tmp = self._checkpoint(original, updated.value, access)
@@ -458,8 +513,15 @@ class Rewriter(cst.CSTTransformer):
             and updated.value.value in self.info.saved_anywhere
         ):
             return updated.value  # seed style: `saved.value` is the saved value itself
-        if self.lane is None or attr not in VALUE_ATTRS or id(original) in self.write_targets:
+        if self.lane is None or attr not in self._values() or id(original) in self.write_targets:
             return updated
+        if self.backward_depth and attr in VALUE_ATTRS:
+            raise self.error(
+                original,
+                f"`.{attr}` inside a backward block: the forward pass is over by then; read "
+                f"the value into a variable before `with ....backward():` and use "
+                f"`variable.grad` inside it",
+            )
         return self._read(original, updated)
 
     def visit_Call(self, node: cst.Call) -> None:
@@ -471,7 +533,7 @@ class Rewriter(cst.CSTTransformer):
         if self.lane is not None and m.matches(node.func, m.Attribute(attr=m.Name())):
             name = node.func.attr.value
             if name.endswith("_") and not name.endswith("__"):
-                root = _value_root(node.func.value)
+                root = _value_root(node.func.value, self._values())
                 if root is not None:
                     self.inplace_roots.add(id(root))
 
@@ -496,14 +558,26 @@ class Rewriter(cst.CSTTransformer):
         ):
             self.save_depth -= 1
             return _call("save", updated.func.value)
+        if (
+            self.lane is not None
+            and self.block is not None
+            and self.block.tracer is not None
+            and m.matches(original.func, m.Attribute(value=m.Name(self.block.tracer),
+                                                     attr=m.Name("stop") | m.Name("cache")))
+        ):
+            # Shown in the plan; the call itself is unchanged.
+            kind = original.func.attr.value
+            detail = cst.Module([]).code_for_node(original)
+            tmp = self._marker(kind, original, detail if kind == "cache" else "")
+            return _call("mark", cst.Integer(str(tmp)), updated)
         return updated
 
     # -- writes ------------------------------------------------------------------
     def _mark_targets(self, target: cst.BaseExpression) -> None:
-        if m.matches(target, m.Attribute(attr=m.Name())) and target.attr.value in VALUE_ATTRS:
+        if m.matches(target, m.Attribute(attr=m.Name())) and target.attr.value in self._values():
             self.write_targets.add(id(target))
         else:
-            root = _value_root(target)
+            root = _value_root(target, self._values())
             if root is not None:
                 self.inplace_roots.add(id(root))
 
@@ -521,14 +595,30 @@ class Rewriter(cst.CSTTransformer):
         if self.lane is None:
             return updated
         target = updated.targets[0].target
+        # Python evaluates the value before the target.  When only the target
+        # waits for a module, wait first: the value (`h` from an earlier invoke,
+        # say) is then read when the module has run, as the experiment means.
+        value_waits = bool(m.findall(updated.value, m.Yield()))
         if id(original.targets[0].target) in self.write_targets:
             tmp = self._checkpoint(original.targets[0].target, target.value, "write")
-            return cst.Expr(
-                cst.Yield(
-                    _call("write", target.value, cst.SimpleString(repr(target.attr.value)),
-                          cst.Integer(str(tmp)), updated.value)
-                )
+            kind = cst.SimpleString(repr(target.attr.value))
+            write = cst.Expr(
+                cst.Yield(_call("write", target.value, kind, cst.Integer(str(tmp)), updated.value))
             )
+            if value_waits:
+                return write
+            arrive = cst.Expr(cst.Yield(_call("read", target.value.deep_clone(), kind,
+                                              cst.Integer(str(tmp)))))
+            return cst.FlattenSentinel([arrive, write])
+        waits = m.findall(target, m.Yield())
+        if len(updated.targets) == 1 and len(waits) == 1 and not value_waits:
+            # `m.output[:, -1] = h`  ->  `t = (yield read m); t[:, -1] = h`
+            slot = cst.Name(f"{RT}_target")
+            first = cst.Assign([cst.AssignTarget(slot)], _paren(waits[0].deep_clone()))
+            rest = updated.with_changes(
+                targets=[cst.AssignTarget(_replace_node(target, waits[0], cst.Name(f"{RT}_target")))]
+            )
+            return cst.FlattenSentinel([first, rest])
         if m.matches(target, m.Attribute(attr=m.Name("requires_grad"))):
             return cst.Expr(_call("requires_grad", target.value, updated.value))
         return updated
@@ -598,6 +688,14 @@ class Rewriter(cst.CSTTransformer):
             for cond in reversed(clause.ifs):
                 body = [cst.If(test=cond.test, body=cst.IndentedBlock(body))]
             body = [cst.For(target=clause.target, iter=clause.iter, body=cst.IndentedBlock(body))]
+        # The comprehension's variables had a scope of their own: give them
+        # fresh names so the lowered loop cannot shadow the lane's variables.
+        fresh = {
+            n: f"{RT}_{n}_{next(self.comp_count)}"
+            for clause in _comp_fors(updated.for_in)
+            for n in _target_names(clause.target)
+        }
+        body = [st.visit(_Rename(fresh)) for st in body]
         stmts = [_stmt(cst.Assign([cst.AssignTarget(name)], init)), *body]
         target = self.comp_hoist[-1] if self.comp_hoist else self.hoist[-1]
         target.extend(stmts)
@@ -608,6 +706,36 @@ class Rewriter(cst.CSTTransformer):
 
     visit_ListComp = visit_SetComp = visit_DictComp = visit_GeneratorExp = _comp_visit
     leave_ListComp = leave_SetComp = leave_DictComp = leave_GeneratorExp = _comp_leave
+
+
+class _Rename(cst.CSTTransformer):
+    """Rename variables (never attribute names or keyword names)."""
+
+    def __init__(self, names: dict[str, str]) -> None:
+        super().__init__()
+        self.names = names
+
+    def leave_Name(self, original: cst.Name, updated: cst.Name) -> cst.Name:
+        new = self.names.get(original.value)
+        return updated.with_changes(value=new) if new else updated
+
+    def leave_Attribute(self, original: cst.Attribute, updated: cst.Attribute) -> cst.Attribute:
+        return updated.with_changes(attr=original.attr)
+
+    def leave_Arg(self, original: cst.Arg, updated: cst.Arg) -> cst.Arg:
+        return updated.with_changes(keyword=original.keyword)
+
+
+def _replace_node(tree: cst.CSTNode, old: cst.CSTNode, new: cst.CSTNode):
+    """``tree`` with the node ``old`` (by identity) replaced by ``new``."""
+
+    class R(cst.CSTTransformer):
+        def on_leave(self, original, updated):
+            if original is old:
+                return new
+            return updated
+
+    return tree.visit(R())
 
 
 def _barrier_names(body: cst.BaseSuite) -> set[str]:
@@ -633,10 +761,10 @@ def _comp_fors(for_in: cst.CompFor) -> list[cst.CompFor]:
     return out
 
 
-def _value_root(node: cst.BaseExpression) -> cst.Attribute | None:
+def _value_root(node: cst.BaseExpression, values=VALUE_ATTRS) -> cst.Attribute | None:
     """The ``m.output`` at the root of ``m.output[0][:, -1]`` (or ``m.output.x_()``)."""
     while True:
-        if m.matches(node, m.Attribute(attr=m.Name())) and node.attr.value in VALUE_ATTRS:
+        if m.matches(node, m.Attribute(attr=m.Name())) and node.attr.value in values:
             return node
         if isinstance(node, cst.Subscript):
             node = node.value
@@ -670,9 +798,16 @@ class EvaluationOrder(cst.CSTVisitor):
         elif m.matches(
             node.func,
             m.Attribute(value=m.Name(RT),
-                        attr=m.Name("next_step") | m.Name("end_steps") | m.Name("barrier")),
+                        attr=m.Name("next_step") | m.Name("end_steps") | m.Name("barrier")
+                        | m.Name("backward")),
         ):
             arg = node.args[1].value
+            if isinstance(arg, cst.Integer):
+                self.order.append(int(arg.value))
+        elif m.matches(
+            node.func, m.Attribute(value=m.Name(RT), attr=m.Name("end_backward") | m.Name("mark"))
+        ):
+            arg = node.args[0].value
             if isinstance(arg, cst.Integer):
                 self.order.append(int(arg.value))
 
@@ -700,6 +835,8 @@ def number_checkpoints(
     final: dict[int, int] = {}
     lanes: dict[tuple[int, int], list[Checkpoint]] = {}
     for tmp in visitor.order:
+        if tmp in final:
+            continue
         if tmp in markers:
             block, lane, kind, line, detail, scope = markers[tmp]
             order = counters.get(block, 0)

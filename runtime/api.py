@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from .envoy import Envoy
-from .interleave import barrier, end_steps, next_step, read, write
+from .interleave import backward, barrier, end_backward, end_steps, mark, next_step, read, write
 from .nnsight import NNsight
 from .tracer import Tracer
 
@@ -38,7 +38,8 @@ def requires_grad(value, flag: bool) -> None:
 
 class Handle:
     __slots__ = ("plan", "sites", "read", "write", "save", "requires_grad", "next_step",
-                 "end_steps", "barrier", "has_steps")
+                 "end_steps", "barrier", "has_steps", "backward", "end_backward", "mark",
+                 "has_backward")
 
     def __init__(self, plan) -> None:
         self.plan = plan
@@ -52,6 +53,13 @@ class Handle:
         self.next_step = next_step
         self.end_steps = end_steps
         self.barrier = barrier
+        self.backward = backward
+        self.end_backward = end_backward
+        self.mark = mark
+        self.has_backward = [
+            any(getattr(i, "kind", None) == "backward" for lane in b.lanes for i in lane.items)
+            for b in plan.blocks
+        ]
         self.has_steps = [
             any(getattr(i, "kind", None) == "steps" for lane in b.lanes for i in lane.items)
             for b in plan.blocks
@@ -67,6 +75,7 @@ class Handle:
         tracer = Tracer(model, kind, self.plan.blocks[index], self.sites[index], args, kwargs)
         tracer._filename = self.plan.filename
         tracer._has_steps = self.has_steps[index]
+        tracer._has_backward = self.has_backward[index]
         return tracer
 
     @staticmethod

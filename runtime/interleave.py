@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from . import order
+from .backward import BackwardSession
 from .envoy import Envoy
 from .errors import MissedCheckpointError, OutOfOrderError
 
@@ -48,6 +49,7 @@ class _Control:
 
 
 STEP, END, BARRIER = _Control("next step"), _Control("end of generation"), _Control("barrier")
+BACKWARD, END_BACKWARD = _Control("backward"), _Control("end of backward")
 
 
 def next_step(selection, site: int) -> tuple:
@@ -60,6 +62,19 @@ def end_steps(tracer, site: int) -> tuple:
 
 def barrier(b, site: int) -> tuple:
     return (BARRIER, b, site)
+
+
+def backward(loss, site: int, /, **kwargs) -> tuple:
+    return (BACKWARD, (loss, kwargs), site)
+
+
+def end_backward(site: int) -> tuple:
+    return (END_BACKWARD, None, site)
+
+
+def mark(site: int, value):
+    """``tracer.stop()`` / ``tracer.cache()``: shown in the plan, run as written."""
+    return value
 
 
 class StepSelection:
@@ -124,7 +139,8 @@ class Barrier:
 
 
 class Lane:
-    __slots__ = ("gen", "index", "rows", "grad", "line", "done", "parked")
+    __slots__ = ("gen", "index", "rows", "grad", "line", "done", "parked", "backward",
+                 "grad_site")
 
     def __init__(self, gen, index: int, rows, grad: bool) -> None:
         self.gen = gen
@@ -134,6 +150,8 @@ class Lane:
         self.line = None  # the line of the last request served
         self.done = False
         self.parked = None  # (module, phase, request) while waiting
+        self.backward = None  # the open BackwardSession
+        self.grad_site = None  # the last gradient this lane waited for
 
 
 class Event:
@@ -148,7 +166,7 @@ class Event:
         self.changed = False
 
     def get(self, what: str):
-        if self.phase == OUT:
+        if self.phase != PRE:
             return self.value
         args, kwargs = self.value
         if what == "inputs":
@@ -161,7 +179,7 @@ class Event:
 
     def set(self, what: str, new) -> None:
         self.changed = True
-        if self.phase == OUT:
+        if self.phase != PRE:
             self.value = new
             return
         args, kwargs = self.value
@@ -190,6 +208,9 @@ class Interleaver:
         self.end_waiting: list[Lane] = []
         self.barriers: list[Barrier] = []
         self.result = None
+        self.track = False  # remember served tensors (for backward blocks)
+        self.served: dict[int, tuple] = {}  # id(tensor) -> (tensor, base, rows)
+        self.sessions: list[BackwardSession] = []
         self.waiting: dict[tuple[int, str], list[tuple[Lane, tuple]]] = {}
         self.hooks: dict[tuple[int, str], Any] = {}
         self.fired: set[tuple[int, str]] = set()
@@ -226,6 +247,14 @@ class Interleaver:
                     value = self._control(lane, req)
                     if value is _PARKED:
                         return
+                    continue
+                if what == "grad":
+                    lane.line = req[2]
+                    value = self._grad(lane, req)
+                    if value is _PARKED:
+                        return
+                    if isinstance(value, Exception):  # thrown at the user's line
+                        error, value = value, None
                     continue
                 if not isinstance(envoy, Envoy):
                     # Not a module: `.output` of an ordinary object.
@@ -280,6 +309,24 @@ class Interleaver:
             self.step_waiting.setdefault(k, []).append((lane, req))
             self._ensure_step_hook()
             return _PARKED
+        if kind is BACKWARD:
+            loss, kwargs = arg
+            session = BackwardSession(loss, kwargs, req[2])
+            self.sessions.append(session)
+            lane.backward = session
+            return None
+        if kind is END_BACKWARD:
+            session = lane.backward
+            if session is None:
+                return None
+            if session.state == "new":
+                self._run_backward(session)
+            if session.state == "running":
+                lane.parked = (None, "end-backward", req)
+                session.end_waiting.append(lane)
+                return _PARKED
+            lane.backward = None
+            return None
         if kind is END:
             if self.ended:
                 return None
@@ -345,7 +392,117 @@ class Interleaver:
         self.hooks[key] = self.root._module.register_forward_pre_hook(step_hook, with_kwargs=True)
 
     def _narrow(self, lane: Lane, value):
-        return value if lane.rows is None else narrow(value, lane.rows)
+        out = value if lane.rows is None else narrow(value, lane.rows)
+        if self.track and isinstance(out, torch.Tensor):
+            self.served[id(out)] = (out, value, lane.rows)
+        return out
+
+    # -- gradients -----------------------------------------------------------------------
+    def _grad(self, lane: Lane, req: tuple):
+        tensor = req[0]
+        session = lane.backward
+        if session is None or not isinstance(tensor, torch.Tensor):
+            # `.grad` outside a backward block: the plain attribute.
+            if len(req) == 4:
+                tensor.grad = req[3]
+                return None
+            return tensor.grad
+        _, base, rows = self.served.get(id(tensor), (tensor, tensor, None))
+        if not isinstance(base, torch.Tensor):
+            base, rows = tensor, None
+        cur = self.current
+        if cur is not None and cur.phase == "grad" and cur.module is base:
+            if len(req) == 4:
+                cur.set("grad", req[3] if rows is None else widen(cur.value, req[3], rows))
+                return None
+            return cur.value if rows is None else narrow(cur.value, rows)
+        key = id(base)
+        if session.state == "done" or key in session.fired:
+            cp = self.sites.get(req[2])
+            line = cp.line if cp is not None else None
+            lane.parked = None
+            before = self.sites.get(lane.grad_site) if lane.grad_site is not None else None
+            waited = f" (while it waited at line {before.line})" if before is not None else ""
+            return OutOfOrderError(
+                f"the gradient asked for at line {line} was already computed before the code "
+                f"got there{waited}: gradients arrive in reverse order of the forward pass (the "
+                "last module's first), so ask for them in that order",
+                getattr(cp, "path", ""),
+                line,
+            )
+        if not base.requires_grad:
+            return RuntimeError(
+                f"line {self.sites[req[2]].line}: this value does not require grad, so no "
+                "gradient reaches it; set `x.requires_grad = True` in the forward, before "
+                "the value is used"
+            )
+        waiters = session.waiting.get(key)
+        if waiters is None:
+            session.waiting[key] = [(lane, req, rows)]
+            session.hooks.append(base.register_hook(self._grad_hook(session, base, key)))
+        else:
+            waiters.append((lane, req, rows))
+        lane.parked = (base, "grad", req)
+        lane.grad_site = req[2]
+        if session.state == "new":
+            self._run_backward(session)
+        return _PARKED
+
+    def _grad_hook(self, session: BackwardSession, base, key: int):
+        def hook(grad):
+            session.fired.add(key)
+            waiters = session.waiting.pop(key, None)
+            if not waiters:
+                return None
+            ev = Event(base, "grad", grad)
+            prev = self.current
+            self.current = ev
+            try:
+                for lane, req, rows in sorted(waiters, key=lambda w: w[0].index):
+                    lane.parked = None
+                    if len(req) == 4:
+                        ev.set("grad", req[3] if rows is None else widen(ev.value, req[3], rows))
+                        self.advance(lane, None)
+                    else:
+                        self.advance(lane, ev.value if rows is None else narrow(ev.value, rows))
+            finally:
+                self.current = prev
+            return ev.value if ev.changed else None
+
+        return hook
+
+    def _run_backward(self, session: BackwardSession) -> None:
+        session.state = "running"
+        # Record which served values' gradients have been computed, to tell a
+        # request that comes too late from one that no gradient reaches.
+        for out, base, _rows in list(self.served.values()):
+            t = base if isinstance(base, torch.Tensor) else out
+            if t.requires_grad and id(t) not in session.waiting:
+                session.hooks.append(t.register_hook(
+                    lambda g, k=id(t): session.fired.add(k)))
+        try:
+            torch.autograd.backward(session.loss, **session.kwargs)
+        finally:
+            session.state = "done"
+            session.remove_hooks()
+        left = [w for ws in session.waiting.values() for w in ws]
+        session.waiting.clear()
+        for lane, req, _rows in sorted(left, key=lambda w: w[0].index):
+            cp = self.sites.get(req[2])
+            line = cp.line if cp is not None else None
+            lane.parked = None
+            err = MissedCheckpointError(
+                f"no gradient reached the value asked for at line {line}: the loss does not "
+                "depend on it (or it was replaced in place after it was read)",
+                getattr(cp, "path", ""),
+                line,
+            )
+            self.advance(lane, None, error=err)
+        for lane in sorted(session.end_waiting, key=lambda ln: ln.index):
+            lane.parked = None
+            lane.backward = None
+            self.advance(lane, None)
+        session.end_waiting.clear()
 
     def _widen(self, lane: Lane, current, new):
         return new if lane.rows is None else widen(current, new, lane.rows)
@@ -372,7 +529,7 @@ class Interleaver:
                 ev = self._serve(Event(mod, OUT, output), waiters)
                 return ev.value if ev.changed else None
 
-            return module.register_forward_hook(out_hook)
+            return module.register_forward_hook(out_hook, prepend=True)
 
         def pre_hook(mod, args, kwargs):
             self.fired.add(key)
@@ -382,7 +539,7 @@ class Interleaver:
             ev = self._serve(Event(mod, PRE, (args, kwargs)), waiters)
             return ev.value if ev.changed else None
 
-        return module.register_forward_pre_hook(pre_hook, with_kwargs=True)
+        return module.register_forward_pre_hook(pre_hook, with_kwargs=True, prepend=True)
 
     def _serve(self, ev: Event, waiters) -> Event:
         prev = self.current
@@ -427,7 +584,7 @@ class Interleaver:
         generator's output is handed out; every lane still parked then gets
         an error at its line, never a hang."""
         self.ended = True
-        gen = getattr(self.root, "_generator", None)
+        gen = self.root._generator
         progress = True
         while progress:
             progress = False
@@ -495,6 +652,10 @@ class Interleaver:
                 raise err
 
     def cleanup(self) -> None:
+        for session in self.sessions:
+            session.remove_hooks()
+        self.sessions.clear()
+        self.served.clear()
         for handle in self.hooks.values():
             handle.remove()
         self.hooks.clear()

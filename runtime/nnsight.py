@@ -23,6 +23,8 @@ class NNsight(Envoy):
     __slots__ = ("_parent_map", "_order", "_order_complete", "_precedes_cache", "_checked",
                  "_paths")
 
+    _generator = None  # LanguageModel: the envoy standing for the generation loop
+
     def __init__(self, module: torch.nn.Module) -> None:
         if not isinstance(module, torch.nn.Module):
             raise TypeError(f"NNsight wraps a torch.nn.Module, got {type(module).__name__}")
@@ -134,4 +136,18 @@ class NNsight(Envoy):
     def _run(self, kind: str, args: tuple, kwargs: dict, tracer) -> Any:
         if kind == "trace":
             return self._module(*args, **kwargs)
+        if kind == "scan":
+            return self._scan(args, kwargs)
         raise NotImplementedError(f"`{kind}` blocks are not supported for {type(self).__name__}")
+
+    def _scan(self, args: tuple, kwargs: dict) -> Any:
+        """Run on fake tensors: shapes and dtypes flow, nothing is computed and no
+        weight is copied (parameters are seen through fake views)."""
+        from torch._subclasses.fake_tensor import FakeTensorMode
+        from torch.utils._pytree import tree_map
+
+        with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+            def fake(x):
+                return mode.from_tensor(x) if isinstance(x, torch.Tensor) else x
+
+            return self._module(*tree_map(fake, args), **tree_map(fake, kwargs))

@@ -19,6 +19,11 @@ from .interleave import OUT, PRE, Barrier, Interleaver, StepSelection
 _PHASE = {"output": OUT, "input": PRE, "inputs": PRE}
 
 
+class StopTrace(BaseException):
+    """Raised by ``tracer.stop()`` through the model's forward; a BaseException so
+    that no ``except Exception`` in the model or the experiment swallows it."""
+
+
 class InvokeSpec:
     __slots__ = ("args", "kwargs")
 
@@ -41,10 +46,29 @@ class Tracer:
         self._result = None
         self._filename = "<unknown>"
         self._has_steps = False
+        self._has_backward = False
+        self._inter = None
+        self._caches: list = []
 
     # -- user-facing -----------------------------------------------------------
     def invoke(self, *args, **kwargs) -> InvokeSpec:
         return InvokeSpec(args, kwargs)
+
+    def stop(self) -> None:
+        """The rest of the forward pass does not run; what was saved stays."""
+        raise StopTrace()
+
+    def cache(self, modules=None, include_inputs: bool = False, device=None, dtype=None,
+              detach: bool = True):
+        """Record the outputs (and inputs) of every module, or of ``modules`` (envoys or
+        paths), after interventions.  Under ``generate``: one entry per step."""
+        from .cache import Cache
+
+        cache = Cache(self._root, modules, include_inputs, device, dtype, detach,
+                      per_step=self._kind == "generate")
+        cache._attach_hooks()
+        self._caches.append(cache)
+        return cache
 
     def barrier(self, n: int) -> Barrier:
         return Barrier(n)
@@ -93,19 +117,28 @@ class Tracer:
             args, kwargs = root._prepare(self._args, self._kwargs)
             rows = [None] * len(self._lanes)
         inter = Interleaver(root, self._block, self._sites, self._filename)
+        inter.track = self._has_backward
+        self._inter = inter
         learning = root._learn_order() if not root._order_complete else None
         try:
             if self._kind == "generate" or self._has_steps:
                 inter._ensure_step_hook()
             for (fn, _spec, index), r in zip(self._lanes, rows):
                 inter.start(fn, index, r)
-            out = root._run(self._kind, args, kwargs, self)
+            try:
+                out = root._run(self._kind, args, kwargs, self)
+            except StopTrace:
+                return
             if self._kind == "generate":
                 self._result = out
                 inter.result = out
             inter.finish()
         finally:
             inter.cleanup()
+            self._inter = None
+            for cache in self._caches:
+                cache._detach_hooks()
+            self._caches.clear()
             if learning is not None:
                 for handle in learning:
                     handle.remove()
@@ -136,7 +169,10 @@ def check_block(root, block) -> None:
             static.append((cp, env._module, _PHASE.get(cp.value, OUT), env))
         for j, (b, mb, pb, eb) in enumerate(static):
             for a, ma, pa, ea in static[:j]:
-                if b.scope[: len(a.scope)] != a.scope or len(a.scope) > len(b.scope):
+                # Only pairs that surely both run, one after the other: same scope.
+                # (A checkpoint in a branch or loop may not run at all; the run
+                # itself catches those.)
+                if b.scope != a.scope:
                     continue
                 verdict = order.precedes(root, mb, pb, ma, pa)
                 if verdict is None:

@@ -45,6 +45,8 @@ def patch(model, clean, corrupt, layer):
     """Copy the clean prompt's last-token residual stream at ``layer`` into the
     corrupt prompt; return the corrupt prompt's last-token logits."""
     with model.trace() as tracer:
+        # Both invokes meet the same module; invokes are served in source order, so
+        # `h` is read from the clean rows before the corrupt rows are written.
         with tracer.invoke(clean):
             h = model.model.layers[layer].output[:, -1, :]
         with tracer.invoke(corrupt):
@@ -54,7 +56,7 @@ def patch(model, clean, corrupt, layer):
 
 
 def prob(logits: torch.Tensor, token_id: int) -> float:
-    return float(logits[0].float().softmax(-1)[token_id])
+    return float(logits[0].detach().float().softmax(-1)[token_id])
 
 
 def recovery(model, clean: str = CLEAN, corrupt: str = CORRUPT,
@@ -64,10 +66,9 @@ def recovery(model, clean: str = CLEAN, corrupt: str = CORRUPT,
     clean_logits, corrupt_logits = clean_and_corrupt(model, clean, corrupt)
     p_clean, p_corrupt = prob(clean_logits, answer_id), prob(corrupt_logits, answer_id)
     fractions = []
-    with torch.no_grad():
-        for layer in range(len(model.model.layers)):
-            p = prob(patch(model, clean, corrupt, layer), answer_id)
-            fractions.append((p - p_corrupt) / (p_clean - p_corrupt))
+    for layer in range(len(model.model.layers)):
+        p = prob(patch(model, clean, corrupt, layer), answer_id)
+        fractions.append((p - p_corrupt) / (p_clean - p_corrupt))
     return p_clean, p_corrupt, fractions
 
 
@@ -77,12 +78,12 @@ def bar(fraction: float, width: int = BAR_WIDTH) -> str:
 
 
 def main() -> None:
+    torch.set_grad_enabled(False)  # inference only
     model = LanguageModel("smollm2-135m")
     tok = model.tokenizer
     p_clean, p_corrupt, fractions = recovery(model)
 
-    with torch.no_grad():
-        clean_logits, corrupt_logits = clean_and_corrupt(model, CLEAN, CORRUPT)
+    clean_logits, corrupt_logits = clean_and_corrupt(model, CLEAN, CORRUPT)
     print(f"clean:   {CLEAN!r} -> top {tok.decode(int(clean_logits[0].argmax()))!r}, "
           f"p({ANSWER!r}) = {p_clean:.3f}")
     print(f"corrupt: {CORRUPT!r} -> top {tok.decode(int(corrupt_logits[0].argmax()))!r}, "

@@ -359,10 +359,14 @@ def loop_write_each_layer(model, x):
     return logits
 
 
+def _add_const(i):
+    return lambda m, a, o: o + i
+
+
 def test_for_loop_writing_each_layer(mlp):
     model, ref = mlp
     x = x_input()
-    hooks = {layer: (lambda i: lambda m, a, o: o + i)(i) for i, layer in enumerate(ref.layers)}
+    hooks = {layer: _add_const(i) for i, layer in enumerate(ref.layers)}
     assert torch.equal(loop_write_each_layer(model, x), with_hooks(ref, x, out=hooks))
 
 
@@ -551,7 +555,7 @@ def test_no_grad_around_the_call_is_kept(mlp):
     model, ref = mlp
     x = x_input()
     with torch.no_grad():
-        hidden, logits = read_output(model, x)
+        _hidden, logits = read_output(model, x)
         assert not torch.is_grad_enabled()
     assert torch.is_grad_enabled()
     assert not logits.requires_grad
@@ -647,7 +651,7 @@ def test_method_of_class_with_self_model(mlp):
     model, ref = mlp
     exp = Experiment(model, 0.5)
     x = x_input()
-    h, logits = exp.run(x)
+    _h, logits = exp.run(x)
     assert torch.equal(logits, with_hooks(ref, x, out={ref.layers[0]: lambda m, a, o: o * 0.5}))
     assert Experiment.run.plan.functions[0].blocks[0].model == "self.model"
     assert Experiment.run.plan.functions[0].blocks[0].lanes[0].checkpoints[0].path == "layers[0]"
@@ -695,7 +699,7 @@ def test_repeated_calls_are_independent(mlp):
     model, ref = mlp
     for seed in range(3):
         x = x_input(seed)
-        hidden, logits = read_output(model, x)
+        _hidden, logits = read_output(model, x)
         assert torch.equal(logits, ref(x))
         assert_no_hooks(model)
 
@@ -738,16 +742,16 @@ def test_user_exception_keeps_type_and_line(mlp):
     assert line_of("# RAISE-HERE-VALUE") in lines
     assert_no_hooks(model)
     # and the model still works afterwards
-    hidden, logits = read_output(model, x_input(4))
+    _hidden, logits = read_output(model, x_input(4))
     assert logits.shape == (3, 2)
 
 
 @intervene
 def type_error_in_block(model, x):
     with model.trace(x):
-        a = model.layers[0].output
+        model.layers[0].output.sum()
         b = model.layers[2].output
-        c = b @ torch.ones(5, 5)  # RAISE-HERE-MATMUL
+        torch.matmul(b, torch.ones(5, 5))  # RAISE-HERE-MATMUL
         logits = model.head.output.save()
     return logits
 
@@ -833,11 +837,6 @@ def test_keyword_called_submodules():
     assert torch.equal(logits, ref.head(v * 2.0))
 
 
-@pytest.mark.xfail(
-    reason="BUG: `model.trace(x=t)` (keyword input only) is rejected by the compiler as "
-    "'has neither an input nor any tracer.invoke(...)'",
-    strict=True,
-)
 def test_trace_with_keyword_input(mlp):
     model, ref = mlp
 
@@ -912,3 +911,55 @@ def test_llama_zero_last_position(llama_pair):
     # causal: earlier positions unchanged, the last one changed
     assert torch.equal(logits[:, :-1], clean[:, :-1])
     assert not torch.equal(logits[:, -1], clean[:, -1])
+
+
+# --------------------------------------------------------------------------------------
+# Regressions: bugs found while writing these tests
+# --------------------------------------------------------------------------------------
+
+
+def test_comprehension_variable_does_not_shadow_outer_name(mlp):
+    model, ref = mlp
+
+    @intervene
+    def shadow(model, x, i):
+        with model.trace(x):
+            h = model.layers[i].output.save()
+            sums = [model.layers[3].output.sum() for i in range(1)].save()
+        return h, sums, i
+
+    x = x_input()
+    h, sums, i = shadow(model, x, 2)
+    outs = _all_layer_outputs(ref, x)
+    assert i == 2
+    assert torch.equal(h, outs[2])
+    assert torch.equal(sums[0], outs[3].sum())
+
+
+@pytest.mark.parametrize("flag", [True, False])
+def test_conditional_expression_reads_one_branch(mlp, flag):
+    model, ref = mlp
+
+    @intervene
+    def pick(model, x, flag):
+        with model.trace(x):
+            h = (model.layers[3].output if flag else model.layers[1].output).save()
+        return h
+
+    x = x_input()
+    assert torch.equal(pick(model, x, flag), _all_layer_outputs(ref, x)[3 if flag else 1])
+
+
+def test_out_of_order_read_in_branch_not_taken(mlp):
+    model, ref = mlp
+
+    @intervene
+    def maybe(model, x, debug):
+        with model.trace(x):
+            h = model.layers[3].output.save()
+            if debug:
+                print(model.layers[1].output.save())
+        return h
+
+    x = x_input()
+    assert torch.equal(maybe(model, x, False), _all_layer_outputs(ref, x)[3])

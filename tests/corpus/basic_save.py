@@ -13,7 +13,7 @@ def basic_save(model, x):
 
 @intervene
 def save_method_and_value(model, x):
-    with model.trace(x) as tracer:
+    with model.trace(x) as tracer:  # noqa: F841
         first = model.layers[0].output
         first.save()
         doubled = (model.layers[2].output * 2).save()

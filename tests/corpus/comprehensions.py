@@ -6,8 +6,8 @@ from compiler import intervene
 @intervene
 def comprehensions(model, x):
     with model.trace(x):
-        outs = [model.layers[i].output.save() for i in range(4)]
-        sums = {i: model.layers[i].output.sum() for i in range(0, 4, 2)}.save()
-        plain = [i * i for i in range(3)]
+        outs = [model.layers[i].output.save() for i in range(3)]
+        sums = {i: o.sum() for i, o in enumerate(outs)}.save()
+        tops = {name: model.layers[3].output.amax(dim=-1) for name in ["last"]}.save()
         logits = model.head.output.save()
-    return outs, sums, logits
+    return outs, sums, tops, logits

@@ -7,7 +7,7 @@ from compiler import intervene
 def inputs(model, x):
     with model.trace(x):
         first = model.layers[1].input.save()
-        args, kwargs = model.layers[2].inputs
+        _args, _kwargs = model.layers[2].inputs
         both = model.layers[2].inputs.save()
         model.layers[3].input = first
     return first, both

@@ -9,7 +9,7 @@ def two_invokes(model, a, b):
         with tracer.invoke(a):
             first = model.layers[1].output.save()
         with tracer.invoke(b):
-            model.layers[1].output = first
+            model.layers[3].output = model.layers[3].output + first
             second = model.head.output.save()
         with tracer.invoke():
             everything = model.head.output.save()

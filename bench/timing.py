@@ -1,0 +1,128 @@
+"""Timing: interleaved round-robin measurement, medians, slopes, and the machine.
+
+``interleaved`` times several callables in rounds (each round calls every side
+once, in the same order: intervene, plain hooks, nnsight), so slow drifts of the
+machine (frequency, other tenants, caches) land on all sides alike.  One sample
+is the mean of ``inner`` back-to-back calls, read with ``time.perf_counter_ns``;
+the reported figure is the median of the samples.
+"""
+
+from __future__ import annotations
+
+import datetime
+import gc
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+SIDES = ("ours", "plain", "nnsight")
+
+
+def interleaved(
+    fns: dict[str, Callable[[], object]],
+    rounds: int,
+    inner: int = 1,
+    warmup: int = 3,
+) -> dict[str, list[float]]:
+    """Per-call times in microseconds: ``{side: [sample, ...]}``, one sample per round."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    gc.collect()
+    clock = time.perf_counter_ns
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    items = list(fns.items())
+    for _ in range(rounds):
+        for name, fn in items:
+            t0 = clock()
+            for _ in range(inner):
+                fn()
+            samples[name].append((clock() - t0) / inner / 1e3)
+    return samples
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+def spread(xs: list[float]) -> float:
+    """Half the interquartile range relative to the median (a robust noise figure)."""
+    if len(xs) < 4:
+        return 0.0
+    q = statistics.quantiles(xs, n=4)
+    med = statistics.median(xs)
+    return (q[2] - q[0]) / 2 / med if med else 0.0
+
+
+def slope(xs: list[float], ys: list[float]) -> float:
+    """Least-squares slope of ``ys`` against ``xs``."""
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    num = sum((x - mx) * (y - my) for x, y in zip(xs, ys))
+    den = sum((x - mx) ** 2 for x in xs)
+    return num / den
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _git_revision(root: str) -> str:
+    try:
+        rev = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
+            text=True, check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", "compiler", "runtime"],
+            cwd=root, capture_output=True, text=True, check=True,
+        ).stdout.strip()
+        return rev + (" + uncommitted changes in compiler/ or runtime/" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def machine(root: str) -> dict[str, str]:
+    """The facts RESULTS.md states about where it ran."""
+    import torch
+
+    try:
+        from importlib.metadata import version
+
+        nnsight_version = version("nnsight")
+    except Exception:  # noqa: BLE001 - only informative
+        nnsight_version = "not installed"
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:
+        usable = os.cpu_count() or 0
+    return {
+        "cpu": _cpu_model(),
+        "cores": f"{os.cpu_count()} logical ({usable} usable by this process)",
+        "torch": torch.__version__,
+        "torch threads": str(torch.get_num_threads()),
+        "python": sys.version.split()[0],
+        "nnsight": nnsight_version,
+        "intervene revision": _git_revision(root),
+        "platform": platform.platform(),
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "load average at start": load(),
+    }
+
+
+def load() -> str:
+    """The 1/5/15-minute load averages: other processes sharing the cores."""
+    try:
+        return " / ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "unknown"

@@ -1,0 +1,97 @@
+"""The samples run and print what they promise.
+
+Each sample is imported from its file (importing runs nothing) and its ``main()`` is
+called with stdout captured.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+SAMPLES = Path(__file__).resolve().parent.parent / "samples"
+
+pytestmark = pytest.mark.slow
+
+
+def load(name: str):
+    path = SAMPLES / f"{name}.py"
+    module_name = f"_intervene_sample_{name}"
+    if module_name in sys.modules:
+        return sys.modules[module_name]
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(autouse=True)
+def keep_grad_mode():
+    """The samples switch autograd off for themselves; give it back."""
+    enabled = torch.is_grad_enabled()
+    yield
+    torch.set_grad_enabled(enabled)
+
+
+@pytest.mark.parametrize("name", ["patching", "barrier", "generation", "steering"])
+def test_importing_runs_nothing(name, capsys):
+    module = load(name)
+    assert callable(module.main)
+    assert capsys.readouterr().out == ""
+
+
+def test_patching(capsys):
+    load("patching").main()
+    out = capsys.readouterr().out
+    assert "clean:   'The Eiffel Tower is in the city of' -> top ' Paris'" in out
+    assert "corrupt: 'The Colosseum is in the city of' -> top ' Rome'" in out
+    rows = re.findall(r"^layer +(\d+) \|([#.]+)\| ([+-]\d+\.\d\d)$", out, re.MULTILINE)
+    assert [int(r[0]) for r in rows] == list(range(30))
+    fractions = [float(r[2]) for r in rows]
+    # the last layer's residual stream is all the logits see: patching it recovers all
+    assert fractions[-1] == pytest.approx(1.0, abs=0.01)
+    assert rows[-1][1] == "#" * 40
+    assert abs(fractions[0]) < 0.05
+
+
+def test_barrier(capsys):
+    load("barrier").main()
+    out = capsys.readouterr().out
+    lines = {line.split("->")[0].strip(): line.split("->")[1] for line in out.splitlines()
+             if "->" in line}
+    assert lines["clean alone"].strip().startswith("' Paris'")
+    assert lines["corrupt alone (before)"].strip().startswith("' Rome'")
+    assert lines["corrupt with clean embeddings (after)"].strip().startswith("' Paris'")
+
+
+def test_generation(capsys):
+    load("generation").main()
+    out = capsys.readouterr().out
+    assert "no intervention:             ' Paris." in out
+    steps = re.findall(r"step (\d+): hidden \((\d+), (\d+), 576\)", out)
+    assert [int(s[0]) for s in steps] == list(range(8))
+    assert steps[0][1:] == ("1", "9") and all(s[1:] == ("1", "1") for s in steps[1:])
+    assert "2. steps 2-4 only" in out
+    without = re.search(r"without: +(.*)$", out, re.MULTILINE).group(1)
+    with_ = re.search(r"   with: +(.*)$", out, re.MULTILINE).group(1)
+    assert without != with_
+    assert "first 2 new token(s) unchanged" in out
+
+
+def test_steering(capsys):
+    sample = load("steering")
+    sample.main()
+    out = capsys.readouterr().out
+    texts = re.findall(r"^(unsteered|[+-]\d\.\d x direction added): +(['\"].*['\"])$", out,
+                       re.MULTILINE)
+    assert [t[0] for t in texts] == ["unsteered", f"+{sample.ALPHA:.1f} x direction added",
+                                     f"-{sample.ALPHA:.1f} x direction added"]
+    unsteered, positive, negative = (t[1] for t in texts)
+    assert len({unsteered, positive, negative}) == 3  # steering changes the text
+    assert "direction at layer 15" in out
