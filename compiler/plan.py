@@ -31,8 +31,7 @@ class Checkpoint:
     ``parts`` is that path parsed (attribute names and integer indices), or
     ``None`` when it is ``dynamic`` (a variable index, a loop variable, ...).
     ``scope`` names the enclosing control flow (``if@12``, ``for@3``...) inside
-    the lane; a checkpoint is sure to run before another when its scope is a
-    prefix of the other's.
+    the lane; two checkpoints with the same scope surely both run, in order.
     """
 
     order: int

@@ -39,6 +39,9 @@ class Envoy:
         return env
 
     def __getattr__(self, name: str) -> Any:
+        env = self._children.get(name)  # the hot path: a child seen before
+        if env is not None:
+            return env
         module = object.__getattribute__(self, "_module")
         if name in module._modules and module._modules[name] is not None:
             return self._child(name)
@@ -64,6 +67,10 @@ class Envoy:
         return isinstance(self._module, (torch.nn.ModuleList, torch.nn.Sequential))
 
     def __getitem__(self, key):
+        if key.__class__ is int:
+            env = self._children.get(key)  # the hot path: `layers[i]` seen before
+            if env is not None:
+                return env
         module = self._module
         if isinstance(module, torch.nn.ModuleDict):
             if key not in module._modules:
@@ -79,7 +86,10 @@ class Envoy:
             n = len(keys)
             if not -n <= i < n:
                 raise IndexError(f"`{self._path}` has {n} modules; index {i} is out of range")
-            return self._child(keys[i])
+            env = self._child(keys[i])
+            if key.__class__ is int:
+                self._children[key] = env
+            return env
         raise TypeError(f"`{self._path}[...]` takes an int or a slice, got {type(key).__name__}")
 
     def __len__(self) -> int:

@@ -14,6 +14,7 @@ the experiment does not leak into the model's own computation.
 
 from __future__ import annotations
 
+from types import GeneratorType
 from typing import Any
 
 import torch
@@ -197,6 +198,10 @@ class Event:
 
 
 class Interleaver:
+    __slots__ = ("root", "block", "sites", "filename", "step", "ended", "step_waiting",
+                 "end_waiting", "barriers", "result", "track", "prepend", "served", "sessions",
+                 "waiting", "hooks", "fired", "current", "lanes")
+
     def __init__(self, root, block, sites, filename: str = "<unknown>") -> None:
         self.root = root
         self.block = block
@@ -209,6 +214,9 @@ class Interleaver:
         self.barriers: list[Barrier] = []
         self.result = None
         self.track = False  # remember served tensors (for backward blocks)
+        # Run before other hooks (a cache records values after interventions);
+        # only needed, and only paid for, when the trace has a cache.
+        self.prepend = False
         self.served: dict[int, tuple] = {}  # id(tensor) -> (tensor, base, rows)
         self.sessions: list[BackwardSession] = []
         self.waiting: dict[tuple[int, str], list[tuple[Lane, tuple]]] = {}
@@ -222,7 +230,7 @@ class Interleaver:
         gen = fn()
         lane = Lane(gen, index, rows, torch.is_grad_enabled())
         self.lanes.append(lane)
-        if not hasattr(gen, "send"):  # a lane without checkpoints has already run
+        if gen.__class__ is not GeneratorType:  # a lane without checkpoints has already run
             lane.done = True
             return
         self.advance(lane, None)
@@ -529,7 +537,7 @@ class Interleaver:
                 ev = self._serve(Event(mod, OUT, output), waiters)
                 return ev.value if ev.changed else None
 
-            return module.register_forward_hook(out_hook, prepend=True)
+            return module.register_forward_hook(out_hook, prepend=self.prepend)
 
         def pre_hook(mod, args, kwargs):
             self.fired.add(key)
@@ -539,7 +547,8 @@ class Interleaver:
             ev = self._serve(Event(mod, PRE, (args, kwargs)), waiters)
             return ev.value if ev.changed else None
 
-        return module.register_forward_pre_hook(pre_hook, with_kwargs=True, prepend=True)
+        return module.register_forward_pre_hook(pre_hook, with_kwargs=True,
+                                                prepend=self.prepend)
 
     def _serve(self, ev: Event, waiters) -> Event:
         prev = self.current
@@ -584,6 +593,8 @@ class Interleaver:
         generator's output is handed out; every lane still parked then gets
         an error at its line, never a hang."""
         self.ended = True
+        if not (self.waiting or self.step_waiting or self.end_waiting or self.barriers):
+            return  # the common case: every lane was served
         gen = self.root._generator
         progress = True
         while progress:
@@ -652,10 +663,11 @@ class Interleaver:
                 raise err
 
     def cleanup(self) -> None:
-        for session in self.sessions:
-            session.remove_hooks()
-        self.sessions.clear()
-        self.served.clear()
+        if self.sessions:
+            for session in self.sessions:
+                session.remove_hooks()
+            self.sessions.clear()
+            self.served.clear()
         for handle in self.hooks.values():
             handle.remove()
         self.hooks.clear()

@@ -47,6 +47,7 @@ class Tracer:
         self._filename = "<unknown>"
         self._has_steps = False
         self._has_backward = False
+        self._invoked = False
         self._inter = None
         self._caches: list = []
 
@@ -68,6 +69,8 @@ class Tracer:
                       per_step=self._kind == "generate")
         cache._attach_hooks()
         self._caches.append(cache)
+        if self._inter is not None:
+            self._inter.prepend = True
         return cache
 
     def barrier(self, n: int) -> Barrier:
@@ -91,6 +94,8 @@ class Tracer:
     # -- compiled-code protocol ----------------------------------------------
     def _add_lane(self, fn, spec: InvokeSpec | None, index: int) -> None:
         self._lanes.append((fn, spec, index))
+        if spec is not None:
+            self._invoked = True
 
     def __enter__(self) -> "Tracer":
         return self
@@ -105,8 +110,9 @@ class Tracer:
 
     def _execute(self) -> None:
         root = self._root
-        check_block(root, self._block)
-        if any(spec is not None for _, spec, _ in self._lanes):
+        if root._checked.get(id(self._block)) is not self._block:
+            check_block(root, self._block)
+        if self._invoked:
             # `tracer.invoke()` with no input adds no rows: it sees the whole batch.
             args, kwargs, rows = root._batch(
                 [(spec.args, spec.kwargs) if spec is not None and (spec.args or spec.kwargs)
@@ -118,6 +124,7 @@ class Tracer:
             rows = [None] * len(self._lanes)
         inter = Interleaver(root, self._block, self._sites, self._filename)
         inter.track = self._has_backward
+        inter.prepend = bool(self._caches)
         self._inter = inter
         learning = root._learn_order() if not root._order_complete else None
         try:

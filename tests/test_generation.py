@@ -195,6 +195,20 @@ def invokes_with_own_steps(model, a, b, n, layer):
 
 
 @intervene
+def invokes_of_different_lengths(model, a, b, n):
+    shapes = []
+    with model.generate(max_new_tokens=n, do_sample=False) as tracer:
+        with tracer.invoke(a):
+            out_a = model.generator.output.save()
+        with tracer.invoke(b):
+            out_b = model.generator.output.save()
+        with tracer.invoke():  # noqa: SIM117
+            with tracer.all():
+                shapes.append(tuple(model.model.layers[0].output.shape))
+    return out_a, out_b, shapes, tracer.result
+
+
+@intervene
 def sample(model, prompt, n, seed):
     torch.manual_seed(seed)
     with model.generate(prompt, max_new_tokens=n, do_sample=True, top_k=50) as tracer:
@@ -330,6 +344,19 @@ def test_invokes_with_different_step_selections(model):
     assert out_a.shape == (1, n_prompt(model) + 4) and out_b.shape == out_a.shape
     assert torch.equal(result, expected)
     assert torch.equal(out_a, expected[0:1]) and torch.equal(out_b, expected[1:2])
+
+
+def test_invokes_of_different_lengths_each_generate_as_alone(model, baseline):
+    short = "Paris is the capital of"
+    out_a, out_b, shapes, result = invokes_of_different_lengths(model, PROMPT, short, N)
+    k = n_prompt(model)
+    assert result.shape == (2, k + N)
+    assert torch.equal(out_a, result[0:1]) and torch.equal(out_b, result[1:2])
+    assert torch.equal(out_a, baseline)
+    # the short prompt is left-padded; its new tokens are those it generates alone
+    assert torch.equal(out_b[:, -N:], plain_generate(model, short)[:, -N:])
+    # `tracer.invoke()` with no input sees both rows at every step
+    assert shapes == [(2, k, 576)] + [(2, 1, 576)] * (N - 1)
 
 
 def test_sampling_with_a_seed_equals_plain_generate(model):
