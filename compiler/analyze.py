@@ -77,6 +77,7 @@ class LaneInfo:
     input: str | None
     bound: dict[str, int] = field(default_factory=dict)  # name -> first line bound
     nonlocal_names: tuple[str, ...] = ()
+    first_wait: tuple[int, int] | None = None  # (line, col) of its first module value
 
 
 @dataclass
@@ -137,6 +138,7 @@ class _Analyzer(cst.CSTVisitor):
         self.comp = 0
         self.lane_loops = 0  # loops opened inside the current lane
         self.model_names = _traced_models(fn)
+        self.barriers: set[str] = set()
 
     # -- helpers ---------------------------------------------------------
     def where(self, node: cst.CSTNode) -> tuple[int, int]:
@@ -200,6 +202,7 @@ class _Analyzer(cst.CSTVisitor):
                 )
             self.blocks.append(block)
             self.block_of[id(node)] = block
+            self.barriers = barrier_names(node.body)
             self.block = block
             if not block.has_invokes:
                 self._open_lane(node, None)
@@ -355,6 +358,8 @@ class _Analyzer(cst.CSTVisitor):
                 "read inside `with tracer.invoke(...):`; use `tracer.invoke()` with no "
                 "input to see the whole batch",
             )
+        if self.lane.first_wait is None:
+            self.lane.first_wait = self.where(node)
         if self.nested:
             raise self.error(
                 node,
@@ -415,6 +420,13 @@ class _Analyzer(cst.CSTVisitor):
     # -- saves ---------------------------------------------------------------
     def visit_Call(self, node: cst.Call) -> None:
         if (
+            self.lane is not None
+            and isinstance(node.func, cst.Name)
+            and node.func.value in self.barriers
+            and self.lane.first_wait is None
+        ):
+            self.lane.first_wait = self.where(node)  # `b()` waits too
+        if (
             self.block is not None
             and self.block.tracer is not None
             and m.matches(node.func, m.Attribute(value=m.Name(self.block.tracer),
@@ -461,6 +473,20 @@ class _Analyzer(cst.CSTVisitor):
         return names
 
 
+def barrier_names(body: cst.BaseSuite) -> set[str]:
+    """Names assigned ``<x>.barrier(n)`` directly in a block's body."""
+    names = set()
+    for stmt in getattr(body, "body", ()):
+        if isinstance(stmt, cst.SimpleStatementLine):
+            for small in stmt.body:
+                if (
+                    isinstance(small, cst.Assign)
+                    and m.matches(small.value, m.Call(func=m.Attribute(attr=m.Name("barrier"))))
+                ):
+                    names.update(_names_in_target(small.targets[0].target))
+    return names
+
+
 def _traced_models(fn: cst.FunctionDef) -> set[str]:
     """Root names of every model traced in the function (``model`` of ``model.trace``)."""
     names: set[str] = set()
@@ -504,6 +530,35 @@ def _param_names(params: cst.Parameters) -> list[str]:
     return out
 
 
+def _check_invoke_flow(src: Source, block: BlockInfo, refs: list[NameRef], outer: set[str]) -> None:
+    """An invoke runs its code up to its first module value when the pass starts,
+    before earlier invokes have run: reading their variables there cannot work."""
+    earlier: dict[str, tuple[int, int]] = {}  # name -> (invoke, line)
+    for lane in block.lanes:
+        first = lane.first_wait
+        for r in refs:
+            if r.lane is not lane or r.store or r.name not in earlier or r.name in outer:
+                continue
+            if first is not None and (r.line, r.col) >= first:
+                continue
+            own = lane.bound.get(r.name)
+            if own is not None and own < r.line:
+                continue
+            index, line = earlier[r.name]
+            raise CompileError(
+                f"`{r.name}` comes from invoke {index} (line {line}), but invoke {lane.index} "
+                f"reads it at line {r.line}, before it waits for any module value: at that "
+                f"point invoke {index} has not run yet. Read `{r.name}` where this invoke "
+                "writes or reads a module value (the code then waits for the model), or make "
+                "both invokes meet at a `b = tracer.barrier(2)`",
+                src.filename,
+                r.line,
+                r.col,
+            )
+        for name, line in lane.bound.items():
+            earlier.setdefault(name, (lane.index, line))
+
+
 def analyze(src: Source, wrapper: meta.MetadataWrapper, fn: cst.FunctionDef) -> Analysis:
     visitor = _Analyzer(src, fn)
     wrapper.visit(visitor)
@@ -521,6 +576,7 @@ def analyze(src: Source, wrapper: meta.MetadataWrapper, fn: cst.FunctionDef) -> 
             lane.nonlocal_names = tuple(
                 sorted(n for n in lane.bound if n in block.saved or n in outside)
             )
+        _check_invoke_flow(src, block, refs, outer_bound)
         shared = {n for lane in block.lanes for n in lane.nonlocal_names}
         block.unsaved_shared = tuple(sorted(shared - block.saved))
         # An unsaved variable read after the block: both lines named.

@@ -27,7 +27,16 @@ import libcst as cst
 import libcst.matchers as m
 import libcst.metadata as meta
 
-from .analyze import VALUE_ATTRS, Analysis, BlockInfo, LaneInfo, block_call, invoke_call
+from .analyze import (
+    VALUE_ATTRS,
+    Analysis,
+    BlockInfo,
+    LaneInfo,
+    _names_in_target,
+    barrier_names,
+    block_call,
+    invoke_call,
+)
 from .errors import CompileError
 from .parse import Source
 from .plan import Checkpoint, Marker
@@ -156,7 +165,7 @@ class Rewriter(cst.CSTTransformer):
         block = self.info.block_of.get(id(node))
         if block is not None:
             self.block = block
-            self.barriers = _barrier_names(node.body)
+            self.barriers = barrier_names(node.body)
         sel = self._step_selection(node.items[0].item) if len(node.items) == 1 else None
         if sel is not None:
             self.steps.append(sel)
@@ -586,7 +595,7 @@ class Rewriter(cst.CSTTransformer):
             return
         for t in node.targets:
             self._mark_targets(t.target)
-        names = {n for t in node.targets for n in _target_names(t.target)}
+        names = {n for t in node.targets for n in _names_in_target(t.target)}
         assert self.block is not None
         self.saving_stmt = bool(names & self.block.saved)
 
@@ -693,7 +702,7 @@ class Rewriter(cst.CSTTransformer):
         fresh = {
             n: f"{RT}_{n}_{next(self.comp_count)}"
             for clause in _comp_fors(updated.for_in)
-            for n in _target_names(clause.target)
+            for n in _names_in_target(clause.target)
         }
         body = [st.visit(_Rename(fresh)) for st in body]
         stmts = [_stmt(cst.Assign([cst.AssignTarget(name)], init)), *body]
@@ -738,20 +747,6 @@ def _replace_node(tree: cst.CSTNode, old: cst.CSTNode, new: cst.CSTNode):
     return tree.visit(R())
 
 
-def _barrier_names(body: cst.BaseSuite) -> set[str]:
-    """Names assigned ``<x>.barrier(n)`` directly in a block's body."""
-    names = set()
-    for stmt in getattr(body, "body", ()):
-        if isinstance(stmt, cst.SimpleStatementLine):
-            for small in stmt.body:
-                if (
-                    isinstance(small, cst.Assign)
-                    and m.matches(small.value, m.Call(func=m.Attribute(attr=m.Name("barrier"))))
-                ):
-                    names.update(_target_names(small.targets[0].target))
-    return names
-
-
 def _comp_fors(for_in: cst.CompFor) -> list[cst.CompFor]:
     out = []
     node: cst.CompFor | None = for_in
@@ -772,14 +767,6 @@ def _value_root(node: cst.BaseExpression, values=VALUE_ATTRS) -> cst.Attribute |
             node = node.value
         else:
             return None
-
-
-def _target_names(t: cst.BaseExpression) -> list[str]:
-    if isinstance(t, cst.Name):
-        return [t.value]
-    if isinstance(t, (cst.Tuple, cst.List)):
-        return [n for el in t.elements for n in _target_names(el.value)]
-    return []
 
 
 class EvaluationOrder(cst.CSTVisitor):

@@ -113,13 +113,17 @@ class Cache(Mapping):
         return record
 
     # -- reading ---------------------------------------------------------------------
-    def _key(self, key: str) -> str:
-        if key == "model" or key.startswith("model."):
-            return key
-        return f"model.{key}"
+    def _lookup(self, key: str):
+        # A path with or without the leading `model.`; with a LanguageModel the
+        # wrapped module is itself often called `model` (model.model.layers.0),
+        # so try the key as written first, then under the root.
+        entries = self._entries.get(key) if key == "model" or key.startswith("model.") else None
+        if entries is None:
+            entries = self._entries.get(f"model.{key}")
+        return entries
 
     def __getitem__(self, key: str):
-        entries = self._entries.get(self._key(key))
+        entries = self._lookup(key)
         if entries is None:
             raise KeyError(f"{key!r} was not recorded (modules that ran: {len(self._entries)})")
         return entries if self._per_step else entries[-1]

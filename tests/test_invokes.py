@@ -188,12 +188,25 @@ def flow_in_source_order(model, a, b):
     return logits
 
 
+
+def _line_of(marker: str) -> int:
+    """The line of this file holding ``marker`` (in a comment)."""
+    with open(__file__, encoding="utf-8") as f:
+        for number, text in enumerate(f, 1):
+            if marker in text and "_line_of" not in text:
+                return number
+    raise AssertionError(marker)
+
+
 @intervene
-def compute_before_first_module(model, a, b):
+def compute_after_a_barrier(model, a, b):
     with model.trace() as tracer:
+        barrier = tracer.barrier(2)
         with tracer.invoke(a):
             h = model.model.layers[3].output
+            barrier()
         with tracer.invoke(b):
+            barrier()
             x = h * 2
             model.model.layers[5].output = x
             logits = model.lm_head.output[:, -1].save()
@@ -377,16 +390,30 @@ def test_variable_used_first_in_a_later_invoke(model):
     torch.testing.assert_close(out, expected[1:2, -1], **CLOSE)
 
 
+def test_computing_with_an_earlier_invokes_variable_before_any_module_is_a_compile_error():
+    # Invoke 1's code up to its first module value runs when the pass starts, before
+    # invoke 0 has run: reading invoke 0's `h` there cannot work, so it is reported early.
+    with pytest.raises(CompileError) as info:
+        @intervene
+        def compute_first(model, a, b):
+            with model.trace() as tracer:
+                with tracer.invoke(a):
+                    h = model.model.layers[3].output
+                with tracer.invoke(b):
+                    x = h * 2  # READ-TOO-EARLY
+                    model.model.layers[5].output = x
+                    logits = model.lm_head.output[:, -1].save()
+            return logits
+
+    message = str(info.value)
+    assert "`h` comes from invoke 0" in message
+    assert "before it waits for any module value" in message
+    assert "tracer.barrier(2)" in message
+    assert info.value.lineno == _line_of("READ-TOO-EARLY")
+
+
 @pytest.mark.slow
-@pytest.mark.xfail(
-    reason="BUG: a later invoke that computes with an earlier invoke's variable before its own "
-    "first module access (`x = h * 2` then `layers[5].output = x`, `h` read at layers[3] in "
-    "invoke 0) runs that code when its lane starts, before invoke 0 has reached layers[3]: "
-    "NameError \"cannot access free variable 'h'\" instead of the source-order flow",
-    raises=NameError,
-    strict=True,
-)
-def test_computing_with_an_earlier_invokes_variable_before_any_module(model):
+def test_computing_with_an_earlier_invokes_variable_after_a_barrier(model):
     def write(module, args, output):
         output = output.clone()
         output[1] = saved[0] * 2
@@ -396,7 +423,7 @@ def test_computing_with_an_earlier_invokes_variable_before_any_module(model):
     hooks = {model._module.model.layers[3]: lambda m, a, o: saved.append(o[0].clone()),
              model._module.model.layers[5]: write}
     expected = batched_with_hooks(model, [A, B], hooks)
-    out = compute_before_first_module(model, A, B)
+    out = compute_after_a_barrier(model, A, B)
     torch.testing.assert_close(out, expected[1:2, -1], **CLOSE)
 
 
