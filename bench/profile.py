@@ -17,7 +17,6 @@ import io
 import os
 import pstats
 import sys
-import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -71,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
         sys.path.insert(0, ROOT)
     import torch
 
+    from . import timing
+
     torch.set_num_threads(1)
     run, baseline = _setup(args.case)
     calls = args.calls if args.case != "compile" else min(args.calls, 30)
@@ -79,14 +80,14 @@ def main(argv: list[str] | None = None) -> int:
         if baseline:
             baseline()
 
-    def clock(fn) -> float:
-        t0 = time.perf_counter_ns()
-        for _ in range(calls):
-            fn()
-        return (time.perf_counter_ns() - t0) / calls / 1e3
-
-    plain_us = clock(baseline) if baseline else None
-    ours_us = clock(run)
+    # Without the profiler, interleaved as in the suite: medians, and the median of the
+    # per-round differences.
+    sides = {"ours": run, "plain": baseline} if baseline else {"ours": run}
+    samples = timing.interleaved(sides, rounds=calls, warmup=0)
+    ours_us = timing.median(samples["ours"])
+    plain_us = timing.median(samples["plain"]) if baseline else None
+    diff_us = (timing.median([a - b for a, b in zip(samples["ours"], samples["plain"])])
+               if baseline else None)
     prof = cProfile.Profile()
     prof.enable()
     for _ in range(calls):
@@ -101,9 +102,9 @@ def main(argv: list[str] | None = None) -> int:
                 filename.split("site-packages/")[-1])
             rows.append((tt, ct, nc, f"{where}:{line}({name})"))
     rows.sort(reverse=True)
-    print(f"case {args.case}: {calls} calls; without profiler: intervene {ours_us:.1f} µs"
-          + (f", plain hooks {plain_us:.1f} µs, difference {ours_us - plain_us:+.1f} µs"
-             if plain_us is not None else "") + " per call")
+    print(f"case {args.case}: {calls} calls; without profiler (medians): intervene "
+          f"{ours_us:.1f} µs" + (f", plain hooks {plain_us:.1f} µs, paired difference "
+                                 f"{diff_us:+.1f} µs" if baseline else "") + " per call")
     print("under cProfile (times inflated by the profiler; compare rows with each other):")
     print(f"{'own µs/call':>12} {'cum µs/call':>12} {'calls/call':>10}  function")
     for tt, ct, nc, label in rows[: args.top]:

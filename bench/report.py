@@ -23,8 +23,8 @@ METHOD = """\
   with plain PyTorch forward hooks written by hand (register, forward, remove: the
   floor any hook-based library can reach), and with nnsight 0.8.1. Timing goes
   round-robin (intervene, plain, nnsight, repeat), so drifts of the machine hit all
-  three alike. One sample is the mean of back-to-back calls lasting about 2 ms (one
-  call for the language model); the table shows the **median** sample, and the note
+  three alike. One sample is one call (calls under 50 µs would be repeated back to
+  back): short samples keep most of them clear of other processes on a shared machine; the table shows the **median** sample, and the note
   "noise ±a% / ±b%" is half the interquartile range of intervene's / plain's samples.
 - **Same results first.** Before timing, each side runs once and its result is
   compared with plain hooks' (`torch.allclose`); a side that raises or disagrees
@@ -49,8 +49,10 @@ METHOD = """\
   `tracer.result`; for several invokes on a plain module, nnsight's `NNsight` is
   subclassed with its documented `_batch_size`/`_batch` hooks (dim-0 stacking).
 - **Checkpoints** (case 2a) are `k` layer outputs evenly spaced over the 64
-  layers, saved from a loop in all three; the slope is the least-squares fit of
-  the medians over k = 1, 4, 16, 64.
+  layers, saved from a loop in all three; the slopes shown are least-squares fits
+  of the medians over k = 1, 4, 16, 64, and the target is judged on the slope of
+  the per-round paired differences (intervene - plain hooks), which drifts between
+  rows cannot bias.
 - **Invokes** (2b, 6): N inputs of 2 rows, each invoke saving its rows of layer 5's
   output; plain hooks concatenate the inputs and slice the rows in one hook. The
   N-invoke experiments are generated as source text (N `with tracer.invoke(...)`

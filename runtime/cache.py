@@ -79,13 +79,20 @@ class Cache(Mapping):
             if isinstance(item, Envoy):
                 chosen.append((item._path, item._module))
             elif isinstance(item, str):
-                path = item if item == "model" or item.startswith("model.") else f"model.{item}"
-                sub = path[len("model."):] if path != "model" else ""
-                try:
-                    mod = self._root._module.get_submodule(sub)
-                except AttributeError:
-                    raise KeyError(f"tracer.cache(modules=...): no module {item!r}") from None
-                chosen.append((path, mod))
+                # With or without the root's `model.`; the wrapped module may itself
+                # have a child called `model` (model.layers.2 of a Llama).
+                subs = [item[len("model."):], item] if item.startswith("model.") else [item]
+                if item == "model":
+                    subs = ["", "model"]
+                for sub in subs:
+                    try:
+                        mod = self._root._module.get_submodule(sub)
+                    except AttributeError:
+                        continue
+                    chosen.append((f"model.{sub}" if sub else "model", mod))
+                    break
+                else:
+                    raise KeyError(f"tracer.cache(modules=...): no module {item!r}")
             else:
                 raise TypeError(
                     "tracer.cache(modules=...) takes envoys (model.layers[0]) or paths "

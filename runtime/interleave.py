@@ -200,7 +200,7 @@ class Event:
 class Interleaver:
     __slots__ = ("root", "block", "sites", "filename", "step", "ended", "step_waiting",
                  "end_waiting", "barriers", "result", "track", "prepend", "served", "sessions",
-                 "waiting", "hooks", "fired", "current", "lanes")
+                 "waiting", "hooks", "fired", "current", "lanes", "stopped", "current_site")
 
     def __init__(self, root, block, sites, filename: str = "<unknown>") -> None:
         self.root = root
@@ -219,6 +219,8 @@ class Interleaver:
         self.prepend = False
         self.served: dict[int, tuple] = {}  # id(tensor) -> (tensor, base, rows)
         self.sessions: list[BackwardSession] = []
+        self.stopped = False  # tracer.stop() ended the forward pass
+        self.current_site = None  # the request being served (for messages)
         self.waiting: dict[tuple[int, str], list[tuple[Lane, tuple]]] = {}
         self.hooks: dict[tuple[int, str], Any] = {}
         self.fired: set[tuple[int, str]] = set()
@@ -558,6 +560,7 @@ class Interleaver:
                 waiters.sort(key=lambda w: w[0].index)
             for lane, req in waiters:
                 lane.parked = None
+                self.current_site = req[2]
                 if len(req) == 4:
                     ev.set(req[1], self._widen(lane, ev.get(req[1]), req[3]))
                     self.advance(lane, None)
@@ -620,7 +623,7 @@ class Interleaver:
                     self._serve(Event(gen._module, OUT, self.result), waiters)
                     progress = True
         for lane in self.lanes:
-            if lane.done or lane.parked is None:
+            if lane.done or lane.parked is None or lane.gen.gi_frame is None:
                 continue
             module, phase, req = lane.parked
             if module is None:
@@ -642,7 +645,14 @@ class Interleaver:
             cp = self.sites.get(site)
             line = cp.line if cp is not None else None
             ran = self.root._ran(module) or (id(module), phase) in self.fired
-            if ran:
+            if self.stopped:
+                err = MissedCheckpointError(
+                    f"`{envoy._path}.{what}` is asked for at line {line}, but tracer.stop() "
+                    "ended the forward pass before it ran",
+                    envoy._path,
+                    line,
+                )
+            elif ran:
                 err: Exception = OutOfOrderError(
                     f"`{envoy._path}.{what}` is asked for at line {line}, after the model had "
                     "already run that module in this forward pass: ask for module values in "

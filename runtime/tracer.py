@@ -65,6 +65,18 @@ class Tracer:
         paths), after interventions.  Under ``generate``: one entry per step."""
         from .cache import Cache
 
+        inter = self._inter
+        if inter is not None and inter.current is not None:
+            import warnings
+
+            cp = self._sites.get(inter.current_site)
+            line = cp.line if cp is not None else 0
+            warnings.warn_explicit(
+                "tracer.cache() is called after the forward pass has started (the code got "
+                f"there from line {line}): modules that ran before it are not in the cache; "
+                "call tracer.cache() before reading any module value",
+                RuntimeWarning, self._filename, line,
+            )
         cache = Cache(self._root, modules, include_inputs, device, dtype, detach,
                       per_step=self._kind == "generate")
         cache._attach_hooks()
@@ -135,10 +147,11 @@ class Tracer:
             try:
                 out = root._run(self._kind, args, kwargs, self)
             except StopTrace:
-                return
-            if self._kind == "generate":
-                self._result = out
-                inter.result = out
+                inter.stopped = True  # values still awaited are reported, never left unset
+            else:
+                if self._kind == "generate":
+                    self._result = out
+                    inter.result = out
             inter.finish()
         finally:
             inter.cleanup()

@@ -428,7 +428,7 @@ def test_error_in_backward_block_keeps_type_and_removes_hooks(mlp):
     assert_no_hooks(model)
     # and a run after it works
     g1, g3 = grads(model, x_input())
-    assert g1.shape == (3, 8)
+    assert g1.shape == (3, 8) and g3.shape == (3, 8)
 
 
 # --------------------------------------------------------------------------------------
