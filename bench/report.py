@@ -135,8 +135,9 @@ def summary(rows: list[Row]) -> str:
     na = [r for r in targeted if r.status == "n/a"]
     out = [f"{len(targeted) - len(missed) - len(na)} of {len(targeted)} targets met."]
     for r in missed:
-        out.append(f"- MISS: {r.case.split(' (')[0]}: {r.name}: intervene "
-                   f"{_fmt(r.ours, r.unit)}, target {r.target} ({_ratio(r, 'ours') or '-'}).")
+        said = r.headline or (f"intervene {_fmt(r.ours, r.unit)}"
+                              + (f" ({_ratio(r, 'ours')})" if _ratio(r, "ours") else ""))
+        out.append(f"- MISS: {r.case.split(' (')[0]}: {r.name}: {said}; target {r.target}.")
     for r in na:
         out.append(f"- n/a: {r.case.split(' (')[0]}: {r.name} (not supported yet).")
     return "\n".join(out)

@@ -79,6 +79,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  ({time.perf_counter() - t0:.1f} s)", flush=True)
     seconds = time.perf_counter() - start
     info["load average at end"] = timing.load()
+    at_end = timing.revision(ROOT)
+    if at_end != info["intervene revision"]:
+        info["intervene revision at end"] = at_end + " (the code changed during the run)"
 
     rows = [r for o in outcomes for r in o.rows]
     print("\n" + report.summary(rows))

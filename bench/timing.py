@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime
 import gc
+import hashlib
 import os
 import platform
 import statistics
@@ -77,19 +78,21 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def _git_revision(root: str) -> str:
+def revision(root: str) -> str:
+    """The commit of intervene, plus a fingerprint of uncommitted changes to its code."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True,
+                              check=True).stdout
+
     try:
-        rev = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
-            text=True, check=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no", "--", "compiler", "runtime"],
-            cwd=root, capture_output=True, text=True, check=True,
-        ).stdout.strip()
-        return rev + (" + uncommitted changes in compiler/ or runtime/" if dirty else "")
+        rev = git("rev-parse", "--short", "HEAD").strip()
+        diff = git("diff", "HEAD", "--", "compiler", "runtime")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+    if not diff:
+        return rev
+    digest = hashlib.sha1(diff.encode()).hexdigest()[:10]
+    return f"{rev} + uncommitted changes to compiler/ or runtime/ (diff sha1 {digest})"
 
 
 def machine(root: str) -> dict[str, str]:
@@ -113,7 +116,7 @@ def machine(root: str) -> dict[str, str]:
         "torch threads": str(torch.get_num_threads()),
         "python": sys.version.split()[0],
         "nnsight": nnsight_version,
-        "intervene revision": _git_revision(root),
+        "intervene revision": revision(root),
         "platform": platform.platform(),
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "load average at start": load(),

@@ -8,14 +8,15 @@ call of a compiled function.
 from __future__ import annotations
 
 import functools
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 from .codegen import Compiled, compile_source
 from .errors import CompileError
 from .parse import source_of
 from .plan import Plan
 
-__all__ = ["intervene", "CompileError", "compile_function"]
+__all__ = ["CompileError", "compile_function", "intervene"]
 
 F = TypeVar("F", bound=Callable)
 

@@ -49,24 +49,35 @@ def invoke_call(node: cst.With) -> cst.Call | None:
     return None
 
 
-def _contains_invoke(body: cst.BaseSuite) -> bool:
-    found = False
+def statements(node: cst.CSTNode):
+    """Every statement under ``node``, through compound statements' bodies but not
+    into nested functions or classes: far cheaper than a full visit."""
+    body = getattr(node, "body", None)
+    if isinstance(body, cst.BaseSuite):
+        body = body.body
+    parts = list(body) if isinstance(body, (list, tuple)) else []
+    for attr in ("orelse", "finalbody"):
+        extra = getattr(node, attr, None)
+        if extra is not None:
+            parts.append(extra)
+    parts.extend(getattr(node, "handlers", ()))
+    for stmt in parts:
+        if isinstance(stmt, (cst.Else, cst.Finally, cst.ExceptHandler, cst.If)) and (
+            stmt is not None
+        ):
+            if isinstance(stmt, cst.If):
+                yield stmt
+            yield from statements(stmt)
+            continue
+        yield stmt
+        if isinstance(stmt, cst.BaseCompoundStatement) and not isinstance(
+            stmt, (cst.FunctionDef, cst.ClassDef)
+        ):
+            yield from statements(stmt)
 
-    class V(cst.CSTVisitor):
-        def visit_With(self, node: cst.With) -> bool:
-            nonlocal found
-            if invoke_call(node) is not None:
-                found = True
-            return not found
 
-        def visit_FunctionDef(self, node: cst.FunctionDef) -> bool:
-            return False
-
-        def visit_ClassDef(self, node: cst.ClassDef) -> bool:
-            return False
-
-    body.visit(V())
-    return found
+def _contains_invoke(block: cst.With) -> bool:
+    return any(isinstance(s, cst.With) and invoke_call(s) is not None for s in statements(block))
 
 
 @dataclass
@@ -119,11 +130,7 @@ class Analysis:
 
 
 class _Analyzer(cst.CSTVisitor):
-    METADATA_DEPENDENCIES = (
-        meta.PositionProvider,
-        meta.ExpressionContextProvider,
-        meta.ParentNodeProvider,
-    )
+    METADATA_DEPENDENCIES = (meta.PositionProvider,)
 
     def __init__(self, src: Source, fn: cst.FunctionDef) -> None:
         self.src = src
@@ -139,6 +146,9 @@ class _Analyzer(cst.CSTVisitor):
         self.lane_loops = 0  # loops opened inside the current lane
         self.model_names = _traced_models(fn)
         self.barriers: set[str] = set()
+        self.stores: set[int] = set()  # id() of Name nodes that bind a name
+        self.not_expressions: set[int] = set()  # def/class names: recorded by hand
+        self.assigning: list[list[str]] = []  # names the value being visited is assigned to
 
     # -- helpers ---------------------------------------------------------
     def where(self, node: cst.CSTNode) -> tuple[int, int]:
@@ -184,7 +194,7 @@ class _Analyzer(cst.CSTVisitor):
                 has_input=bool(call.args) and (
                     call.func.attr.value != "generate" or not all(a.keyword for a in call.args)
                 ),
-                has_invokes=_contains_invoke(node.body),
+                has_invokes=_contains_invoke(node),
             )
             if block.has_invokes and block.has_input:
                 raise self.error(
@@ -242,6 +252,7 @@ class _Analyzer(cst.CSTVisitor):
         self.nested -= 1
 
     def visit_FunctionDef(self, node: cst.FunctionDef) -> bool | None:
+        self.not_expressions.add(id(node.name))
         if node is self.fn:
             for p in _param_names(node.params):
                 self._ref(node, p, True)
@@ -255,6 +266,7 @@ class _Analyzer(cst.CSTVisitor):
             self._leave_scope()
 
     def visit_ClassDef(self, node: cst.ClassDef) -> None:
+        self.not_expressions.add(id(node.name))
         self._ref(node, node.name.value, True)
         self._enter_scope()
 
@@ -263,9 +275,11 @@ class _Analyzer(cst.CSTVisitor):
 
     def visit_Lambda(self, node: cst.Lambda) -> None:
         self._enter_scope()
+        self.assigning.append([])
 
     def leave_Lambda(self, node: cst.Lambda) -> None:
         self._leave_scope()
+        self.assigning.pop()
 
     def visit_Param(self, node: cst.Param) -> bool:
         # Parameter names of nested functions bind in their own scope; defaults
@@ -317,10 +331,62 @@ class _Analyzer(cst.CSTVisitor):
             self.lane.bound.setdefault(name, line)
 
     def visit_Name(self, node: cst.Name) -> None:
-        ctx = self.get_metadata(meta.ExpressionContextProvider, node, None)
-        if ctx is None:
-            return
-        self._ref(node, node.value, ctx != meta.ExpressionContext.LOAD)
+        if id(node) not in self.not_expressions:
+            self._ref(node, node.value, id(node) in self.stores)
+
+    def visit_NameItem(self, node: cst.NameItem) -> None:
+        self.not_expressions.add(id(node.name))  # `global x` / `nonlocal x`
+
+    def _binds(self, target: cst.CSTNode | None) -> None:
+        """Mark the names a target binds (not the bases of `a[i] = ...` / `a.x = ...`)."""
+        if isinstance(target, cst.Name):
+            self.stores.add(id(target))
+        elif isinstance(target, (cst.Tuple, cst.List)):
+            for el in target.elements:
+                self._binds(el.value)
+        elif isinstance(target, cst.StarredElement):
+            self._binds(target.value)
+
+    def visit_AssignTarget(self, node: cst.AssignTarget) -> None:
+        self._binds(node.target)
+
+    def visit_AnnAssign(self, node: cst.AnnAssign) -> None:
+        self._binds(node.target)
+
+    def visit_AugAssign(self, node: cst.AugAssign) -> None:
+        self._binds(node.target)
+
+    def visit_For_target(self, node: cst.For) -> None:
+        self._binds(node.target)
+
+    def visit_CompFor(self, node: cst.CompFor) -> None:
+        self._binds(node.target)
+
+    def visit_AsName(self, node: cst.AsName) -> None:
+        self._binds(node.name)
+
+    def visit_NamedExpr(self, node: cst.NamedExpr) -> None:
+        self._binds(node.target)
+
+    def visit_Del(self, node: cst.Del) -> None:
+        self._binds(node.target)
+        if m.matches(node.target, m.Attribute(attr=m.Name())) and (
+            node.target.attr.value in VALUE_ATTRS
+        ):
+            raise self.error(node, f"`del ...{node.target.attr.value}`: a module value cannot be deleted")
+
+    # The value of an assignment: `.save()` (or `tracer.cache()`) in it saves the targets.
+    def visit_Assign_value(self, node: cst.Assign) -> None:
+        self.assigning.append([n for t in node.targets for n in _names_in_target(t.target)])
+
+    def leave_Assign_value(self, node: cst.Assign) -> None:
+        self.assigning.pop()
+
+    def visit_AnnAssign_value(self, node: cst.AnnAssign) -> None:
+        self.assigning.append(_names_in_target(node.target))
+
+    def leave_AnnAssign_value(self, node: cst.AnnAssign) -> None:
+        self.assigning.pop()
 
     def visit_Attribute(self, node: cst.Attribute) -> bool:
         attr = node.attr.value
@@ -401,12 +467,6 @@ class _Analyzer(cst.CSTVisitor):
     def visit_Continue(self, node: cst.Continue) -> None:
         self._loop_jump(node, "continue")
 
-    def visit_Del(self, node: cst.Del) -> None:
-        if m.matches(node.target, m.Attribute(attr=m.Name())) and (
-            node.target.attr.value in VALUE_ATTRS
-        ):
-            raise self.error(node, f"`del ...{node.target.attr.value}`: a module value cannot be deleted")
-
     def visit_Assign(self, node: cst.Assign) -> None:
         if len(node.targets) > 1 and any(
             m.matches(t.target, m.Attribute(attr=m.Name())) and t.target.attr.value in VALUE_ATTRS
@@ -454,23 +514,8 @@ class _Analyzer(cst.CSTVisitor):
             self.block.saved.add(name)
 
     def _assigned_names(self, node: cst.CSTNode) -> list[str]:
-        """Names an expression's value is assigned to, walking up to its statement."""
-        child = node
-        parent = self.get_metadata(meta.ParentNodeProvider, child)
-        while not isinstance(parent, (cst.BaseSmallStatement, cst.BaseCompoundStatement)):
-            if isinstance(parent, cst.Lambda):
-                return []
-            child = parent
-            parent = self.get_metadata(meta.ParentNodeProvider, child)
-        targets: list[cst.BaseExpression] = []
-        if isinstance(parent, cst.Assign) and child is parent.value:
-            targets = [t.target for t in parent.targets]
-        elif isinstance(parent, cst.AnnAssign) and child is parent.value:
-            targets = [parent.target]
-        names = []
-        for t in targets:
-            names.extend(_names_in_target(t))
-        return names
+        """Names the expression being visited is assigned to (its statement's targets)."""
+        return list(self.assigning[-1]) if self.assigning else []
 
 
 def barrier_names(body: cst.BaseSuite) -> set[str]:
@@ -490,16 +535,12 @@ def barrier_names(body: cst.BaseSuite) -> set[str]:
 def _traced_models(fn: cst.FunctionDef) -> set[str]:
     """Root names of every model traced in the function (``model`` of ``model.trace``)."""
     names: set[str] = set()
-
-    class V(cst.CSTVisitor):
-        def visit_With(self, node: cst.With) -> None:
-            call = block_call(node)
-            if call is not None:
-                root = _root_name(call.func.value)
-                if root is not None:
-                    names.add(root)
-
-    fn.visit(V())
+    for stmt in statements(fn):
+        if isinstance(stmt, cst.With):
+            call = block_call(stmt)
+            root = _root_name(call.func.value) if call is not None else None
+            if root is not None:
+                names.add(root)
     return names
 
 

@@ -23,9 +23,19 @@ from . import plan as P
 from .analyze import analyze
 from .errors import CompileError
 from .parse import Source, parse_error_position
-from .rewrite import RT, TMP_BASE, Rewriter, number_checkpoints
+from .rewrite import (
+    LINE_MARK,
+    RT,
+    TMP_BASE,
+    Rewriter,
+    evaluation_order,
+    number_checkpoints,
+    tag_lines,
+)
 
 _TMP_RE = re.compile(r"\b777\d{7}\b")
+_MARK_RE = re.compile(r"[ \t]*" + re.escape(LINE_MARK) + r"\d+:\d+(?=\n|$)", re.MULTILINE)
+_MARK_LINE_RE = re.compile(re.escape(LINE_MARK) + r"(\d+):(\d+)\s*$")
 assert str(TMP_BASE).startswith("777") and len(str(TMP_BASE)) == 10
 
 
@@ -62,11 +72,14 @@ class Compiled:
         return fn
 
 
-def _declare(fn: cst.FunctionDef, names: list[str]):
+def _declare(fn: cst.FunctionDef, names: list[str], line: int) -> cst.FunctionDef:
     """``name: object`` makes a name local to the function without binding it,
     so a lane's ``nonlocal name`` has somewhere to point."""
     decls = [
-        cst.SimpleStatementLine([cst.AnnAssign(cst.Name(n), cst.Annotation(cst.Name("object")))])
+        tag_lines(
+            cst.SimpleStatementLine([cst.AnnAssign(cst.Name(n), cst.Annotation(cst.Name("object")))]),
+            line, line,
+        )
         for n in names
     ]
     body = list(fn.body.body)
@@ -76,7 +89,7 @@ def _declare(fn: cst.FunctionDef, names: list[str]):
         and isinstance(body[0].body[0].value, (cst.SimpleString, cst.ConcatenatedString))
     ):
         at = 1  # keep the docstring first
-    return fn.with_changes(body=fn.body.with_changes(body=body[:at] + decls + body[at:])), decls
+    return fn.with_changes(body=fn.body.with_changes(body=body[:at] + decls + body[at:]))
 
 
 def compile_source(src: Source, freevars: tuple[str, ...] = ()) -> Compiled:
@@ -96,8 +109,7 @@ def compile_source(src: Source, freevars: tuple[str, ...] = ()) -> Compiled:
     wrapper = meta.MetadataWrapper(module, unsafe_skip_copy=True)
     info = analyze(src, wrapper, fn)
     rewriter = Rewriter(src, fn, info)
-    new_module = wrapper.visit(rewriter)
-    new_fn = new_module.body[0]
+    new_fn = wrapper.visit(rewriter).body[0]
     assert isinstance(new_fn, cst.FunctionDef)
     fn_line = src.position(wrapper.resolve(meta.PositionProvider)[fn].start.line, 0)[0]
     params = {p.name.value for p in (*fn.params.params, *fn.params.posonly_params,
@@ -109,29 +121,7 @@ def compile_source(src: Source, freevars: tuple[str, ...] = ()) -> Compiled:
         {n for b in info.blocks for ln in b.lanes for n in ln.nonlocal_names}
         - info.outer_bound - params
     )
-    new_fn = new_fn.with_changes(decorators=[])
-    new_fn, decls = _declare(new_fn, shared)
-    for d in decls:
-        rewriter.remember(d, fn_line, fn_line, exact=False)
-    final, lanes = number_checkpoints(cst.Module([new_fn]), rewriter.pending, rewriter.markers)
-
-    blocks = []
-    for b in info.blocks:
-        blocks.append(
-            P.Block(
-                index=b.index,
-                kind=b.kind,  # type: ignore[arg-type]
-                model=b.model,
-                args=b.args,
-                line=b.line,
-                lanes=tuple(
-                    P.Lane(ln.index, ln.line, ln.input, tuple(lanes.get((b.index, ln.index), ())))
-                    for ln in b.lanes
-                ),
-                saved=tuple(sorted(b.saved)),
-            )
-        )
-    plan = P.FunctionPlan(fn.name.value, src.filename, fn_line, tuple(blocks))
+    new_fn = _declare(new_fn.with_changes(decorators=[]), shared, fn_line)
 
     # The factory: `def __iv_factory(__iv, <free variables>): <fn>; return <fn>`
     factory = cst.FunctionDef(
@@ -141,35 +131,51 @@ def compile_source(src: Source, freevars: tuple[str, ...] = ()) -> Compiled:
             [new_fn, cst.SimpleStatementLine([cst.Return(cst.Name(fn.name.value))])]
         ),
     )
-    factory_module = cst.Module([factory])
-
-    def renumber(text: str) -> str:
-        return _TMP_RE.sub(lambda mt: str(final.get(int(mt.group()), mt.group())), text)
-
-    text = renumber(factory_module.code)
-    line_map = _line_map(factory_module, rewriter.line_of, fn_line)
+    text = cst.Module([factory]).code
     tree = ast.parse(text)
-    _relocate(tree, line_map, fn_line)
+    sites = evaluation_order(tree)
+    final, lanes = number_checkpoints([c.value for c in sites], rewriter.pending, rewriter.markers)
+    for const in sites:
+        const.value = final.get(const.value, const.value)
+    _relocate(tree, _line_map(text), fn_line)
     code = compile(tree, src.filename, "exec", dont_inherit=True)
-    shown = renumber(cst.Module([new_fn]).code)
-    return Compiled(plan=plan, code=shown, factory_code=code, name=fn.name.value)
+
+    blocks = tuple(
+        P.Block(
+            index=b.index,
+            kind=b.kind,  # type: ignore[arg-type]
+            model=b.model,
+            args=b.args,
+            line=b.line,
+            lanes=tuple(
+                P.Lane(ln.index, ln.line, ln.input, tuple(lanes.get((b.index, ln.index), ())))
+                for ln in b.lanes
+            ),
+            saved=tuple(sorted(b.saved)),
+        )
+        for b in info.blocks
+    )
+    plan = P.FunctionPlan(fn.name.value, src.filename, fn_line, blocks)
+    shown = _TMP_RE.sub(lambda mt: str(final.get(int(mt.group()), mt.group())),
+                        cst.Module([new_fn]).code)
+    return Compiled(plan=plan, code=_MARK_RE.sub("", shown), factory_code=code,
+                    name=fn.name.value)
 
 
-def _line_map(module: cst.Module, records, default: int) -> dict[int, int]:
-    positions = meta.MetadataWrapper(module, unsafe_skip_copy=True).resolve(meta.PositionProvider)
+def _line_map(text: str) -> dict[int, int]:
+    """Generated line -> the user's line, from the ``# __iv@first:last`` marks."""
     out: dict[int, int] = {}
-    for node, first, last, exact in records:
-        pos = positions.get(node)
-        if pos is None:
-            continue
-        start, end = pos.start.line, pos.end.line
-        if exact and end - start == last - first:
-            for i in range(end - start + 1):
-                out.setdefault(start + i, first + i)
-        else:
-            out.setdefault(start, first)
-            for i in range(start + 1, end + 1):
-                out.setdefault(i, first)
+    spans = []
+    for number, line in enumerate(text.splitlines(), 1):
+        found = _MARK_LINE_RE.search(line)
+        if found:
+            first, last = int(found.group(1)), int(found.group(2))
+            out[number] = last
+            spans.append((number, first, last))
+    # Lines of a multi-line statement, counted back from its marked last line.
+    for number, first, last in spans:
+        for k in range(1, last - first + 1):
+            out.setdefault(number - k, last - k)
     return out
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
-from typing import Literal, Union
+from typing import Literal
 
 BlockKind = Literal["trace", "generate", "scan"]
 Value = Literal["output", "input", "inputs", "grad"]
@@ -40,7 +40,7 @@ class Checkpoint:
     access: Access
     line: int
     col: int
-    parts: tuple[Union[str, int], ...] | None = None
+    parts: tuple[str | int, ...] | None = None
     saves: bool = False
     steps: str | None = None
     scope: tuple[str, ...] = ()
@@ -70,7 +70,7 @@ class Lane:
     index: int
     line: int
     input: str | None  # source text of the invoke's input; None: the trace's own
-    items: tuple[Union[Checkpoint, Marker], ...] = ()
+    items: tuple[Checkpoint | Marker, ...] = ()
 
     @property
     def checkpoints(self) -> tuple[Checkpoint, ...]:

@@ -20,6 +20,7 @@ show the user's own lines.
 
 from __future__ import annotations
 
+import ast
 import itertools
 from dataclasses import dataclass, field
 
@@ -76,17 +77,19 @@ class PendingCheckpoint:
     steps: str | None = None
 
 
-@dataclass
-class RewriteResult:
-    module: cst.Module
-    pending: dict[int, PendingCheckpoint]
-    line_of: list[tuple[cst.CSTNode, int, int, bool]] = field(default_factory=list)
+def _dotted(expr: cst.BaseExpression) -> str | None:
+    """``a.b.c`` as text without generating code; None for anything else."""
+    if isinstance(expr, cst.Name):
+        return expr.value
+    if isinstance(expr, cst.Attribute):
+        base = _dotted(expr.value)
+        return None if base is None else f"{base}.{expr.attr.value}"
+    return None
 
 
 def path_parts(expr: cst.BaseExpression, model: str) -> tuple | None:
     """``model.transformer.h[5]`` -> ("transformer", "h", 5); None if not static."""
-    code = cst.Module([]).code_for_node(expr)
-    if code == model:
+    if _dotted(expr) == model:
         return ()
     if isinstance(expr, cst.Attribute):
         base = path_parts(expr.value, model)
@@ -136,7 +139,8 @@ class Rewriter(cst.CSTTransformer):
         self.comp_hoist: list[list[cst.BaseStatement]] = []
         self.comp_count = itertools.count()
         self.comp_touched: list[bool] = []
-        self.line_of: list[tuple[cst.CSTNode, int, int, bool]] = []
+        self.reads: list[cst.BaseExpression] = []  # every read request made, in order
+        self.assign_marks: list[tuple[int, int]] = []  # reads before targets / before value
         self.lane_count = itertools.count()
         self.steps: list[str] = []  # step selections around the current code
         self.step_count = itertools.count()
@@ -157,8 +161,9 @@ class Rewriter(cst.CSTTransformer):
         line, col = self.pos(node)
         return CompileError(message, self.src.filename, line, col)
 
-    def remember(self, new: cst.CSTNode, first: int, last: int, exact: bool = True) -> None:
-        self.line_of.append((new, first, last, exact))
+    def remember(self, new, first: int, last: int, exact: bool = True):
+        """``new`` tagged with the user's lines it came from (see ``tag_lines``)."""
+        return tag_lines(new, first, last if exact else first)
 
     # -- blocks and lanes ------------------------------------------------------
     def visit_With(self, node: cst.With) -> None:
@@ -218,7 +223,7 @@ class Rewriter(cst.CSTTransformer):
             items=[cst.WithItem(opened, asname=cst.AsName(cst.Name(tracer)))],
             body=updated.body.with_changes(body=inner),
         )
-        self.remember(new_with, line, line, exact=False)
+        new_with = self.remember(new_with, line, line, exact=False)
         result: list[cst.BaseStatement] = [new_with]
         if block.unsaved_shared:
             names = block.unsaved_shared
@@ -227,8 +232,8 @@ class Rewriter(cst.CSTTransformer):
             delete = _stmt(
                 cst.Del(cst.Tuple([cst.Element(cst.Name(n)) for n in names], lpar=[], rpar=[]))
             )
-            self.remember(unbind, block.end_line, block.end_line, exact=False)
-            self.remember(delete, block.end_line, block.end_line, exact=False)
+            unbind = self.remember(unbind, block.end_line, block.end_line, exact=False)
+            delete = self.remember(delete, block.end_line, block.end_line, exact=False)
             result += [unbind, delete]
         self.block = None
         return cst.FlattenSentinel(result)
@@ -239,21 +244,21 @@ class Rewriter(cst.CSTTransformer):
         stmts = list(body)
         if lane.nonlocal_names:
             nl = _stmt(cst.Nonlocal([cst.NameItem(cst.Name(n)) for n in lane.nonlocal_names]))
-            self.remember(nl, line, line, exact=False)
+            nl = self.remember(nl, line, line, exact=False)
             stmts.insert(0, nl)
         fdef = cst.FunctionDef(
             name=cst.Name(name),
             params=cst.Parameters(),
             body=cst.IndentedBlock(stmts),
         )
-        self.remember(fdef, line, line, exact=False)
+        fdef = self.remember(fdef, line, line, exact=False)
         spec: cst.BaseExpression = invoke if invoke is not None else cst.Name("None")
         reg = _stmt(
             cst.Expr(
                 _call("lane", cst.Name(tracer), cst.Name(name), spec, cst.Integer(str(lane.index)))
             )
         )
-        self.remember(reg, line, line, exact=False)
+        reg = self.remember(reg, line, line, exact=False)
         return [fdef, reg]
 
     # -- statements: line memory and hoisting ------------------------------
@@ -264,9 +269,9 @@ class Rewriter(cst.CSTTransformer):
         hoisted = self.hoist.pop() if self.hoist else []
         first, last = self.span(original)
         if isinstance(original, cst.SimpleStatementLine):
-            self.remember(updated, first, last, exact=True)
+            updated = self.remember(updated, first, last, exact=True)
         else:
-            self.remember(updated, first, first, exact=False)
+            updated = self.remember(updated, first, first, exact=False)
         if hoisted:
             if isinstance(original, cst.While):
                 raise self.error(
@@ -349,8 +354,8 @@ class Rewriter(cst.CSTTransformer):
         ))))
         end = _stmt(cst.Expr(cst.Yield(_call("end_backward", cst.Integer(str(t_end))))))
         line = self.pos(original)[0]
-        self.remember(start, line, line, exact=False)
-        self.remember(end, line, line, exact=False)
+        start = self.remember(start, line, line, exact=False)
+        end = self.remember(end, line, line, exact=False)
         return cst.FlattenSentinel([start, *updated.body.body, end])
 
     # -- generation steps -------------------------------------------------------------
@@ -397,8 +402,7 @@ class Rewriter(cst.CSTTransformer):
         end = _stmt(cst.Expr(cst.Yield(_call("end_steps", cst.Name(self.block.tracer),
                                                  cst.Integer(str(t_end))))))
         line = self.pos(original)[0]
-        for st in (init, loop, end):
-            self.remember(st, line, line, exact=False)
+        init, loop, end = (self.remember(st, line, line, exact=False) for st in (init, loop, end))
         return cst.FlattenSentinel([init, loop, end])
 
     def visit_For_body(self, node):
@@ -509,7 +513,9 @@ class Rewriter(cst.CSTTransformer):
                     cst.Integer(str(tmp)))
         if self.comp_hoist:
             self._comp_touch()
-        return _paren(cst.Yield(req))
+        node = _paren(cst.Yield(req))
+        self.reads.append(node)
+        return node
 
     def visit_Attribute(self, node: cst.Attribute) -> None:
         pass
@@ -591,6 +597,7 @@ class Rewriter(cst.CSTTransformer):
                 self.inplace_roots.add(id(root))
 
     def visit_Assign(self, node: cst.Assign) -> None:
+        self.assign_marks.append((len(self.reads), len(self.reads)))
         if self.lane is None:
             return
         for t in node.targets:
@@ -599,15 +606,20 @@ class Rewriter(cst.CSTTransformer):
         assert self.block is not None
         self.saving_stmt = bool(names & self.block.saved)
 
+    def visit_Assign_value(self, node: cst.Assign) -> None:
+        start, _ = self.assign_marks[-1]
+        self.assign_marks[-1] = (start, len(self.reads))
+
     def leave_Assign(self, original: cst.Assign, updated: cst.Assign):
         self.saving_stmt = False
+        start, value_start = self.assign_marks.pop()
         if self.lane is None:
             return updated
         target = updated.targets[0].target
         # Python evaluates the value before the target.  When only the target
         # waits for a module, wait first: the value (`h` from an earlier invoke,
         # say) is then read when the module has run, as the experiment means.
-        value_waits = bool(m.findall(updated.value, m.Yield()))
+        value_waits = len(self.reads) > value_start
         if id(original.targets[0].target) in self.write_targets:
             tmp = self._checkpoint(original.targets[0].target, target.value, "write")
             kind = cst.SimpleString(repr(target.attr.value))
@@ -619,7 +631,7 @@ class Rewriter(cst.CSTTransformer):
             arrive = cst.Expr(cst.Yield(_call("read", target.value.deep_clone(), kind,
                                               cst.Integer(str(tmp)))))
             return cst.FlattenSentinel([arrive, write])
-        waits = m.findall(target, m.Yield())
+        waits = self.reads[start:value_start]
         if len(updated.targets) == 1 and len(waits) == 1 and not value_waits:
             # `m.output[:, -1] = h`  ->  `t = (yield read m); t[:, -1] = h`
             slot = cst.Name(f"{RT}_target")
@@ -706,15 +718,41 @@ class Rewriter(cst.CSTTransformer):
         }
         body = [st.visit(_Rename(fresh)) for st in body]
         stmts = [_stmt(cst.Assign([cst.AssignTarget(name)], init)), *body]
+        line = self.pos(original)[0]
+        stmts = [self.remember(st, line, line, exact=False) for st in stmts]
         target = self.comp_hoist[-1] if self.comp_hoist else self.hoist[-1]
         target.extend(stmts)
-        line = self.pos(original)[0]
-        for s in stmts:
-            self.remember(s, line, line, exact=False)
         return name
 
     visit_ListComp = visit_SetComp = visit_DictComp = visit_GeneratorExp = _comp_visit
     leave_ListComp = leave_SetComp = leave_DictComp = leave_GeneratorExp = _comp_leave
+
+
+LINE_MARK = "# __iv@"
+
+
+def tag_lines(node, first: int, last: int):
+    """Mark a rewritten statement with the user's lines it came from, as a trailing
+    comment (``# __iv@12:13``) on its (header's) last line: codegen reads these
+    back from the generated text to map every line to the user's file, without
+    another pass over the tree.  ``show-plan --code`` strips them."""
+    if isinstance(node, cst.FlattenSentinel):
+        return node
+    mark = f"{LINE_MARK}{first}:{last}"
+
+    def with_mark(tw: cst.TrailingWhitespace) -> cst.TrailingWhitespace:
+        text = f"{tw.comment.value}  {mark}" if tw.comment is not None else mark
+        return tw.with_changes(whitespace=cst.SimpleWhitespace("  "), comment=cst.Comment(text))
+
+    if isinstance(node, cst.SimpleStatementLine):
+        return node.with_changes(trailing_whitespace=with_mark(node.trailing_whitespace))
+    body = getattr(node, "body", None)
+    if isinstance(body, cst.IndentedBlock):
+        return node.with_changes(body=body.with_changes(header=with_mark(body.header)))
+    if isinstance(body, cst.SimpleStatementSuite):
+        return node.with_changes(body=body.with_changes(
+            trailing_whitespace=with_mark(body.trailing_whitespace)))
+    return node
 
 
 class _Rename(cst.CSTTransformer):
@@ -761,67 +799,59 @@ def _value_root(node: cst.BaseExpression, values=VALUE_ATTRS) -> cst.Attribute |
     while True:
         if m.matches(node, m.Attribute(attr=m.Name())) and node.attr.value in values:
             return node
-        if isinstance(node, cst.Subscript):
-            node = node.value
-        elif isinstance(node, cst.Attribute):
+        if isinstance(node, (cst.Subscript, cst.Attribute)):
             node = node.value
         else:
             return None
 
 
-class EvaluationOrder(cst.CSTVisitor):
-    """Provisional checkpoint numbers in the order Python will evaluate them."""
+_SITE_ARG = {"read": 2, "write": 2, "next_step": 1, "end_steps": 1, "barrier": 1,
+             "backward": 1, "end_backward": 0, "mark": 0}
 
-    def __init__(self) -> None:
-        self.order: list[int] = []
 
-    def leave_Call(self, node: cst.Call) -> None:
-        # A request is made once its arguments (which may hold other requests)
-        # have been evaluated: post-order.
-        if m.matches(node.func, m.Attribute(value=m.Name(RT), attr=m.Name("read") | m.Name("write"))):
-            arg = node.args[2].value
-            if isinstance(arg, cst.Integer):
-                self.order.append(int(arg.value))
-        elif m.matches(
-            node.func,
-            m.Attribute(value=m.Name(RT),
-                        attr=m.Name("next_step") | m.Name("end_steps") | m.Name("barrier")
-                        | m.Name("backward")),
+def evaluation_order(tree: ast.AST) -> list[ast.Constant]:
+    """The provisional checkpoint numbers of the generated code (as their ``ast``
+    constants), in the order Python evaluates them: a request is made once its
+    arguments are evaluated, and an assignment's value before its targets."""
+    out: list[ast.Constant] = []
+
+    def walk(node: ast.AST) -> None:
+        if isinstance(node, ast.Assign):
+            walk(node.value)
+            for t in node.targets:
+                walk(t)
+            return
+        if isinstance(node, ast.AnnAssign):
+            if node.value is not None:
+                walk(node.value)
+            walk(node.target)
+            return
+        for child in ast.iter_child_nodes(node):
+            walk(child)
+        if (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and isinstance(node.func.value, ast.Name)
+            and node.func.value.id == RT
+            and node.func.attr in _SITE_ARG
         ):
-            arg = node.args[1].value
-            if isinstance(arg, cst.Integer):
-                self.order.append(int(arg.value))
-        elif m.matches(
-            node.func, m.Attribute(value=m.Name(RT), attr=m.Name("end_backward") | m.Name("mark"))
-        ):
-            arg = node.args[0].value
-            if isinstance(arg, cst.Integer):
-                self.order.append(int(arg.value))
+            arg = node.args[_SITE_ARG[node.func.attr]]
+            if isinstance(arg, ast.Constant) and isinstance(arg.value, int):
+                out.append(arg)
 
-    def visit_Assign(self, node: cst.Assign) -> bool:
-        node.value.visit(self)  # the value is evaluated before the targets
-        for t in node.targets:
-            t.visit(self)
-        return False
-
-    def visit_AnnAssign(self, node: cst.AnnAssign) -> bool:
-        if node.value is not None:
-            node.value.visit(self)
-        node.target.visit(self)
-        return False
+    walk(tree)
+    return out
 
 
 def number_checkpoints(
-    module: cst.Module, pending: dict[int, PendingCheckpoint], markers: dict[int, tuple]
+    order: list[int], pending: dict[int, PendingCheckpoint], markers: dict[int, tuple]
 ) -> tuple[dict[int, int], dict[tuple[int, int], list]]:
     """Provisional -> final numbers (per block, evaluation order), and the
-    checkpoints of each (block, lane)."""
-    visitor = EvaluationOrder()
-    module.visit(visitor)
+    checkpoints and markers of each (block, lane)."""
     counters: dict[int, int] = {}
     final: dict[int, int] = {}
-    lanes: dict[tuple[int, int], list[Checkpoint]] = {}
-    for tmp in visitor.order:
+    lanes: dict[tuple[int, int], list] = {}
+    for tmp in order:
         if tmp in final:
             continue
         if tmp in markers:

@@ -11,11 +11,11 @@ from __future__ import annotations
 import importlib
 
 __all__ = [
-    "NNsight",
     "LanguageModel",
-    "OutOfOrderError",
     "MissedCheckpointError",
+    "NNsight",
     "NotInTraceError",
+    "OutOfOrderError",
 ]
 
 _WHERE = {

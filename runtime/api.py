@@ -37,9 +37,22 @@ def requires_grad(value, flag: bool) -> None:
 
 
 class Handle:
-    __slots__ = ("plan", "sites", "read", "write", "save", "requires_grad", "next_step",
-                 "end_steps", "barrier", "has_steps", "backward", "end_backward", "mark",
-                 "has_backward")
+    __slots__ = (
+        "backward",
+        "barrier",
+        "end_backward",
+        "end_steps",
+        "has_backward",
+        "has_steps",
+        "mark",
+        "next_step",
+        "plan",
+        "read",
+        "requires_grad",
+        "save",
+        "sites",
+        "write",
+    )
 
     def __init__(self, plan) -> None:
         self.plan = plan

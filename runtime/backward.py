@@ -15,7 +15,7 @@ import torch
 
 
 class BackwardSession:
-    __slots__ = ("loss", "kwargs", "site", "state", "waiting", "fired", "hooks", "end_waiting")
+    __slots__ = ("end_waiting", "fired", "hooks", "kwargs", "loss", "site", "state", "waiting")
 
     def __init__(self, loss, kwargs: dict, site: int) -> None:
         if not isinstance(loss, torch.Tensor):

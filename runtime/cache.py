@@ -17,7 +17,7 @@ import torch
 class Entry:
     """One call of a module: ``output``, ``inputs`` (``(args, kwargs)``) and ``input``."""
 
-    __slots__ = ("output", "inputs")
+    __slots__ = ("inputs", "output")
 
     def __init__(self, output, inputs) -> None:
         self.output = output

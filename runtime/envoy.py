@@ -10,7 +10,8 @@ envoy is only a name for a module and a place to report mistakes well.
 from __future__ import annotations
 
 import difflib
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 
@@ -22,16 +23,16 @@ _VALUE_NAMES = ("output", "input", "inputs")
 class Envoy:
     """A module of the wrapped model, named by its path (``model.layers.3``)."""
 
-    __slots__ = ("_module", "_path", "_root", "_children")
+    __slots__ = ("_children", "_module", "_path", "_root")
 
-    def __init__(self, module: torch.nn.Module, path: str, root: "NNsight | None") -> None:
+    def __init__(self, module: torch.nn.Module, path: str, root: Envoy | None) -> None:
         object.__setattr__(self, "_module", module)
         object.__setattr__(self, "_path", path)
         object.__setattr__(self, "_root", root if root is not None else self)
         object.__setattr__(self, "_children", {})
 
     # -- navigation --------------------------------------------------------
-    def _child(self, key: str) -> "Envoy":
+    def _child(self, key: str) -> Envoy:
         env = self._children.get(key)
         if env is None:
             env = Envoy(self._module._modules[key], f"{self._path}.{key}", self._root)
@@ -97,19 +98,21 @@ class Envoy:
             return len(self._module)
         raise TypeError(f"`{self._path}` ({type(self._module).__name__}) has no len()")
 
-    def __iter__(self) -> Iterator["Envoy"]:
+    def __iter__(self) -> Iterator[Envoy]:
         if isinstance(self._module, torch.nn.ModuleDict):
             return iter([self._child(k) for k in self._module._modules])
         if not self._is_list():
             raise TypeError(f"`{self._path}` ({type(self._module).__name__}) is not iterable")
         return iter([self._child(k) for k in self._module._modules])
 
-    def _resolve(self, parts) -> "Envoy":
+    def _resolve(self, parts) -> Envoy:
         env: Envoy = self
         for p in parts:
             env = env[p] if isinstance(p, int) else getattr(env, p)
             if not isinstance(env, Envoy):
-                raise AttributeError(f"`{p}` is not a module (it is a {type(env).__name__})")
+                raise AttributeError(  # noqa: TRY004 - a missing module, as for a typo
+                    f"`{p}` is not a module (it is a {type(env).__name__})"
+                )
         return env
 
     # -- values outside a trace --------------------------------------------

@@ -81,7 +81,7 @@ def mark(site: int, value):
 class StepSelection:
     """``tracer.all()`` / ``tracer.iter[...]``: which generation steps a block runs at."""
 
-    __slots__ = ("key", "current", "served", "skipped")
+    __slots__ = ("current", "key", "served", "skipped")
 
     def __init__(self, key) -> None:
         if key is not None and not isinstance(key, (int, slice, list, tuple, range)):
@@ -128,7 +128,7 @@ class StepSelection:
 class Barrier:
     """``b = tracer.barrier(n)``: n invokes wait at ``b()`` until all have arrived."""
 
-    __slots__ = ("n", "waiting", "arrived", "line")
+    __slots__ = ("arrived", "line", "n", "waiting")
 
     def __init__(self, n: int) -> None:
         if not isinstance(n, int) or n < 1:
@@ -140,8 +140,17 @@ class Barrier:
 
 
 class Lane:
-    __slots__ = ("gen", "index", "rows", "grad", "line", "done", "parked", "backward",
-                 "grad_site")
+    __slots__ = (
+        "backward",
+        "done",
+        "gen",
+        "grad",
+        "grad_site",
+        "index",
+        "line",
+        "parked",
+        "rows",
+    )
 
     def __init__(self, gen, index: int, rows, grad: bool) -> None:
         self.gen = gen
@@ -158,7 +167,7 @@ class Lane:
 class Event:
     """The module value a hook is handing out right now."""
 
-    __slots__ = ("module", "phase", "value", "changed")
+    __slots__ = ("changed", "module", "phase", "value")
 
     def __init__(self, module, phase: str, value) -> None:
         self.module = module
@@ -198,9 +207,29 @@ class Event:
 
 
 class Interleaver:
-    __slots__ = ("root", "block", "sites", "filename", "step", "ended", "step_waiting",
-                 "end_waiting", "barriers", "result", "track", "prepend", "served", "sessions",
-                 "waiting", "hooks", "fired", "current", "lanes", "stopped", "current_site")
+    __slots__ = (
+        "barriers",
+        "block",
+        "current",
+        "current_site",
+        "end_waiting",
+        "ended",
+        "filename",
+        "fired",
+        "hooks",
+        "lanes",
+        "prepend",
+        "result",
+        "root",
+        "served",
+        "sessions",
+        "sites",
+        "step",
+        "step_waiting",
+        "stopped",
+        "track",
+        "waiting",
+    )
 
     def __init__(self, root, block, sites, filename: str = "<unknown>") -> None:
         self.root = root
@@ -397,7 +426,6 @@ class Interleaver:
                     sel.served.append(self.step)
                     sel.current = self.step
                     self.advance(lane, True)
-            return None
 
         self.hooks[key] = self.root._module.register_forward_pre_hook(step_hook, with_kwargs=True)
 
@@ -488,8 +516,7 @@ class Interleaver:
         for out, base, _rows in list(self.served.values()):
             t = base if isinstance(base, torch.Tensor) else out
             if t.requires_grad and id(t) not in session.waiting:
-                session.hooks.append(t.register_hook(
-                    lambda g, k=id(t): session.fired.add(k)))
+                session.hooks.append(t.register_hook(_record_fired(session, id(t))))
         try:
             torch.autograd.backward(session.loss, **session.kwargs)
         finally:
@@ -708,12 +735,20 @@ def narrow(value, rows: slice):
 
 
 def _narrow_mapping(value, rows):
-    out = value.__class__.__new__(value.__class__)
+    # Keep the mapping's type where it can be rebuilt from keywords (transformers'
+    # ModelOutput dataclasses), so `.last_hidden_state` still works on an invoke's rows.
+    items = {k: narrow(v, rows) for k, v in value.items()}
     try:
-        out.update({k: narrow(v, rows) for k, v in value.items()})
-        return out
-    except Exception:
-        return {k: narrow(v, rows) for k, v in value.items()}
+        return type(value)(**items)
+    except TypeError:
+        return items
+
+
+def _record_fired(session: BackwardSession, key: int):
+    def hook(grad):
+        session.fired.add(key)
+
+    return hook
 
 
 def widen(current, new, rows: slice):

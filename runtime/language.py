@@ -35,7 +35,7 @@ class LanguageModel(NNsight):
     a built ``PreTrainedModel`` (pass ``tokenizer=``), or ``"smollm2-135m"``.
     """
 
-    __slots__ = ("tokenizer", "_generator")
+    __slots__ = ("_generator", "tokenizer")
 
     def __init__(
         self,

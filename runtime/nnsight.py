@@ -20,8 +20,14 @@ from .errors import NotInTraceError
 class NNsight(Envoy):
     """Wraps any ``torch.nn.Module`` for use in ``@intervene`` experiments."""
 
-    __slots__ = ("_parent_map", "_order", "_order_complete", "_precedes_cache", "_checked",
-                 "_paths")
+    __slots__ = (
+        "_checked",
+        "_order",
+        "_order_complete",
+        "_parent_map",
+        "_paths",
+        "_precedes_cache",
+    )
 
     _generator = None  # LanguageModel: the envoy standing for the generation loop
 

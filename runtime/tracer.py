@@ -10,7 +10,7 @@ removed and every lane closed, whether the run succeeded or not.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Self
 
 from . import order
 from .errors import OutOfOrderError
@@ -92,7 +92,7 @@ class Tracer:
         return StepSelection(None)
 
     @property
-    def iter(self) -> "_StepIndexer":
+    def iter(self) -> _StepIndexer:
         return _StepIndexer()
 
     @property
@@ -109,7 +109,7 @@ class Tracer:
         if spec is not None:
             self._invoked = True
 
-    def __enter__(self) -> "Tracer":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
