@@ -466,7 +466,7 @@ def generation(cfg: Config) -> Outcome:
         },
         cfg,
         budget_s=1.0 if cfg.quick else 30.0,
-        min_rounds=2 if cfg.quick else 5,
+        min_rounds=2 if cfg.quick else 6,  # 6: each order of the three sides once
         max_rounds=3 if cfg.quick else 9,
         warmup=0,  # the checking call warmed every side up
         check=same_tokens,

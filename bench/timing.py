@@ -1,10 +1,14 @@
 """Timing: interleaved round-robin measurement, medians, slopes, and the machine.
 
-``interleaved`` times several callables in rounds (each round calls every side
-once, in the same order: intervene, plain hooks, nnsight), so slow drifts of the
-machine (frequency, other tenants, caches) land on all sides alike.  One sample
-is the mean of ``inner`` back-to-back calls, read with ``time.perf_counter_ns``;
-the reported figure is the median of the samples.
+``interleaved`` times several callables in rounds: each round calls every side
+once, so slow drifts of the machine (frequency, other tenants) land on all sides
+alike.  The order within a round changes from round to round (every permutation
+in turn; a seeded shuffle when there are many sides), because the call that
+runs right after nnsight's finds colder caches: with a fixed order (intervene,
+plain, nnsight) intervene always ran after nnsight and paid about 10 µs more on a
+100 µs trace.  A sample is one call (or the mean of a few back-to-back calls when
+they are very short), read with ``time.perf_counter_ns``; the reported figure is
+the median of the samples.
 """
 
 from __future__ import annotations
@@ -12,15 +16,15 @@ from __future__ import annotations
 import datetime
 import gc
 import hashlib
+import itertools
 import os
 import platform
+import random
 import statistics
 import subprocess
 import sys
 import time
 from collections.abc import Callable
-
-SIDES = ("ours", "plain", "nnsight")
 
 
 def interleaved(
@@ -37,8 +41,16 @@ def interleaved(
     clock = time.perf_counter_ns
     samples: dict[str, list[float]] = {name: [] for name in fns}
     items = list(fns.items())
-    for _ in range(rounds):
-        for name, fn in items:
+    if len(items) <= 4:
+        orders = [list(p) for p in itertools.permutations(items)]
+    else:
+        rng = random.Random(0)
+        orders = []
+        for _ in range(24):
+            rng.shuffle(items)
+            orders.append(list(items))
+    for r in range(rounds):
+        for name, fn in orders[r % len(orders)]:
             t0 = clock()
             for _ in range(inner):
                 fn()

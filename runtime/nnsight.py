@@ -152,8 +152,17 @@ class NNsight(Envoy):
         from torch._subclasses.fake_tensor import FakeTensorMode
         from torch.utils._pytree import tree_map
 
+        # Inputs go where the parameters are; for a model not loaded yet (on the
+        # meta device) only their shapes and dtypes travel.
+        param = next(self._module.parameters(), None)
+        device = param.device if param is not None else None
+
         with FakeTensorMode(allow_non_fake_inputs=True) as mode:
             def fake(x):
-                return mode.from_tensor(x) if isinstance(x, torch.Tensor) else x
+                if not isinstance(x, torch.Tensor):
+                    return x
+                if device is not None and x.device != device:
+                    x = x.to(device)
+                return mode.from_tensor(x)
 
             return self._module(*tree_map(fake, args), **tree_map(fake, kwargs))

@@ -645,3 +645,46 @@ def test_default_model_generate_cache_one_entry_per_step(lm):
     assert isinstance(outputs, list) and len(outputs) == 3
     assert torch.equal(outputs[0], entries[0].output)
     assert_no_hooks(lm)
+
+
+# -- scan before the weights are loaded ------------------------------------------------
+
+
+@intervene
+def scan_meta_shapes(model, x):
+    with model.scan(x):
+        first = model[0].output.shape.save()
+        dtype = model[2].output.dtype.save()
+    return first, dtype
+
+
+def test_scan_works_on_a_model_whose_weights_are_not_loaded():
+    # Parameters on the meta device hold no data at all: a real forward would fail,
+    # a scan still gives every shape and dtype.
+    with torch.device("meta"):
+        net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    shape, dtype = scan_meta_shapes(NNsight(net), torch.randn(3, 8))
+    assert shape == torch.Size([3, 16])
+    assert dtype == torch.float32
+    assert_no_hooks(net)
+
+
+@intervene
+def scan_meta_llama(model, ids):
+    with model.scan(ids):
+        hidden = model.model.layers[1].output.shape.save()
+        logits = model.lm_head.output.shape.save()
+    return hidden, logits
+
+
+def test_scan_of_a_transformers_model_on_the_meta_device():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    with torch.device("meta"):
+        lm = LlamaForCausalLM(config)
+    hidden, logits = scan_meta_llama(NNsight(lm), torch.tensor([[1, 2, 3, 4]]))
+    assert hidden == torch.Size([1, 4, 32])
+    assert logits == torch.Size([1, 4, 128])
+    assert_no_hooks(lm)
