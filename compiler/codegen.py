@@ -123,23 +123,15 @@ def compile_source(src: Source, freevars: tuple[str, ...] = ()) -> Compiled:
     )
     new_fn = _declare(new_fn.with_changes(decorators=[]), shared, fn_line)
 
-    # The factory: `def __iv_factory(__iv, <free variables>): <fn>; return <fn>`
-    factory = cst.FunctionDef(
-        name=cst.Name(f"{RT}_factory"),
-        params=cst.Parameters([cst.Param(cst.Name(n)) for n in (RT, *freevars)]),
-        body=cst.IndentedBlock(
-            [new_fn, cst.SimpleStatementLine([cst.Return(cst.Name(fn.name.value))])]
-        ),
-    )
-    text = cst.Module([factory]).code
+    text = cst.Module([new_fn]).code
     tree = ast.parse(text)
     sites = evaluation_order(tree)
     final, lanes = number_checkpoints([c.value for c in sites], rewriter.pending, rewriter.markers)
     for const in sites:
         const.value = final.get(const.value, const.value)
     _relocate(tree, _line_map(text), fn_line)
-    code = compile(tree, src.filename, "exec", dont_inherit=True)
-
+    code = compile(_in_factory(tree, fn.name.value, freevars, fn_line), src.filename, "exec",
+                   dont_inherit=True)
     blocks = tuple(
         P.Block(
             index=b.index,
@@ -156,10 +148,33 @@ def compile_source(src: Source, freevars: tuple[str, ...] = ()) -> Compiled:
         for b in info.blocks
     )
     plan = P.FunctionPlan(fn.name.value, src.filename, fn_line, blocks)
-    shown = _TMP_RE.sub(lambda mt: str(final.get(int(mt.group()), mt.group())),
-                        cst.Module([new_fn]).code)
+    shown = _TMP_RE.sub(lambda mt: str(final.get(int(mt.group()), mt.group())), text)
     return Compiled(plan=plan, code=_MARK_RE.sub("", shown), factory_code=code,
                     name=fn.name.value)
+
+
+def _in_factory(tree: ast.Module, name: str, freevars: tuple[str, ...], line: int) -> ast.Module:
+    """``def __iv_factory(__iv, <free variables>): <fn>; return <fn>``, built on the
+    ``ast`` so the function's own text (and line numbers) stay as they are: its
+    free variables become the factory's, so the built function gets closure
+    cells for them, which ``Compiled.build`` fills with the original's."""
+    factory = ast.FunctionDef(
+        name=f"{RT}_factory",
+        args=ast.arguments(
+            posonlyargs=[], args=[ast.arg(n) for n in (RT, *freevars)], vararg=None,
+            kwonlyargs=[], kw_defaults=[], kwarg=None, defaults=[],
+        ),
+        body=[*tree.body, ast.Return(ast.Name(name, ast.Load()))],
+        decorator_list=[],
+        returns=None,
+        type_params=[],
+    )
+    module = ast.Module([factory], type_ignores=[])
+    for node in (factory, factory.args, *factory.args.args, factory.body[-1],
+                 factory.body[-1].value):
+        node.lineno = node.end_lineno = line
+        node.col_offset = node.end_col_offset = -1
+    return module
 
 
 def _line_map(text: str) -> dict[int, int]:
