@@ -177,7 +177,15 @@ ran on the machine meanwhile.
 
 ![per-trace cost against checkpoints](checkpoints.png)
 
-{METHOD}"""
+{_history()}{METHOD}"""
+
+
+def _history() -> str:
+    """The hand-kept record of profiling findings and fixes (bench/HISTORY.md)."""
+    from pathlib import Path
+
+    path = Path(__file__).with_name("HISTORY.md")
+    return path.read_text(encoding="utf-8") + "\n" if path.exists() else ""
 
 
 def plot(outcomes: list[Outcome], path: str) -> bool:
