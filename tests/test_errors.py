@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from support import assert_no_hooks
 from torch import nn
 
 from compiler import CompileError, intervene
@@ -14,17 +15,6 @@ from runtime import MissedCheckpointError, NNsight, NotInTraceError, OutOfOrderE
 from runtime.models import tiny_mlp
 
 THIS_FILE = Path(__file__).resolve()
-
-
-def assert_no_hooks(module) -> None:
-    """No forward, forward-pre or backward hook on ``module`` or any submodule."""
-    if isinstance(module, NNsight):
-        module = module._module
-    for name, sub in module.named_modules():
-        for attr in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks",
-                     "_backward_pre_hooks"):
-            hooks = getattr(sub, attr, {})
-            assert len(hooks) == 0, f"{attr} left on {name or '<root>'}: {dict(hooks)}"
 
 
 def line_of(marker: str) -> int:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from support import assert_no_hooks
 
 from compiler import intervene
 from runtime import LanguageModel
@@ -29,14 +30,6 @@ LAYER = 10
 # --------------------------------------------------------------------------------------
 # Fixtures and helpers
 # --------------------------------------------------------------------------------------
-
-
-def assert_no_hooks(module) -> None:
-    for name, sub in module.named_modules():
-        for attr in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks",
-                     "_backward_pre_hooks"):
-            hooks = getattr(sub, attr, {})
-            assert len(hooks) == 0, f"{attr} left on {name or '<root>'}: {dict(hooks)}"
 
 
 def line_of(marker: str) -> int:

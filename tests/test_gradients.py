@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from support import assert_no_hooks, x_input
 
 from compiler import CompileError, intervene
 from runtime import MissedCheckpointError, NNsight, OutOfOrderError
@@ -26,27 +27,12 @@ THIS_FILE = Path(__file__).resolve()
 # --------------------------------------------------------------------------------------
 
 
-def assert_no_hooks(module) -> None:
-    """No forward, forward-pre, backward or tensor-registered hook on any submodule."""
-    if isinstance(module, NNsight):
-        module = module._module
-    for name, sub in module.named_modules():
-        for attr in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks",
-                     "_backward_pre_hooks"):
-            hooks = getattr(sub, attr, {})
-            assert len(hooks) == 0, f"{attr} left on {name or '<root>'}: {dict(hooks)}"
-
-
 def line_of(marker: str) -> int:
     """The line of this file ending with ``marker`` (exactly once)."""
     lines = [i for i, text in enumerate(THIS_FILE.read_text().splitlines(), 1)
              if text.rstrip().endswith(marker)]
     assert len(lines) == 1, (marker, lines)
     return lines[0]
-
-
-def x_input(seed: int = 1, batch: int = 3, hidden: int = 8) -> torch.Tensor:
-    return torch.randn(batch, hidden, generator=torch.Generator().manual_seed(seed))
 
 
 def reference_outputs(model, x, indices, *, edit=None):

@@ -6,29 +6,13 @@ called with stdout captured.
 
 from __future__ import annotations
 
-import importlib.util
 import re
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-
-SAMPLES = Path(__file__).resolve().parent.parent / "samples"
+from support import load_sample
 
 pytestmark = pytest.mark.slow
-
-
-def load(name: str):
-    path = SAMPLES / f"{name}.py"
-    module_name = f"_intervene_sample_{name}"
-    if module_name in sys.modules:
-        return sys.modules[module_name]
-    spec = importlib.util.spec_from_file_location(module_name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[module_name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(autouse=True)
@@ -41,13 +25,13 @@ def keep_grad_mode():
 
 @pytest.mark.parametrize("name", ["patching", "barrier", "generation", "steering"])
 def test_importing_runs_nothing(name, capsys):
-    module = load(name)
+    module = load_sample(name)
     assert callable(module.main)
     assert capsys.readouterr().out == ""
 
 
 def test_patching(capsys):
-    load("patching").main()
+    load_sample("patching").main()
     out = capsys.readouterr().out
     assert "clean:   'The Eiffel Tower is in the city of' -> top ' Paris'" in out
     assert "corrupt: 'The Colosseum is in the city of' -> top ' Rome'" in out
@@ -61,7 +45,7 @@ def test_patching(capsys):
 
 
 def test_barrier(capsys):
-    load("barrier").main()
+    load_sample("barrier").main()
     out = capsys.readouterr().out
     lines = {line.split("->")[0].strip(): line.split("->")[1] for line in out.splitlines()
              if "->" in line}
@@ -71,7 +55,7 @@ def test_barrier(capsys):
 
 
 def test_generation(capsys):
-    load("generation").main()
+    load_sample("generation").main()
     out = capsys.readouterr().out
     assert "no intervention:             ' Paris." in out
     steps = re.findall(r"step (\d+): hidden \((\d+), (\d+), 576\)", out)
@@ -85,7 +69,7 @@ def test_generation(capsys):
 
 
 def test_steering(capsys):
-    sample = load("steering")
+    sample = load_sample("steering")
     sample.main()
     out = capsys.readouterr().out
     texts = re.findall(r"^(unsteered|[+-]\d\.\d x direction added): +(['\"].*['\"])$", out,

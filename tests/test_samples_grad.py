@@ -6,29 +6,13 @@ called with stdout captured; the numbers are checked against plain PyTorch where
 
 from __future__ import annotations
 
-import importlib.util
 import re
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-
-SAMPLES = Path(__file__).resolve().parent.parent / "samples"
+from support import load_sample
 
 pytestmark = pytest.mark.slow
-
-
-def load(name: str):
-    path = SAMPLES / f"{name}.py"
-    module_name = f"_intervene_sample_{name}"
-    if module_name in sys.modules:
-        return sys.modules[module_name]
-    spec = importlib.util.spec_from_file_location(module_name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[module_name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(autouse=True)
@@ -48,7 +32,7 @@ def lm():
 
 @pytest.mark.parametrize("name", ["attribution", "logit_lens"])
 def test_importing_runs_nothing(name, capsys):
-    module = load(name)
+    module = load_sample(name)
     assert callable(module.main)
     assert capsys.readouterr().out == ""
 
@@ -62,7 +46,7 @@ ATTR_ROW = re.compile(r"^ *(\d+) \| +([+-]\d+\.\d\d) ?([#-]*) *\| +([+-]\d+\.\d\
 
 
 def test_attribution_main(capsys):
-    load("attribution").main()
+    load_sample("attribution").main()
     out = capsys.readouterr().out
     assert "prompt: 'The Eiffel Tower is in the city of'; logit of ' Paris'" in out
     rows = ATTR_ROW.findall(out)
@@ -78,7 +62,7 @@ def test_attribution_main(capsys):
 
 
 def test_attribution_matches_plain_autograd(lm):
-    sample = load("attribution")
+    sample = load_sample("attribution")
     logit, last, subj = sample.attributions(lm)
     hf = lm._module
     tok = lm.tokenizer
@@ -112,7 +96,7 @@ LENS_ROW = re.compile(r"^layer +(\d+)  ('.*?'|\".*?\") +(\d\.\d{3}) +(\d\.\d{3})
 
 
 def test_logit_lens_main(capsys):
-    load("logit_lens").main()
+    load_sample("logit_lens").main()
     out = capsys.readouterr().out
     assert "the model's answer: ' Paris'" in out
     rows = LENS_ROW.findall(out)
@@ -126,7 +110,7 @@ def test_logit_lens_main(capsys):
 
 
 def test_logit_lens_last_layer_is_the_real_output(lm):
-    sample = load("logit_lens")
+    sample = load_sample("logit_lens")
     with torch.no_grad():
         rows, real = sample.lens(lm)
         ids = lm.tokenizer(sample.PROMPT, return_tensors="pt")["input_ids"]

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from support import assert_no_hooks, x_input
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensor
 
@@ -25,21 +26,6 @@ PROMPT = "The Eiffel Tower is in the city of"
 # --------------------------------------------------------------------------------------
 # Helpers
 # --------------------------------------------------------------------------------------
-
-
-def assert_no_hooks(module) -> None:
-    """No forward, forward-pre or backward hook on ``module`` or any submodule."""
-    if isinstance(module, NNsight):
-        module = module._module
-    for name, sub in module.named_modules():
-        for attr in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks",
-                     "_backward_pre_hooks"):
-            hooks = getattr(sub, attr, {})
-            assert len(hooks) == 0, f"{attr} left on {name or '<root>'}: {dict(hooks)}"
-
-
-def x_input(seed: int = 1, batch: int = 3, hidden: int = 8) -> torch.Tensor:
-    return torch.randn(batch, hidden, generator=torch.Generator().manual_seed(seed))
 
 
 def plain_outputs(module, x, names):

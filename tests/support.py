@@ -1,0 +1,45 @@
+"""Helpers shared by the test files (imported as ``support``: pytest puts tests/ on
+the path)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from runtime import NNsight
+
+
+def assert_no_hooks(module) -> None:
+    """No forward, forward-pre or backward hook on ``module`` or any submodule."""
+    if isinstance(module, NNsight):
+        module = module._module
+    for name, sub in module.named_modules():
+        for attr in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks",
+                     "_backward_pre_hooks"):
+            hooks = getattr(sub, attr, {})
+            assert len(hooks) == 0, f"{attr} left on {name or '<root>'}: {dict(hooks)}"
+
+
+def x_input(seed: int = 1, batch: int = 3, hidden: int = 8) -> torch.Tensor:
+    """A fixed input for the tiny MLPs."""
+    return torch.randn(batch, hidden, generator=torch.Generator().manual_seed(seed))
+
+
+SAMPLES = Path(__file__).resolve().parent.parent / "samples"
+
+
+def load_sample(name: str):
+    """Import ``samples/<name>.py`` once (its ``main()`` is not run)."""
+    import importlib.util
+    import sys
+
+    path = SAMPLES / f"{name}.py"
+    module_name = f"_intervene_sample_{name}"
+    if module_name in sys.modules:
+        return sys.modules[module_name]
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    spec.loader.exec_module(module)
+    return module
