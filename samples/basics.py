@@ -81,8 +81,10 @@ def main() -> None:
         print(f"noise x{scale:<3}          -> {top(model, logits)}")
 
     other = "The Colosseum is in the city of"
-    logits = replace_from(model, other, PROMPT, 20)
-    print(f"layer 20 from {other!r}\n                    -> {top(model, logits)}")
+    print(f"last token replaced by the one of {other!r}:")
+    for layer in (10, 20, 26, 29):
+        logits = replace_from(model, other, PROMPT, layer)
+        print(f"  at layer {layer:>2}         -> {top(model, logits)}")
 
 
 if __name__ == "__main__":

@@ -23,11 +23,38 @@ def keep_grad_mode():
     torch.set_grad_enabled(enabled)
 
 
-@pytest.mark.parametrize("name", ["patching", "barrier", "generation", "steering"])
+@pytest.mark.parametrize("name", ["basics", "patching", "barrier", "generation", "steering"])
 def test_importing_runs_nothing(name, capsys):
     module = load_sample(name)
     assert callable(module.main)
     assert capsys.readouterr().out == ""
+
+
+def test_basics(capsys):
+    load_sample("basics").main()
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    unchanged = next(line for line in lines if line.startswith("unchanged"))
+    assert "-> ' Paris'" in unchanged
+    # Zeroing the last token mid-model loses the answer; the Colosseum's last token at
+    # the last layer brings its own answer.
+    assert "' Paris'" not in next(line for line in lines if line.startswith("zero layer 15"))
+    assert "-> ' Rome'" in next(line for line in lines if "at layer 29" in line)
+
+
+def test_basics_plans_are_static():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    result = subprocess.run(
+        [sys.executable, "-m", "compiler", "show-plan", "samples/basics.py"],
+        cwd=root, capture_output=True, text=True, check=True,
+    )
+    for name in ("save_hidden_and_logits", "zero_last_token", "add_noise", "replace_from"):
+        assert name in result.stdout
+    assert "lm_head                      output  read save" in result.stdout
 
 
 def test_patching(capsys):
