@@ -32,7 +32,9 @@ class NotInTraceError(RuntimeError):
         if what in ("output", "input", "inputs"):
             message = (
                 f"`{path}.{what}` exists only while the model runs: read it inside a "
-                f"`with model.trace(...):` block of a function decorated with @intervene"
+                f"`with model.trace(...):` block of a function decorated with @intervene "
+                "(only the block's own code is compiled: a helper function called from the "
+                "block cannot read module values; read them in the block and pass them in)"
             )
         else:
             message = (

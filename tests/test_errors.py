@@ -3,6 +3,7 @@ user's line, and never leaves a hook on the model."""
 
 from __future__ import annotations
 
+import traceback
 from pathlib import Path
 
 import pytest
@@ -520,6 +521,26 @@ def test_output_on_envoy_outside_function():
         assert "@intervene" in msg and "model.trace" in msg
     with pytest.raises(NotInTraceError):
         model.layers[0].output = torch.zeros(3, 8)
+    assert_no_hooks(model)
+
+
+def _read_in_helper(model):
+    return model.layers[0].output  # HELPER-READ
+
+
+def test_module_value_read_by_a_helper_called_from_a_block():
+    # Only the block's own code is compiled: a helper cannot wait for the model.
+    @intervene
+    def uses_helper(model, x):
+        with model.trace(x):
+            h = _read_in_helper(model).save()
+        return h
+
+    model = NNsight(tiny_mlp())
+    with pytest.raises(NotInTraceError) as info:
+        uses_helper(model, x_input())
+    assert "a helper function called from the block cannot read module values" in str(info.value)
+    assert traceback.extract_tb(info.value.__traceback__)[-2].lineno == line_of("HELPER-READ")
     assert_no_hooks(model)
 
 
