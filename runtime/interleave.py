@@ -26,6 +26,9 @@ from .errors import MissedCheckpointError, OutOfOrderError
 
 PRE, OUT = "pre", "out"
 _PARKED = object()
+# Bound once: they run on every resume of a lane.
+_grad_enabled = torch.is_grad_enabled
+_set_grad_enabled = torch._C._set_grad_enabled
 _PHASE = {"output": OUT, "input": PRE, "inputs": PRE}
 
 
@@ -268,64 +271,62 @@ class Interleaver:
 
     def advance(self, lane: Lane, value, error: BaseException | None = None) -> None:
         """Run ``lane`` until it parks or ends, sending it ``value`` first."""
-        outer = torch.is_grad_enabled()
-        if lane.grad != outer:
-            torch.set_grad_enabled(lane.grad)
+        outer = _grad_enabled()
+        if lane.grad is not outer:
+            _set_grad_enabled(lane.grad)
         gen = lane.gen
         try:
             while True:
                 try:
-                    req = gen.throw(error) if error is not None else gen.send(value)
+                    req = gen.send(value) if error is None else gen.throw(error)
                 except StopIteration:
                     lane.done = True
                     return
                 error = None
-                envoy, what = req[0], req[1]
+                envoy = req[0]
+                lane.line = req[2]
+                if envoy.__class__ is Envoy or isinstance(envoy, Envoy):
+                    # The common case: a module's value.
+                    module = envoy._module
+                    what = req[1]
+                    phase = _PHASE[what]
+                    cur = self.current
+                    if cur is not None:
+                        if cur.module is module and cur.phase == phase:
+                            if len(req) == 4:
+                                cur.set(what, self._widen(lane, cur.get(what), req[3]))
+                                value = None
+                            else:
+                                value = self._narrow(lane, cur.get(what))
+                            continue
+                        if self._passed(module, phase):
+                            error = self._order_error(envoy, what, req[2], lane)
+                            value = None
+                            continue
+                    self._park(lane, module, phase, req)
+                    return
                 if envoy.__class__ is _Control:
-                    lane.line = req[2]
                     value = self._control(lane, req)
                     if value is _PARKED:
                         return
                     continue
-                if what == "grad":
-                    lane.line = req[2]
+                if req[1] == "grad":
                     value = self._grad(lane, req)
                     if value is _PARKED:
                         return
                     if isinstance(value, Exception):  # thrown at the user's line
                         error, value = value, None
                     continue
-                if not isinstance(envoy, Envoy):
-                    # Not a module: `.output` of an ordinary object.
-                    if len(req) == 4:
-                        setattr(envoy, what, req[3])
-                        value = None
-                    else:
-                        value = getattr(envoy, what)
-                    continue
-                module = envoy._module
-                phase = _PHASE[what]
-                cur = self.current
-                lane.line = req[2]
-                if cur is not None and cur.module is module and cur.phase == phase:
-                    if len(req) == 4:
-                        cur.set(what, self._widen(lane, cur.get(what), req[3]))
-                        value = None
-                    else:
-                        value = self._narrow(lane, cur.get(what))
-                    continue
-                if cur is not None:
-                    passed = self._passed(module, phase)
-                    if passed:
-                        error = self._order_error(envoy, what, req[2], lane)
-                        value = None
-                        continue
-                self._park(lane, module, phase, req)
-                return
+                # Not a module: `.output` of an ordinary object.
+                if len(req) == 4:
+                    setattr(envoy, req[1], req[3])
+                    value = None
+                else:
+                    value = getattr(envoy, req[1])
         finally:
-            lane.grad = torch.is_grad_enabled()
-            if lane.grad != outer:
-                torch.set_grad_enabled(outer)
+            lane.grad = now = _grad_enabled()
+            if now is not outer:
+                _set_grad_enabled(outer)
 
     # -- steps, the end of generation, barriers -------------------------------------------
     def _control(self, lane: Lane, req: tuple):
@@ -592,7 +593,10 @@ class Interleaver:
                     ev.set(req[1], self._widen(lane, ev.get(req[1]), req[3]))
                     self.advance(lane, None)
                 else:
-                    self.advance(lane, self._narrow(lane, ev.get(req[1])))
+                    value = ev.value if ev.phase is OUT else ev.get(req[1])
+                    if lane.rows is not None or self.track:
+                        value = self._narrow(lane, value)
+                    self.advance(lane, value)
         finally:
             self.current = prev
         return ev
