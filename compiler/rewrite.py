@@ -141,7 +141,6 @@ class Rewriter(cst.CSTTransformer):
         self.comp_touched: list[bool] = []
         self.reads: list[cst.BaseExpression] = []  # every read request made, in order
         self.assign_marks: list[tuple[int, int]] = []  # reads before targets / before value
-        self.lane_count = itertools.count()
         self.steps: list[str] = []  # step selections around the current code
         self.step_count = itertools.count()
         self.barriers: set[str] = set()  # names bound to `tracer.barrier(n)` in the block
@@ -161,9 +160,9 @@ class Rewriter(cst.CSTTransformer):
         line, col = self.pos(node)
         return CompileError(message, self.src.filename, line, col)
 
-    def remember(self, new, first: int, last: int, exact: bool = True):
+    def remember(self, new, first: int, last: int | None = None):
         """``new`` tagged with the user's lines it came from (see ``tag_lines``)."""
-        return tag_lines(new, first, last if exact else first)
+        return tag_lines(new, first, first if last is None else last)
 
     # -- blocks and lanes ------------------------------------------------------
     def visit_With(self, node: cst.With) -> None:
@@ -223,7 +222,7 @@ class Rewriter(cst.CSTTransformer):
             items=[cst.WithItem(opened, asname=cst.AsName(cst.Name(tracer)))],
             body=updated.body.with_changes(body=inner),
         )
-        new_with = self.remember(new_with, line, line, exact=False)
+        new_with = self.remember(new_with, line)
         result: list[cst.BaseStatement] = [new_with]
         if block.unsaved_shared:
             names = block.unsaved_shared
@@ -232,8 +231,8 @@ class Rewriter(cst.CSTTransformer):
             delete = _stmt(
                 cst.Del(cst.Tuple([cst.Element(cst.Name(n)) for n in names], lpar=[], rpar=[]))
             )
-            unbind = self.remember(unbind, block.end_line, block.end_line, exact=False)
-            delete = self.remember(delete, block.end_line, block.end_line, exact=False)
+            unbind = self.remember(unbind, block.end_line)
+            delete = self.remember(delete, block.end_line)
             result += [unbind, delete]
         self.block = None
         return cst.FlattenSentinel(result)
@@ -244,21 +243,21 @@ class Rewriter(cst.CSTTransformer):
         stmts = list(body)
         if lane.nonlocal_names:
             nl = _stmt(cst.Nonlocal([cst.NameItem(cst.Name(n)) for n in lane.nonlocal_names]))
-            nl = self.remember(nl, line, line, exact=False)
+            nl = self.remember(nl, line)
             stmts.insert(0, nl)
         fdef = cst.FunctionDef(
             name=cst.Name(name),
             params=cst.Parameters(),
             body=cst.IndentedBlock(stmts),
         )
-        fdef = self.remember(fdef, line, line, exact=False)
+        fdef = self.remember(fdef, line)
         spec: cst.BaseExpression = invoke if invoke is not None else cst.Name("None")
         reg = _stmt(
             cst.Expr(
                 _call("lane", cst.Name(tracer), cst.Name(name), spec, cst.Integer(str(lane.index)))
             )
         )
-        reg = self.remember(reg, line, line, exact=False)
+        reg = self.remember(reg, line)
         return [fdef, reg]
 
     # -- statements: line memory and hoisting ------------------------------
@@ -269,9 +268,9 @@ class Rewriter(cst.CSTTransformer):
         hoisted = self.hoist.pop() if self.hoist else []
         first, last = self.span(original)
         if isinstance(original, cst.SimpleStatementLine):
-            updated = self.remember(updated, first, last, exact=True)
+            updated = self.remember(updated, first, last)
         else:
-            updated = self.remember(updated, first, first, exact=False)
+            updated = self.remember(updated, first)
         if hoisted:
             if isinstance(original, cst.While):
                 raise self.error(
@@ -354,8 +353,8 @@ class Rewriter(cst.CSTTransformer):
         ))))
         end = _stmt(cst.Expr(cst.Yield(_call("end_backward", cst.Integer(str(t_end))))))
         line = self.pos(original)[0]
-        start = self.remember(start, line, line, exact=False)
-        end = self.remember(end, line, line, exact=False)
+        start = self.remember(start, line)
+        end = self.remember(end, line)
         return cst.FlattenSentinel([start, *updated.body.body, end])
 
     # -- generation steps -------------------------------------------------------------
@@ -402,7 +401,7 @@ class Rewriter(cst.CSTTransformer):
         end = _stmt(cst.Expr(cst.Yield(_call("end_steps", cst.Name(self.block.tracer),
                                                  cst.Integer(str(t_end))))))
         line = self.pos(original)[0]
-        init, loop, end = (self.remember(st, line, line, exact=False) for st in (init, loop, end))
+        init, loop, end = (self.remember(st, line) for st in (init, loop, end))
         return cst.FlattenSentinel([init, loop, end])
 
     def visit_For_body(self, node):
@@ -516,9 +515,6 @@ class Rewriter(cst.CSTTransformer):
         node = _paren(cst.Yield(req))
         self.reads.append(node)
         return node
-
-    def visit_Attribute(self, node: cst.Attribute) -> None:
-        pass
 
     def leave_Attribute(self, original: cst.Attribute, updated: cst.Attribute):
         attr = original.attr.value
@@ -719,7 +715,7 @@ class Rewriter(cst.CSTTransformer):
         body = [st.visit(_Rename(fresh)) for st in body]
         stmts = [_stmt(cst.Assign([cst.AssignTarget(name)], init)), *body]
         line = self.pos(original)[0]
-        stmts = [self.remember(st, line, line, exact=False) for st in stmts]
+        stmts = [self.remember(st, line) for st in stmts]
         target = self.comp_hoist[-1] if self.comp_hoist else self.hoist[-1]
         target.extend(stmts)
         return name
