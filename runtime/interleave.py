@@ -222,6 +222,7 @@ class Interleaver:
         "hooks",
         "lanes",
         "prepend",
+        "repeats",
         "result",
         "root",
         "served",
@@ -252,6 +253,7 @@ class Interleaver:
         self.served: dict[int, tuple] = {}  # id(tensor) -> (tensor, base, rows)
         self.sessions: list[BackwardSession] = []
         self.stopped = False  # tracer.stop() ended the forward pass
+        self.repeats = False  # modules run more than once (generation steps)
         self.current_site = None  # the request being served (for messages)
         self.waiting: dict[tuple[int, str], list[tuple[Lane, tuple]]] = {}
         self.hooks: dict[tuple[int, str], Any] = {}
@@ -299,7 +301,12 @@ class Interleaver:
                             else:
                                 value = self._narrow(lane, cur.get(what))
                             continue
-                        if self._passed(module, phase):
+                        # Only while modules can run again (generation steps) must a
+                        # late request be stopped at once: waiting would hand it a later
+                        # step's value.  In one forward pass it just waits and `finish`
+                        # reports it at the same line; a module called twice serves its
+                        # next call.
+                        if self.repeats and self._passed(module, phase):
                             error = self._order_error(envoy, what, req[2], lane)
                             value = None
                             continue
@@ -415,6 +422,7 @@ class Interleaver:
         key = (id(self.root._module), "step")
         if key in self.hooks:
             return
+        self.repeats = True
 
         def step_hook(mod, args, kwargs):
             self.step += 1

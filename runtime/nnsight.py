@@ -27,6 +27,7 @@ class NNsight(Envoy):
         "_parent_map",
         "_paths",
         "_precedes_cache",
+        "_repeated",
     )
 
     _generator = None  # LanguageModel: the envoy standing for the generation loop
@@ -38,6 +39,7 @@ class NNsight(Envoy):
         object.__setattr__(self, "_parent_map", None)
         object.__setattr__(self, "_order", {})
         object.__setattr__(self, "_order_complete", False)
+        object.__setattr__(self, "_repeated", set())
         object.__setattr__(self, "_precedes_cache", {})
         object.__setattr__(self, "_checked", {})
         object.__setattr__(self, "_paths", None)
@@ -81,12 +83,24 @@ class NNsight(Envoy):
         return id(module) in self._order
 
     def _learn_order(self) -> list:
-        """Record the order modules are first called in (first trace only)."""
+        """Record the order modules are first called in, during the first forward
+        pass of the first trace.  A module called again within that pass (and its
+        ancestors) is marked repeated: its order against others is not a fact."""
         seen = self._order
+        repeated = self._repeated
         parents = self._parents()
+        root = self._module
+        done = [False]
 
         def record(mod, args):
+            if done[0]:
+                return
             if id(mod) in seen:
+                if mod is not root:
+                    node = mod
+                    while node is not None and node is not root:
+                        repeated.add(id(node))
+                        node = parents.get(id(node))
                 return
             # Containers that are never called (ModuleList) take the place of
             # their first called descendant.
@@ -98,7 +112,12 @@ class NNsight(Envoy):
             for node in reversed(chain):
                 seen[id(node)] = len(seen)
 
-        return [m.register_forward_pre_hook(record) for m in self._module.modules()]
+        def first_pass_over(mod, args, output):
+            done[0] = True
+
+        return [root.register_forward_hook(first_pass_over)] + [
+            m.register_forward_pre_hook(record) for m in root.modules()
+        ]
 
     # -- inputs and running --------------------------------------------------------
     def _prepare(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:

@@ -5,8 +5,9 @@ output (``out``, after).  ``precedes`` says whether one event surely comes
 before another in a forward pass: exactly for a module and its descendants,
 and for siblings in a ``ModuleList``/``Sequential`` (run in index order); for
 other siblings from the order the model really called its modules, learned
-on the first trace of each model.  ``None`` means "not known": callers then
-leave the decision to the run itself.
+on the first trace of each model (a module called more than once in a pass
+gives no order facts).  ``None`` means "not known": callers then leave the
+decision to the run itself.
 """
 
 from __future__ import annotations
@@ -33,8 +34,10 @@ def ancestry(root, module) -> list:
 
 
 def _compute(root, ma, pa: str, mb, pb: str):
+    repeated = root._repeated
     if ma is mb:
-        return pa == PRE and pb == OUT
+        # One call: its input comes before its output.  Called again: no fact.
+        return None if id(ma) in repeated else (pa == PRE and pb == OUT)
     ca, cb = ancestry(root, ma), ancestry(root, mb)
     i = 0
     while i < len(ca) and i < len(cb) and ca[i] is cb[i]:
@@ -42,10 +45,12 @@ def _compute(root, ma, pa: str, mb, pb: str):
     if i == 0:
         return None  # not in the same model
     if i == len(ca):  # ma is an ancestor of mb
-        return pa == PRE
+        return None if id(ma) in repeated else pa == PRE
     if i == len(cb):  # mb is an ancestor of ma
-        return pb == OUT
+        return None if id(mb) in repeated else pb == OUT
     parent, a, b = ca[i - 1], ca[i], cb[i]
+    if id(a) in repeated or id(b) in repeated:
+        return None
     if isinstance(parent, _LISTS):
         children = list(parent._modules.values())
         return children.index(a) < children.index(b)

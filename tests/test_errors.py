@@ -646,3 +646,81 @@ def test_user_error_mid_forward_leaves_no_hooks_and_model_reusable():
         boom(model, x_input())
     assert_no_hooks(model)
     assert torch.equal(model(x_input()), tiny_mlp()(x_input()))
+
+
+# -- late requests: at once during generation, at the end of a single pass ----------------
+
+
+@intervene
+def late_in_generation(model, ids, i):
+    with model.generate(ids, max_new_tokens=3, do_sample=False):
+        late = model.model.layers[1].output.save()
+        early = model.model.layers[i].output.save()  # LATE-IN-GENERATION
+    return late, early
+
+
+def test_late_request_during_generation_is_stopped_at_once():
+    # Waiting would hand the request the next step's value: it must fail instead.
+    from runtime import LanguageModel
+    from runtime.models import tiny_llama
+
+    lm = LanguageModel(tiny_llama(0), tokenizer=None)
+    with pytest.raises(OutOfOrderError) as info:
+        late_in_generation(lm, torch.tensor([[1, 5, 7, 9]]), 0)
+    assert "model.model.layers.0.output" in str(info.value)
+    assert info.value.line == line_of("LATE-IN-GENERATION")
+    assert traceback.extract_tb(info.value.__traceback__)[-1].lineno == line_of("LATE-IN-GENERATION")
+    assert_no_hooks(lm)
+
+
+@intervene
+def late_in_one_pass(model, x, i):
+    with model.trace(x):
+        late = model.layers[3].output.save()
+        early = model.layers[i].output.save()  # LATE-IN-ONE-PASS
+    return late, early
+
+
+def test_late_request_in_one_pass_is_reported_at_its_line():
+    model = NNsight(tiny_mlp())
+    with pytest.raises(OutOfOrderError) as info:
+        late_in_one_pass(model, x_input(), 1)
+    assert info.value.line == line_of("LATE-IN-ONE-PASS")
+    assert traceback.extract_tb(info.value.__traceback__)[-1].lineno == line_of("LATE-IN-ONE-PASS")
+    assert_no_hooks(model)
+
+
+class _Twice(nn.Module):
+    """Calls the same module twice in one forward pass."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shared = nn.Linear(4, 4)
+        self.other = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.shared(self.other(self.shared(x)))
+
+
+@intervene
+def second_call(model, x):
+    with model.trace(x):
+        first = model.shared.output.save()
+        between = model.other.output.save()
+        again = model.shared.output.save()
+    return first, between, again
+
+
+def test_a_module_called_twice_serves_its_next_call():
+    net = _Twice()
+    model = NNsight(net)
+    x = torch.randn(2, 4)
+    # Twice: the second run has learned the model's order, and a module called
+    # twice must not make that order reject the experiment.
+    for _ in range(2):
+        first, between, again = second_call(model, x)
+        a = net.shared(x)
+        b = net.other(a)
+        assert torch.equal(first, a) and torch.equal(between, b)
+        assert torch.equal(again, net.shared(b))
+        assert_no_hooks(net)
