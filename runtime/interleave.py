@@ -741,8 +741,10 @@ def narrow(value, rows: slice):
         return type(value)(*items) if hasattr(value, "_fields") else tuple(items)
     if isinstance(value, list):
         return [narrow(v, rows) for v in value]
+    if type(value) is dict:
+        return {k: narrow(v, rows) for k, v in value.items()}
     if isinstance(value, dict):
-        return type(value)({k: narrow(v, rows) for k, v in value.items()}) if type(value) is dict else _narrow_mapping(value, rows)
+        return _narrow_mapping(value, rows)
     return value
 
 
