@@ -24,7 +24,7 @@ from .backward import BackwardSession
 from .envoy import Envoy
 from .errors import MissedCheckpointError, OutOfOrderError
 
-PRE, OUT = "pre", "out"
+PRE, OUT, GRAD = "pre", "out", "grad"
 _PARKED = object()
 # Bound once: they run on every resume of a lane.
 _grad_enabled = torch.is_grad_enabled
@@ -295,11 +295,13 @@ class Interleaver:
                     cur = self.current
                     if cur is not None:
                         if cur.module is module and cur.phase == phase:
+                            rows = lane.rows
                             if len(req) == 4:
-                                cur.set(what, self._widen(lane, cur.get(what), req[3]))
+                                new = req[3] if rows is None else widen(cur.get(what), req[3], rows)
+                                cur.set(what, new)
                                 value = None
                             else:
-                                value = self._narrow(lane, cur.get(what))
+                                value = self._narrow(cur.get(what), rows, phase)
                             continue
                         # Only while modules can run again (generation steps) must a
                         # late request be stopped at once: waiting would hand it a later
@@ -317,7 +319,7 @@ class Interleaver:
                     if value is _PARKED:
                         return
                     continue
-                if req[1] == "grad":
+                if req[1] == GRAD:
                     value = self._grad(lane, req)
                     if value is _PARKED:
                         return
@@ -438,10 +440,12 @@ class Interleaver:
 
         self.hooks[key] = self.root._module.register_forward_pre_hook(step_hook, with_kwargs=True)
 
-    def _narrow(self, lane: Lane, value):
-        out = value if lane.rows is None else narrow(value, lane.rows)
-        if self.track and isinstance(out, torch.Tensor):
-            self.served[id(out)] = (out, value, lane.rows)
+    def _narrow(self, value, rows, phase: str):
+        """An invoke's rows of ``value``; module values are remembered when the trace
+        has backward blocks (their gradients are asked for by the rows' tensor)."""
+        out = value if rows is None else narrow(value, rows)
+        if self.track and phase != GRAD and isinstance(out, torch.Tensor):
+            self.served[id(out)] = (out, value, rows)
         return out
 
     # -- gradients -----------------------------------------------------------------------
@@ -458,9 +462,9 @@ class Interleaver:
         if not isinstance(base, torch.Tensor):
             base, rows = tensor, None
         cur = self.current
-        if cur is not None and cur.phase == "grad" and cur.module is base:
+        if cur is not None and cur.phase == GRAD and cur.module is base:
             if len(req) == 4:
-                cur.set("grad", req[3] if rows is None else widen(cur.value, req[3], rows))
+                cur.set(GRAD, req[3] if rows is None else widen(cur.value, req[3], rows))
                 return None
             return cur.value if rows is None else narrow(cur.value, rows)
         key = id(base)
@@ -489,7 +493,7 @@ class Interleaver:
             session.hooks.append(base.register_hook(self._grad_hook(session, base, key)))
         else:
             waiters.append((lane, req, rows))
-        lane.parked = (base, "grad", req)
+        lane.parked = (base, GRAD, req)
         lane.grad_site = req[2]
         if session.state == "new":
             self._run_backward(session)
@@ -501,19 +505,7 @@ class Interleaver:
             waiters = session.waiting.pop(key, None)
             if not waiters:
                 return None
-            ev = Event(base, "grad", grad)
-            prev = self.current
-            self.current = ev
-            try:
-                for lane, req, rows in sorted(waiters, key=lambda w: w[0].index):
-                    lane.parked = None
-                    if len(req) == 4:
-                        ev.set("grad", req[3] if rows is None else widen(ev.value, req[3], rows))
-                        self.advance(lane, None)
-                    else:
-                        self.advance(lane, ev.value if rows is None else narrow(ev.value, rows))
-            finally:
-                self.current = prev
+            ev = self._serve(Event(base, GRAD, grad), waiters)
             return ev.value if ev.changed else None
 
         return hook
@@ -550,17 +542,14 @@ class Interleaver:
             self.advance(lane, None)
         session.end_waiting.clear()
 
-    def _widen(self, lane: Lane, current, new):
-        return new if lane.rows is None else widen(current, new, lane.rows)
-
     def _park(self, lane: Lane, module, phase: str, req: tuple) -> None:
         key = (id(module), phase)
         lane.parked = (module, phase, req)
         waiters = self.waiting.get(key)
         if waiters is None:
-            self.waiting[key] = [(lane, req)]
+            self.waiting[key] = [(lane, req, lane.rows)]
         else:
-            waiters.append((lane, req))
+            waiters.append((lane, req, lane.rows))
         if key not in self.hooks:
             self.hooks[key] = self._hook(module, phase, key)
 
@@ -589,21 +578,25 @@ class Interleaver:
                                                 prepend=self.prepend)
 
     def _serve(self, ev: Event, waiters) -> Event:
+        """Hand ``ev``'s value (a module's output or input, or a gradient) to the
+        lanes waiting for it, in source order; what they write becomes the value.
+        ``waiters``: (lane, request, rows of the batch the lane sees)."""
         prev = self.current
         self.current = ev
         try:
             if len(waiters) > 1:
                 waiters.sort(key=lambda w: w[0].index)
-            for lane, req in waiters:
+            for lane, req, rows in waiters:
                 lane.parked = None
                 self.current_site = req[2]
                 if len(req) == 4:
-                    ev.set(req[1], self._widen(lane, ev.get(req[1]), req[3]))
+                    new = req[3] if rows is None else widen(ev.get(req[1]), req[3], rows)
+                    ev.set(req[1], new)
                     self.advance(lane, None)
                 else:
                     value = ev.value if ev.phase is OUT else ev.get(req[1])
-                    if lane.rows is not None or self.track:
-                        value = self._narrow(lane, value)
+                    if rows is not None or self.track:
+                        value = self._narrow(value, rows, ev.phase)
                     self.advance(lane, value)
         finally:
             self.current = prev
