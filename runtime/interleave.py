@@ -18,6 +18,7 @@ from types import GeneratorType
 from typing import Any
 
 import torch
+from torch.utils.hooks import RemovableHandle
 
 from . import order
 from .backward import BackwardSession
@@ -26,6 +27,10 @@ from .errors import MissedCheckpointError, OutOfOrderError
 
 PRE, OUT, GRAD = "pre", "out", "grad"
 _PARKED = object()
+_NONE = object()
+_FORWARD, _HOOK, _PRE_HOOK = 0, 1, 2
+_NOTHING = (None, None, None)  # attached to nothing (a list of modules is never called)
+_CONTAINERS = (torch.nn.ModuleList, torch.nn.ModuleDict)
 # Bound once: they run on every resume of a lane.
 _grad_enabled = torch.is_grad_enabled
 _set_grad_enabled = torch._C._set_grad_enabled
@@ -221,7 +226,7 @@ class Interleaver:
         "fired",
         "hooks",
         "lanes",
-        "prepend",
+        "parents",
         "repeats",
         "result",
         "root",
@@ -247,9 +252,6 @@ class Interleaver:
         self.barriers: list[Barrier] = []
         self.result = None
         self.track = False  # remember served tensors (for backward blocks)
-        # Run before other hooks (a cache records values after interventions);
-        # only needed, and only paid for, when the trace has a cache.
-        self.prepend = False
         self.served: dict[int, tuple] = {}  # id(tensor) -> (tensor, base, rows)
         self.sessions: list[BackwardSession] = []
         self.stopped = False  # tracer.stop() ended the forward pass
@@ -260,6 +262,7 @@ class Interleaver:
         self.fired: set[tuple[int, str]] = set()
         self.current: Event | None = None
         self.lanes: list[Lane] = []
+        self.parents: dict | None = None  # id(module) -> parent module, when needed
 
     # -- lanes -----------------------------------------------------------------
     def start(self, fn, index: int, rows=None) -> None:
@@ -551,31 +554,88 @@ class Interleaver:
         else:
             waiters.append((lane, req, lane.rows))
         if key not in self.hooks:
-            self.hooks[key] = self._hook(module, phase, key)
+            self.hooks[key] = self._attach(module, phase, key)
+            # Its input is taken in a pre-hook, after torch has looked up `forward`:
+            # its output must be attached now too.
+            self._attach_ancestors(module if phase == PRE else self._parent(module))
 
-    # -- hooks -------------------------------------------------------------------
-    def _hook(self, module, phase: str, key):
-        if phase == OUT:
-            def out_hook(mod, args, output):
-                self.fired.add(key)
-                waiters = self.waiting.pop(key, None)
+    # -- where values are taken ---------------------------------------------------
+    def _attach(self, module, phase: str, key):
+        """Start taking ``module``'s output (or input); returns what ``cleanup`` undoes.
+
+        An output is taken by wrapping the module's ``forward`` for this trace (an
+        instance attribute, deleted again by ``cleanup``): the module's own
+        ``__call__`` runs as usual and the lanes see exactly what ``forward``
+        returned, before any forward hook (a cache's, the user's) sees it.  That
+        costs one Python call per module call, where a registered hook costs
+        torch's hook path on every call plus a handle per trace.  An input is a
+        forward pre-hook placed straight in the module's hook dicts (what
+        ``register_forward_pre_hook`` does, without the handle's weak references).
+        """
+        if phase == OUT and not isinstance(module, torch.jit.ScriptModule):
+            attrs = module.__dict__
+            prev = attrs.get("forward", _NONE)
+            inner = module.forward
+            waiting, fired, serve = self.waiting, self.fired, self._serve
+
+            def forward(*args, **kwargs):
+                out = inner(*args, **kwargs)
+                fired.add(key)
+                waiters = waiting.pop(key, None)
                 if waiters is None:
-                    return None
-                ev = self._serve(Event(mod, OUT, output), waiters)
-                return ev.value if ev.changed else None
+                    return out
+                return serve(Event(module, OUT, out), waiters).value
 
-            return module.register_forward_hook(out_hook, prepend=self.prepend)
+            forward.__wrapped__ = inner  # inspect.signature (transformers asks) sees the real one
+            attrs["forward"] = forward
+            return (_FORWARD, module, prev)
 
-        def pre_hook(mod, args, kwargs):
+        def hook(mod, args, *rest):
             self.fired.add(key)
             waiters = self.waiting.pop(key, None)
             if waiters is None:
                 return None
-            ev = self._serve(Event(mod, PRE, (args, kwargs)), waiters)
+            if phase == OUT:
+                ev = self._serve(Event(mod, OUT, rest[-1]), waiters)
+            else:
+                ev = self._serve(Event(mod, PRE, (args, rest[0])), waiters)
             return ev.value if ev.changed else None
 
-        return module.register_forward_pre_hook(pre_hook, with_kwargs=True,
-                                                prepend=self.prepend)
+        hid = RemovableHandle.next_id
+        RemovableHandle.next_id = hid + 1
+        if phase == OUT:  # a scripted module: its forward cannot be wrapped
+            module._forward_hooks[hid] = hook
+            return (_HOOK, module, hid)
+        module._forward_pre_hooks[hid] = hook
+        module._forward_pre_hooks_with_kwargs[hid] = True
+        return (_PRE_HOOK, module, hid)
+
+    def _parent(self, module):
+        parents = self.parents
+        if parents is None:
+            parents = self.parents = self.root._parents()
+        return parents.get(id(module))
+
+    def _attach_ancestors(self, node) -> None:
+        """Take the outputs of ``node`` and its ancestors, while they have not started.
+
+        A wrapped ``forward`` (or a hook) only works for calls that begin after it is
+        in place, and an ancestor's output is often asked for later, while the
+        ancestor is running (``model.layers[3].output`` then ``model.output``).  So
+        whenever a module is attached, so are its ancestors; the walk stops at one
+        attached already (its ancestors were attached with it).  Lists of modules
+        are never called and get nothing."""
+        parents = self.parents
+        if parents is None:
+            parents = self.parents = self.root._parents()
+        hooks = self.hooks
+        while node is not None:
+            key = (id(node), OUT)
+            if key in hooks:
+                return
+            hooks[key] = (_NOTHING if node.__class__ in _CONTAINERS
+                          else self._attach(node, OUT, key))
+            node = parents.get(id(node))
 
     def _serve(self, ev: Event, waiters) -> Event:
         """Hand ``ev``'s value (a module's output or input, or a gradient) to the
@@ -710,8 +770,8 @@ class Interleaver:
                 session.remove_hooks()
             self.sessions.clear()
             self.served.clear()
-        for handle in self.hooks.values():
-            handle.remove()
+        for undo in self.hooks.values():
+            _undo(undo)
         self.hooks.clear()
         self.waiting.clear()
         self.current = None
@@ -749,6 +809,26 @@ def _narrow_mapping(value, rows):
         return type(value)(**items)
     except TypeError:
         return items
+
+
+def _undo(undo) -> None:
+    """Undo one ``Interleaver._attach`` (or remove a torch hook handle)."""
+    if undo.__class__ is not tuple:
+        undo.remove()
+        return
+    how, module, what = undo
+    if how is None:
+        return
+    if how == _FORWARD:
+        if what is _NONE:
+            module.__dict__.pop("forward", None)
+        else:
+            module.__dict__["forward"] = what
+    elif how == _HOOK:
+        module._forward_hooks.pop(what, None)
+    else:
+        module._forward_pre_hooks.pop(what, None)
+        module._forward_pre_hooks_with_kwargs.pop(what, None)
 
 
 def _record_fired(session: BackwardSession, key: int):

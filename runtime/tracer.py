@@ -81,8 +81,6 @@ class Tracer:
                       per_step=self._kind == "generate")
         cache._attach_hooks()
         self._caches.append(cache)
-        if self._inter is not None:
-            self._inter.prepend = True
         return cache
 
     def barrier(self, n: int) -> Barrier:
@@ -136,7 +134,6 @@ class Tracer:
             rows = [None] * len(self._lanes)
         inter = Interleaver(root, self._block, self._sites, self._filename)
         inter.track = self._has_backward
-        inter.prepend = bool(self._caches)
         self._inter = inter
         learning = root._learn_order() if not root._order_complete else None
         try:

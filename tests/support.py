@@ -10,15 +10,20 @@ import torch
 from runtime import NNsight
 
 
-def assert_no_hooks(module) -> None:
-    """No forward, forward-pre or backward hook on ``module`` or any submodule."""
+def assert_no_hooks(module, keep_forward=()) -> None:
+    """No forward, forward-pre or backward hook on ``module`` or any submodule, and no
+    wrapped ``forward`` (an instance attribute) left, except on the modules in
+    ``keep_forward`` (which had their own before)."""
     if isinstance(module, NNsight):
         module = module._module
     for name, sub in module.named_modules():
         for attr in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks",
-                     "_backward_pre_hooks"):
+                     "_backward_pre_hooks", "_forward_pre_hooks_with_kwargs",
+                     "_forward_hooks_with_kwargs"):
             hooks = getattr(sub, attr, {})
             assert len(hooks) == 0, f"{attr} left on {name or '<root>'}: {dict(hooks)}"
+        if not any(sub is k for k in keep_forward):
+            assert "forward" not in sub.__dict__, f"a wrapped forward left on {name or '<root>'}"
 
 
 def x_input(seed: int = 1, batch: int = 3, hidden: int = 8) -> torch.Tensor:

@@ -357,3 +357,24 @@ def test_sampling_with_a_seed_equals_plain_generate(model):
     torch.manual_seed(123)
     expected = plain_generate(model, do_sample=True, top_k=50)
     assert torch.equal(out, expected)
+
+
+@intervene
+def root_logits_every_step(model, prompt, n):
+    shapes = []
+    with model.generate(prompt, max_new_tokens=n, do_sample=False) as tracer:
+        for _step in tracer.all():
+            shapes.append(tuple(model.output.logits.shape))
+    return shapes
+
+
+def test_root_output_per_step_is_what_plain_generate_computes(model):
+    # The root's forward is wrapped during the trace; generate still sees its real
+    # signature (it asks whether forward takes `logits_to_keep`), so each step computes
+    # the logits of the last position only, as plain generate does.
+    shapes = root_logits_every_step(model, PROMPT, 3)
+    seen = []
+    plain_generate(model, max_new_tokens=3,
+                   hooks={model._module: lambda m, a, o: seen.append(tuple(o.logits.shape))})
+    assert shapes == seen
+    assert all(s[1] == 1 for s in seen)

@@ -900,6 +900,122 @@ def test_llama_zero_last_position(llama_pair):
 
 
 # --------------------------------------------------------------------------------------
+# Where values are taken: the module's forward, wrapped for the trace only
+# --------------------------------------------------------------------------------------
+
+
+@intervene
+def layer_then_root(model, x):
+    with model.trace(x):
+        hidden = model.layers[1].output.save()
+        logits = model.output.save()
+    return hidden, logits
+
+
+@intervene
+def input_then_output(model, x):
+    with model.trace(x):
+        inp = model.layers[2].input.save()
+        out = model.layers[2].output.save()
+    return inp, out
+
+
+def test_ancestor_output_after_descendant_on_every_trace(mlp):
+    # The root is running when `model.output` is asked for; it must be taken on every
+    # trace, not only on the model's first (a bug once: the first trace's order-learning
+    # hooks hid it).
+    model, ref = mlp
+    seen = {}
+    for seed in range(3):
+        x = x_input(seed)
+        hidden, logits = layer_then_root(model, x)
+        seen.clear()
+        expected = with_hooks(ref, x, out={ref.layers[1]: lambda m, a, o: seen.setdefault("h", o)})
+        assert torch.equal(hidden, seen["h"]) and torch.equal(logits, expected)
+        inp, out = input_then_output(model, x)
+        assert torch.equal(out, ref.layers[2](inp))
+        assert_no_hooks(model)
+
+
+def test_no_wrapped_forward_left_after_a_failing_trace(mlp):
+    model, _ = mlp
+    with pytest.raises(ValueError, match="user error in block"):
+        raises_in_block(model, x_input())
+    assert_no_hooks(model)
+
+
+def test_own_instance_forward_is_used_and_restored(mlp):
+    model, ref = mlp
+    sub = model._module.layers[1]
+
+    def doubled(x):
+        return type(sub).forward(sub, x) * 2
+
+    sub.forward = doubled
+    try:
+        x = x_input()
+        hidden, logits = layer_then_root(model, x)
+        plain_hidden = ref.layers[1](torch.relu(ref.layers[0](x)))
+        ref.layers[1].forward = lambda t: type(ref.layers[1]).forward(ref.layers[1], t) * 2
+        assert torch.equal(hidden, plain_hidden * 2)  # the module's own forward ran
+        assert torch.equal(logits, ref(x))
+        assert sub.__dict__["forward"] is doubled
+        assert_no_hooks(model, keep_forward=[sub])
+    finally:
+        del sub.forward
+
+
+def test_values_are_what_forward_returns_and_receives(mlp):
+    # A forward hook of the user's runs after the lanes (it sees their writes, and what
+    # it returns is not what `.output` saw); a pre-hook of the user's runs before (its
+    # change is what `.input` sees, as it is what forward receives).
+    model, ref = mlp
+    x = x_input()
+    seen = {}
+    layer1, layer2 = model._module.layers[1], model._module.layers[2]
+    handles = [
+        layer1.register_forward_hook(lambda m, a, o: seen.setdefault("hook", o.clone()) * 0 + 5),
+        layer2.register_forward_pre_hook(lambda m, a: (a[0] + 1,)),
+    ]
+
+    @intervene
+    def write_and_read(model, x):
+        with model.trace(x):
+            raw = model.layers[1].output.clone().save()
+            model.layers[1].output[:] = 3
+            got = model.layers[2].input.save()
+        return raw, got
+
+    try:
+        raw, got = write_and_read(model, x)
+    finally:
+        for h in handles:
+            h.remove()
+    assert torch.equal(raw, ref.layers[1](torch.relu(ref.layers[0](x))))  # before the user's hook
+    assert torch.equal(seen["hook"], torch.full_like(raw, 3.0))  # the user's hook saw the write
+    assert torch.equal(got, torch.full_like(raw, 5.0).relu() + 1)  # its return, then the pre-hook
+    assert_no_hooks(model)
+
+
+def test_signature_of_a_wrapped_forward_is_the_modules(mlp):
+    import inspect
+
+    model, _ = mlp
+    before = inspect.signature(model._module.forward)
+    during = {}
+
+    @intervene
+    def look(model, x):
+        with model.trace(x):
+            model.layers[0].output.save()
+            during["sig"] = inspect.signature(model._module.forward)
+            during["wrapped"] = "forward" in model._module.__dict__
+
+    look(model, x_input())
+    assert during["wrapped"] and during["sig"] == before
+
+
+# --------------------------------------------------------------------------------------
 # Regressions: bugs found while writing these tests
 # --------------------------------------------------------------------------------------
 
