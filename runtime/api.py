@@ -44,6 +44,7 @@ class Handle:
         "end_steps",
         "has_backward",
         "has_steps",
+        "lane",
         "mark",
         "next_step",
         "plan",
@@ -69,6 +70,7 @@ class Handle:
         self.backward = backward
         self.end_backward = end_backward
         self.mark = mark
+        self.lane = Tracer._add_lane  # `__iv.lane(tracer, fn, spec, index)`
         self.has_backward = [
             any(getattr(i, "kind", None) == "backward" for lane in b.lanes for i in lane.items)
             for b in plan.blocks
@@ -87,13 +89,11 @@ class Handle:
             )
         tracer = Tracer(model, kind, self.plan.blocks[index], self.sites[index], args, kwargs)
         tracer._filename = self.plan.filename
-        tracer._has_steps = self.has_steps[index]
-        tracer._has_backward = self.has_backward[index]
+        if self.has_steps[index]:
+            tracer._has_steps = True
+        if self.has_backward[index]:
+            tracer._has_backward = True
         return tracer
-
-    @staticmethod
-    def lane(tracer: Tracer, fn, spec, index: int) -> None:
-        tracer._add_lane(fn, spec, index)
 
 
 def handle_for(plan) -> Handle:

@@ -148,28 +148,20 @@ class Barrier:
 
 
 class Lane:
-    __slots__ = (
-        "backward",
-        "done",
-        "gen",
-        "grad",
-        "grad_site",
-        "index",
-        "line",
-        "parked",
-        "rows",
-    )
+    """One lane's generator and where it stands (defaults on the class: a trace
+    makes one per invoke, and most never change most of these)."""
+
+    line = None  # the line of the last request served
+    done = False
+    parked = None  # (module, phase, request) while waiting
+    backward = None  # the open BackwardSession
+    grad_site = None  # the last gradient this lane waited for
 
     def __init__(self, gen, index: int, rows, grad: bool) -> None:
         self.gen = gen
         self.index = index
         self.rows = rows  # rows of the batch this lane sees; None: all
         self.grad = grad
-        self.line = None  # the line of the last request served
-        self.done = False
-        self.parked = None  # (module, phase, request) while waiting
-        self.backward = None  # the open BackwardSession
-        self.grad_site = None  # the last gradient this lane waited for
 
 
 class Event:
@@ -215,54 +207,36 @@ class Event:
 
 
 class Interleaver:
-    __slots__ = (
-        "barriers",
-        "block",
-        "current",
-        "current_site",
-        "end_waiting",
-        "ended",
-        "filename",
-        "fired",
-        "hooks",
-        "lanes",
-        "parents",
-        "repeats",
-        "result",
-        "root",
-        "served",
-        "sessions",
-        "sites",
-        "step",
-        "step_waiting",
-        "stopped",
-        "track",
-        "waiting",
-    )
+    """The state of one trace's run.  Defaults live on the class and the containers
+    only some traces need (steps, barriers, backward blocks) are made on first use:
+    a trace of one saved value sets five attributes."""
+
+    step = -1  # forward passes begun (generation steps)
+    ended = False
+    result = None
+    track = False  # remember served tensors (for backward blocks)
+    stopped = False  # tracer.stop() ended the forward pass
+    repeats = False  # modules run more than once (generation steps)
+    static = False  # every module the lanes can ask for was attached before the run
+    current_site = None  # the request being served (for messages)
+    current: Event | None = None
+    parents: dict | None = None  # id(module) -> parent module, when needed
+    # Made on first use:
+    step_waiting: dict[int, list[tuple[Lane, tuple]]] | None = None
+    end_waiting: list[Lane] | None = None
+    barriers: list[Barrier] | None = None
+    served: dict[int, tuple] | None = None  # id(tensor) -> (tensor, base, rows)
+    sessions: list[BackwardSession] | None = None
 
     def __init__(self, root, block, sites, filename: str = "<unknown>") -> None:
         self.root = root
         self.block = block
         self.sites = sites  # site number -> Checkpoint or Marker of the plan
         self.filename = filename
-        self.step = -1  # forward passes begun (generation steps)
-        self.ended = False
-        self.step_waiting: dict[int, list[tuple[Lane, tuple]]] = {}
-        self.end_waiting: list[Lane] = []
-        self.barriers: list[Barrier] = []
-        self.result = None
-        self.track = False  # remember served tensors (for backward blocks)
-        self.served: dict[int, tuple] = {}  # id(tensor) -> (tensor, base, rows)
-        self.sessions: list[BackwardSession] = []
-        self.stopped = False  # tracer.stop() ended the forward pass
-        self.repeats = False  # modules run more than once (generation steps)
-        self.current_site = None  # the request being served (for messages)
-        self.waiting: dict[tuple[int, str], list[tuple[Lane, tuple]]] = {}
-        self.hooks: dict[tuple[int, str], Any] = {}
+        self.waiting: dict[tuple[int, str], list[tuple[Lane, tuple, Any]]] = {}
+        self.hooks: dict[tuple[int, str], Any] = {}  # key -> what cleanup undoes
         self.fired: set[tuple[int, str]] = set()
-        self.current: Event | None = None
         self.lanes: list[Lane] = []
-        self.parents: dict | None = None  # id(module) -> parent module, when needed
 
     # -- lanes -----------------------------------------------------------------
     def start(self, fn, index: int, rows=None) -> None:
@@ -358,12 +332,14 @@ class Interleaver:
                 sel.current = k
                 return True
             lane.parked = (None, "step", req)
-            self.step_waiting.setdefault(k, []).append((lane, req))
             self._ensure_step_hook()
+            self.step_waiting.setdefault(k, []).append((lane, req))
             return _PARKED
         if kind is BACKWARD:
             loss, kwargs = arg
             session = BackwardSession(loss, kwargs, req[2])
+            if self.sessions is None:
+                self.sessions = []
             self.sessions.append(session)
             lane.backward = session
             return None
@@ -383,6 +359,8 @@ class Interleaver:
             if self.ended:
                 return None
             lane.parked = (None, "end", req)
+            if self.end_waiting is None:
+                self.end_waiting = []
             self.end_waiting.append(lane)
             return _PARKED
         # a barrier
@@ -390,6 +368,8 @@ class Interleaver:
         if not isinstance(b, Barrier):
             raise TypeError(f"`{b!r}()` is not a barrier made by tracer.barrier(n)")
         b.arrived += 1
+        if self.barriers is None:
+            self.barriers = []
         if b not in self.barriers:
             self.barriers.append(b)
         if b.arrived < b.n:
@@ -428,6 +408,8 @@ class Interleaver:
         if key in self.hooks:
             return
         self.repeats = True
+        if self.step_waiting is None:
+            self.step_waiting = {}
 
         def step_hook(mod, args, kwargs):
             self.step += 1
@@ -448,6 +430,8 @@ class Interleaver:
         has backward blocks (their gradients are asked for by the rows' tensor)."""
         out = value if rows is None else narrow(value, rows)
         if self.track and phase != GRAD and isinstance(out, torch.Tensor):
+            if self.served is None:
+                self.served = {}
             self.served[id(out)] = (out, value, rows)
         return out
 
@@ -461,7 +445,7 @@ class Interleaver:
                 tensor.grad = req[3]
                 return None
             return tensor.grad
-        _, base, rows = self.served.get(id(tensor), (tensor, tensor, None))
+        _, base, rows = (self.served or {}).get(id(tensor), (tensor, tensor, None))
         if not isinstance(base, torch.Tensor):
             base, rows = tensor, None
         cur = self.current
@@ -517,7 +501,7 @@ class Interleaver:
         session.state = "running"
         # Record which served values' gradients have been computed, to tell a
         # request that comes too late from one that no gradient reaches.
-        for out, base, _rows in list(self.served.values()):
+        for out, base, _rows in list((self.served or {}).values()):
             t = base if isinstance(base, torch.Tensor) else out
             if t.requires_grad and id(t) not in session.waiting:
                 session.hooks.append(t.register_hook(_record_fired(session, id(t))))
@@ -555,9 +539,20 @@ class Interleaver:
             waiters.append((lane, req, lane.rows))
         if key not in self.hooks:
             self.hooks[key] = self._attach(module, phase, key)
-            # Its input is taken in a pre-hook, after torch has looked up `forward`:
-            # its output must be attached now too.
-            self._attach_ancestors(module if phase == PRE else self._parent(module))
+            if not self.static:
+                # Its input is taken in a pre-hook, after torch has looked up
+                # `forward`: its output must be attached now too.
+                self._attach_ancestors(module if phase == PRE else self._parent(module))
+
+    def attach_static(self, facts) -> None:
+        """Before the run: attach the modules the plan names.  When that is every
+        module the lanes can ask for, nothing needs attaching while running (so
+        no ancestors either: see ``_attach_ancestors``)."""
+        hooks = self.hooks
+        for module, phase in facts.attach:
+            key = (id(module), phase)
+            hooks[key] = self._attach(module, phase, key)
+        self.static = facts.static
 
     # -- where values are taken ---------------------------------------------------
     def _attach(self, module, phase: str, key):
@@ -695,15 +690,17 @@ class Interleaver:
         while progress:
             progress = False
             waiting = sorted(
-                (w for ws in self.step_waiting.values() for w in ws), key=lambda w: w[0].index
+                (w for ws in (self.step_waiting or {}).values() for w in ws),
+                key=lambda w: w[0].index,
             )
-            self.step_waiting.clear()
+            if self.step_waiting:
+                self.step_waiting.clear()
             for lane, req in waiting:
                 lane.parked = None
                 self._warn_missing(req[1], req[2])
                 self.advance(lane, False)
                 progress = True
-            ended, self.end_waiting = self.end_waiting, []
+            ended, self.end_waiting = self.end_waiting or [], None
             for lane in sorted(ended, key=lambda ln: ln.index):
                 lane.parked = None
                 self.advance(lane, None)
@@ -769,7 +766,8 @@ class Interleaver:
             for session in self.sessions:
                 session.remove_hooks()
             self.sessions.clear()
-            self.served.clear()
+            if self.served:
+                self.served.clear()
         for undo in self.hooks.values():
             _undo(undo)
         self.hooks.clear()

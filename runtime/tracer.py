@@ -35,6 +35,15 @@ class InvokeSpec:
 class Tracer:
     """The object bound by ``with model.trace(...) as tracer``."""
 
+    # Defaults on the class: a trace sets only what differs.
+    _result = None
+    _filename = "<unknown>"
+    _has_steps = False
+    _has_backward = False
+    _invoked = False
+    _inter = None
+    _caches: list | None = None
+
     def __init__(self, root, kind: str, block, sites: dict, args: tuple, kwargs: dict) -> None:
         self._root = root
         self._kind = kind
@@ -43,13 +52,6 @@ class Tracer:
         self._args = args
         self._kwargs = kwargs
         self._lanes: list[tuple[Any, InvokeSpec | None, int]] = []
-        self._result = None
-        self._filename = "<unknown>"
-        self._has_steps = False
-        self._has_backward = False
-        self._invoked = False
-        self._inter = None
-        self._caches: list = []
 
     # -- user-facing -----------------------------------------------------------
     def invoke(self, *args, **kwargs) -> InvokeSpec:
@@ -80,6 +82,8 @@ class Tracer:
         cache = Cache(self._root, modules, include_inputs, device, dtype, detach,
                       per_step=self._kind == "generate")
         cache._attach_hooks()
+        if self._caches is None:
+            self._caches = []
         self._caches.append(cache)
         return cache
 
@@ -120,8 +124,8 @@ class Tracer:
 
     def _execute(self) -> None:
         root = self._root
-        if root._checked.get(id(self._block)) is not self._block:
-            check_block(root, self._block)
+        got = root._checked.get(id(self._block))
+        facts = got[1] if got is not None and got[0] is self._block else block_facts(root, self._block)
         if self._invoked:
             # `tracer.invoke()` with no input adds no rows: it sees the whole batch.
             args, kwargs, rows = root._batch(
@@ -131,16 +135,17 @@ class Tracer:
             kwargs = {**kwargs, **self._kwargs}
         else:
             args, kwargs = root._prepare(self._args, self._kwargs)
-            rows = [None] * len(self._lanes)
-        inter = Interleaver(root, self._block, self._sites, self._filename)
-        inter.track = self._has_backward
-        self._inter = inter
-        learning = root._learn_order() if not root._order_complete else None
+            rows = None
+        inter = self._inter = Interleaver(root, self._block, self._sites, self._filename)
+        if self._has_backward:
+            inter.track = True
+        learning = None if root._order_complete else root._learn_order()
         try:
             if self._kind == "generate" or self._has_steps:
                 inter._ensure_step_hook()
-            for (fn, _spec, index), r in zip(self._lanes, rows):
-                inter.start(fn, index, r)
+            inter.attach_static(facts)
+            for i, (fn, _spec, index) in enumerate(self._lanes):
+                inter.start(fn, index, None if rows is None else rows[i])
             try:
                 out = root._run(self._kind, args, kwargs, self)
             except StopTrace:
@@ -153,9 +158,10 @@ class Tracer:
         finally:
             inter.cleanup()
             self._inter = None
-            for cache in self._caches:
-                cache._detach_hooks()
-            self._caches.clear()
+            if self._caches:
+                for cache in self._caches:
+                    cache._detach_hooks()
+                self._caches.clear()
             if learning is not None:
                 for handle in learning:
                     handle.remove()
@@ -167,23 +173,49 @@ class _StepIndexer:
         return StepSelection(key)
 
 
-def check_block(root, block) -> None:
+class BlockFacts:
+    """What a block needs of one model, worked out once: the modules its static
+    checkpoints name (attached before the run), and whether that is all of them."""
+
+    __slots__ = ("attach", "static")
+
+    def __init__(self, attach: list, static: bool) -> None:
+        self.attach = attach  # [(module, phase)], each once, in plan order
+        self.static = static  # no dynamic checkpoint: nothing else can be asked for
+
+
+def block_facts(root, block) -> BlockFacts:
+    """Check ``block`` against ``root`` (``check_block``) and cache its facts; the
+    cache holds only once the order check was conclusive."""
+    facts, complete = check_block(root, block)
+    if complete:
+        root._checked[id(block)] = (block, facts)
+    return facts
+
+
+def check_block(root, block) -> tuple[BlockFacts, bool]:
     """Before running: static paths exist, and static checkpoints of each lane
-    come in an order the model can produce.  Checked once per model and block."""
-    done = root._checked
-    if id(block) in done and done[id(block)] is block:
-        return
+    come in an order the model can produce."""
     complete = True
+    attach: dict[tuple[int, str], tuple] = {}
+    static_only = True
+    in_model = root._parents()
     for lane in block.lanes:
         static = []
         for cp in lane.checkpoints:
+            if cp.value == "grad":
+                continue
             if cp.parts is None:
+                static_only = False
                 continue
             try:
                 env = root._resolve(cp.parts)
             except (AttributeError, IndexError, KeyError, TypeError) as exc:
                 raise type(exc)(f"line {cp.line}: `{cp.path}`: {exc}") from None
-            static.append((cp, env._module, _PHASE.get(cp.value, OUT), env))
+            module, phase = env._module, _PHASE.get(cp.value, OUT)
+            if id(module) in in_model or module is root._module:
+                attach.setdefault((id(module), phase), (module, phase))
+            static.append((cp, module, phase, env))
         for j, (b, mb, pb, eb) in enumerate(static):
             for a, ma, pa, ea in static[:j]:
                 # Only pairs that surely both run, one after the other: same scope.
@@ -203,5 +235,4 @@ def check_block(root, block) -> None:
                         eb._path,
                         b.line,
                     )
-    if complete:
-        done[id(block)] = block
+    return BlockFacts(list(attach.values()), static_only), complete

@@ -681,6 +681,25 @@ def test_function_defaults_and_kwargs(mlp):
     assert torch.equal(got, with_hooks(ref, x, out={ref.layers[3]: lambda m, a, o: o * -1.0}))
 
 
+def test_decorated_function_is_the_compiled_one_once_the_runtime_is_loaded(mlp):
+    # The runtime is loaded here, so decorating builds at once and adds no wrapper:
+    # calling the experiment runs the rewritten code directly.
+    def plain(model, x):
+        with model.trace(x):
+            h = model.layers[1].output.save()
+        return h
+
+    built = intervene(plain)
+    assert "__iv" in built.__code__.co_freevars
+    assert built.__wrapped__ is plain and built.__name__ == "plain"
+    assert built.plan.functions[0].blocks[0].lanes[0].checkpoints[0].path == "layers[1]"
+    model, ref = mlp
+    x = x_input()
+    seen = {}
+    with_hooks(ref, x, out={ref.layers[1]: lambda m, a, o: seen.setdefault("h", o)})
+    assert torch.equal(built(model, x), seen["h"])
+
+
 def test_repeated_calls_are_independent(mlp):
     model, ref = mlp
     for seed in range(3):
@@ -920,6 +939,27 @@ def input_then_output(model, x):
     return inp, out
 
 
+@intervene
+def dynamic_layer_then_root(model, x, k):
+    with model.trace(x):
+        layer = model.layers[k]
+        inp = layer.input.save()
+        out = layer.output.save()
+        logits = model.output.save()
+    return inp, out, logits
+
+
+def test_ancestor_output_after_dynamic_descendant(mlp):
+    # Paths the plan cannot resolve: attached while running, with their ancestors.
+    model, ref = mlp
+    for k in (1, 2, 1):
+        x = x_input(k)
+        inp, out, logits = dynamic_layer_then_root(model, x, k)
+        assert torch.equal(out, ref.layers[k](inp))
+        assert torch.equal(logits, ref(x))
+        assert_no_hooks(model)
+
+
 def test_ancestor_output_after_descendant_on_every_trace(mlp):
     # The root is running when `model.output` is asked for; it must be taken on every
     # trace, not only on the model's first (a bug once: the first trace's order-learning
@@ -1010,6 +1050,7 @@ def test_signature_of_a_wrapped_forward_is_the_modules(mlp):
             model.layers[0].output.save()
             during["sig"] = inspect.signature(model._module.forward)
             during["wrapped"] = "forward" in model._module.__dict__
+            model.output.save()
 
     look(model, x_input())
     assert during["wrapped"] and during["sig"] == before
