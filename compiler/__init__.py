@@ -35,9 +35,9 @@ def intervene(fn: F) -> F:
     rewritten source).
     """
     compiled = compile_function(fn)
-    if "runtime.api" in sys.modules:
-        # The runtime (so torch) is loaded already: build now, and hand out the built
-        # function itself, so a call costs nothing on top of the experiment's code.
+    if "torch" in sys.modules:
+        # torch is loaded already, so the runtime is cheap to load: build now and hand
+        # out the built function itself (a call costs nothing on top of the code).
         from runtime.api import handle_for
 
         built = functools.update_wrapper(compiled.build(handle_for(compiled.plan), fn), fn)

@@ -681,8 +681,8 @@ def test_function_defaults_and_kwargs(mlp):
     assert torch.equal(got, with_hooks(ref, x, out={ref.layers[3]: lambda m, a, o: o * -1.0}))
 
 
-def test_decorated_function_is_the_compiled_one_once_the_runtime_is_loaded(mlp):
-    # The runtime is loaded here, so decorating builds at once and adds no wrapper:
+def test_decorated_function_is_the_compiled_one_once_torch_is_loaded(mlp):
+    # torch is loaded here, so decorating builds at once and adds no wrapper:
     # calling the experiment runs the rewritten code directly.
     def plain(model, x):
         with model.trace(x):
