@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 
 import libcst as cst
 import libcst.matchers as m
-import libcst.metadata as meta
 
+from . import walk
 from .errors import CompileError
 from .parse import Source
 
@@ -130,10 +130,10 @@ class Analysis:
 
 
 class _Analyzer(cst.CSTVisitor):
-    METADATA_DEPENDENCIES = (meta.PositionProvider,)
-
-    def __init__(self, src: Source, fn: cst.FunctionDef) -> None:
+    def __init__(self, src: Source, fn: cst.FunctionDef, positions: dict) -> None:
+        super().__init__()
         self.src = src
+        self.positions = positions  # node -> (line, column, end line, end column)
         self.fn = fn
         self.blocks: list[BlockInfo] = []
         self.block_of: dict[int, BlockInfo] = {}
@@ -152,8 +152,8 @@ class _Analyzer(cst.CSTVisitor):
 
     # -- helpers ---------------------------------------------------------
     def where(self, node: cst.CSTNode) -> tuple[int, int]:
-        pos = self.get_metadata(meta.PositionProvider, node)
-        return self.src.position(pos.start.line, pos.start.column)
+        pos = self.positions[node]
+        return self.src.position(pos[0], pos[1])
 
     def error(self, node: cst.CSTNode, message: str) -> CompileError:
         line, col = self.where(node)
@@ -173,7 +173,7 @@ class _Analyzer(cst.CSTVisitor):
                     f"first block (line {self.block.line}) before opening the next",
                 )
             line, _ = self.where(node)
-            end = self.get_metadata(meta.PositionProvider, node).end.line
+            end = self.positions[node][2]
             asname = node.items[0].asname
             tracer = (
                 asname.name.value
@@ -286,7 +286,7 @@ class _Analyzer(cst.CSTVisitor):
         # and annotations are read here.
         for part in (node.default, node.annotation):
             if part is not None:
-                part.visit(self)
+                walk.visit(self, part)
         return False
 
     def _comp_enter(self, node: cst.CSTNode) -> None:
@@ -392,11 +392,11 @@ class _Analyzer(cst.CSTVisitor):
         attr = node.attr.value
         if attr in VALUE_ATTRS:
             self._check_value_access(node)
-        node.value.visit(self)  # never the attribute's own name
+        walk.visit(self, node.value)  # never the attribute's own name
         return False
 
     def visit_Arg(self, node: cst.Arg) -> bool:
-        node.value.visit(self)  # never the keyword's name
+        walk.visit(self, node.value)  # never the keyword's name
         return False
 
     def visit_ImportAlias(self, node: cst.ImportAlias) -> bool:
@@ -600,9 +600,12 @@ def _check_invoke_flow(src: Source, block: BlockInfo, refs: list[NameRef], outer
             earlier.setdefault(name, (lane.index, line))
 
 
-def analyze(src: Source, wrapper: meta.MetadataWrapper, fn: cst.FunctionDef) -> Analysis:
-    visitor = _Analyzer(src, fn)
-    wrapper.visit(visitor)
+def analyze(src: Source, module: cst.Module, positions: dict) -> Analysis:
+    """What ``module``'s one function does: its blocks, lanes and names."""
+    fn = module.body[0]
+    assert isinstance(fn, cst.FunctionDef)
+    visitor = _Analyzer(src, fn, positions)
+    walk.visit(visitor, module)
     refs = visitor.refs
     blocks = visitor.blocks
 

@@ -17,9 +17,9 @@ import types
 from dataclasses import dataclass
 
 import libcst as cst
-import libcst.metadata as meta
 
 from . import plan as P
+from . import walk
 from .analyze import analyze
 from .errors import CompileError
 from .parse import Source, parse_error_position
@@ -106,12 +106,12 @@ def compile_source(src: Source, freevars: tuple[str, ...] = ()) -> Compiled:
             "@intervene cannot compile an `async def`: the model runs synchronously",
             src.filename, src.first_line,
         )
-    wrapper = meta.MetadataWrapper(module, unsafe_skip_copy=True)
-    info = analyze(src, wrapper, fn)
-    rewriter = Rewriter(src, fn, info)
-    new_fn = wrapper.visit(rewriter).body[0]
+    positions = walk.positions(module)
+    info = analyze(src, module, positions)
+    rewriter = Rewriter(src, fn, info, positions)
+    new_fn = walk.transform(rewriter, module).body[0]
     assert isinstance(new_fn, cst.FunctionDef)
-    fn_line = src.position(wrapper.resolve(meta.PositionProvider)[fn].start.line, 0)[0]
+    fn_line = src.position(positions[fn][0], 0)[0]
     params = {p.name.value for p in (*fn.params.params, *fn.params.posonly_params,
                                      *fn.params.kwonly_params)}
     for star in (fn.params.star_arg, fn.params.star_kwarg):

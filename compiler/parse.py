@@ -12,8 +12,8 @@ import re
 from dataclasses import dataclass
 
 import libcst as cst
-import libcst.metadata as meta
 
+from . import walk
 from .errors import CompileError
 
 
@@ -90,19 +90,16 @@ def is_intervene(fn: cst.FunctionDef) -> bool:
 
 
 class _FindFunctions(cst.CSTVisitor):
-    METADATA_DEPENDENCIES = (meta.PositionProvider,)
-
-    def __init__(self) -> None:
+    def __init__(self, positions: dict) -> None:
+        super().__init__()
+        self.positions = positions
         self.found: list[tuple[str, int, int]] = []  # (name, first line, last line)
 
     def visit_FunctionDef(self, node: cst.FunctionDef) -> None:
         if is_intervene(node):
-            pos = self.get_metadata(meta.PositionProvider, node)
-            first = min(
-                [pos.start.line]
-                + [self.get_metadata(meta.PositionProvider, d).start.line for d in node.decorators]
-            )
-            self.found.append((node.name.value, first, pos.end.line))
+            pos = self.positions[node]
+            first = min([pos[0]] + [self.positions[d][0] for d in node.decorators])
+            self.found.append((node.name.value, first, pos[2]))
 
 
 def functions_in_file(filename: str, text: str | None = None) -> list[Source]:
@@ -115,9 +112,8 @@ def functions_in_file(filename: str, text: str | None = None) -> list[Source]:
     except cst.ParserSyntaxError as exc:
         line, col = parse_error_position(exc)
         raise CompileError(f"cannot parse: {exc.message}", filename, line, col) from None
-    wrapper = meta.MetadataWrapper(module, unsafe_skip_copy=True)
-    finder = _FindFunctions()
-    wrapper.visit(finder)
+    finder = _FindFunctions(walk.positions(module))
+    walk.visit(finder, module)
     all_lines = text.splitlines(keepends=True)
     out = []
     for _name, first, last in finder.found:

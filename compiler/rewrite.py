@@ -26,7 +26,6 @@ from dataclasses import dataclass
 
 import libcst as cst
 import libcst.matchers as m
-import libcst.metadata as meta
 
 from .analyze import (
     VALUE_ATTRS,
@@ -119,13 +118,12 @@ def written_path(expr: cst.BaseExpression, model: str) -> str:
 
 
 class Rewriter(cst.CSTTransformer):
-    METADATA_DEPENDENCIES = (meta.PositionProvider,)
-
-    def __init__(self, src: Source, fn: cst.FunctionDef, info: Analysis) -> None:
+    def __init__(self, src: Source, fn: cst.FunctionDef, info: Analysis, positions: dict) -> None:
         super().__init__()
         self.src = src
         self.fn = fn
         self.info = info
+        self.positions = positions  # node -> (line, column, end line, end column)
         self.block: BlockInfo | None = None
         self.lane: LaneInfo | None = None
         self.pending: dict[int, PendingCheckpoint] = {}
@@ -149,12 +147,12 @@ class Rewriter(cst.CSTTransformer):
 
     # -- positions -----------------------------------------------------------
     def pos(self, node: cst.CSTNode) -> tuple[int, int]:
-        p = self.get_metadata(meta.PositionProvider, node)
-        return self.src.position(p.start.line, p.start.column)
+        p = self.positions[node]
+        return self.src.position(p[0], p[1])
 
     def span(self, node: cst.CSTNode) -> tuple[int, int]:
-        p = self.get_metadata(meta.PositionProvider, node)
-        return self.src.position(p.start.line, 0)[0], self.src.position(p.end.line, 0)[0]
+        p = self.positions[node]
+        return self.src.position(p[0], 0)[0], self.src.position(p[2], 0)[0]
 
     def error(self, node: cst.CSTNode, message: str) -> CompileError:
         line, col = self.pos(node)
@@ -166,6 +164,7 @@ class Rewriter(cst.CSTTransformer):
 
     # -- blocks and lanes ------------------------------------------------------
     def visit_With(self, node: cst.With) -> None:
+        self._visit_statement(node)  # the statement bookkeeping, then the block logic
         block = self.info.block_of.get(id(node))
         if block is not None:
             self.block = block
@@ -475,11 +474,6 @@ class Rewriter(cst.CSTTransformer):
     def leave_ClassDef(self, original, updated):
         return self._statement(original, updated)
 
-    # ``with`` needs both the statement bookkeeping and the block logic.
-    def on_visit(self, node: cst.CSTNode) -> bool:
-        if isinstance(node, cst.With):
-            self._visit_statement(node)
-        return super().on_visit(node)
 
     # -- checkpoints -----------------------------------------------------------
     def _checkpoint(self, node: cst.Attribute, env: cst.BaseExpression, access: str) -> int:
