@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import libcst as cst
 import libcst.matchers as m
 
+from . import walk
 from .analyze import (
     VALUE_ATTRS,
     Analysis,
@@ -530,12 +531,10 @@ class Rewriter(cst.CSTTransformer):
         return self._read(original, updated)
 
     def visit_Call(self, node: cst.Call) -> None:
-        if self.lane is not None and m.matches(node.func, m.Attribute(attr=m.Name("save"))) and (
-            not node.args
-        ):
+        if self.lane is not None and _is_attr(node.func, "save") and not node.args:
             self.save_depth += 1
         # `m.output[0].zero_()`, `m.output.mul_(2)`: in-place through a method.
-        if self.lane is not None and m.matches(node.func, m.Attribute(attr=m.Name())):
+        if self.lane is not None and isinstance(node.func, cst.Attribute):
             name = node.func.attr.value
             if name.endswith("_") and not name.endswith("__"):
                 root = _value_root(node.func.value, self._values())
@@ -558,17 +557,16 @@ class Rewriter(cst.CSTTransformer):
         return updated
 
     def leave_Call(self, original: cst.Call, updated: cst.Call):
-        if self.lane is not None and m.matches(original.func, m.Attribute(attr=m.Name("save"))) and (
-            not original.args
-        ):
+        if self.lane is not None and _is_attr(original.func, "save") and not original.args:
             self.save_depth -= 1
             return _call("save", updated.func.value)
         if (
             self.lane is not None
             and self.block is not None
             and self.block.tracer is not None
-            and m.matches(original.func, m.Attribute(value=m.Name(self.block.tracer),
-                                                     attr=m.Name("stop") | m.Name("cache")))
+            and (_is_attr(original.func, "stop") or _is_attr(original.func, "cache"))
+            and isinstance(original.func.value, cst.Name)
+            and original.func.value.value == self.block.tracer
         ):
             # Shown in the plan; the call itself is unchanged.
             kind = original.func.attr.value
@@ -579,7 +577,7 @@ class Rewriter(cst.CSTTransformer):
 
     # -- writes ------------------------------------------------------------------
     def _mark_targets(self, target: cst.BaseExpression) -> None:
-        if m.matches(target, m.Attribute(attr=m.Name())) and target.attr.value in self._values():
+        if isinstance(target, cst.Attribute) and target.attr.value in self._values():
             self.write_targets.add(id(target))
         else:
             root = _value_root(target, self._values())
@@ -630,7 +628,7 @@ class Rewriter(cst.CSTTransformer):
                 targets=[cst.AssignTarget(_replace_node(target, waits[0], cst.Name(f"{RT}_target")))]
             )
             return cst.FlattenSentinel([first, rest])
-        if m.matches(target, m.Attribute(attr=m.Name("requires_grad"))):
+        if _is_attr(target, "requires_grad"):
             return cst.Expr(_call("requires_grad", target.value, updated.value))
         return updated
 
@@ -763,16 +761,14 @@ class _Rename(cst.CSTTransformer):
         return updated.with_changes(keyword=original.keyword)
 
 
+def _is_attr(node: cst.CSTNode, name: str) -> bool:
+    """``node`` is ``<something>.name``."""
+    return isinstance(node, cst.Attribute) and node.attr.value == name
+
+
 def _replace_node(tree: cst.CSTNode, old: cst.CSTNode, new: cst.CSTNode):
     """``tree`` with the node ``old`` (by identity) replaced by ``new``."""
-
-    class R(cst.CSTTransformer):
-        def on_leave(self, original, updated):
-            if original is old:
-                return new
-            return updated
-
-    return tree.visit(R())
+    return walk.replace(tree, old, new)
 
 
 def _comp_fors(for_in: cst.CompFor) -> list[cst.CompFor]:
@@ -787,7 +783,7 @@ def _comp_fors(for_in: cst.CompFor) -> list[cst.CompFor]:
 def _value_root(node: cst.BaseExpression, values=VALUE_ATTRS) -> cst.Attribute | None:
     """The ``m.output`` at the root of ``m.output[0][:, -1]`` (or ``m.output.x_()``)."""
     while True:
-        if m.matches(node, m.Attribute(attr=m.Name())) and node.attr.value in values:
+        if isinstance(node, cst.Attribute) and node.attr.value in values:
             return node
         if isinstance(node, (cst.Subscript, cst.Attribute)):
             node = node.value

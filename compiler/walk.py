@@ -16,6 +16,7 @@ the caller (``with visitor.resolve(wrapper): ...``).
 from __future__ import annotations
 
 import re
+import typing
 from typing import Any
 
 import libcst as cst
@@ -47,6 +48,8 @@ _LEAVES = frozenset(
     | _subclasses(cst.BaseCompOp) | _subclasses(cst.BaseUnaryOp) | _subclasses(cst.BaseAugOp)
 )
 
+# Every node type that is not a leaf: only these are entered.
+_NODES = frozenset(_subclasses(cst.CSTNode) - _LEAVES)
 _FIELDS: dict[type, tuple[str, ...]] = {}
 
 
@@ -83,10 +86,28 @@ def _fields(node: cst.CSTNode) -> tuple[str, ...]:
     if fields is None:
         recorder = _FieldRecorder(node)
         node.visit(recorder)
-        fields = tuple(dict.fromkeys(recorder.fields))
+        declared = getattr(t, "__dataclass_fields__", {})
+        fields = tuple(f for f in dict.fromkeys(recorder.fields)
+                       if f not in declared or not _holds_only_leaves(declared[f].type))
         if t not in _PER_NODE:
             _FIELDS[t] = fields
     return fields
+
+
+_LEAF_BASES = (*_LEAVES, cst.BaseParenthesizableWhitespace, cst.BaseBinaryOp, cst.BaseBooleanOp,
+               cst.BaseCompOp, cst.BaseUnaryOp, cst.BaseAugOp)
+_NOTHING = (type(None), str, cst.MaybeSentinel)
+
+
+def _holds_only_leaves(annotation) -> bool:
+    """A field declared as leaves only (whitespace, brackets, an operator...), maybe
+    in a sequence or optional: the walk never needs to look in it."""
+    args = typing.get_args(annotation)
+    if args:
+        return all(_holds_only_leaves(a) for a in args)
+    if isinstance(annotation, type):
+        return issubclass(annotation, _LEAF_BASES) or issubclass(annotation, _NOTHING)
+    return False  # a forward reference, a literal...: look
 
 
 _Methods = tuple[Any, Any, dict[str, tuple[Any, Any]]]
@@ -117,20 +138,20 @@ def visit(visitor: cst.CSTVisitor, node: cst.CSTNode) -> None:
 
 def _visit(visitor, node, cache) -> None:
     t = type(node)
-    if t in _LEAVES:
-        return
-    enter, leave, per_field = _methods(visitor, t, cache)
+    enter, leave, per_field = cache.get(t) or _methods(visitor, t, cache)
     if enter is None or enter(visitor, node) is not False:
         for field in _FIELDS.get(t) or _fields(node):
             hooks = per_field.get(field) if per_field else None
             if hooks is not None and hooks[0] is not None:
                 hooks[0](visitor, node)
             value = getattr(node, field)
-            if isinstance(value, cst.CSTNode):
-                _visit(visitor, value, cache)
-            elif isinstance(value, (tuple, list)):
+            vt = type(value)
+            if vt is tuple or vt is list:
                 for child in value:
-                    _visit(visitor, child, cache)
+                    if type(child) not in _LEAVES:
+                        _visit(visitor, child, cache)
+            elif vt in _NODES:
+                _visit(visitor, value, cache)
             if hooks is not None and hooks[1] is not None:
                 hooks[1](visitor, node)
     if leave is not None:
@@ -145,9 +166,7 @@ def transform(transformer: cst.CSTTransformer, node: cst.CSTNode):
 
 def _transform(transformer, node, cache):
     t = type(node)
-    if t in _LEAVES:
-        return node
-    enter, leave, per_field = _methods(transformer, t, cache)
+    enter, leave, per_field = cache.get(t) or _methods(transformer, t, cache)
     updated = node
     if enter is None or enter(transformer, node) is not False:
         changes = None
@@ -156,34 +175,37 @@ def _transform(transformer, node, cache):
             if hooks is not None and hooks[0] is not None:
                 hooks[0](transformer, node)
             value = getattr(node, field)
-            if isinstance(value, cst.CSTNode):
+            vt = type(value)
+            if vt is tuple or vt is list:
+                items = None
+                for i, child in enumerate(value):
+                    if type(child) in _LEAVES:
+                        new = child
+                    else:
+                        new = _transform(transformer, child, cache)
+                    if items is None:
+                        if new is child:
+                            continue
+                        items = list(value[:i])
+                    if isinstance(new, cst.FlattenSentinel):
+                        items.extend(new.nodes)
+                    elif not isinstance(new, cst.RemovalSentinel):
+                        items.append(new)
+                if items is not None:
+                    if changes is None:
+                        changes = {}
+                    changes[field] = _drop_empty_lines(items) if field == "body" else items
+            elif vt in _NODES:
                 new = _transform(transformer, value, cache)
                 if new is not value:
                     if isinstance(new, (cst.RemovalSentinel, cst.FlattenSentinel)):
                         raise TypeError(
-                            f"a {type(value).__name__} in {t.__name__}.{field} cannot be "
+                            f"a {vt.__name__} in {t.__name__}.{field} cannot be "
                             "removed or replaced by several nodes"
                         )
                     if changes is None:
                         changes = {}
                     changes[field] = new
-            elif isinstance(value, (tuple, list)) and value:
-                items = []
-                changed = False
-                for child in value:
-                    new = _transform(transformer, child, cache)
-                    if new is child:
-                        items.append(child)
-                        continue
-                    changed = True
-                    if isinstance(new, cst.FlattenSentinel):
-                        items.extend(new.nodes)
-                    elif not isinstance(new, cst.RemovalSentinel):
-                        items.append(new)
-                if changed:
-                    if changes is None:
-                        changes = {}
-                    changes[field] = _drop_empty_lines(items) if field == "body" else items
             if hooks is not None and hooks[1] is not None:
                 hooks[1](transformer, node)
         if changes is not None:
@@ -276,3 +298,21 @@ def positions(module: cst.Module) -> dict[cst.CSTNode, tuple[int, int, int, int]
     state = _PositionState(module)
     module._codegen(state)
     return state.computed
+
+
+def replace(tree: cst.CSTNode, old: cst.CSTNode, new: cst.CSTNode) -> cst.CSTNode:
+    """``tree`` with the node ``old`` (by identity) replaced by ``new``."""
+    if tree is old:
+        return new
+    changes = None
+    for field in _FIELDS.get(type(tree)) or _fields(tree):
+        value = getattr(tree, field)
+        if type(value) in _NODES:
+            got = replace(value, old, new)
+            if got is not value:
+                changes = {**(changes or {}), field: got}
+        elif isinstance(value, (tuple, list)):
+            items = [replace(c, old, new) for c in value]
+            if any(a is not b for a, b in zip(items, value)):
+                changes = {**(changes or {}), field: items}
+    return tree if changes is None else tree.with_changes(**changes)

@@ -154,3 +154,11 @@ def test_field_methods_are_called_where_libcst_calls_them():
     walk.visit(mine, module)
     assert mine.events == ref.events
     assert [e[0] for e in ref.events][:5] == ["a", "b", "value", "c", "end value"]
+
+
+def test_replace_swaps_one_node_by_identity():
+    expr = cst.parse_expression("a.b[x] + a.b[x]")
+    first = expr.left  # `a.b[x]`, equal to the right one but not the same node
+    out = walk.replace(expr, first, cst.Name("t"))
+    assert cst.Module([]).code_for_node(out) == "t + a.b[x]"
+    assert walk.replace(expr, cst.Name("zz"), cst.Name("t")) is expr
