@@ -239,9 +239,11 @@ class Interleaver:
         self.lanes: list[Lane] = []
 
     # -- lanes -----------------------------------------------------------------
-    def start(self, fn, index: int, rows=None) -> None:
+    def start(self, fn, index: int, rows=None, grad: bool | None = None) -> None:
+        """Run lane ``fn`` to its first request; ``grad``: the grad mode it starts in
+        (the caller's, unless given)."""
         gen = fn()
-        lane = Lane(gen, index, rows, torch.is_grad_enabled())
+        lane = Lane(gen, index, rows, torch.is_grad_enabled() if grad is None else grad)
         self.lanes.append(lane)
         if gen.__class__ is not GeneratorType:  # a lane without checkpoints has already run
             lane.done = True
@@ -479,7 +481,7 @@ class Interleaver:
             session.waiting[key] = [(lane, req, rows)]
             session.hooks.append(base.register_hook(self._grad_hook(session, base, key)))
         else:
-            waiters.append((lane, req, rows))
+            _add_waiter(waiters, (lane, req, rows))
         lane.parked = (base, GRAD, req)
         lane.grad_site = req[2]
         if session.state == "new":
@@ -536,7 +538,7 @@ class Interleaver:
         if waiters is None:
             self.waiting[key] = [(lane, req, lane.rows)]
         else:
-            waiters.append((lane, req, lane.rows))
+            _add_waiter(waiters, (lane, req, lane.rows))
         if key not in self.hooks:
             self.hooks[key] = self._attach(module, phase, key)
             if not self.static:
@@ -639,8 +641,6 @@ class Interleaver:
         prev = self.current
         self.current = ev
         try:
-            if len(waiters) > 1:
-                waiters.sort(key=lambda w: w[0].index)
             for lane, req, rows in waiters:
                 lane.parked = None
                 self.current_site = req[2]
@@ -807,6 +807,19 @@ def _narrow_mapping(value, rows):
         return type(value)(**items)
     except TypeError:
         return items
+
+
+def _add_waiter(waiters: list, entry: tuple) -> None:
+    """Add ``(lane, ...)`` to lanes waiting for one value, kept in source order (the
+    order they are served in).  Lanes usually arrive in that order already."""
+    index = entry[0].index
+    if waiters[-1][0].index < index:
+        waiters.append(entry)
+        return
+    at = len(waiters)
+    while at > 0 and waiters[at - 1][0].index > index:
+        at -= 1
+    waiters.insert(at, entry)
 
 
 def _undo(undo) -> None:

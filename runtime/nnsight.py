@@ -124,34 +124,38 @@ class NNsight(Envoy):
         return args, kwargs
 
     def _batch(self, inputs: list) -> tuple[tuple, dict, list]:
-        """Several invokes' inputs -> one call's arguments and each invoke's rows."""
-        prepared = [self._prepare(a, k) if a is not None else None for a, k in
-                    [(i[0], i[1]) if i is not None else (None, None) for i in inputs]]
-        given = [p for p in prepared if p is not None]
-        if not given:
-            raise ValueError("a trace needs at least one invoke with an input")
-        first_args, first_kwargs = given[0]
+        """Several invokes' inputs -> one call's arguments and each invoke's rows.
+        ``inputs``: per invoke ``(args, kwargs)``, or None for an invoke without input."""
+        prepare = self._prepare
+        tensor = torch.Tensor
         rows: list = []
+        columns: list[list] | None = None
+        first_kwargs: dict = {}
         start = 0
-        columns: list[list] = [[] for _ in first_args]
-        for index, p in enumerate(prepared):
-            if p is None:
+        for index, item in enumerate(inputs):
+            if item is None:
                 rows.append(None)
                 continue
-            args, kwargs = p
-            if len(args) != len(first_args) or kwargs.keys() != first_kwargs.keys():
+            args, kwargs = prepare(item[0], item[1])
+            if columns is None:
+                columns = [[] for _ in args]
+                first_kwargs = kwargs
+            elif len(args) != len(columns) or kwargs.keys() != first_kwargs.keys():
                 raise ValueError(f"invoke {index}: its inputs differ in shape from the first invoke's")
             n = None
             for i, a in enumerate(args):
-                if not isinstance(a, torch.Tensor) or a.dim() == 0:
+                if not isinstance(a, tensor) or a.dim() == 0:
                     raise TypeError(
                         f"invoke {index}: input {i} is a {type(a).__name__}; to batch invokes of a "
                         "plain module every positional input must be a tensor with a batch dimension"
                     )
                 columns[i].append(a)
-                n = a.shape[0] if n is None else n
+                if n is None:
+                    n = a.shape[0]
             rows.append(slice(start, start + (n or 0)))
             start += n or 0
+        if columns is None:
+            raise ValueError("a trace needs at least one invoke with an input")
         try:
             batched = tuple(torch.cat(col, dim=0) for col in columns)
         except RuntimeError as exc:

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from typing import Any, Self
 
+import torch
+
 from . import order
 from .errors import OutOfOrderError
 from .interleave import OUT, PRE, Barrier, Interleaver, StepSelection
@@ -144,8 +146,9 @@ class Tracer:
             if self._kind == "generate" or self._has_steps:
                 inter._ensure_step_hook()
             inter.attach_static(facts)
+            grad = torch.is_grad_enabled()
             for i, (fn, _spec, index) in enumerate(self._lanes):
-                inter.start(fn, index, None if rows is None else rows[i])
+                inter.start(fn, index, None if rows is None else rows[i], grad)
             try:
                 out = root._run(self._kind, args, kwargs, self)
             except StopTrace:
