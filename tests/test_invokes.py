@@ -462,6 +462,26 @@ def mlp_write_second(model, x, y):
     return out_x, out_y
 
 
+@intervene
+def served_order(model, x, y):
+    log = []
+    with model.trace() as tracer:
+        with tracer.invoke(x):
+            model.layers[0].output.save()
+            log.append(("first", model.layers[2].output.shape[0]))
+        with tracer.invoke(y):
+            log.append(("second", model.layers[2].output.shape[0]))  # waits there first
+    return log
+
+
+def test_lanes_waiting_at_one_module_run_in_source_order(mlp):
+    # The second invoke waits at layers[2] from the start, the first only once layers[0]
+    # has run; at layers[2] the first still goes first.
+    x = torch.randn(2, 8, generator=torch.Generator().manual_seed(1))
+    y = torch.randn(3, 8, generator=torch.Generator().manual_seed(2))
+    assert served_order(mlp, x, y) == [("first", 2), ("second", 3)]
+
+
 def test_mlp_invokes_equal_separate_runs(mlp):
     x = torch.randn(2, 8, generator=torch.Generator().manual_seed(1))
     y = torch.randn(3, 8, generator=torch.Generator().manual_seed(2))
