@@ -555,6 +555,11 @@ class Interleaver:
             key = (id(module), phase)
             hooks[key] = self._attach(module, phase, key)
         self.static = facts.static
+        if not facts.static:
+            # A dynamic path may name an ancestor of these (`layer.output` after
+            # `model.layers[0].mlp.output`): take theirs too, before the run.
+            for module, phase in facts.attach:
+                self._attach_ancestors(module if phase == PRE else self._parent(module))
 
     # -- where values are taken ---------------------------------------------------
     def _attach(self, module, phase: str, key):

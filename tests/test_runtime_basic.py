@@ -896,6 +896,24 @@ def test_llama_read_layer_output(llama_pair):
 
 
 @intervene
+def static_child_then_dynamic_layer(model, ids, k):
+    with model.trace(ids):
+        mlp = model.model.layers[0].mlp.output.save()
+        layer = model.model.layers[k].output.save()  # layer 0 is running when asked for
+    return mlp, layer
+
+
+def test_dynamic_ancestor_of_a_static_checkpoint(llama_pair):
+    model, ref = llama_pair
+    seen = {}
+    with_hooks(ref, IDS, out={ref.model.layers[0].mlp: lambda m, a, o: seen.setdefault("mlp", o),
+                              ref.model.layers[0]: lambda m, a, o: seen.setdefault("layer", o)})
+    for _ in range(2):
+        mlp, layer = static_child_then_dynamic_layer(model, IDS, 0)
+        assert torch.equal(mlp, seen["mlp"]) and torch.equal(layer, seen["layer"])
+
+
+@intervene
 def llama_zero_last(model, ids):
     with model.trace(ids):
         model.model.layers[1].output[:, -1] = 0
