@@ -20,8 +20,10 @@ METHOD = """\
 
 - **Three sides, one process, interleaved.** Every row runs the same experiment
   written three ways: with intervene (`@intervene`, compiled once before timing),
-  with plain PyTorch forward hooks written by hand (register, forward, remove: the
-  floor any hook-based library can reach), and with nnsight 0.8.1. Timing goes
+  with plain PyTorch forward hooks written by hand (register, forward, remove: what
+  a careful hand-written experiment costs, and the floor of any library built on
+  hooks; intervene takes outputs by wrapping `forward` for the trace instead, so it
+  can come out below it), and with nnsight 0.8.1. Timing goes
   round-robin (every round calls intervene, plain and nnsight once), so drifts of
   the machine hit all three alike. The order within a round changes from round
   to round (all permutations in turn): whichever side runs right after nnsight
