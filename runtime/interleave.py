@@ -151,7 +151,6 @@ class Lane:
     """One lane's generator and where it stands (defaults on the class: a trace
     makes one per invoke, and most never change most of these)."""
 
-    line = None  # the line of the last request served
     done = False
     parked = None  # (module, phase, request) while waiting
     backward = None  # the open BackwardSession
@@ -265,7 +264,6 @@ class Interleaver:
                     return
                 error = None
                 envoy = req[0]
-                lane.line = req[2]
                 if envoy.__class__ is Envoy or isinstance(envoy, Envoy):
                     # The common case: a module's value.
                     module = envoy._module
@@ -291,7 +289,16 @@ class Interleaver:
                             error = self._order_error(envoy, what, req[2], lane)
                             value = None
                             continue
-                    self._park(lane, module, phase, req)
+                    # Park until the module hands its value out.
+                    key = (id(module), phase)
+                    lane.parked = (module, phase, req)
+                    waiters = self.waiting.get(key)
+                    if waiters is None:
+                        self.waiting[key] = [(lane, req, lane.rows)]
+                    else:
+                        _add_waiter(waiters, (lane, req, lane.rows))
+                    if key not in self.hooks:
+                        self._attach_waited(module, phase, key)
                     return
                 if envoy.__class__ is _Control:
                     value = self._control(lane, req)
@@ -531,20 +538,13 @@ class Interleaver:
             self.advance(lane, None)
         session.end_waiting.clear()
 
-    def _park(self, lane: Lane, module, phase: str, req: tuple) -> None:
-        key = (id(module), phase)
-        lane.parked = (module, phase, req)
-        waiters = self.waiting.get(key)
-        if waiters is None:
-            self.waiting[key] = [(lane, req, lane.rows)]
-        else:
-            _add_waiter(waiters, (lane, req, lane.rows))
-        if key not in self.hooks:
-            self.hooks[key] = self._attach(module, phase, key)
-            if not self.static:
-                # Its input is taken in a pre-hook, after torch has looked up
-                # `forward`: its output must be attached now too.
-                self._attach_ancestors(module if phase == PRE else self._parent(module))
+    def _attach_waited(self, module, phase: str, key) -> None:
+        """Attach a module asked for while running (a dynamic path)."""
+        self.hooks[key] = self._attach(module, phase, key)
+        if not self.static:
+            # Its input is taken in a pre-hook, after torch has looked up
+            # `forward`: its output must be attached now too.
+            self._attach_ancestors(module if phase == PRE else self._parent(module))
 
     def attach_static(self, facts) -> None:
         """Before the run: attach the modules the plan names.  When that is every
