@@ -28,7 +28,7 @@ from .errors import MissedCheckpointError, OutOfOrderError
 PRE, OUT, GRAD = "pre", "out", "grad"
 _PARKED = object()
 _NONE = object()
-_FORWARD, _HOOK, _PRE_HOOK = 0, 1, 2
+_FORWARD, _PRE_HOOK = 0, 1
 _NOTHING = (None, None, None)  # attached to nothing (a list of modules is never called)
 _CONTAINERS = (torch.nn.ModuleList, torch.nn.ModuleDict)
 # Bound once: they run on every resume of a lane.
@@ -574,11 +574,11 @@ class Interleaver:
         forward pre-hook placed straight in the module's hook dicts (what
         ``register_forward_pre_hook`` does, without the handle's weak references).
         """
-        if phase == OUT and not isinstance(module, torch.jit.ScriptModule):
+        waiting, fired, serve = self.waiting, self.fired, self._serve
+        if phase == OUT:
             attrs = module.__dict__
             prev = attrs.get("forward", _NONE)
             inner = module.forward
-            waiting, fired, serve = self.waiting, self.fired, self._serve
 
             def forward(*args, **kwargs):
                 out = inner(*args, **kwargs)
@@ -588,29 +588,39 @@ class Interleaver:
                     return out
                 return serve(Event(module, OUT, out), waiters).value
 
-            forward.__wrapped__ = inner  # inspect.signature (transformers asks) sees the real one
-            attrs["forward"] = forward
-            return (_FORWARD, module, prev)
+        elif isinstance(module, torch.jit.ScriptModule):
+            # Scripted modules take no Python pre-hooks: their input is taken in a
+            # wrapped forward too (their output, if asked for, wraps this one).
+            attrs = module.__dict__
+            prev = attrs.get("forward", _NONE)
+            inner = module.forward
 
-        def hook(mod, args, *rest):
-            self.fired.add(key)
-            waiters = self.waiting.pop(key, None)
-            if waiters is None:
-                return None
-            if phase == OUT:
-                ev = self._serve(Event(mod, OUT, rest[-1]), waiters)
-            else:
-                ev = self._serve(Event(mod, PRE, (args, rest[0])), waiters)
-            return ev.value if ev.changed else None
+            def forward(*args, **kwargs):
+                fired.add(key)
+                waiters = waiting.pop(key, None)
+                if waiters is not None:
+                    ev = serve(Event(module, PRE, (args, kwargs)), waiters)
+                    if ev.changed:
+                        args, kwargs = ev.value
+                return inner(*args, **kwargs)
 
-        hid = RemovableHandle.next_id
-        RemovableHandle.next_id = hid + 1
-        if phase == OUT:  # a scripted module: its forward cannot be wrapped
-            module._forward_hooks[hid] = hook
-            return (_HOOK, module, hid)
-        module._forward_pre_hooks[hid] = hook
-        module._forward_pre_hooks_with_kwargs[hid] = True
-        return (_PRE_HOOK, module, hid)
+        else:
+            def hook(mod, args, kwargs):
+                fired.add(key)
+                waiters = waiting.pop(key, None)
+                if waiters is None:
+                    return None
+                ev = serve(Event(mod, PRE, (args, kwargs)), waiters)
+                return ev.value if ev.changed else None
+
+            hid = RemovableHandle.next_id
+            RemovableHandle.next_id = hid + 1
+            module._forward_pre_hooks[hid] = hook
+            module._forward_pre_hooks_with_kwargs[hid] = True
+            return (_PRE_HOOK, module, hid)
+        forward.__wrapped__ = inner  # inspect.signature (transformers asks) sees the real one
+        attrs["forward"] = forward
+        return (_FORWARD, module, prev)
 
     def _parent(self, module):
         parents = self.parents
@@ -773,7 +783,7 @@ class Interleaver:
             self.sessions.clear()
             if self.served:
                 self.served.clear()
-        for undo in self.hooks.values():
+        for undo in reversed(self.hooks.values()):  # wrappers of one module unwind in order
             _undo(undo)
         self.hooks.clear()
         self.waiting.clear()
@@ -840,8 +850,6 @@ def _undo(undo) -> None:
             module.__dict__.pop("forward", None)
         else:
             module.__dict__["forward"] = what
-    elif how == _HOOK:
-        module._forward_hooks.pop(what, None)
     else:
         module._forward_pre_hooks.pop(what, None)
         module._forward_pre_hooks_with_kwargs.pop(what, None)

@@ -115,8 +115,12 @@ class NNsight(Envoy):
         def first_pass_over(mod, args, output):
             done[0] = True
 
+        # Scripted modules take no Python hooks: they give no order facts.
+        if isinstance(root, torch.jit.ScriptModule):
+            return []
         return [root.register_forward_hook(first_pass_over)] + [
             m.register_forward_pre_hook(record) for m in root.modules()
+            if not isinstance(m, torch.jit.ScriptModule)
         ]
 
     # -- inputs and running --------------------------------------------------------

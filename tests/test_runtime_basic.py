@@ -1055,6 +1055,44 @@ def test_values_are_what_forward_returns_and_receives(mlp):
     assert_no_hooks(model)
 
 
+class _WithScripted(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = torch.jit.script(nn.Linear(4, 4))
+        self.b = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.b(self.a(x))
+
+
+@intervene
+def scripted_read_write(model, x):
+    with model.trace(x):
+        inp = model.a.input.save()
+        out = model.a.output.clone().save()
+        model.a.output[:] = 0
+        logits = model.output.save()
+    return inp, out, logits
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+def test_scripted_submodule_values_and_nothing_left():
+    # A scripted module takes no Python hooks: its input and output are both taken in
+    # its wrapped forward, and its own compiled forward is back afterwards.
+    net = _WithScripted()
+    own = net.a.__dict__["forward"]
+    x = torch.randn(3, 4, generator=torch.Generator().manual_seed(1))
+    model = NNsight(net)
+    for _ in range(2):
+        inp, out, logits = scripted_read_write(model, x)
+        assert torch.equal(inp, x)
+        assert torch.equal(out, net.a(x))
+        assert torch.equal(logits, net.b(torch.zeros(3, 4)))
+        assert net.a.__dict__["forward"] is own
+        assert_no_hooks(net, keep_forward=[net.a])
+
+
 def test_signature_of_a_wrapped_forward_is_the_modules(mlp):
     import inspect
 
