@@ -1058,7 +1058,6 @@ def test_values_are_what_forward_returns_and_receives(mlp):
 class _WithScripted(nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        torch.manual_seed(0)
         self.a = torch.jit.script(nn.Linear(4, 4))
         self.b = nn.Linear(4, 2)
 
