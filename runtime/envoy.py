@@ -23,7 +23,9 @@ _VALUE_NAMES = ("output", "input", "inputs")
 class Envoy:
     """A module of the wrapped model, named by its path (``model.layers.3``)."""
 
-    __slots__ = ("_children", "_module", "_path", "_root")
+    # `__dict__` holds children seen before under their names (see `_child`), so that
+    # `model.layers` is a plain attribute read, not a failed lookup and `__getattr__`.
+    __slots__ = ("__dict__", "_children", "_module", "_path", "_root")
 
     def __init__(self, module: torch.nn.Module, path: str, root: Envoy | None) -> None:
         object.__setattr__(self, "_module", module)
@@ -37,6 +39,8 @@ class Envoy:
         if env is None:
             env = Envoy(self._module._modules[key], f"{self._path}.{key}", self._root)
             self._children[key] = env
+            if key not in _class_names(type(self)):  # never hides a method or property
+                self.__dict__[key] = env
         return env
 
     def __getattr__(self, name: str) -> Any:
@@ -63,6 +67,9 @@ class Envoy:
         if name in _VALUE_NAMES:
             raise NotInTraceError(self._path, name)
         setattr(self._module, name, value)
+        # A child replaced or removed: its envoy is made again on the next access.
+        self.__dict__.pop(name, None)
+        self._children.pop(name, None)
 
     def _is_list(self) -> bool:
         return isinstance(self._module, (torch.nn.ModuleList, torch.nn.Sequential))
@@ -137,6 +144,16 @@ class Envoy:
 
     def __dir__(self):
         return sorted(set(super().__dir__()) | set(self._module._modules) | set(dir(self._module)))
+
+
+_CLASS_NAMES: dict[type, frozenset[str]] = {}
+
+
+def _class_names(cls: type) -> frozenset[str]:
+    names = _CLASS_NAMES.get(cls)
+    if names is None:
+        names = _CLASS_NAMES[cls] = frozenset(dir(cls))
+    return names
 
 
 def module_of(obj) -> torch.nn.Module | None:

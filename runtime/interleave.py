@@ -35,6 +35,7 @@ _CONTAINERS = (torch.nn.ModuleList, torch.nn.ModuleDict)
 _grad_enabled = torch.is_grad_enabled
 _set_grad_enabled = torch._C._set_grad_enabled
 _PHASE = {"output": OUT, "input": PRE, "inputs": PRE}
+_Tensor = torch.Tensor
 
 
 def read(envoy, value: str, site: int) -> tuple:
@@ -665,8 +666,11 @@ class Interleaver:
                     self.advance(lane, None)
                 else:
                     value = ev.value if ev.phase is OUT else ev.get(req[1])
-                    if rows is not None or self.track:
+                    if self.track:
                         value = self._narrow(value, rows, ev.phase)
+                    elif rows is not None:  # an invoke's rows; a plain tensor first
+                        value = (value[rows] if value.__class__ is _Tensor and value.dim()
+                                 else narrow(value, rows))
                     self.advance(lane, value)
         finally:
             self.current = prev

@@ -16,7 +16,7 @@ from support import assert_no_hooks, x_input
 from torch import nn
 
 from compiler import intervene
-from runtime import NNsight
+from runtime import NNsight, NotInTraceError
 from runtime.models import tiny_llama, tiny_mlp
 
 THIS_FILE = Path(__file__).resolve()
@@ -1161,3 +1161,40 @@ def test_out_of_order_read_in_branch_not_taken(mlp):
 
     x = x_input()
     assert torch.equal(maybe(model, x, False), _all_layer_outputs(ref, x)[3])
+
+
+# --------------------------------------------------------------------------------------
+# The envoy tree
+# --------------------------------------------------------------------------------------
+
+
+class _Named(nn.Module):
+    """Children named like an envoy's own methods and attributes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.trace = nn.Linear(2, 2)
+        self.lin = nn.Linear(2, 2)
+
+    def forward(self, x):
+        return self.lin(self.trace(x))
+
+
+def test_children_are_cached_attributes_that_hide_nothing():
+    model = NNsight(_Named())
+    first = model.lin
+    assert model.lin is first and model.__dict__["lin"] is first  # a plain attribute now
+    # A child called like one of the wrapper's methods (reached by path, as a plan's
+    # static path is): the method stays.
+    child = model._child("trace")
+    assert child._module is model._module.trace
+    assert "trace" not in model.__dict__
+    with pytest.raises(NotInTraceError):
+        model.trace(x_input(hidden=2))
+
+
+def test_a_replaced_child_gets_a_new_envoy():
+    model = NNsight(_Named())
+    old = model.lin
+    model.lin = nn.Linear(2, 2)
+    assert model.lin is not old and model.lin._module is model._module.lin
