@@ -22,8 +22,8 @@ from typing import Any
 
 import torch
 
-from . import memory, ours, plain, theirs, timing
-from .models import Trio, inputs, language_trio, mlp_trio, residue
+from . import memory, ours, plain, timing
+from .models import NNSIGHT_MISSING, Trio, inputs, language_trio, mlp_trio, residue, theirs
 
 SAMPLE_S = 50e-6  # shortest sample; shorter calls are repeated back to back
 PROMPT = "The quick brown fox jumps over the lazy dog because"
@@ -191,7 +191,8 @@ def measure(
     once: dict[str, float] = {}
     for side, fn in sides.items():
         if fn is None:
-            problems.setdefault(side, "not available")
+            problems.setdefault(side, NNSIGHT_MISSING if side.startswith("nnsight") and
+                                theirs is None else "not available")
             continue
         try:
             t0 = time.perf_counter()
@@ -284,7 +285,7 @@ def fixed_cost(cfg: Config) -> Outcome:
             {
                 "ours": _ours(getattr(ours, fn), trio.ours, x, *extra),
                 "plain": functools.partial(getattr(plain, fn), trio.plain, x, *extra),
-                "nnsight": functools.partial(getattr(theirs, fn), trio.nnsight, x, *extra),
+                "nnsight": _theirs(getattr, fn, trio.nnsight, x, *extra),
             },
             cfg,
             shared=trio.plain,
@@ -320,7 +321,7 @@ def scaling(cfg: Config) -> Outcome:
         idx = [i * 64 // k for i in range(k)]
         sides[f"ours@{k}"] = _ours(ours.save_loop, trio.ours, x, idx)
         sides[f"plain@{k}"] = functools.partial(plain.save_loop, trio.plain, x, idx)
-        sides[f"nnsight@{k}"] = functools.partial(theirs.save_loop, trio.nnsight, x, idx)
+        sides[f"nnsight@{k}"] = _theirs(getattr, "save_loop", trio.nnsight, x, idx)
     sides["forward"] = functools.partial(plain.forward, trio.plain, x)
     everything = measure(sides, cfg, reference=_same_count, shared=trio.plain,
                          budget_s=4 * cfg.budget_s)
@@ -369,8 +370,9 @@ def scaling(cfg: Config) -> Outcome:
         xs = [inputs(2, 32, seed=100 + i) for i in range(n)]
         sides[f"ours@{n}"] = _ours(getattr(gen, f"ours_invokes_{n}"), trio.ours, xs)
         sides[f"plain@{n}"] = functools.partial(plain.invokes, trio.plain, xs, 5)
-        sides[f"nnsight@{n}"] = functools.partial(getattr(gen, f"theirs_invokes_{n}"),
-                                                  trio.nnsight, xs)
+        sides[f"nnsight@{n}"] = (functools.partial(getattr(gen, f"theirs_invokes_{n}"),
+                                                   trio.nnsight, xs)
+                                 if trio.nnsight is not None else None)
     everything = measure(sides, cfg, reference=_same_count, shared=trio.plain,
                          budget_s=3 * cfg.budget_s)
     for n in INVOKES:
@@ -582,16 +584,19 @@ def compile_cost(cfg: Config) -> Outcome:
     parses = sum(counts.values())
 
     nn_counts: dict[str, int] = {}
-    xx = inputs(2, 32)
-    theirs.save_one(trio.nnsight, xx)
-    with _counting(nn_counts):
-        for _ in range(calls):
-            theirs.save_one(trio.nnsight, xx)
+    if trio.nnsight is not None:
+        xx = inputs(2, 32)
+        theirs.save_one(trio.nnsight, xx)
+        with _counting(nn_counts):
+            for _ in range(calls):
+                theirs.save_one(trio.nnsight, xx)
     row = Row(case, f"parses/compiles during {calls} later calls", float(parses), 0.0,
-              float(sum(nn_counts.values())), unit="count", target="0")
+              float(sum(nn_counts.values())) if trio.nnsight is not None else None,
+              unit="count", target="0")
     row.status = "PASS" if parses == 0 else "MISS"
     detail = ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "none"
-    nn_detail = ", ".join(f"{k} {v}" for k, v in sorted(nn_counts.items())) or "none"
+    nn_detail = (", ".join(f"{k} {v}" for k, v in sorted(nn_counts.items())) or "none"
+                 if trio.nnsight is not None else "not installed")
     row.note = (f"ours calls {what}: {detail} ({per_call:.0f} µs per call, 5 traces); "
                 f"nnsight, {calls} traces of one saved output: {nn_detail}")
     out.rows.append(row)
@@ -613,7 +618,8 @@ def memory_case(cfg: Config) -> Outcome:
     sides: dict[str, Callable[[], Any]] = {
         "ours": _ours(getattr(gen, f"ours_invokes_{n}"), trio.ours, xs),
         "plain": functools.partial(plain.invokes, trio.plain, xs, 5),
-        "nnsight": functools.partial(getattr(gen, f"theirs_invokes_{n}"), trio.nnsight, xs),
+        "nnsight": (functools.partial(getattr(gen, f"theirs_invokes_{n}"), trio.nnsight, xs)
+                    if trio.nnsight is not None else None),
     }
     reps = 1 if cfg.quick else 3
     peak: dict[str, float | None] = {}
@@ -622,6 +628,10 @@ def memory_case(cfg: Config) -> Outcome:
     problems: dict[str, str] = {}
     reference = sides["plain"]()
     for side, fn in sides.items():
+        if fn is None:
+            peak[side] = kept[side] = heap[side] = None
+            problems[side] = NNSIGHT_MISSING
+            continue
         try:
             if not agree(fn(), reference):
                 raise RuntimeError("wrong result (differs from plain hooks)")
@@ -645,6 +655,13 @@ def memory_case(cfg: Config) -> Outcome:
     out.rows.append(Row(case, "peak Python heap of the call (tracemalloc)", heap["ours"],
                         heap["plain"], heap["nnsight"], unit="KiB"))
     return out
+
+
+def _theirs(get, name: str, net, *args):
+    """nnsight's side of an experiment, or None (not timed) when nnsight is missing."""
+    if net is None or theirs is None:
+        return None
+    return functools.partial(get(theirs, name), net, *args)
 
 
 CASES: dict[str, Callable[[Config], Outcome]] = {

@@ -3,7 +3,7 @@
 nnsight wraps the modules it is given (it sets a ``forward`` attribute on every
 submodule), which slows any later plain forward of those modules, so nnsight
 runs its own copy of the same seeded weights.  intervene leaves nothing on a
-module between traces (its hooks are removed when a trace ends), so it shares
+module between traces (what it attaches is removed when a trace ends), so it shares
 the plain-hooks model: the key comparison then runs on the very same tensors
 in memory.  ``residue`` checks that promise after the runs.  Weights are frozen
 (``requires_grad_(False)``), as in inference: no autograd graph on any side.
@@ -18,6 +18,12 @@ from typing import Any
 import torch
 from torch import nn
 
+try:  # the bench extra (`make bench` installs it); without it nnsight's column is empty
+    from . import theirs
+except ImportError:
+    theirs = None  # type: ignore[assignment]
+
+NNSIGHT_MISSING = "nnsight is not installed (`make bench` installs the bench extra)"
 SEED = 0
 
 
@@ -61,10 +67,10 @@ class Trio:
 def mlp_trio(n_layers: int, hidden: int) -> Trio:
     from runtime import NNsight
 
-    from .theirs import Batched
-
     base = mlp(n_layers, hidden)
-    return Trio(ours=NNsight(base), plain=base, nnsight=Batched(copy.deepcopy(base)))
+    nns = theirs.Batched(copy.deepcopy(base)) if theirs is not None else None
+    return Trio(ours=NNsight(base), plain=base, nnsight=nns,
+                nnsight_error=None if theirs is not None else NNSIGHT_MISSING)
 
 
 def language_trio() -> tuple[Trio, Any]:
@@ -84,12 +90,13 @@ def language_trio() -> tuple[Trio, Any]:
         ours = LanguageModel(hf, tokenizer=tok)
     except Exception as exc:  # noqa: BLE001 - reported as "not supported yet"
         ours_error = f"{type(exc).__name__}: {exc}"
-    try:
-        from .theirs import language_model
-
-        nns = language_model(copy.deepcopy(hf), tok)
-    except Exception as exc:  # noqa: BLE001
-        nnsight_error = f"{type(exc).__name__}: {exc}"
+    if theirs is None:
+        nnsight_error = NNSIGHT_MISSING
+    else:
+        try:
+            nns = theirs.language_model(copy.deepcopy(hf), tok)
+        except Exception as exc:  # noqa: BLE001
+            nnsight_error = f"{type(exc).__name__}: {exc}"
     return Trio(ours, hf, nns, ours_error, nnsight_error), tok
 
 

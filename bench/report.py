@@ -195,7 +195,10 @@ def plot(outcomes: list[Outcome], path: str) -> bool:
     data = next((o.plot for o in outcomes if o.plot.get("checkpoints")), None)
     if data is None:
         return False
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:  # the bench extra is not installed
+        return False
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
