@@ -1,15 +1,17 @@
-"""Driving compiled lanes from hooks: the heart of the runtime.
+"""Driving compiled lanes from the model's modules: the heart of the runtime.
 
 Each lane is a generator that yields checkpoint requests (``read`` / ``write``
 of a module's output or input).  The interleaver starts every lane before the
-forward pass and parks it on the module it asks for, registering a hook on
-that module only.  When the hook fires, the parked lanes resume in source
-order with the live value, run on to their next request, and whatever they
-wrote becomes what the hook returns.  A request for a value the model has
-already produced is an ``OutOfOrderError`` thrown into the lane at the
-user's line; a lane still parked when the forward ends gets an error too,
-never a hang.  Grad mode is kept per lane, so a ``torch.no_grad()`` block in
-the experiment does not leak into the model's own computation.
+forward pass and parks it on the module it asks for.  Only modules something
+may wait for are attached: their ``forward`` is wrapped for the trace (outputs)
+or given a pre-hook (inputs); see ``Interleaver._attach``.  When the module
+runs, the parked lanes resume in source order with the live value, run on to
+their next request, and whatever they wrote is what the module returns.  A
+request for a value the model has already produced is an ``OutOfOrderError``
+thrown into the lane at the user's line; a lane still parked when the forward
+ends gets an error too, never a hang.  Grad mode is kept per lane, so a
+``torch.no_grad()`` block in the experiment does not leak into the model's own
+computation.
 """
 
 from __future__ import annotations
@@ -234,7 +236,7 @@ class Interleaver:
         self.sites = sites  # site number -> Checkpoint or Marker of the plan
         self.filename = filename
         self.waiting: dict[tuple[int, str], list[tuple[Lane, tuple, Any]]] = {}
-        self.hooks: dict[tuple[int, str], Any] = {}  # key -> what cleanup undoes
+        self.attached: dict[tuple[int, str], Any] = {}  # key -> what cleanup undoes
         self.fired: set[tuple[int, str]] = set()
         self.lanes: list[Lane] = []
 
@@ -298,7 +300,7 @@ class Interleaver:
                         self.waiting[key] = [(lane, req, lane.rows)]
                     else:
                         _add_waiter(waiters, (lane, req, lane.rows))
-                    if key not in self.hooks:
+                    if key not in self.attached:
                         self._attach_waited(module, phase, key)
                     return
                 if envoy.__class__ is _Control:
@@ -415,7 +417,7 @@ class Interleaver:
 
     def _ensure_step_hook(self) -> None:
         key = (id(self.root._module), "step")
-        if key in self.hooks:
+        if key in self.attached:
             return
         self.repeats = True
         if self.step_waiting is None:
@@ -433,7 +435,7 @@ class Interleaver:
                     sel.current = self.step
                     self.advance(lane, True)
 
-        self.hooks[key] = self.root._module.register_forward_pre_hook(step_hook, with_kwargs=True)
+        self.attached[key] = self.root._module.register_forward_pre_hook(step_hook, with_kwargs=True)
 
     def _narrow(self, value, rows, phase: str):
         """An invoke's rows of ``value``; module values are remembered when the trace
@@ -541,7 +543,7 @@ class Interleaver:
 
     def _attach_waited(self, module, phase: str, key) -> None:
         """Attach a module asked for while running (a dynamic path)."""
-        self.hooks[key] = self._attach(module, phase, key)
+        self.attached[key] = self._attach(module, phase, key)
         if not self.static:
             # Its input is taken in a pre-hook, after torch has looked up
             # `forward`: its output must be attached now too.
@@ -551,10 +553,10 @@ class Interleaver:
         """Before the run: attach the modules the plan names.  When that is every
         module the lanes can ask for, nothing needs attaching while running (so
         no ancestors either: see ``_attach_ancestors``)."""
-        hooks = self.hooks
+        attached = self.attached
         for module, phase in facts.attach:
             key = (id(module), phase)
-            hooks[key] = self._attach(module, phase, key)
+            attached[key] = self._attach(module, phase, key)
         self.static = facts.static
         if not facts.static:
             # A dynamic path may name an ancestor of these (`layer.output` after
@@ -641,13 +643,13 @@ class Interleaver:
         parents = self.parents
         if parents is None:
             parents = self.parents = self.root._parents()
-        hooks = self.hooks
+        attached = self.attached
         while node is not None:
             key = (id(node), OUT)
-            if key in hooks:
+            if key in attached:
                 return
-            hooks[key] = (_NOTHING if node.__class__ in _CONTAINERS
-                          else self._attach(node, OUT, key))
+            attached[key] = (_NOTHING if node.__class__ in _CONTAINERS
+                             else self._attach(node, OUT, key))
             node = parents.get(id(node))
 
     def _serve(self, ev: Event, waiters) -> Event:
@@ -787,9 +789,9 @@ class Interleaver:
             self.sessions.clear()
             if self.served:
                 self.served.clear()
-        for undo in reversed(self.hooks.values()):  # wrappers of one module unwind in order
+        for undo in reversed(self.attached.values()):  # wrappers of one module unwind in order
             _undo(undo)
-        self.hooks.clear()
+        self.attached.clear()
         self.waiting.clear()
         self.current = None
         for lane in self.lanes:

@@ -4,8 +4,9 @@ The compiled code opens ``with __iv.block(model, kind, index, *inputs) as
 tracer:``, registers each lane (``__iv.lane``), and on leaving the ``with``
 the tracer checks the plan against the model (static paths resolve, static
 checkpoints come in an order the model can produce), starts the lanes, runs
-the model's forward (or ``generate``) once and cleans up: every hook is
-removed and every lane closed, whether the run succeeded or not.
+the model's forward (or ``generate``) once and cleans up: every hook and
+wrapped ``forward`` is removed and every lane closed, whether the run
+succeeded or not.
 """
 
 from __future__ import annotations
