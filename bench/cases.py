@@ -416,8 +416,10 @@ def real_model(cfg: Config) -> Outcome:
                         if trio.nnsight is not None else None),
         },
         cfg,
-        budget_s=4.0 if cfg.quick else 25.0,
-        min_rounds=3 if cfg.quick else 15,
+        # 115 ms calls on a shared machine vary by ±4-8% from round to round: enough
+        # rounds that the median ratio is good to about ±1%.
+        budget_s=4.0 if cfg.quick else 50.0,
+        min_rounds=3 if cfg.quick else 30,
         warmup=1,
         errors=errors,
         shared=trio.plain,
