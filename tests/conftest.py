@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+import torch
 
 from runtime.models import DEFAULT_ALIAS, load_causal_lm, tiny_llama
 
@@ -22,3 +23,12 @@ def default_lm() -> tuple[Any, Any]:
 def tiny_lm() -> Any:
     """A fresh, seed-0 tiny Llama (cheap to build, so not shared between tests)."""
     return tiny_llama(0)
+
+
+@pytest.fixture
+def keep_grad_mode():
+    """Give back the grad mode a test found (the samples switch autograd off for
+    themselves)."""
+    enabled = torch.is_grad_enabled()
+    yield
+    torch.set_grad_enabled(enabled)

@@ -3,6 +3,7 @@ the path)."""
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -48,3 +49,28 @@ def load_sample(name: str):
     sys.modules[module_name] = module
     spec.loader.exec_module(module)
     return module
+
+
+def line_in(path: Path, marker: str) -> int:
+    """The line of ``path`` ending with ``marker`` (exactly once)."""
+    lines = [i for i, text in enumerate(path.read_text().splitlines(), 1)
+             if text.rstrip().endswith(marker)]
+    assert len(lines) == 1, (marker, lines)
+    return lines[0]
+
+
+@contextlib.contextmanager
+def forward_hooks(out=None, pre=None):
+    """Plain forward hooks ``out={module: fn(m, args, output)}`` and pre-hooks
+    ``pre={module: fn(m, args, kwargs)}`` for the body of the ``with``, removed after."""
+    handles = []
+    try:
+        for module, fn in (out or {}).items():
+            handles.append(module.register_forward_hook(fn))
+        for module, fn in (pre or {}).items():
+            handles.append(module.register_forward_pre_hook(fn, with_kwargs=True))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+

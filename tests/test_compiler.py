@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import snapshots
+from support import line_in
 
 from compiler import compile_function, intervene
 from compiler.plan import Checkpoint, Plan
@@ -22,10 +23,8 @@ THIS_FILE = Path(__file__).resolve()
 
 
 def line_of(marker: str) -> int:
-    lines = [i for i, text in enumerate(THIS_FILE.read_text().splitlines(), 1)
-             if text.rstrip().endswith(marker)]
-    assert len(lines) == 1, (marker, lines)
-    return lines[0]
+    """The line of this file ending with ``marker`` (exactly once)."""
+    return line_in(THIS_FILE, marker)
 
 
 def show_plan(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from support import assert_no_hooks
+from support import assert_no_hooks, line_in
 from torch import nn
 
 from compiler import CompileError, intervene
@@ -19,10 +19,8 @@ THIS_FILE = Path(__file__).resolve()
 
 
 def line_of(marker: str) -> int:
-    lines = [i for i, text in enumerate(THIS_FILE.read_text().splitlines(), 1)
-             if text.rstrip().endswith(marker)]
-    assert len(lines) == 1, (marker, lines)
-    return lines[0]
+    """The line of this file ending with ``marker`` (exactly once)."""
+    return line_in(THIS_FILE, marker)
 
 
 def x_input(seed: int = 1) -> torch.Tensor:

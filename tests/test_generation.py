@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from support import assert_no_hooks
+from support import assert_no_hooks, forward_hooks, line_in
 
 from compiler import intervene
 from runtime import LanguageModel
@@ -33,10 +33,8 @@ LAYER = 10
 
 
 def line_of(marker: str) -> int:
-    lines = [i for i, text in enumerate(THIS_FILE.read_text().splitlines(), 1)
-             if text.rstrip().endswith(marker)]
-    assert len(lines) == 1, (marker, lines)
-    return lines[0]
+    """The line of this file ending with ``marker`` (exactly once)."""
+    return line_in(THIS_FILE, marker)
 
 
 @pytest.fixture(scope="module")
@@ -61,13 +59,9 @@ def model(lm):
 def plain_generate(lm, prompt=PROMPT, hooks=None, **kwargs):
     """The wrapped model's own ``generate`` with forward hooks ``{module: fn}``."""
     kwargs = {"max_new_tokens": N, "do_sample": False, **kwargs}
-    handles = [m.register_forward_hook(fn) for m, fn in (hooks or {}).items()]
-    try:
+    with forward_hooks(hooks):
         enc = lm.tokenizer(prompt, return_tensors="pt")
         return lm._module.generate(**enc, **kwargs)
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def n_prompt(lm, prompt=PROMPT) -> int:

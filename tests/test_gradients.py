@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from support import assert_no_hooks, x_input
+from support import assert_no_hooks, forward_hooks, line_in, x_input
 
 from compiler import CompileError, intervene
 from runtime import MissedCheckpointError, NNsight, OutOfOrderError
@@ -29,17 +29,13 @@ THIS_FILE = Path(__file__).resolve()
 
 def line_of(marker: str) -> int:
     """The line of this file ending with ``marker`` (exactly once)."""
-    lines = [i for i, text in enumerate(THIS_FILE.read_text().splitlines(), 1)
-             if text.rstrip().endswith(marker)]
-    assert len(lines) == 1, (marker, lines)
-    return lines[0]
+    return line_in(THIS_FILE, marker)
 
 
 def reference_outputs(model, x, indices, *, edit=None):
     """Run plain ``model(x)`` capturing ``model.layers[i]`` outputs; ``edit={i: fn}``
     registers ``fn`` as a tensor hook on that output (a gradient edit)."""
     seen = {}
-    handles = []
 
     def capture(i):
         def hook(mod, args, out):
@@ -48,13 +44,8 @@ def reference_outputs(model, x, indices, *, edit=None):
                 out.register_hook(edit[i])
         return hook
 
-    try:
-        for i in indices:
-            handles.append(model.layers[i].register_forward_hook(capture(i)))
+    with forward_hooks({model.layers[i]: capture(i) for i in indices}):
         out = model(x)
-    finally:
-        for h in handles:
-            h.remove()
     return out, seen
 
 
@@ -552,25 +543,18 @@ def paris_grads(model, prompt, target):
 def plain_hf_grads(hf, ids, layers, loss_fn):
     """Plain transformers: capture ``model.layers[i]`` outputs, take autograd.grad."""
     seen = {}
-    handles = []
 
     def capture(i):
         def hook(mod, args, out):
             seen[i] = out[0] if isinstance(out, tuple) else out
         return hook
 
-    try:
+    with forward_hooks({hf.model.layers[i]: capture(i) for i in layers}), torch.enable_grad():
+        logits = hf(ids).logits
+        loss = loss_fn(logits)
         for i in layers:
-            handles.append(hf.model.layers[i].register_forward_hook(capture(i)))
-        with torch.enable_grad():
-            logits = hf(ids).logits
-            loss = loss_fn(logits)
-            for i in layers:
-                assert seen[i].requires_grad
-            return torch.autograd.grad(loss, [seen[i] for i in layers])
-    finally:
-        for h in handles:
-            h.remove()
+            assert seen[i].requires_grad
+        return torch.autograd.grad(loss, [seen[i] for i in layers])
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from support import assert_no_hooks
+from support import assert_no_hooks, forward_hooks
 
 from compiler import CompileError, intervene
 from runtime import LanguageModel, NNsight
@@ -49,12 +49,8 @@ def mlp():
 
 def alone(lm, prompt, hooks=None):
     """Logits of ``prompt`` run alone through the wrapped model, with forward hooks."""
-    handles = [m.register_forward_hook(fn) for m, fn in (hooks or {}).items()]
-    try:
+    with forward_hooks(hooks):
         return lm._module(**lm.tokenizer(prompt, return_tensors="pt")).logits
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def n_tokens(lm, prompt) -> int:
@@ -309,12 +305,8 @@ def test_an_invoke_with_a_list_of_two_prompts(model):
 
 def batched_with_hooks(model, prompts, hooks):
     """The batch ``prompts`` (equal lengths: no padding) through the wrapped model."""
-    handles = [m.register_forward_hook(fn) for m, fn in hooks.items()]
-    try:
+    with forward_hooks(hooks):
         return model._module(**model.tokenizer(prompts, return_tensors="pt")).logits
-    finally:
-        for h in handles:
-            h.remove()
 
 
 @pytest.mark.slow

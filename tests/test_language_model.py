@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from support import assert_no_hooks
+from support import assert_no_hooks, forward_hooks
 
 from compiler import intervene
 from runtime import LanguageModel
@@ -43,12 +43,8 @@ def no_hooks_left(lm):
 
 def plain_logits(lm, prompt=PROMPT, hooks=None):
     """``lm._module(**tok(prompt))`` with forward hooks ``{module: fn}`` (removed after)."""
-    handles = [m.register_forward_hook(fn) for m, fn in (hooks or {}).items()]
-    try:
+    with forward_hooks(hooks):
         return lm._module(**lm.tokenizer(prompt, return_tensors="pt")).logits
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def layer(lm, i):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from support import assert_no_hooks, x_input
+from support import assert_no_hooks, forward_hooks, line_in, x_input
 from torch import nn
 
 from compiler import intervene
@@ -28,26 +28,15 @@ THIS_FILE = Path(__file__).resolve()
 
 
 def line_of(marker: str) -> int:
-    """The line of this file holding ``marker`` (exactly once)."""
-    lines = [i for i, text in enumerate(THIS_FILE.read_text().splitlines(), 1)
-             if text.rstrip().endswith(marker)]
-    assert len(lines) == 1, (marker, lines)
-    return lines[0]
+    """The line of this file ending with ``marker`` (exactly once)."""
+    return line_in(THIS_FILE, marker)
 
 
 def with_hooks(module, x, *, out=None, pre=None, **kwargs):
     """Run ``module(x)`` with forward hooks ``out={submodule: fn}`` and pre hooks
     ``pre={submodule: fn}``, removing them afterwards."""
-    handles = []
-    try:
-        for sub, fn in (out or {}).items():
-            handles.append(sub.register_forward_hook(fn))
-        for sub, fn in (pre or {}).items():
-            handles.append(sub.register_forward_pre_hook(fn, with_kwargs=True))
+    with forward_hooks(out, pre):
         return module(x, **kwargs) if x is not None else module(**kwargs)
-    finally:
-        for h in handles:
-            h.remove()
 
 
 @pytest.fixture

@@ -9,18 +9,10 @@ from __future__ import annotations
 import re
 
 import pytest
-import torch
 from support import load_sample
 
-pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(autouse=True)
-def keep_grad_mode():
-    """The samples switch autograd off for themselves; give it back."""
-    enabled = torch.is_grad_enabled()
-    yield
-    torch.set_grad_enabled(enabled)
+# The samples switch autograd off for themselves: each test gets its grad mode back.
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("keep_grad_mode")]
 
 
 @pytest.mark.parametrize("name", ["basics", "patching", "barrier", "generation", "steering"])

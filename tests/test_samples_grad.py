@@ -10,17 +10,10 @@ import re
 
 import pytest
 import torch
-from support import load_sample
+from support import forward_hooks, load_sample
 
-pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(autouse=True)
-def keep_grad_mode():
-    """The samples may switch autograd off for themselves; give it back."""
-    enabled = torch.is_grad_enabled()
-    yield
-    torch.set_grad_enabled(enabled)
+# The samples switch autograd off for themselves: each test gets its grad mode back.
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("keep_grad_mode")]
 
 
 @pytest.fixture(scope="module")
@@ -71,16 +64,11 @@ def test_attribution_matches_plain_autograd(lm):
     where = sample.token_positions(tok, sample.PROMPT, sample.SUBJECT)
     assert [tok.decode(ids[0, i]) for i in where] == [" E", "iffel"]
     seen = []
-    handles = [layer.register_forward_hook(
-        lambda m, a, o: seen.append(o[0] if isinstance(o, tuple) else o))
-        for layer in hf.model.layers]
-    try:
-        with torch.enable_grad():
-            target = hf(ids).logits[0, -1, answer_id]
-            grads = torch.autograd.grad(target, seen)
-    finally:
-        for h in handles:
-            h.remove()
+    hooks = {layer: lambda m, a, o: seen.append(o[0] if isinstance(o, tuple) else o)
+             for layer in hf.model.layers}
+    with forward_hooks(hooks), torch.enable_grad():
+        target = hf(ids).logits[0, -1, answer_id]
+        grads = torch.autograd.grad(target, seen)
     assert logit == pytest.approx(float(target.detach()), abs=1e-4)
     for i, (g, h) in enumerate(zip(grads, seen)):
         a = (g * h).sum(-1)[0].detach()

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from support import assert_no_hooks, x_input
+from support import assert_no_hooks, forward_hooks, x_input
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensor
 
@@ -31,13 +31,9 @@ PROMPT = "The Eiffel Tower is in the city of"
 def plain_outputs(module, x, names):
     """``module(x)`` with forward hooks capturing the outputs of submodules ``names``."""
     seen = {}
-    handles = [module.get_submodule(n).register_forward_hook(
-        lambda m, a, o, n=n: seen.setdefault(n, o)) for n in names]
-    try:
+    with forward_hooks({module.get_submodule(n): lambda m, a, o, n=n: seen.setdefault(n, o)
+                        for n in names}):
         out = module(x)
-    finally:
-        for h in handles:
-            h.remove()
     return out, seen
 
 
@@ -573,15 +569,10 @@ def test_default_model_cache_matches_hooks(lm):
     hf = lm._module
     ids = lm.tokenizer(PROMPT, return_tensors="pt")["input_ids"]
     seen = {}
-    handles = [hf.model.layers[i].register_forward_hook(
-        lambda m, a, o, i=i: seen.setdefault(i, o[0] if isinstance(o, tuple) else o))
-        for i in (0, 29)]
-    try:
-        with torch.no_grad():
-            hf(ids)
-    finally:
-        for h in handles:
-            h.remove()
+    hooks = {hf.model.layers[i]: lambda m, a, o, i=i: seen.setdefault(
+        i, o[0] if isinstance(o, tuple) else o) for i in (0, 29)}
+    with forward_hooks(hooks), torch.no_grad():
+        hf(ids)
     assert sorted(cache) == ["model.model.layers.0", "model.model.layers.29"]
     assert torch.equal(cache["model.model.layers.0"].output, seen[0])
     assert torch.equal(cache.model.model.layers[29].output, seen[29])
