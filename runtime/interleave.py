@@ -222,7 +222,6 @@ class Interleaver:
     static = False  # every module the lanes can ask for was attached before the run
     current_site = None  # the request being served (for messages)
     current: Event | None = None
-    parents: dict | None = None  # id(module) -> parent module, when needed
     # Made on first use:
     step_waiting: dict[int, list[tuple[Lane, tuple]]] | None = None
     end_waiting: list[Lane] | None = None
@@ -545,9 +544,7 @@ class Interleaver:
         """Attach a module asked for while running (a dynamic path)."""
         self.attached[key] = self._attach(module, phase, key)
         if not self.static:
-            # Its input is taken in a pre-hook, after torch has looked up
-            # `forward`: its output must be attached now too.
-            self._attach_ancestors(module if phase == PRE else self._parent(module))
+            self._attach_ancestors(module, phase)
 
     def attach_static(self, facts) -> None:
         """Before the run: attach the modules the plan names.  When that is every
@@ -562,7 +559,7 @@ class Interleaver:
             # A dynamic path may name an ancestor of these (`layer.output` after
             # `model.layers[0].mlp.output`): take theirs too, before the run.
             for module, phase in facts.attach:
-                self._attach_ancestors(module if phase == PRE else self._parent(module))
+                self._attach_ancestors(module, phase)
 
     # -- where values are taken ---------------------------------------------------
     def _attach(self, module, phase: str, key):
@@ -625,14 +622,10 @@ class Interleaver:
         attrs["forward"] = forward
         return (_FORWARD, module, prev)
 
-    def _parent(self, module):
-        parents = self.parents
-        if parents is None:
-            parents = self.parents = self.root._parents()
-        return parents.get(id(module))
-
-    def _attach_ancestors(self, node) -> None:
-        """Take the outputs of ``node`` and its ancestors, while they have not started.
+    def _attach_ancestors(self, module, phase: str) -> None:
+        """Take the outputs of ``module``'s ancestors too, while they have not started
+        (and ``module``'s own when its input was attached: that is taken in a pre-hook,
+        after torch has looked up ``forward``).
 
         A wrapped ``forward`` (or a hook) only works for calls that begin after it is
         in place, and an ancestor's output is often asked for later, while the
@@ -640,10 +633,9 @@ class Interleaver:
         whenever a module is attached, so are its ancestors; the walk stops at one
         attached already (its ancestors were attached with it).  Lists of modules
         are never called and get nothing."""
-        parents = self.parents
-        if parents is None:
-            parents = self.parents = self.root._parents()
+        parents = self.root._parents()  # built once per model
         attached = self.attached
+        node = module if phase == PRE else parents.get(id(module))
         while node is not None:
             key = (id(node), OUT)
             if key in attached:
