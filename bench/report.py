@@ -206,49 +206,45 @@ def plot(outcomes: list[Outcome], path: str) -> bool:
     invokes = data.get("invokes")
     panels = 2 if invokes and any(v is not None for v in invokes["series"]["ours"]) else 1
     fig, axes = plt.subplots(1, panels, figsize=(6.5 * panels, 4.5), squeeze=False)
-    ax = axes[0][0]
-    ks = data["checkpoints"]
-    styles = {"ours": ("tab:blue", "o", "-"), "plain": ("tab:green", "s", "-"),
-              "nnsight": ("tab:red", "^", "-"), "forward": ("gray", "", "--")}
-    for side, ys in data["series"].items():
-        pts = [(k, y) for k, y in zip(ks, ys) if y is not None]
-        if not pts:
-            continue
-        color, marker, line = styles[side]
+
+    def label(side: str) -> str:
         s = data["slopes"].get(side)
-        label = SIDE_LABELS.get(side, "forward, no hooks")
-        if s is not None and side != "forward":
-            label += f" ({s:.2f} µs/checkpoint)"
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, linestyle=line,
-                color=color, label=label)
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(ks, [str(k) for k in ks])
-    ax.set_xlabel("checkpoints (saved layer outputs) per trace")
-    ax.set_ylabel("median time per trace (µs)")
-    ax.set_title("64-layer MLP (hidden 32, batch 2), 1 CPU thread")
-    ax.set_ylim(bottom=0)
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
+        text = SIDE_LABELS.get(side, "forward, no hooks")
+        return text + (f" ({s:.2f} µs/checkpoint)" if s is not None and side != "forward" else "")
+
+    _panel(axes[0][0], data["checkpoints"], data["series"], label,
+           "checkpoints (saved layer outputs) per trace",
+           "64-layer MLP (hidden 32, batch 2), 1 CPU thread")
     if panels == 2:
-        ax = axes[0][1]
-        ns = invokes["counts"]
-        for side, ys in invokes["series"].items():
-            pts = [(n, y) for n, y in zip(ns, ys) if y is not None]
-            if pts:
-                color, marker, line = styles[side]
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker,
-                        linestyle=line, color=color, label=SIDE_LABELS[side])
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(ns, [str(n) for n in ns])
-        ax.set_xlabel("invokes per trace (2 rows each)")
-        ax.set_ylabel("median time per trace (µs)")
-        ax.set_title("12-layer MLP (hidden 32), one saved output per invoke")
-        ax.set_ylim(bottom=0)
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8)
+        _panel(axes[0][1], invokes["counts"], invokes["series"], SIDE_LABELS.__getitem__,
+               "invokes per trace (2 rows each)",
+               "12-layer MLP (hidden 32), one saved output per invoke")
     fig.tight_layout()
     tmp = path + ".tmp"
     fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
     os.replace(tmp, path)
     return True
+
+
+_STYLES = {"ours": ("tab:blue", "o", "-"), "plain": ("tab:green", "s", "-"),
+           "nnsight": ("tab:red", "^", "-"), "forward": ("gray", "", "--")}
+
+
+def _panel(ax, xs: list, series: dict, label, xlabel: str, title: str) -> None:
+    """One panel: median time per trace of each side against ``xs`` (log 2 axis)."""
+    for side, ys in series.items():
+        pts = [(x, y) for x, y in zip(xs, ys) if y is not None]
+        if not pts:
+            continue
+        color, marker, line = _STYLES[side]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, linestyle=line,
+                color=color, label=label(side))
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(xs, [str(x) for x in xs])
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("median time per trace (µs)")
+    ax.set_title(title)
+    ax.set_ylim(bottom=0)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
