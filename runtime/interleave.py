@@ -240,11 +240,10 @@ class Interleaver:
         self.lanes: list[Lane] = []
 
     # -- lanes -----------------------------------------------------------------
-    def start(self, fn, index: int, rows=None, grad: bool | None = None) -> None:
-        """Run lane ``fn`` to its first request; ``grad``: the grad mode it starts in
-        (the caller's, unless given)."""
+    def start(self, fn, index: int, rows, grad: bool) -> None:
+        """Run lane ``fn`` to its first request; ``grad``: the grad mode it starts in."""
         gen = fn()
-        lane = Lane(gen, index, rows, torch.is_grad_enabled() if grad is None else grad)
+        lane = Lane(gen, index, rows, grad)
         self.lanes.append(lane)
         if gen.__class__ is not GeneratorType:  # a lane without checkpoints has already run
             lane.done = True
