@@ -1,8 +1,8 @@
 """Compiles @intervene experiment functions into checkpointed code and a plan.
 
 Public surface: ``intervene`` (the decorator) and ``CompileError``.  The
-compiler never imports torch or a model; the runtime is imported on the first
-call of a compiled function.
+compiler never imports torch or a model: the runtime is loaded at decoration
+only when torch already is, otherwise on the first call of a compiled function.
 """
 
 from __future__ import annotations
@@ -35,23 +35,24 @@ def intervene(fn: F) -> F:
     rewritten source).
     """
     compiled = compile_function(fn)
+
+    def build():
+        from runtime.api import handle_for
+
+        return compiled.build(handle_for(compiled.plan), fn)
+
     if "torch" in sys.modules:
         # torch is loaded already, so the runtime is cheap to load: build now and hand
         # out the built function itself (a call costs nothing on top of the code).
-        from runtime.api import handle_for
-
-        built = functools.update_wrapper(compiled.build(handle_for(compiled.plan), fn), fn)
-        return _with_plan(built, compiled)
+        return _with_plan(functools.update_wrapper(build(), fn), compiled)
     built = None
 
     @functools.wraps(fn)
     def run(*args, **kwargs):
-        # First call: load the runtime (and torch), which decorating never does.
+        # First call: load the runtime (and torch), which decorating then did not.
         nonlocal built
         if built is None:
-            from runtime.api import handle_for
-
-            built = compiled.build(handle_for(compiled.plan), fn)
+            built = build()
         return built(*args, **kwargs)
 
     return _with_plan(run, compiled)
