@@ -10,6 +10,7 @@ envoy is only a name for a module and a place to report mistakes well.
 from __future__ import annotations
 
 import difflib
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -19,19 +20,58 @@ from .errors import NotInTraceError
 
 _VALUE_NAMES = ("output", "input", "inputs")
 
+# A child module whose name is a value name (BERT's `BertOutput` at `layer.output`) is
+# reached with a trailing underscore: `layer.output_` (the compiler leaves that name alone).
+_ESCAPED = {name + "_": name for name in _VALUE_NAMES}
+
+# nnsight names we do not have: a clear "not supported" instead of "no child module".
+_NOT_SUPPORTED = {
+    "skip": "skipping a module is not supported: the module runs; replace what it returns "
+    "with `m.output = value` instead",
+    "next": "`.next()` is not supported: select generation steps with `with tracer.iter[k]:` "
+    "or `with tracer.all():` in a generate block",
+    "all": "`module.all()` is not supported: use `with tracer.all():` in a generate block",
+    "iter": "`module.iter[...]` is not supported: use `with tracer.iter[...]:` in a generate "
+    "block",
+    "source": "`.source` (values inside a module's own forward code) is not supported: read "
+    "the inputs and outputs of its submodules",
+    "edit": "persistent edits (`.edit()`) are not supported: put the intervention in the "
+    "experiment, it runs on every call",
+    "export_edits": "persistent edits are not supported",
+    "import_edits": "persistent edits are not supported",
+    "clear_edits": "persistent edits are not supported",
+    "session": "sessions are not supported: write several trace blocks in one @intervene "
+    "function (a later block can use what an earlier one saved)",
+}
+
+# Module methods that return the module itself: on an envoy they return the envoy, so
+# `model = NNsight(net).to(device)` keeps the wrapper.
+_RETURNS_SELF = (
+    "to", "cuda", "cpu", "xpu", "mps", "float", "double", "half", "bfloat16", "type",
+    "eval", "train", "requires_grad_", "share_memory", "apply", "to_empty",
+)
+
 
 class Envoy:
     """A module of the wrapped model, named by its path (``model.layers.3``)."""
 
     # `__dict__` holds children seen before under their names (see `_child`), so that
     # `model.layers` is a plain attribute read, not a failed lookup and `__getattr__`.
-    __slots__ = ("__dict__", "_children", "_module", "_path", "_root")
+    # The root is held weakly (`_root_ref`): a strong reference from the root to itself
+    # or from its children back to it would keep the model alive after `del model` until
+    # the cyclic collector runs.
+    __slots__ = ("__dict__", "__weakref__", "_children", "_module", "_path", "_root_ref")
 
     def __init__(self, module: torch.nn.Module, path: str, root: Envoy | None) -> None:
         object.__setattr__(self, "_module", module)
         object.__setattr__(self, "_path", path)
-        object.__setattr__(self, "_root", root if root is not None else self)
+        object.__setattr__(self, "_root_ref", None if root is None else weakref.ref(root))
         object.__setattr__(self, "_children", {})
+
+    @property
+    def _root(self) -> Envoy:
+        ref = self._root_ref
+        return self if ref is None else ref()
 
     # -- navigation --------------------------------------------------------
     def _child(self, key: str) -> Envoy:
@@ -54,13 +94,19 @@ class Envoy:
             return getattr(module, name)
         except AttributeError:
             pass
+        escaped = _ESCAPED.get(name)
+        if escaped is not None and module._modules.get(escaped) is not None:
+            return self._child(escaped)  # `layer.output_`: the child module named `output`
+        if name in _NOT_SUPPORTED:
+            raise AttributeError(f"`{self._path}.{name}`: {_NOT_SUPPORTED[name]}") from None
         children = [k for k, v in module._modules.items() if v is not None]
-        close = difflib.get_close_matches(name, children, n=1)
+        shown = [k + "_" if k in _VALUE_NAMES else k for k in children]
+        close = difflib.get_close_matches(name, shown, n=1)
         hint = f" Did you mean `{close[0]}`?" if close else ""
-        listing = ", ".join(children) if children else "none"
+        listing = ", ".join(shown) if shown else "none"
         raise AttributeError(
             f"`{self._path}` ({type(module).__name__}) has no child module or attribute "
-            f"`{name}`.{hint} Its children: {listing}"
+            f"`{name}`.{hint} Its children: {listing}{_escape_note(children)}"
         ) from None
 
     def __setattr__(self, name: str, value: Any) -> None:
@@ -123,17 +169,26 @@ class Envoy:
         return env
 
     # -- values outside a trace --------------------------------------------
+    def _not_in_trace(self, what: str) -> NotInTraceError:
+        exc = NotInTraceError(self._path, what)
+        if self._module._modules.get(what) is not None:
+            exc.args = (
+                f"{exc.args[0]}. `{self._path}` also has a child module named `{what}`: "
+                f"reach that module as `{self._path}.{what}_`",
+            )
+        return exc
+
     @property
     def output(self):
-        raise NotInTraceError(self._path, "output")
+        raise self._not_in_trace("output")
 
     @property
     def input(self):
-        raise NotInTraceError(self._path, "input")
+        raise self._not_in_trace("input")
 
     @property
     def inputs(self):
-        raise NotInTraceError(self._path, "inputs")
+        raise self._not_in_trace("inputs")
 
     # -- plain use ----------------------------------------------------------
     def __call__(self, *args, **kwargs):
@@ -143,7 +198,33 @@ class Envoy:
         return f"Envoy({self._path}): {self._module!r}"
 
     def __dir__(self):
-        return sorted(set(super().__dir__()) | set(self._module._modules) | set(dir(self._module)))
+        children = {k + "_" if k in _VALUE_NAMES else k for k in self._module._modules}
+        return sorted(set(super().__dir__()) | children | set(dir(self._module)))
+
+
+def _returning_self(name: str):
+    def method(self, *args, **kwargs):
+        out = getattr(self._module, name)(*args, **kwargs)
+        return self if out is self._module else out
+
+    method.__name__ = method.__qualname__ = name
+    method.__doc__ = f"``module.{name}(...)``; returns this envoy where the module returns itself."
+    return method
+
+
+for _name in _RETURNS_SELF:
+    setattr(Envoy, _name, _returning_self(_name))
+del _name
+
+
+def _escape_note(children) -> str:
+    named = [k for k in children if k in _VALUE_NAMES]
+    if not named:
+        return ""
+    return (
+        f" (a child module named `{named[0]}` is reached as `.{named[0]}_`: "
+        f"`.{named[0]}` is the module's value)"
+    )
 
 
 _CLASS_NAMES: dict[type, frozenset[str]] = {}

@@ -10,13 +10,24 @@ forward call.
 
 from __future__ import annotations
 
+import inspect
+import typing
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 
 from .envoy import Envoy
 from .models import encode, load_causal_lm
-from .nnsight import NNsight
+from .nnsight import NNsight, invoke_name, merge_keyword
+
+# The inputs `encode` pads and checks; given as keywords (`model.trace(input_ids=...)`)
+# they are encoded like a dict input.
+_ENCODED = ("input_ids", "attention_mask", "position_ids")
+# Extra inputs with one entry per token: left-padded like input_ids when invokes batch.
+_TOKEN_ALIGNED = frozenset({"token_type_ids"})
+# Keywords transformers' wrappers take around every forward that has **kwargs.
+_GENERIC = frozenset({"return_dict", "output_attentions", "output_hidden_states", "use_cache"})
 
 
 class _Generator(torch.nn.Module):
@@ -78,6 +89,30 @@ class LanguageModel(NNsight):
             return self._module.generate(**enc, **kwargs)
         return self._module.generate(*args, **kwargs)
 
+    # -- what the forward takes ------------------------------------------------------
+    def _forward_inputs(self) -> tuple[tuple, frozenset]:
+        """(the forward's named parameters, every keyword it uses): a keyword in neither
+        would be swallowed by ``**kwargs`` and ignored."""
+        return forward_inputs(self._module)
+
+    def _check_keywords(self, kind: str, kwargs: dict) -> None:
+        named, accepted = self._forward_inputs()
+        unknown = [k for k in kwargs if k not in accepted]
+        if not unknown:
+            return
+        more = sorted(accepted - set(named))
+        others = f" (and transformers' own keywords: {', '.join(more)})" if more else ""
+        hint = ""
+        if kind == "trace":
+            hint = (" Generation settings (max_new_tokens, do_sample, ...) belong in "
+                    "`model.generate(...)`.")
+        raise TypeError(
+            f"`model.{kind}(...)`: {type(self._module).__name__}.forward does not take "
+            f"{', '.join(f'`{k}`' for k in unknown)} (transformers would ignore "
+            f"{'it' if len(unknown) == 1 else 'them'} silently).{hint} It takes: "
+            f"{', '.join(named)}{others}"
+        )
+
     # -- inputs ----------------------------------------------------------------------
     def _device(self) -> torch.device:
         try:
@@ -87,55 +122,133 @@ class LanguageModel(NNsight):
 
     def _encode(self, inputs: Any) -> dict:
         enc = encode(self.tokenizer, inputs)
+        explicit = isinstance(inputs, Mapping) and inputs.get("position_ids") is not None
+        if not explicit and "position_ids" not in self._forward_inputs()[0]:
+            # Positions we made ourselves go only to a forward that names them (several
+            # transformers 4.x causal LMs refuse them; they derive positions from the mask).
+            del enc["position_ids"]
+        self._check_vocabulary(enc["input_ids"])
         device = self._device()
-        return {k: v.to(device) for k, v in enc.items()}
+        return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in enc.items()}
+
+    def _check_vocabulary(self, ids: torch.Tensor) -> None:
+        embeddings = getattr(self._module, "get_input_embeddings", None)
+        size = getattr(embeddings() if embeddings is not None else None, "num_embeddings", None)
+        if size is None:
+            size = getattr(getattr(self._module, "config", None), "vocab_size", None)
+        if not isinstance(size, int) or ids.numel() == 0:
+            return
+        bad = ((ids < 0) | (ids >= size)).nonzero()
+        if len(bad):
+            row, col = bad[0].tolist()
+            raise ValueError(
+                f"token id {int(ids[row, col])} (row {row}, position {col}) is outside the "
+                f"vocabulary of {type(self._module).__name__}: ids go from 0 to {size - 1}"
+            )
 
     def _prepare(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        if len(args) != 1:
+        """One input, positional (a prompt, prompts, token ids, a dict) or as keywords
+        (``input_ids=``, ``attention_mask=``, ``position_ids=``); other keywords pass on."""
+        if len(args) > 1:
             raise TypeError(
                 f"a LanguageModel trace takes one input (a prompt, a list of prompts, token "
                 f"ids or a dict with input_ids); got {len(args)} positional arguments"
             )
-        return (), {**self._encode(args[0]), **kwargs}
+        kwargs = dict(kwargs)
+        given = {k: kwargs.pop(k) for k in _ENCODED if k in kwargs}
+        if args:
+            if given:
+                raise TypeError(
+                    f"the input is given twice: positionally and as `{next(iter(given))}=`; "
+                    "pass it one way"
+                )
+            inputs = args[0]
+        elif "input_ids" in given:
+            inputs = given
+        elif given:
+            raise TypeError(
+                f"`{next(iter(given))}=` is given without `input_ids=`: pass the token ids "
+                "too (or the input positionally)"
+            )
+        elif kwargs:
+            return (), kwargs  # other model inputs only (inputs_embeds=, pixel_values=, ...)
+        else:
+            raise TypeError(
+                "a LanguageModel trace takes one input (a prompt, a list of prompts, token "
+                "ids, a dict with input_ids, or input_ids=... as a keyword); got none"
+            )
+        enc = self._encode(inputs)
+        twice = [k for k in kwargs if k in enc]
+        if twice:
+            raise TypeError(f"`{twice[0]}` is given twice: in the input and as a keyword")
+        return (), {**enc, **kwargs}
 
-    def _batch(self, inputs: list) -> tuple[tuple, dict, list]:
-        encoded = []
+    def _batch(self, inputs: list, lanes=None) -> tuple[tuple, dict, list]:
+        """Each invoke's input encoded on its own, then left-padded into one batch; every
+        other model input (``token_type_ids``, ``decoder_input_ids``, ...) is batched too:
+        token-aligned ones left-padded, the rest concatenated along dim 0."""
+        encoded: list = []
         for index, item in enumerate(inputs):
             if item is None:
                 encoded.append(None)
                 continue
-            args, kwargs = item
-            if len(args) != 1 or kwargs:
+            try:
+                _, enc = self._prepare(*item)
+            except (TypeError, ValueError) as exc:
+                raise type(exc)(f"{invoke_name(index, lanes)}: {exc}") from None
+            if "input_ids" not in enc:
                 raise TypeError(
-                    f"invoke {index}: `tracer.invoke(...)` takes one input (a prompt, a list "
-                    "of prompts, token ids or a dict with input_ids)"
+                    f"{invoke_name(index, lanes)}: an invoke needs an input (a prompt, token "
+                    "ids or input_ids=...) to give it rows of the batch"
                 )
-            encoded.append(self._encode(args[0]))
+            encoded.append((index, enc))
         given = [e for e in encoded if e is not None]
         if not given:
             raise ValueError(
                 "every invoke of this trace is `tracer.invoke()` with no input: give at least "
                 "one invoke an input"
             )
-        width = max(e["input_ids"].shape[1] for e in given)
+        first_index, first = given[0]
+        for index, enc in given[1:]:
+            if enc.keys() != first.keys():
+                extra = sorted(enc.keys() ^ first.keys())
+                raise ValueError(
+                    f"{invoke_name(index, lanes)}: its model inputs {sorted(enc)} differ from "
+                    f"{invoke_name(first_index, lanes)}'s {sorted(first)} (in {extra}): every "
+                    "invoke with an input gives the same kinds of input"
+                )
+        width = max(enc["input_ids"].shape[1] for _, enc in given)
         pad_id = self._pad_id()
-        ids, masks, rows = [], [], []
+        rows: list = []
         start = 0
-        for e in encoded:
-            if e is None:
+        for item in encoded:
+            if item is None:
                 rows.append(None)
                 continue
-            n, length = e["input_ids"].shape
-            pad = width - length
-            ids.append(torch.nn.functional.pad(e["input_ids"], (pad, 0), value=pad_id))
-            masks.append(torch.nn.functional.pad(e["attention_mask"], (pad, 0), value=0))
+            n = item[1]["input_ids"].shape[0]
             rows.append(slice(start, start + n))
             start += n
-        input_ids = torch.cat(ids)
-        attention_mask = torch.cat(masks)
-        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        return (), {"input_ids": input_ids, "attention_mask": attention_mask,
-                    "position_ids": position_ids}, rows
+        batch: dict = {}
+        for key in first:
+            if key in _ENCODED or key in _TOKEN_ALIGNED:
+                fill = pad_id if key == "input_ids" else 0
+                parts = []
+                for index, enc in given:
+                    value = enc[key]
+                    if value.shape[:2] != enc["input_ids"].shape:
+                        raise ValueError(
+                            f"{invoke_name(index, lanes)}: `{key}` has shape "
+                            f"{tuple(value.shape)} but its input_ids have "
+                            f"{tuple(enc['input_ids'].shape)}"
+                        )
+                    pad = width - value.shape[1]
+                    parts.append(torch.nn.functional.pad(value, (pad, 0), value=fill))
+                batch[key] = torch.cat(parts)
+            else:
+                batch[key] = merge_keyword(
+                    key, [(i, enc[key], enc["input_ids"].shape[0]) for i, enc in given], lanes
+                )
+        return (), batch, rows
 
     def _pad_id(self) -> int:
         tok = self.tokenizer
@@ -146,6 +259,8 @@ class LanguageModel(NNsight):
 
     # -- running ------------------------------------------------------------------------
     def _run(self, kind: str, args: tuple, kwargs: dict, tracer) -> Any:
+        if kind in ("trace", "scan"):
+            self._check_keywords(kind, kwargs)
         if kind == "trace":
             return self._module(*args, **kwargs)
         if kind == "generate":
@@ -153,3 +268,45 @@ class LanguageModel(NNsight):
             kwargs = {k: v for k, v in kwargs.items() if k != "position_ids"}
             return self._module.generate(*args, **kwargs)
         return super()._run(kind, args, kwargs, tracer)
+
+
+_FORWARD_INPUTS: dict[Any, tuple[tuple, frozenset]] = {}
+
+
+def forward_inputs(module: torch.nn.Module) -> tuple[tuple, frozenset]:
+    """(named parameters of ``module.forward``, every keyword it uses).  A forward with
+    ``**kwargs: Unpack[SomeTypedDict]`` uses that dict's keys (and transformers' generic
+    ``return_dict``, ``output_attentions`` ...); plain ``**kwargs`` of a transformers model
+    uses ``TransformersKwargs``' keys."""
+    forward = type(module).forward
+    got = _FORWARD_INPUTS.get(forward)
+    if got is not None:
+        return got
+    params = inspect.signature(module.forward).parameters.values()
+    named = tuple(
+        p.name for p in params
+        if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    )
+    extra: set[str] = set()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        keys = None
+        try:
+            hints = typing.get_type_hints(forward)
+        except Exception:  # noqa: BLE001 - unresolvable annotations: fall back below
+            hints = {}
+        for p in params:
+            if p.kind is inspect.Parameter.VAR_KEYWORD:
+                hint = hints.get(p.name, p.annotation)
+                if typing.get_origin(hint) is typing.Unpack:
+                    hint = typing.get_args(hint)[0]
+                keys = getattr(hint, "__annotations__", None)
+        if keys is None:
+            try:
+                from transformers.utils import TransformersKwargs
+
+                keys = TransformersKwargs.__annotations__
+            except ImportError:  # pragma: no cover - transformers 4.x without it
+                keys = {}
+        extra = set(keys) | _GENERIC
+    got = _FORWARD_INPUTS[forward] = (named, frozenset(named) | frozenset(extra))
+    return got

@@ -59,8 +59,11 @@ _REQUIRED_FILES = ("config.json", "model.safetensors")
 _ACCEPTED_INPUTS = (
     "a str; a list of str; token ids as list[int] or list[list[int]] (ragged rows are "
     "left-padded); a 1-D or 2-D integer torch.Tensor; or a dict/BatchEncoding with "
-    "'input_ids' (and optionally 'attention_mask' and 'position_ids')"
+    "'input_ids' (and optionally 'attention_mask', 'position_ids' and any other input the "
+    "model's forward takes, such as 'token_type_ids' or 'decoder_input_ids')"
 )
+# The keys encode() itself pads and checks; any other key of a dict input travels as given.
+_ENCODED_KEYS = ("input_ids", "attention_mask", "position_ids")
 
 
 def _log(message: str) -> None:
@@ -83,9 +86,55 @@ def cache_root() -> Path:
     return Path.home() / ".cache" / "intervene"
 
 
+def _transformers_major() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("transformers").split(".")[0]
+    except PackageNotFoundError:  # pragma: no cover - transformers is a dependency
+        return "unknown"
+
+
 def default_model_dir() -> Path:
-    """Return the folder that holds (or will hold) the converted default model."""
-    return cache_root() / _MODEL_DIRNAME
+    """Return the folder that holds (or will hold) the converted default model.
+
+    The conversion's files depend on the transformers version that made them (a 5.x
+    tokenizer file does not load in 4.x; a 4.x conversion adds a BOS token), so there is
+    one folder per transformers major version: ``<cache_root>/transformers-5/...``.
+    """
+    return cache_root() / f"transformers-{_transformers_major()}" / _MODEL_DIRNAME
+
+
+def _made_by_this_major(folder: Path) -> bool:
+    import json
+
+    try:
+        made = json.loads((folder / "config.json").read_text()).get("transformers_version", "")
+    except (OSError, ValueError):
+        return False
+    return isinstance(made, str) and made.split(".")[0] == _transformers_major()
+
+
+def _adopt_legacy(target: Path) -> bool:
+    """A cache from before the per-version folders (``<cache_root>/smollm2-135m-instruct``),
+    made by this transformers major version, is linked into ``target`` (no download)."""
+    legacy = cache_root() / _MODEL_DIRNAME
+    if not (_is_complete(legacy) and _made_by_this_major(legacy)):
+        return False
+    staging = target.parent / f".{target.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    staging.mkdir()
+    try:
+        for path in legacy.iterdir():
+            if path.is_file():
+                try:
+                    os.link(path, staging / path.name)
+                except OSError:
+                    shutil.copy2(path, staging / path.name)
+        _install_atomically(staging, target)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return _is_complete(target)
 
 
 def _is_complete(folder: Path) -> bool:
@@ -214,6 +263,8 @@ def ensure_default_model(progress: bool = True) -> Path:
         return target
 
     target.parent.mkdir(parents=True, exist_ok=True)
+    if _adopt_legacy(target):
+        return target
     with tempfile.TemporaryDirectory(prefix="intervene-fetch-") as tmp:
         tmp_dir = Path(tmp)
         if progress:
@@ -453,7 +504,9 @@ def _position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
 def encode(tokenizer: Any, inputs: Any) -> dict[str, torch.Tensor]:
     """Turn text or token ids into ``input_ids``, ``attention_mask`` and ``position_ids``.
 
-    All three are 2-D LongTensors. Several prompts are left-padded (with the tokenizer's pad
+    All three are 2-D LongTensors; every other key of a dict input is returned too, as
+    given (lists become tensors; a 1-D value of a 1-D input gets a batch dimension).
+    An input without tokens (``""``, a row whose mask is all 0) is a ValueError. Several prompts are left-padded (with the tokenizer's pad
     token, or 0 when ``tokenizer`` is None), and ``position_ids`` restart at 0 on each row's
     first real token, so each row gives the same logits as its prompt alone. A single
     string is tokenized exactly like ``tokenizer(text, return_tensors="pt")``. ``tokenizer``
@@ -463,6 +516,7 @@ def encode(tokenizer: Any, inputs: Any) -> dict[str, torch.Tensor]:
 
     pad_id = _pad_id(tokenizer)
     position_ids: torch.Tensor | None = None
+    extras: dict[str, Any] = {}
 
     if isinstance(inputs, str):
         _require_tokenizer(tokenizer)
@@ -475,6 +529,12 @@ def encode(tokenizer: Any, inputs: Any) -> dict[str, torch.Tensor]:
         # Tokenize each prompt on its own and pad here, so every row holds exactly the ids
         # the prompt gets alone, whatever padding settings the tokenizer carries.
         rows = [tokenizer(text)["input_ids"] for text in inputs]
+        empty = [i for i, row in enumerate(rows) if not row]
+        if empty:
+            raise ValueError(
+                f"prompt {empty[0]} of the list ({inputs[empty[0]]!r}) encodes to no tokens: "
+                "every prompt needs at least one token"
+            )
         input_ids, attention_mask = _left_pad(rows, pad_id)
     elif isinstance(inputs, Mapping):
         if "input_ids" not in inputs:
@@ -492,6 +552,10 @@ def encode(tokenizer: Any, inputs: Any) -> dict[str, torch.Tensor]:
         given_positions = inputs.get("position_ids")
         if given_positions is not None:
             position_ids, _ = _ids_to_tensors(given_positions, 0)
+        one_row = _is_one_row(inputs["input_ids"])
+        for key, value in inputs.items():
+            if key not in _ENCODED_KEYS:
+                extras[key] = _extra_tensor(value, one_row)
     else:
         input_ids, padded_mask = _ids_to_tensors(inputs, pad_id)
         attention_mask = padded_mask if padded_mask is not None else torch.ones_like(input_ids)
@@ -500,6 +564,18 @@ def encode(tokenizer: Any, inputs: Any) -> dict[str, torch.Tensor]:
         raise ValueError(
             f"attention_mask shape {tuple(attention_mask.shape)} does not match input_ids "
             f"shape {tuple(input_ids.shape)}"
+        )
+    if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
+        what = "the prompt" if isinstance(inputs, str) else "the input"
+        raise ValueError(
+            f"{what} has no tokens (input_ids of shape {tuple(input_ids.shape)}): give at "
+            "least one token"
+        )
+    empty_rows = (attention_mask.sum(-1) == 0).nonzero().flatten().tolist()
+    if empty_rows:
+        raise ValueError(
+            f"row {empty_rows[0]} of the input has no tokens (its attention_mask is all 0): "
+            "every row needs at least one token"
         )
     if position_ids is None:
         position_ids = _position_ids(attention_mask)
@@ -512,7 +588,31 @@ def encode(tokenizer: Any, inputs: Any) -> dict[str, torch.Tensor]:
         "input_ids": input_ids,
         "attention_mask": attention_mask,
         "position_ids": position_ids,
+        **extras,
     }
+
+
+def _is_one_row(ids: Any) -> bool:
+    import torch
+
+    if isinstance(ids, torch.Tensor):
+        return ids.dim() == 1
+    return isinstance(ids, (list, tuple)) and bool(ids) and all(_is_int(x) for x in ids)
+
+
+def _extra_tensor(value: Any, one_row: bool) -> Any:
+    """Another input of a dict (``token_type_ids``, ``decoder_input_ids``): lists of
+    numbers become tensors, and a 1-D value of a 1-D input gets the batch dimension."""
+    import torch
+
+    if isinstance(value, (list, tuple)) and value and not isinstance(value[0], torch.Tensor):
+        try:
+            value = torch.tensor(value)
+        except (TypeError, ValueError):
+            return value
+    if one_row and isinstance(value, torch.Tensor) and value.dim() == 1:
+        value = value.unsqueeze(0)
+    return value
 
 
 def _require_tokenizer(tokenizer: Any) -> None:

@@ -127,44 +127,64 @@ class NNsight(Envoy):
     def _prepare(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         return args, kwargs
 
-    def _batch(self, inputs: list) -> tuple[tuple, dict, list]:
+    def _batch(self, inputs: list, lanes=None) -> tuple[tuple, dict, list]:
         """Several invokes' inputs -> one call's arguments and each invoke's rows.
-        ``inputs``: per invoke ``(args, kwargs)``, or None for an invoke without input."""
+        ``inputs``: per invoke ``(args, kwargs)``, or None for an invoke without input;
+        ``lanes``: the block's lanes (their lines name an invoke in errors).
+
+        Positional tensors are concatenated along dim 0; a keyword is passed once when
+        every invoke gives the same object (or equal plain values), and concatenated when
+        each invoke gives a tensor with its own rows."""
         prepare = self._prepare
-        tensor = torch.Tensor
+        given: list[tuple[int, tuple, dict, int]] = []
         rows: list = []
-        columns: list[list] | None = None
-        first_kwargs: dict = {}
         start = 0
         for index, item in enumerate(inputs):
             if item is None:
                 rows.append(None)
                 continue
             args, kwargs = prepare(item[0], item[1])
-            if columns is None:
-                columns = [[] for _ in args]
-                first_kwargs = kwargs
-            elif len(args) != len(columns) or kwargs.keys() != first_kwargs.keys():
-                raise ValueError(f"invoke {index}: its inputs differ in shape from the first invoke's")
+            name = invoke_name(index, lanes)
             n = None
             for i, a in enumerate(args):
-                if not isinstance(a, tensor) or a.dim() == 0:
+                if not isinstance(a, torch.Tensor) or a.dim() == 0:
                     raise TypeError(
-                        f"invoke {index}: input {i} is a {type(a).__name__}; to batch invokes of a "
-                        "plain module every positional input must be a tensor with a batch dimension"
+                        f"{name}: input {i} is a {type(a).__name__}; to batch invokes of a "
+                        "plain module every positional input must be a tensor with a batch "
+                        "dimension"
                     )
-                columns[i].append(a)
                 if n is None:
                     n = a.shape[0]
+            given.append((index, args, kwargs, n or 0))
             rows.append(slice(start, start + (n or 0)))
             start += n or 0
-        if columns is None:
+        if not given:
             raise ValueError("a trace needs at least one invoke with an input")
-        try:
-            batched = tuple(torch.cat(col, dim=0) for col in columns)
-        except RuntimeError as exc:
-            raise ValueError(f"the invokes' inputs cannot be batched along dim 0: {exc}") from None
-        return batched, dict(first_kwargs), rows
+        first_index, first_args, first_kwargs, _ = given[0]
+        first = invoke_name(first_index, lanes)
+        for index, args, kwargs, _ in given[1:]:
+            name = invoke_name(index, lanes)
+            if len(args) != len(first_args) or kwargs.keys() != first_kwargs.keys():
+                raise ValueError(
+                    f"{name}: its inputs differ from {first}'s ({len(args)} positional inputs "
+                    f"and keywords {sorted(kwargs)}, against {len(first_args)} and "
+                    f"{sorted(first_kwargs)}): batched invokes take the same kinds of input"
+                )
+            for i, (a, b) in enumerate(zip(args, first_args)):
+                if a.shape[1:] != b.shape[1:]:
+                    raise ValueError(
+                        f"{name}: input {i} has shape {tuple(a.shape)} but {first}'s has "
+                        f"{tuple(b.shape)}: invokes are batched along dim 0, so every other "
+                        "dimension must match"
+                    )
+        batched = tuple(
+            torch.cat([args[i] for _, args, _, _ in given], dim=0) for i in range(len(first_args))
+        )
+        merged = {
+            key: merge_keyword(key, [(i, kw[key], n) for i, _, kw, n in given], lanes)
+            for key in first_kwargs
+        }
+        return batched, merged, rows
 
     def _run(self, kind: str, args: tuple, kwargs: dict, tracer) -> Any:
         if kind == "trace":
@@ -193,3 +213,46 @@ class NNsight(Envoy):
                 return mode.from_tensor(x)
 
             return self._module(*tree_map(fake, args), **tree_map(fake, kwargs))
+
+
+def invoke_name(index: int, lanes=None) -> str:
+    """``invoke 1 (line 12)``: an invoke as errors name it."""
+    line = None
+    if lanes is not None and 0 <= index < len(lanes):
+        line = getattr(lanes[index], "line", None)
+    return f"invoke {index} (line {line})" if line else f"invoke {index}"
+
+
+def merge_keyword(key: str, values: list, lanes=None) -> Any:
+    """One keyword input of several invokes (``[(index, value, rows)]``): the value
+    itself when all give the same, else their tensors concatenated along dim 0."""
+    first_index, first, _ = values[0]
+    if all(_same(v, first) for _, v, _ in values[1:]):
+        return first
+    for index, v, n in values:
+        name = invoke_name(index, lanes)
+        if not isinstance(v, torch.Tensor) or v.dim() == 0 or v.shape[0] != n:
+            what = f"shape {tuple(v.shape)}" if isinstance(v, torch.Tensor) else type(v).__name__
+            raise ValueError(
+                f"{name}: keyword input `{key}` ({what}) differs from "
+                f"{invoke_name(first_index, lanes)}'s and cannot be batched: give every invoke "
+                f"the same value, or a tensor with one row per row of its input ({n})"
+            )
+        if v.shape[1:] != first.shape[1:]:
+            raise ValueError(
+                f"{name}: keyword input `{key}` has shape {tuple(v.shape)} but "
+                f"{invoke_name(first_index, lanes)}'s has {tuple(first.shape)}: invokes are "
+                "batched along dim 0, so every other dimension must match"
+            )
+    return torch.cat([v for _, v, _ in values], dim=0)
+
+
+def _same(a: Any, b: Any) -> bool:
+    if a is b:
+        return True
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return False
+    try:
+        return bool(a == b)
+    except Exception:  # noqa: BLE001 - an odd __eq__: not the same
+        return False

