@@ -133,7 +133,8 @@ class Tracer:
             # `tracer.invoke()` with no input adds no rows: it sees the whole batch.
             args, kwargs, rows = root._batch(
                 [(spec.args, spec.kwargs) if spec is not None and (spec.args or spec.kwargs)
-                 else None for _, spec, _ in self._lanes]
+                 else None for _, spec, _ in self._lanes],
+                [self._block.lanes[index] for _, _, index in self._lanes],  # names in errors
             )
             kwargs = {**kwargs, **self._kwargs}
         else:
