@@ -3,25 +3,47 @@
 Hooks go only on the chosen modules and run after the experiment's own hooks,
 so the cache holds values after interventions.  Keys are module paths with
 and without the leading ``model.``; attribute navigation works too
-(``cache.model.layers[3].output``).  Under ``generate`` each key holds one
-entry per step.
+(``cache.model.layers[3].output``) and checks each name and index at once.
+
+What an entry holds:
+
+- ``.output`` / ``.inputs`` / ``.input``: the module's *first* call in the pass
+  (as ``module.output`` in a block is its first call); ``.calls`` is every call
+  in order (each with the same three), ``.outputs`` every call's output.
+  Under ``generate`` a key holds one entry per step (each with its calls).
+- Values keep their types (tuples, namedtuples, ``ModelOutput`` dataclasses);
+  ``detach`` / ``device`` / ``dtype`` apply to the tensors inside.  Objects
+  that are neither (a transformers KV ``Cache``) are kept as they are.
+- Called inside an invoke, the cache records that invoke's rows of every module
+  (tensors whose first dimension is the batch; others whole).
+- A module still running when ``tracer.cache()`` is called (the root, a decoder
+  around the layer being served) is recorded when it returns: the trace puts a
+  no-op hook on every module before the run when the plan calls ``cache()``
+  after a checkpoint, which makes torch look for hooks again when each call
+  ends (see ``late_cache_hooks``).
 """
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Mapping
 
 import torch
 
+_VALUES = ("output", "inputs", "input", "outputs", "calls")
+
 
 class Entry:
-    """One call of a module: ``output``, ``inputs`` (``(args, kwargs)``) and ``input``."""
+    """One module in the cache: ``output``, ``inputs`` (``(args, kwargs)``) and ``input``
+    of its first call; ``calls`` (every call) and ``outputs`` (every call's output)."""
 
-    __slots__ = ("inputs", "output")
+    __slots__ = ("_more", "inputs", "output", "step")
 
-    def __init__(self, output, inputs) -> None:
+    def __init__(self, output, inputs, step: int = 0) -> None:
         self.output = output
         self.inputs = inputs
+        self.step = step  # the generation step (0 in a trace)
+        self._more: list[Entry] = []
 
     @property
     def input(self):
@@ -32,38 +54,163 @@ class Entry:
             return args[0]
         return next(iter(kwargs.values()), None)
 
+    @property
+    def calls(self) -> list[Entry]:
+        return [self, *self._more]
+
+    @property
+    def outputs(self) -> list:
+        return [self.output] + [e.output for e in self._more]
+
     def __repr__(self) -> str:
         shape = getattr(self.output, "shape", None)
-        return f"Entry(output={'shape ' + str(tuple(shape)) if shape is not None else type(self.output).__name__})"
+        what = "shape " + str(tuple(shape)) if shape is not None else type(self.output).__name__
+        more = f", {1 + len(self._more)} calls" if self._more else ""
+        return f"Entry(output={what}{more})"
 
 
-def _convert(value, device, dtype, detach: bool):
+def _convert(value, conv):
+    """``value`` with ``conv`` applied to each tensor inside, its containers' types kept."""
     if isinstance(value, torch.Tensor):
-        if detach:
-            value = value.detach()
-        if device is not None or dtype is not None:
-            value = value.to(device=device, dtype=dtype if value.is_floating_point() else None)
-        return value
+        return conv(value)
     if isinstance(value, tuple):
-        items = [_convert(v, device, dtype, detach) for v in value]
-        return type(value)(*items) if hasattr(value, "_fields") else tuple(items)
+        items = [_convert(v, conv) for v in value]
+        cls = type(value)
+        if cls is tuple:
+            return tuple(items)
+        if hasattr(value, "_fields"):  # a namedtuple
+            return cls(*items)
+        try:  # torch.return_types and other tuple subclasses built from one iterable
+            return cls(items)
+        except Exception:
+            return tuple(items)
     if isinstance(value, list):
-        return [_convert(v, device, dtype, detach) for v in value]
+        items = [_convert(v, conv) for v in value]
+        return items if type(value) is list else _rebuild(value, items)
     if isinstance(value, dict):
-        return {k: _convert(v, device, dtype, detach) for k, v in value.items()}
+        items = {k: _convert(v, conv) for k, v in value.items()}
+        if type(value) is dict:
+            return items
+        try:  # transformers' ModelOutput dataclasses, OrderedDict, ...
+            return type(value)(**items)
+        except Exception:
+            return items
     return value
 
 
+def _rebuild(value, items):
+    try:
+        return type(value)(items)
+    except Exception:
+        return items
+
+
+def _converter(rows, batch, device, dtype, detach: bool):
+    """What is done to each tensor the cache records: an invoke's rows (of tensors
+    whose first dimension is the batch), detach, device and dtype."""
+
+    def conv(t: torch.Tensor) -> torch.Tensor:
+        if rows is not None and t.dim() > 0 and t.shape[0] == batch:
+            t = t[rows]
+        if detach:
+            t = t.detach()
+        if device is not None or dtype is not None:
+            t = t.to(device=device, dtype=dtype if t.is_floating_point() else None)
+        return t
+
+    return conv
+
+
+def open_cache(tracer, modules, include_inputs, device, dtype, detach) -> Cache:
+    """``tracer.cache(...)``: hook the chosen modules now; the trace removes the hooks."""
+    inter = tracer._inter
+    line = None
+    if inter is not None and inter.current is not None:
+        import warnings
+
+        cp = tracer._sites.get(inter.current_site)
+        line = cp.line if cp is not None else 0
+        warnings.warn_explicit(
+            "tracer.cache() is called after the forward pass has started (the code got "
+            f"there from line {line}): modules that ran before it are not in the cache; "
+            "call tracer.cache() before reading any module value",
+            RuntimeWarning, tracer._filename, line,
+        )
+    rows, batch = _invoke_rows(tracer, inter)
+    cache = Cache(tracer._root, modules, include_inputs, device, dtype, detach,
+                  per_step=tracer._kind == "generate", rows=rows, batch=batch, inter=inter,
+                  late_line=line)
+    cache._attach_hooks()
+    if tracer._caches is None:
+        tracer._caches = []
+    tracer._caches.append(cache)
+    return cache
+
+
+def _invoke_rows(tracer, inter):
+    """The rows of the invoke whose code is calling ``tracer.cache()`` (None: all),
+    and the batch size."""
+    all_rows = getattr(tracer, "_rows", None)
+    if not all_rows or inter is None:
+        return None, None
+    batch = max((r.stop for r in all_rows if r is not None), default=None)
+    for lane in inter.lanes:
+        # A lane that has checkpoints is a generator, running now if it is the caller.
+        if getattr(lane.gen, "gi_running", False):
+            return lane.rows, batch
+    # A lane without checkpoints runs whole while it is being started, before the
+    # interleaver lists it: it is the next one.
+    i = len(inter.lanes)
+    return (all_rows[i] if i < len(all_rows) else None), batch
+
+
+def late_cache_hooks(root, block) -> list | None:
+    """Before the run: when a lane calls ``tracer.cache()`` after anything else (a
+    checkpoint, a step block), modules may be running when it is called.  torch
+    reads a module's forward hooks after its forward only if the module had a hook
+    when the call began; a no-op hook on every module makes sure it had, so the
+    cache's hooks, added mid-call, still see those modules return."""
+    for lane in block.lanes:
+        for i, item in enumerate(lane.items):
+            if i and getattr(item, "kind", None) == "cache":
+                return [_Placeholders(root._module)]
+    return None
+
+
+def _nothing(module, args, output):
+    return None
+
+
+class _Placeholders:
+    """No-op forward hooks on every module; removed with the trace's caches."""
+
+    def __init__(self, module) -> None:
+        self._handles = [m.register_forward_hook(_nothing) for m in module.modules()]
+
+    def _detach_hooks(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+
 class Cache(Mapping):
-    def __init__(self, root, modules, include_inputs, device, dtype, detach, per_step) -> None:
+    def __init__(self, root, modules, include_inputs, device, dtype, detach, per_step,
+                 rows=None, batch=None, inter=None, late_line=None) -> None:
         self._root = root
         self._include_inputs = include_inputs
-        self._device = device
-        self._dtype = dtype
-        self._detach = detach
+        self._conv = _converter(rows, batch, device, dtype, detach)
         self._per_step = per_step
+        self._inter = inter  # for the generation step; dropped with the hooks
+        self._late_line = late_line
         self._entries: dict[str, list[Entry]] = {}
         self._handles: list = []
+        # Every module path (with the leading `model.`) -> its children's names: what
+        # attribute navigation checks against, kept without a reference to the model.
+        self._tree: dict[str, list[str]] = {}
+        for name, mod in root._module.named_modules():
+            path = f"model.{name}" if name else "model"
+            self._tree[path] = [n for n, _ in mod.named_children()]
+        self._chosen = modules is not None
         self._targets = self._choose(modules)
 
     def _choose(self, modules) -> list[tuple[str, torch.nn.Module]]:
@@ -109,13 +256,27 @@ class Cache(Mapping):
             h.remove()
         self._handles.clear()
         self._targets = []
+        self._root = None  # the cache outlives the trace; the model need not
+        self._inter = None
 
     def _recorder(self, path: str):
-        conv = self._device, self._dtype, self._detach
+        conv = self._conv
+        entries = self._entries
+        include_inputs = self._include_inputs
+        per_step = self._per_step
 
         def record(mod, args, kwargs, output):
-            inputs = _convert((args, kwargs), *conv) if self._include_inputs else None
-            self._entries.setdefault(path, []).append(Entry(_convert(output, *conv), inputs))
+            inputs = _convert((args, kwargs), conv) if include_inputs else None
+            inter = self._inter
+            step = inter.step if per_step and inter is not None else 0
+            entry = Entry(_convert(output, conv), inputs, max(step, 0))
+            got = entries.get(path)
+            if got is None:
+                entries[path] = [entry]
+            elif per_step and got[-1].step != entry.step:
+                got.append(entry)  # the first call of a new step
+            else:
+                got[-1]._more.append(entry)  # called again in the same pass (or step)
 
         return record
 
@@ -130,10 +291,28 @@ class Cache(Mapping):
         return entries
 
     def __getitem__(self, key: str):
-        entries = self._lookup(key)
+        entries = self._lookup(key) if isinstance(key, str) else None
         if entries is None:
-            raise KeyError(f"{key!r} was not recorded (modules that ran: {len(self._entries)})")
-        return entries if self._per_step else entries[-1]
+            raise KeyError(self._why_missing(key))
+        return entries if self._per_step else entries[0]
+
+    def _why_missing(self, key) -> str:
+        if not isinstance(key, str):
+            return f"cache keys are module paths ('model.layers.0'), got {type(key).__name__}"
+        paths = [p for p in (key, f"model.{key}") if p in self._tree]
+        if not paths:
+            return f"{key!r}: the model has no such module"
+        path = paths[0]
+        if self._tree[path] and all(n.isdigit() for n in self._tree[path]):
+            return f"{key!r} is a list of modules (never called itself): index it"
+        if self._chosen:
+            return f"{key!r} was not recorded: it is not among the modules given to tracer.cache(modules=...)"
+        if self._late_line is not None:
+            return (
+                f"{key!r} was not recorded: it did not return after tracer.cache() was called "
+                f"(after line {self._late_line}, once the forward pass had started)"
+            )
+        return f"{key!r} was not recorded: it did not run in this forward pass"
 
     def __iter__(self):
         return iter(self._entries)
@@ -144,28 +323,86 @@ class Cache(Mapping):
     def __getattr__(self, name: str):
         if name.startswith("_"):
             raise AttributeError(name)
-        return _CachePath(self, "model" if name == "model" else f"model.{name}")
+        # `cache.model` is the root; with a LanguageModel it may also mean the
+        # wrapped module's child `model` (cache.model.layers[0]).
+        if name == "model":
+            paths = ["model"] + (["model.model"] if "model.model" in self._tree else [])
+        elif f"model.{name}" in self._tree:
+            paths = [f"model.{name}"]
+        else:
+            raise AttributeError(_no_child("cache.model", self._tree["model"], name))
+        return _CachePath(self, paths, f"cache.{name}")
 
     def __repr__(self) -> str:
         return f"Cache({len(self._entries)} modules)"
 
 
+def _no_child(shown: str, children: list[str], name: str) -> str:
+    if not children:
+        return f"`{shown}` has no child modules (asked for `{name}`)"
+    close = difflib.get_close_matches(name, children, n=1)
+    hint = f" (did you mean `{close[0]}`?)" if close else ""
+    return f"`{shown}` has no child module `{name}`{hint}; its children: {', '.join(children)}"
+
+
 class _CachePath:
-    """``cache.model.layers[3]`` -> the entry of ``model.layers.3``."""
+    """``cache.model.layers[3]`` -> the entry of ``model.layers.3``; every name and
+    index is checked against the model's modules as it is written."""
 
-    __slots__ = ("_cache", "_path")
+    __slots__ = ("_cache", "_paths", "_shown")
 
-    def __init__(self, cache: Cache, path: str) -> None:
+    def __init__(self, cache: Cache, paths: list[str], shown: str) -> None:
         self._cache = cache
-        self._path = path
+        self._paths = paths  # the module paths this may mean (see Cache.__getattr__)
+        self._shown = shown  # as the user wrote it, for messages
+
+    def _value(self, name: str):
+        cache = self._cache
+        path = next((p for p in self._paths if cache._lookup(p) is not None), self._paths[0])
+        entry = cache[path]
+        if isinstance(entry, list):  # generate: one entry per step
+            return [getattr(e, name) for e in entry]
+        return getattr(entry, name)
 
     def __getattr__(self, name: str):
-        if name in ("output", "inputs", "input"):
-            entry = self._cache[self._path]
-            if isinstance(entry, list):
-                return [getattr(e, name) for e in entry]
-            return getattr(entry, name)
-        return _CachePath(self._cache, f"{self._path}.{name}")
+        if name in _VALUES:
+            return self._value(name)
+        if name.startswith("_"):
+            raise AttributeError(name)
+        tree = self._cache._tree
+        paths = [f"{p}.{name}" for p in self._paths if f"{p}.{name}" in tree]
+        if not paths:
+            raise AttributeError(_no_child(self._shown, tree[self._paths[0]], name))
+        return _CachePath(self._cache, paths, f"{self._shown}.{name}")
 
-    def __getitem__(self, index: int):
-        return _CachePath(self._cache, f"{self._path}.{index}")
+    def __getitem__(self, index):
+        if isinstance(index, str):
+            return self.__getattr__(index)
+        if not isinstance(index, int) or isinstance(index, bool):
+            raise TypeError(f"`{self._shown}[...]` takes a module index (int), got {type(index).__name__}")
+        tree = self._cache._tree
+        paths = []
+        sizes = []
+        for p in self._paths:
+            children = tree[p]
+            if not children or not all(n.isdigit() for n in children):
+                continue
+            n = len(children)
+            sizes.append(n)
+            i = index + n if index < 0 else index
+            if 0 <= i < n and f"{p}.{i}" in tree:
+                paths.append(f"{p}.{i}")
+        if not paths:
+            if sizes:
+                raise IndexError(
+                    f"`{self._shown}[{index}]`: index out of range, `{self._shown}` has "
+                    f"{sizes[0]} modules (0..{sizes[0] - 1})"
+                )
+            raise TypeError(
+                f"`{self._shown}` is not a list of modules; its children: "
+                f"{', '.join(tree[self._paths[0]]) or 'none'}"
+            )
+        return _CachePath(self._cache, paths, f"{self._shown}[{index}]")
+
+    def __repr__(self) -> str:
+        return f"<cache path {self._shown}>"

@@ -372,11 +372,28 @@ def backward_block_reading_nothing(model, x):
             pass
 
 
-def test_backward_block_without_grads_fills_param_grads(mlp):
+def test_backward_block_without_grads_leaves_param_grads_alone(mlp):
+    # A backward block computes what its code asks for; the model's parameters get no
+    # `.grad` (on a real model that would be its whole size, added to on every run).
+    model, _ = mlp
+    backward_block_reading_nothing(model, x_input(14))
+    assert all(p.grad is None for p in model._module.parameters())
+
+
+@intervene
+def plain_backward_in_trace(model, x):
+    with model.trace(x):
+        loss = model.head.output.sum()
+        loss.backward()
+
+
+def test_plain_backward_in_trace_fills_param_grads_like_pytorch(mlp):
+    # Plain `loss.backward()` (no block) is PyTorch's own: parameter gradients accumulate.
     model, ref = mlp
     x = x_input(14)
-    backward_block_reading_nothing(model, x)
-    ref(x).sum().backward()
+    for _ in range(2):
+        plain_backward_in_trace(model, x)
+        ref(x).sum().backward()
     for (name, p), q in zip(model._module.named_parameters(), ref.parameters()):
         assert p.grad is not None, name
         assert torch.equal(p.grad, q.grad), name
