@@ -1,0 +1,1099 @@
+"""The server's check of a remote block: an allowlist over the block's syntax tree.
+
+A remote job carries the source text of one ``@intervene`` function and the index
+of one ``with model.trace/generate/scan(...)`` block in it.  Before anything runs,
+the server calls ``validate_block``: it parses the text with the project's own
+parser (the same numbering of blocks as the plan), and walks the block's whole
+tree (its header's arguments and its body) accepting only what is listed here.
+Everything not listed is refused with a ``ValidationError`` naming the line and
+the construct.  The check is on the source the server compiles itself, so what
+is checked is exactly what runs.
+
+What a remote block may contain
+-------------------------------
+
+Statements: assignments (also augmented, annotated, tuple targets), expression
+statements, ``if``/``for``/``while`` (``else`` too), ``with``, ``try`` with named
+exception classes, ``raise``, ``assert``, ``del`` of names and items, ``pass``,
+``break``, ``continue``.  Refused: ``import``, ``global``, ``nonlocal``, ``def``,
+``class``, ``lambda``, ``return``, ``yield``, ``await``, ``async``, ``match``, a bare
+``except:``, and any node type not named here.
+
+Names resolve only to: the block's own variables (assigned in it, loop,
+comprehension and ``with ... as`` targets), the free names the client sent (the
+function's parameters and other variables the block reads), the block's model
+(``model`` of ``model.trace``: its envoys), the block's tracer (``as tracer``),
+``torch`` and ``math`` (listed functions only), ``save``, and ``SAFE_BUILTINS``.
+``FORBIDDEN_NAMES`` (``eval``, ``exec``, ``getattr``, ``open``, ``type``...) are
+refused whatever was sent, as is every name starting with ``__``.  The names the
+server provides cannot be assigned in the block.
+
+Attributes: no name starting with ``_``, anywhere.  Then, by what the value is:
+
+- the model and its envoys (``model.model.layers[0].mlp``, a loop variable over
+  ``model.model.layers``...): child modules only (``module_names``: the served
+  model's module names), ``.output``/``.input``/``.inputs``, ``.skip``,
+  ``.source``, and ``model.generator``.  So parameters, buffers, ``.config``,
+  ``.to()``, ``.train()``, hooks and ``state_dict()`` cannot be reached at all: a
+  job writes only through ``.output``/``.input``/``.inputs``.  An envoy may be
+  navigated, indexed, iterated, measured with ``len()``, called, bound to a
+  variable, or given to ``tracer.cache(...)``; any other use (an argument, an
+  element of a dict, an operand) is refused, so it never hides in a container
+  where the checks below would take it for a tensor.
+- the tracer: ``TRACER_ATTRS`` (invoke, barrier, stop, cache, all, iter, result).
+- ``torch``: ``TORCH_FUNCTIONS`` (tensor math, creation with known contents,
+  ``no_grad``...), ``torch.nn.functional``'s and ``torch.linalg``'s listed
+  functions, dtypes and constants.  Not ``load``, ``save``, ``hub``, ``ops``,
+  ``compile``, ``jit``, ``classes``, ``utils``, ``cuda``, ``distributed``,
+  ``backends``, ``library``, nor ``empty``/``Tensor(n)`` (memory left by an earlier
+  job) nor global state (``manual_seed``, ``set_grad_enabled``...).
+- ``math``: its functions and constants.
+- any other value (tensors, lists, dicts, strings, model outputs):
+  ``VALUE_ATTRS``: listed tensor methods and properties, list/dict/set/str
+  methods, model-output fields.  Not ``register_hook``, ``grad_fn``, ``data``,
+  ``storage``, ``untyped_storage``, ``data_ptr``, ``set_``, ``resize_``,
+  ``as_strided``, ``numpy``, ``apply_``, ``new_empty``, ``format`` (its fields
+  read attributes: use an f-string)...  Attribute assignment only to
+  ``.output``/``.input``/``.inputs`` of an envoy and ``.grad``/``.requires_grad``
+  of a value.
+
+Header: the model is a plain name; ``generate`` takes only ``GENERATE_KEYWORDS``
+and no ``**`` (``custom_generate=``/``trust_remote_code=`` would load code).
+The function's signature may hold no calls (defaults and annotations are
+evaluated when the server defines the function); the rest of the function is
+not run by the server and is not checked.
+
+Limits: ``MAX_SOURCE_BYTES`` of source and ``MAX_DEPTH`` levels of syntax
+nesting (checked on Python's own parser before libcst sees the text).  Run
+time, memory, output and result size are the server's to limit: loops and big
+allocations are valid Python and pass this check.
+"""
+
+from __future__ import annotations
+
+import ast
+from collections.abc import Collection, Iterable
+
+import libcst as cst
+
+from . import walk
+from .analyze import block_call, statements
+from .errors import CompileError
+from .parse import Source, parse_error_position
+
+__all__ = [
+    "FORBIDDEN_NAMES", "GENERATE_KEYWORDS", "MATH_NAMES", "MAX_DEPTH", "MAX_SOURCE_BYTES",
+    "SAFE_BUILTINS", "TENSOR_ATTRS", "TORCH_FUNCTIONS", "TRACER_ATTRS", "VALUE_ATTRS",
+    "ValidationError", "module_names_of", "validate_block",
+]
+
+MAX_SOURCE_BYTES = 64 * 1024
+MAX_DEPTH = 100  # levels of Python's syntax tree (a typical block: 20-30)
+
+SAFE_BUILTINS = frozenset({
+    "abs", "all", "any", "bool", "chr", "complex", "dict", "divmod", "enumerate", "filter",
+    "float", "frozenset", "int", "isinstance", "iter", "len", "list", "map", "max", "min",
+    "next", "ord", "pow", "print", "range", "repr", "reversed", "round", "set", "slice",
+    "sorted", "str", "sum", "tuple", "zip",
+    # exception classes, to raise and catch (BaseException and its other children: no)
+    "ArithmeticError", "AssertionError", "Exception", "IndexError", "KeyError",
+    "LookupError", "NotImplementedError", "RuntimeError", "StopIteration", "TypeError",
+    "ValueError", "ZeroDivisionError",
+})
+CONSTANT_NAMES = frozenset({"True", "False", "None"})
+
+FORBIDDEN_NAMES = frozenset({
+    "__import__", "breakpoint", "callable", "classmethod", "compile", "copyright",
+    "credits", "delattr", "dir", "eval", "exec", "exit", "format", "getattr", "globals",
+    "hasattr", "help", "id", "input", "issubclass", "license", "locals", "memoryview",
+    "object", "open", "property", "quit", "setattr", "staticmethod", "super", "type",
+    "vars", "bytearray", "bytes", "hash", "BaseException", "GeneratorExit",
+    "KeyboardInterrupt", "SystemExit",
+})
+
+MATH_NAMES = frozenset({
+    "acos", "acosh", "asin", "asinh", "atan", "atan2", "atanh", "cbrt", "ceil", "comb",
+    "copysign", "cos", "cosh", "degrees", "dist", "e", "erf", "erfc", "exp", "exp2", "expm1",
+    "fabs", "factorial", "floor", "fmod", "frexp", "fsum", "gamma", "gcd", "hypot", "inf",
+    "isclose", "isfinite", "isinf", "isnan", "isqrt", "lcm", "ldexp", "lgamma", "log",
+    "log10", "log1p", "log2", "modf", "nan", "nextafter", "perm", "pi", "pow", "prod",
+    "radians", "remainder", "sin", "sinh", "sqrt", "tan", "tanh", "tau", "trunc", "ulp",
+})
+
+_DTYPES = frozenset({
+    "bfloat16", "bool", "complex64", "complex128", "double", "float", "float16", "float32",
+    "float64", "half", "int", "int8", "int16", "int32", "int64", "long", "short", "uint8",
+})
+
+TORCH_FUNCTIONS = frozenset({
+    # creation with known contents
+    "arange", "as_tensor", "eye", "full", "full_like", "linspace", "ones", "ones_like",
+    "tensor", "zeros", "zeros_like",
+    # random (pass generator= for reproducible draws)
+    "bernoulli", "multinomial", "normal", "rand", "rand_like", "randint", "randint_like",
+    "randn", "randn_like", "randperm", "Generator",
+    # shapes and indexing
+    "cat", "chunk", "concat", "concatenate", "diag", "diag_embed", "diagonal", "flatten",
+    "flip", "gather", "hstack", "index_select", "masked_fill", "masked_select", "meshgrid",
+    "narrow", "nonzero", "permute", "repeat_interleave", "reshape", "roll", "scatter",
+    "scatter_add", "select", "split", "squeeze", "stack", "t", "take", "take_along_dim",
+    "tile", "transpose", "tril", "triu", "unbind", "unsqueeze", "vstack", "where",
+    # math
+    "abs", "absolute", "acos", "add", "addmm", "all", "allclose", "amax", "amin", "any",
+    "argmax", "argmin", "argsort", "asin", "atan", "atan2", "baddbmm", "bmm", "bucketize",
+    "cdist", "clamp", "clip", "clone", "corrcoef", "cos", "cosh", "cosine_similarity",
+    "count_nonzero", "cov", "cross", "cummax", "cummin", "cumprod", "cumsum", "diff",
+    "dist", "div", "divide", "dot", "einsum", "eq", "equal", "erf", "exp", "expm1", "floor",
+    "fmod", "ge", "gt", "isclose", "isfinite", "isin", "isinf", "isnan", "kthvalue", "le",
+    "lerp", "log", "log10", "log1p", "log2", "log_softmax", "logical_and", "logical_not",
+    "logical_or", "logical_xor", "logsumexp", "lt", "matmul", "max", "maximum", "mean",
+    "median", "min", "minimum", "mm", "mul", "multiply", "mv", "nan_to_num", "nanmean",
+    "nansum", "ne", "neg", "norm", "numel", "outer", "pow", "prod", "quantile",
+    "reciprocal", "relu", "remainder", "round", "rsqrt", "searchsorted", "sigmoid", "sign",
+    "sin", "sinh", "softmax", "sort", "sqrt", "square", "std", "std_mean", "sub",
+    "subtract", "sum", "tan", "tanh", "tensordot", "topk", "trace", "trunc", "unique",
+    "var", "var_mean",
+    # grad modes (context managers: the mode is restored after), tests, types
+    "enable_grad", "inference_mode", "no_grad",
+    "finfo", "iinfo", "is_floating_point", "is_tensor", "device", "Size",
+    # constants
+    "e", "inf", "nan", "pi",
+}) | _DTYPES
+
+# Namespaces under torch and their listed members.
+_TORCH_SUBMODULES = {
+    "torch.nn": frozenset({"functional"}),
+    "torch.nn.functional": frozenset({
+        "cosine_similarity", "cross_entropy", "dropout", "embedding", "gelu", "kl_div",
+        "l1_loss", "layer_norm", "linear", "log_softmax", "mse_loss", "nll_loss", "normalize",
+        "one_hot", "pad", "relu", "rms_norm", "scaled_dot_product_attention", "sigmoid",
+        "silu", "softmax", "softplus", "tanh",
+    }),
+    "torch.linalg": frozenset({
+        "det", "eigh", "eigvalsh", "inv", "lstsq", "matrix_norm", "matrix_rank", "norm", "pinv",
+        "qr", "solve", "svd", "svdvals", "vector_norm",
+    }),
+}
+# A class: usable in isinstance(), not callable (torch.Tensor(n) is uninitialized memory).
+_TORCH_CLASSES = frozenset({"Tensor"})
+
+TENSOR_ATTRS = frozenset({
+    # properties
+    "H", "T", "dtype", "device", "grad", "imag", "is_cuda", "is_leaf", "layout", "mH", "mT",
+    "ndim", "real", "requires_grad", "shape",
+    # methods
+    "abs", "absolute", "acos", "add", "addmm", "all", "allclose", "amax", "amin", "angle",
+    "any", "argmax", "argmin", "argsort", "asin", "atan", "atan2", "backward", "baddbmm",
+    "bfloat16", "bmm", "bool", "byte", "ceil", "char", "chunk", "clamp", "clamp_max",
+    "clamp_min", "clip", "clone", "contiguous", "cos", "cosh", "count_nonzero", "cpu",
+    "cuda", "cummax", "cummin", "cumprod", "cumsum", "detach", "diag", "diagonal", "diff",
+    "dim", "div", "divide", "dot", "double", "element_size", "eq", "equal", "erf", "exp",
+    "expand", "expand_as", "expm1", "flatten", "flip", "float", "floor", "floor_divide",
+    "fmod", "frac", "gather", "ge", "gt", "half", "index_add", "index_copy", "index_fill",
+    "index_put", "index_select", "int", "is_contiguous", "is_floating_point", "isclose",
+    "isfinite", "isinf", "isnan", "item", "kthvalue", "le", "lerp", "log", "log10",
+    "log1p", "log2", "log_softmax", "logical_and", "logical_not", "logical_or",
+    "logical_xor", "logsumexp", "long", "lt", "masked_fill", "masked_scatter",
+    "masked_select", "matmul", "max", "maximum", "mean", "median", "min", "minimum", "mm",
+    "mul", "multiply", "mv", "nan_to_num", "nanmean", "nansum", "narrow", "ne", "neg",
+    "negative", "nelement", "new_full", "new_ones", "new_tensor", "new_zeros", "nonzero",
+    "norm", "numel", "outer", "permute", "pow", "prod", "reciprocal", "relu", "remainder",
+    "repeat", "repeat_interleave", "requires_grad_", "reshape", "reshape_as", "retain_grad",
+    "roll", "round", "rsqrt", "scatter", "scatter_add", "select", "short", "sigmoid",
+    "sign", "sin", "sinh", "size", "softmax", "sort", "split", "sqrt", "square", "squeeze",
+    "std", "sub", "subtract", "sum", "t", "tan", "tanh", "to", "tolist", "topk",
+    "transpose", "tril", "triu", "true_divide", "trunc", "type_as", "unbind", "unflatten",
+    "unique", "unsqueeze", "var", "view", "view_as", "where",
+    # in place (on the job's own values: activations, its tensors)
+    "abs_", "add_", "clamp_", "clamp_max_", "clamp_min_", "copy_", "div_", "exp_", "fill_",
+    "fill_diagonal_", "index_add_", "index_copy_", "index_fill_", "index_put_", "lerp_",
+    "log_", "masked_fill_", "masked_scatter_", "mul_", "nan_to_num_", "neg_", "normal_",
+    "pow_", "reciprocal_", "relu_", "round_", "scatter_", "scatter_add_", "sigmoid_",
+    "sign_", "sqrt_", "square_", "sub_", "tanh_", "tril_", "triu_", "uniform_", "zero_",
+    "detach_",
+})
+
+VALUE_ATTRS = TENSOR_ATTRS | frozenset({
+    # list
+    "append", "clear", "copy", "count", "extend", "index", "insert", "pop", "remove",
+    "reverse", "sort",
+    # dict
+    "get", "items", "keys", "popitem", "setdefault", "update", "values",
+    # set
+    "add", "difference", "discard", "intersection", "issubset", "issuperset",
+    "symmetric_difference", "union",
+    # str
+    "capitalize", "casefold", "center", "endswith", "find", "isalpha", "isdigit", "join",
+    "ljust", "lower", "lstrip", "replace", "rfind", "rjust", "rsplit", "rstrip", "split",
+    "splitlines", "startswith", "strip", "title", "upper", "zfill",
+    # model outputs, named tuples (topk, max, svd), finfo, generators
+    "attentions", "hidden_states", "indices", "last_hidden_state", "logits", "loss",
+    "past_key_values", "eps", "tiny", "bits", "resolution", "manual_seed",
+    # `saved.value` (seed style) and `.save()` (rewritten by the compiler)
+    "save", "value",
+})
+
+TRACER_ATTRS = frozenset({"all", "barrier", "cache", "invoke", "iter", "result", "stop"})
+_VALUE_NAMES = frozenset({"output", "input", "inputs"})
+_ENVOY_METHODS = frozenset({"skip"})
+
+GENERATE_KEYWORDS = frozenset({
+    "attention_mask", "bad_words_ids", "bos_token_id", "diversity_penalty", "do_sample",
+    "early_stopping", "eos_token_id", "length_penalty", "max_length", "max_new_tokens",
+    "min_length", "min_new_tokens", "no_repeat_ngram_size", "num_beam_groups", "num_beams",
+    "num_return_sequences", "pad_token_id", "remote", "repetition_penalty", "temperature",
+    "top_k", "top_p", "typical_p", "use_cache",
+})
+
+# Names that reach a module's parameters, buffers or state: refused with a message
+# saying why (they are also not child modules).
+_STATE_NAMES = frozenset({
+    "apply", "bias", "buffers", "data", "get_parameter", "get_buffer", "grad_fn",
+    "load_state_dict", "modules", "named_buffers", "named_modules", "named_parameters",
+    "parameters", "register_buffer", "register_parameter", "requires_grad_", "state_dict",
+    "weight", "zero_grad",
+})
+# Without ``module_names``: every public attribute of torch.nn.Module and of a
+# transformers model that is not a child module (navigation accepts other names).
+_MODULE_ATTRS = _STATE_NAMES | frozenset({
+    "add_module", "bfloat16", "call_super_init", "children", "compile", "config", "cpu",
+    "cuda", "device", "double", "dtype", "dump_patches", "eval", "extra_repr", "float",
+    "forward", "generate", "generation_config", "get_extra_state", "get_submodule", "half",
+    "ipu", "load_adapter", "mtia", "name_or_path", "named_children", "register_backward_hook",
+    "register_forward_hook", "register_forward_pre_hook", "register_full_backward_hook",
+    "register_full_backward_pre_hook", "register_load_state_dict_post_hook",
+    "register_module", "register_state_dict_pre_hook", "save_pretrained", "set_extra_state",
+    "share_memory", "to", "to_empty", "tokenizer", "train", "training", "type", "xpu",
+    "push_to_hub", "from_pretrained", "resize_token_embeddings", "tie_weights",
+})
+
+_ATTRS_CACHE: list[frozenset[str]] = []
+
+
+def _module_attrs() -> frozenset[str]:
+    """``_MODULE_ATTRS`` and every public attribute of torch.nn.Module, of a
+    transformers model and of a list (envoy lists are lists), when those load."""
+    if not _ATTRS_CACHE:
+        names = set(_MODULE_ATTRS) | set(dir(list))
+        try:
+            import torch
+
+            names |= set(dir(torch.nn.Module))
+            from transformers import PreTrainedModel
+
+            names |= set(dir(PreTrainedModel))
+        except ImportError:  # pragma: no cover - the server has both
+            pass
+        _ATTRS_CACHE.append(frozenset(n for n in names if not n.startswith("_")))
+    return _ATTRS_CACHE[0]
+
+
+_WHY_STATE = ("the served model's parameters, buffers and settings cannot be reached from a "
+              "remote block; a block reads and writes only `.output`, `.input` and `.inputs`")
+_WHY_ENVOY = ("a module of the model can only be navigated (`.mlp`, `[0]`), iterated, "
+              "measured with len(), bound to a variable, called, given to tracer.cache(), or "
+              "read and written through `.output`/`.input`/`.inputs` in a remote block")
+
+# Expression kinds.
+VALUE, ENVOY, TRACER, FUNC, CLASS = "value", "envoy", "tracer", "func", "class"
+_NS = "ns:"  # + dotted namespace, e.g. "ns:torch.nn"
+
+# envoy-friendly builtins: their result holds the envoys they were given
+_ENVOY_ITERS = frozenset({"enumerate", "list", "reversed", "tuple", "zip"})
+
+
+class ValidationError(Exception):
+    """A remote block the server refuses to run: ``line`` (in the user's file when
+    the client sent its first line, else in the text sent), ``col`` (from 0),
+    ``construct`` (the refused source text or name) and a plain reason."""
+
+    def __init__(self, reason: str, line: int = 0, col: int = 0, construct: str = "") -> None:
+        self.reason = reason
+        self.line = line
+        self.col = col
+        self.construct = construct
+        where = f"line {line}: " if line else ""
+        what = f"`{construct}`: " if construct else ""
+        super().__init__(f"{where}{what}{reason}")
+
+
+def module_names_of(module) -> frozenset[str]:
+    """The attribute names of every submodule of ``module`` (a ``torch.nn.Module``):
+    what ``module_names`` should be for a served model."""
+    names = set()
+    for path, _ in module.named_modules():
+        names.update(p for p in path.split(".") if p and not p.isdigit())
+    return frozenset(names - _STATE_NAMES)
+
+
+def validate_block(
+    source: str,
+    block_index: int,
+    *,
+    free_names: Collection[str] | None = None,
+    module_names: Collection[str] | None = None,
+    first_line: int = 1,
+) -> None:
+    """Refuse block ``block_index`` of the function in ``source`` unless every part
+    of it is allowed (see the module's docstring); return None when it is.
+
+    ``free_names``: the names whose values the job sent (default: the function's
+    parameters and every name it binds outside the block).  ``module_names``: the
+    served model's submodule names (``module_names_of(model)``); without them a
+    navigation is refused only for known non-module attributes.  ``first_line``:
+    the line of ``source``'s first line in the user's file, for the messages.
+    """
+    size = len(source.encode("utf-8", "surrogatepass"))
+    if size > MAX_SOURCE_BYTES:
+        raise ValidationError(
+            f"the source is {size} bytes; a remote job takes at most {MAX_SOURCE_BYTES}",
+            first_line, 0, "source",
+        )
+    _check_depth(source, first_line)
+    try:
+        module = cst.parse_module(source)
+    except cst.ParserSyntaxError as exc:
+        line, col = parse_error_position(exc)
+        raise ValidationError(f"cannot parse: {exc.message}", first_line + line - 1, col,
+                              "syntax") from None
+    positions = walk.positions(module)
+    fns = list(module.body)
+    if len(fns) != 1 or not isinstance(fns[0], cst.FunctionDef):
+        raise ValidationError(
+            "a remote job's source must be exactly one function definition (the "
+            "@intervene function), and nothing else", first_line, 0, "source",
+        )
+    fn = fns[0]
+    blocks = [s for s in statements(fn) if isinstance(s, cst.With) and block_call(s) is not None]
+    if not 0 <= block_index < len(blocks):
+        raise ValidationError(
+            f"block {block_index} does not exist: `{fn.name.value}` has {len(blocks)} "
+            "trace block(s)", first_line, 0, "block index",
+        )
+    block = blocks[block_index]
+    inside = _bound_names(block)
+    if free_names is None:
+        free_names = _params(fn) | (_bound_names(fn) - inside)
+    checker = _Checker(positions, first_line, block, inside, frozenset(free_names),
+                       None if module_names is None else frozenset(module_names))
+    checker.signature(fn)
+    checker.run()
+    _check_compiles(source, module, positions, first_line, block_index, positions[block][0])
+
+
+# -- before parsing ------------------------------------------------------------
+
+
+def _check_depth(source: str, first_line: int) -> None:
+    """Python's parser refuses absurd nesting by itself (a SyntaxError, never a
+    crash); the depth of its tree is then measured without recursion."""
+    try:
+        tree = ast.parse(source)
+    except SyntaxError as exc:
+        raise ValidationError(f"cannot parse: {exc.msg}", first_line + (exc.lineno or 1) - 1,
+                              max((exc.offset or 1) - 1, 0), "syntax") from None
+    except (RecursionError, MemoryError, ValueError):
+        raise ValidationError(f"the source nests deeper than {MAX_DEPTH} levels",
+                              first_line, 0, "nesting") from None
+    todo = [(tree, 0)]
+    while todo:
+        node, depth = todo.pop()
+        if depth > MAX_DEPTH:
+            line = getattr(node, "lineno", 1)
+            raise ValidationError(
+                f"the source nests deeper than {MAX_DEPTH} levels", first_line + line - 1,
+                getattr(node, "col_offset", 0), "nesting",
+            )
+        todo.extend((child, depth + 1) for child in ast.iter_child_nodes(node))
+
+
+def _check_compiles(source: str, module: cst.Module, positions: dict, first_line: int,
+                    index: int, block_line: int) -> None:
+    """The compiler's own checks, and the same block numbering as the plan's."""
+    from .analyze import analyze
+
+    try:
+        info = analyze(Source(source, "<remote>", first_line, 0), module, positions)
+    except CompileError as exc:
+        raise ValidationError(exc.message, exc.lineno or first_line,
+                              max((exc.offset or 1) - 1, 0), "compile error") from None
+    if index >= len(info.blocks) or info.blocks[index].line != first_line + block_line - 1:
+        raise ValidationError("the compiler numbers this function's blocks differently",
+                              first_line, 0, "block index")
+
+
+# -- names a tree binds ----------------------------------------------------------
+
+
+def _target_names(t: cst.CSTNode) -> Iterable[str]:
+    if isinstance(t, cst.Name):
+        yield t.value
+    elif isinstance(t, (cst.Tuple, cst.List)):
+        for el in t.elements:
+            yield from _target_names(el.value)
+    elif isinstance(t, cst.StarredElement):
+        yield from _target_names(t.value)
+
+
+class _Binds(cst.CSTVisitor):
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: set[str] = set()
+
+    def visit_AssignTarget(self, node: cst.AssignTarget) -> None:
+        self.names.update(_target_names(node.target))
+
+    def visit_AnnAssign(self, node: cst.AnnAssign) -> None:
+        self.names.update(_target_names(node.target))
+
+    def visit_AugAssign(self, node: cst.AugAssign) -> None:
+        self.names.update(_target_names(node.target))
+
+    def visit_For(self, node: cst.For) -> None:
+        self.names.update(_target_names(node.target))
+
+    def visit_CompFor(self, node: cst.CompFor) -> None:
+        self.names.update(_target_names(node.target))
+
+    def visit_AsName(self, node: cst.AsName) -> None:
+        self.names.update(_target_names(node.name))
+
+    def visit_NamedExpr(self, node: cst.NamedExpr) -> None:
+        self.names.update(_target_names(node.target))
+
+    def visit_FunctionDef(self, node: cst.FunctionDef) -> None:
+        self.names.add(node.name.value)
+
+    def visit_ClassDef(self, node: cst.ClassDef) -> None:
+        self.names.add(node.name.value)
+
+    def visit_ImportAlias(self, node: cst.ImportAlias) -> None:
+        target = node.asname.name if node.asname is not None else node.name
+        while isinstance(target, cst.Attribute):
+            target = target.value
+        self.names.update(_target_names(target))
+
+
+def _bound_names(node: cst.CSTNode) -> set[str]:
+    binds = _Binds()
+    walk.visit(binds, node)
+    return binds.names
+
+
+def _params(fn: cst.FunctionDef) -> set[str]:
+    p = fn.params
+    out = {x.name.value for x in (*p.posonly_params, *p.params, *p.kwonly_params)}
+    for star in (p.star_arg, p.star_kwarg):
+        if isinstance(star, cst.Param):
+            out.add(star.name.value)
+    return out
+
+
+# -- the check ---------------------------------------------------------------------
+
+_CODE = cst.Module([])
+
+
+def _text(node: cst.CSTNode, limit: int = 60) -> str:
+    text = " ".join(_CODE.code_for_node(node).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class _Refused(Exception):
+    pass
+
+
+class _Checker:
+    """Walks one block.  Kinds of expressions are inferred first (which variables
+    may hold envoys: a fixpoint over the block's bindings, errors ignored), then
+    the block is walked once more and the first refused construct raises."""
+
+    def __init__(self, positions, first_line, block, inside, free, module_names) -> None:
+        self.positions = positions
+        self.first_line = first_line
+        self.block = block
+        self.call = block_call(block)
+        self.inside = inside
+        self.free = free
+        self.module_names = module_names
+        self.model = self.call.func.value.value if isinstance(self.call.func.value, cst.Name) else None
+        asname = block.items[0].asname
+        self.tracer = asname.name.value if asname is not None and isinstance(asname.name, cst.Name) else None
+        self.envoy_names: set[str] = set()
+        self.strict = False
+
+    # -- reporting ---------------------------------------------------------
+    def refuse(self, node: cst.CSTNode, construct: str, reason: str) -> None:
+        if not self.strict:
+            raise _Refused
+        pos = self.positions.get(node, (1, 0))
+        raise ValidationError(reason, self.first_line + pos[0] - 1, pos[1], construct)
+
+    # -- driver ------------------------------------------------------------
+    def run(self) -> None:
+        if self.model is None:
+            self.strict = True
+            self.refuse(self.call.func.value, _text(self.call.func.value),
+                        "the model of a remote block must be a plain name "
+                        "(`with model.trace(...)`)")
+        self.strict = False
+        for _ in range(20):  # envoy-holding names: grows until stable
+            before = set(self.envoy_names)
+            self._walk_with_recovery(self.block)
+            if self.envoy_names == before:
+                break
+        self.strict = True
+        self.with_stmt(self.block, header=True)
+
+    def _walk_with_recovery(self, node: cst.CSTNode) -> None:
+        """The inference pass: every statement is visited, refused or not."""
+        if isinstance(node, cst.With):
+            for item in node.items:
+                self._try(lambda item=item: self.with_item(item, node is self.block))
+            body = node.body.body
+        else:
+            body = getattr(getattr(node, "body", None), "body", None) or ()
+        for stmt in body:
+            self._try(lambda stmt=stmt: self.stmt(stmt))
+
+    def _try(self, fn) -> None:
+        try:
+            fn()
+        except _Refused:
+            pass
+
+    def signature(self, fn: cst.FunctionDef) -> None:
+        """Defaults, annotations and decorators: evaluated (or kept) when the
+        server defines the function, so no calls and no private attributes."""
+        self.strict = True
+        parts: list[cst.CSTNode] = [d.decorator for d in fn.decorators]
+        p = fn.params
+        for param in (*p.posonly_params, *p.params, *p.kwonly_params, p.star_arg, p.star_kwarg):
+            if isinstance(param, cst.Param):
+                parts += [x for x in (param.default, param.annotation) if x is not None]
+        if fn.returns is not None:
+            parts.append(fn.returns)
+        for part in parts:
+            self._plain(part.annotation if isinstance(part, cst.Annotation) else part)
+
+    def _plain(self, node: cst.CSTNode) -> None:
+        if isinstance(node, cst.Name):
+            if node.value.startswith("__"):
+                self.refuse(node, node.value, "names starting with `__` are not allowed")
+        elif isinstance(node, cst.Attribute):
+            if node.attr.value.startswith("_"):
+                self.refuse(node.attr, node.attr.value,
+                            "attributes starting with `_` are not allowed in remote blocks")
+            self._plain(node.value)
+        elif isinstance(node, cst.Subscript):
+            self._plain(node.value)
+            for el in node.slice:
+                if isinstance(el.slice, cst.Index):
+                    self._plain(el.slice.value)
+        elif isinstance(node, (cst.Tuple, cst.List, cst.Set)):
+            for el in node.elements:
+                self._plain(el.value)
+        elif isinstance(node, cst.UnaryOperation):
+            self._plain(node.expression)
+        elif isinstance(node, cst.BinaryOperation) and isinstance(node.operator, cst.BitOr):
+            self._plain(node.left)  # `int | None`
+            self._plain(node.right)
+        elif not isinstance(node, (cst.Integer, cst.Float, cst.Imaginary, cst.SimpleString,
+                                   cst.ConcatenatedString, cst.Ellipsis)):
+            self.refuse(node, _text(node),
+                        "a default value, annotation or decorator of a remote function "
+                        "must be a constant or a name (it is evaluated when the server "
+                        "defines the function)")
+
+    # -- statements ------------------------------------------------------------
+    def body(self, suite: cst.BaseSuite) -> None:
+        for stmt in suite.body:
+            self.stmt(stmt)
+
+    def stmt(self, node: cst.CSTNode) -> None:
+        if isinstance(node, cst.SimpleStatementLine):
+            for small in node.body:
+                self.small(small)
+        elif isinstance(node, cst.SimpleStatementSuite):
+            for small in node.body:
+                self.small(small)
+        elif isinstance(node, cst.If):
+            self.expr(node.test)
+            self.body(node.body)
+            if node.orelse is not None:
+                if isinstance(node.orelse, cst.If):
+                    self.stmt(node.orelse)
+                else:
+                    self.body(node.orelse.body)
+        elif isinstance(node, cst.For):
+            if node.asynchronous is not None:
+                self.refuse(node, "async for", "`async` is not allowed in remote blocks")
+            kinds = self.iter_kinds(node.iter, node.target)
+            self.bind(node.target, kinds)
+            self.body(node.body)
+            if node.orelse is not None:
+                self.body(node.orelse.body)
+        elif isinstance(node, cst.While):
+            self.expr(node.test)
+            self.body(node.body)
+            if node.orelse is not None:
+                self.body(node.orelse.body)
+        elif isinstance(node, cst.With):
+            self.with_stmt(node)
+        elif isinstance(node, cst.Try):
+            self.body(node.body)
+            for handler in node.handlers:
+                if handler.type is None:
+                    self.refuse(handler, "except:", "a bare `except:` is not allowed in remote "
+                                "blocks (it would catch the server's own signals): name the "
+                                "exception class, e.g. `except ValueError:`")
+                self.expr(handler.type)
+                if handler.name is not None:
+                    self.bind(handler.name.name, VALUE)
+                self.body(handler.body)
+            if node.orelse is not None:
+                self.body(node.orelse.body)
+            if node.finalbody is not None:
+                self.body(node.finalbody.body)
+        elif isinstance(node, cst.FunctionDef):
+            self.refuse(node, f"def {node.name.value}", "function definitions are not allowed "
+                        "in remote blocks")
+        elif isinstance(node, cst.ClassDef):
+            self.refuse(node, f"class {node.name.value}", "class definitions are not allowed "
+                        "in remote blocks")
+        elif isinstance(node, cst.Match):
+            self.refuse(node, "match", "`match` is not allowed in remote blocks (class "
+                        "patterns read attributes): use `if`")
+        else:
+            name = type(node).__name__
+            self.refuse(node, _text(node, 30), f"`{name}` statements are not allowed in remote blocks")
+
+    def small(self, node: cst.BaseSmallStatement) -> None:
+        if isinstance(node, cst.Expr):
+            self.expr(node.value)
+        elif isinstance(node, cst.Assign):
+            kind = self.expr(node.value, envoy_ok=all(
+                isinstance(t.target, (cst.Name, cst.Tuple, cst.List)) for t in node.targets))
+            for t in node.targets:
+                self.store(t.target, kind, node.value)
+        elif isinstance(node, cst.AnnAssign):
+            self.expr(node.annotation.annotation)
+            kind = VALUE
+            if node.value is not None:
+                kind = self.expr(node.value, envoy_ok=isinstance(node.target, cst.Name))
+            self.store(node.target, kind, node.value)
+        elif isinstance(node, cst.AugAssign):
+            self.expr(node.value)
+            self.store(node.target, VALUE, node.value, augmented=True)
+        elif isinstance(node, cst.Del):
+            self.delete(node.target)
+        elif isinstance(node, (cst.Pass, cst.Break, cst.Continue)):
+            pass
+        elif isinstance(node, cst.Raise):
+            if node.exc is not None:
+                self.expr(node.exc)
+            if node.cause is not None:
+                self.expr(node.cause.item)
+        elif isinstance(node, cst.Assert):
+            self.expr(node.test)
+            if node.msg is not None:
+                self.expr(node.msg)
+        elif isinstance(node, (cst.Import, cst.ImportFrom)):
+            self.refuse(node, _text(node), "imports are not allowed in remote blocks (`torch` "
+                        "and `math` are there already)")
+        elif isinstance(node, (cst.Global, cst.Nonlocal)):
+            word = "global" if isinstance(node, cst.Global) else "nonlocal"
+            self.refuse(node, _text(node), f"`{word}` is not allowed in remote blocks")
+        elif isinstance(node, cst.Return):
+            self.refuse(node, "return", "`return` is not allowed in a trace block")
+        else:
+            name = type(node).__name__
+            self.refuse(node, _text(node, 30), f"`{name}` statements are not allowed in remote blocks")
+
+    def with_stmt(self, node: cst.With, header: bool = False) -> None:
+        if node.asynchronous is not None:
+            self.refuse(node, "async with", "`async` is not allowed in remote blocks")
+        for item in node.items:
+            self.with_item(item, header)
+        self.body(node.body)
+
+    def with_item(self, item: cst.WithItem, header: bool) -> None:
+        if header:
+            self.header(item.item)
+        else:
+            self.expr(item.item)
+        if item.asname is not None and not header:
+            self.bind(item.asname.name, VALUE)
+
+    def header(self, call: cst.Call) -> None:
+        kind = call.func.attr.value
+        for arg in call.args:
+            if kind == "generate" or self._invokes_generate():
+                self.generate_arg(arg)
+            self.expr(arg.value)
+
+    def _invokes_generate(self) -> bool:
+        return self.call.func.attr.value == "generate"
+
+    def generate_arg(self, arg: cst.Arg) -> None:
+        if arg.star == "**":
+            self.refuse(arg, _text(arg), "`**` options are not allowed for a remote "
+                        "`generate`: write each option (allowed: "
+                        f"{', '.join(sorted(GENERATE_KEYWORDS))})")
+        if arg.keyword is not None and arg.keyword.value not in GENERATE_KEYWORDS:
+            self.refuse(arg.keyword, arg.keyword.value, "this `generate` option is not "
+                        "allowed in remote blocks (allowed: "
+                        f"{', '.join(sorted(GENERATE_KEYWORDS))})")
+
+    # -- targets -----------------------------------------------------------------
+    def bind(self, target: cst.CSTNode, kind) -> None:
+        """Bind the names of a for/with/comprehension target; ``kind`` is one kind or,
+        for a tuple target, a tuple of kinds (one per element)."""
+        if isinstance(target, cst.Name):
+            k = ENVOY if (kind == ENVOY or (isinstance(kind, tuple) and ENVOY in kind)) else VALUE
+            self.bind_name(target, k)
+        elif isinstance(target, (cst.Tuple, cst.List)):
+            els = target.elements
+            for i, el in enumerate(els):
+                if isinstance(kind, tuple) and len(kind) == len(els):
+                    sub = kind[i]
+                else:
+                    sub = ENVOY if (kind == ENVOY or (isinstance(kind, tuple) and ENVOY in kind)) else VALUE
+                self.bind(el.value, sub)
+        elif isinstance(target, cst.StarredElement):
+            self.bind(target.value, kind)
+        else:
+            self.store(target, kind if isinstance(kind, str) else VALUE, None)
+
+    def bind_name(self, node: cst.Name, kind: str) -> None:
+        name = node.value
+        if name.startswith("__"):
+            self.refuse(node, name, "names starting with `__` are not allowed in remote blocks")
+        provided = {self.model, self.tracer, "torch", "math", "save"} | SAFE_BUILTINS | CONSTANT_NAMES
+        if name in provided or name in FORBIDDEN_NAMES:
+            self.refuse(node, name, f"`{name}` is provided by the server and cannot be "
+                        "assigned in a remote block: choose another name")
+        if kind == ENVOY:
+            self.envoy_names.add(name)
+
+    def store(self, target: cst.CSTNode, kind: str, value: cst.CSTNode | None,
+              augmented: bool = False) -> None:
+        if isinstance(target, (cst.Name, cst.Tuple, cst.List, cst.StarredElement)):
+            if isinstance(target, (cst.Tuple, cst.List)) and isinstance(value, (cst.Tuple, cst.List)):
+                kinds = tuple(self.kind_quiet(el.value) for el in value.elements)
+                self.bind(target, kinds)
+            else:
+                self.bind(target, kind)
+            return
+        if kind == ENVOY and value is not None:
+            self.refuse(value, _text(value), _WHY_ENVOY)
+        if isinstance(target, cst.Attribute):
+            attr = target.attr.value
+            if attr.startswith("_"):
+                self.refuse(target.attr, attr, "attributes starting with `_` are not allowed "
+                            "in remote blocks")
+            owner = self.expr(target.value, envoy_ok=True)
+            if owner == ENVOY and attr in _VALUE_NAMES:
+                return
+            if owner == VALUE and attr in ("grad", "requires_grad"):
+                return
+            self.refuse(target, _text(target), "only `.output`, `.input` and `.inputs` of a "
+                        "module, and `.grad` and `.requires_grad` of a value, can be assigned "
+                        "in remote blocks")
+        elif isinstance(target, cst.Subscript):
+            owner = self.expr(target.value, envoy_ok=True)
+            if owner != VALUE:
+                self.refuse(target, _text(target), "modules cannot be replaced or changed in "
+                            "remote blocks: write to `.output`/`.input`/`.inputs` instead"
+                            if owner == ENVOY else "this item cannot be assigned")
+            self.slices(target)
+        else:
+            self.refuse(target, _text(target), "this assignment target is not allowed in "
+                        "remote blocks")
+
+    def delete(self, target: cst.CSTNode) -> None:
+        if isinstance(target, cst.Name):
+            return
+        if isinstance(target, (cst.Tuple, cst.List)):
+            for el in target.elements:
+                self.delete(el.value)
+            return
+        if isinstance(target, cst.Subscript) and self.expr(target.value, envoy_ok=True) == VALUE:
+            self.slices(target)
+            return
+        self.refuse(target, f"del {_text(target)}", "only variables and items of values can "
+                    "be deleted in remote blocks")
+
+    # -- expressions -------------------------------------------------------------
+    def kind_quiet(self, node: cst.CSTNode) -> str:
+        strict, self.strict = self.strict, False
+        try:
+            return self.expr(node, envoy_ok=True)
+        except _Refused:
+            return VALUE
+        finally:
+            self.strict = strict
+
+    def iter_kinds(self, it: cst.CSTNode, target: cst.CSTNode):
+        """The kind(s) of what iterating ``it`` gives: a tuple of kinds for
+        ``enumerate(...)`` / ``zip(...)`` unpacked into a tuple target."""
+        kind = self.expr(it, envoy_ok=True)
+        if (isinstance(it, cst.Call) and isinstance(it.func, cst.Name)
+                and isinstance(target, (cst.Tuple, cst.List))
+                and self.name_kind(it.func, quiet=True) == FUNC):
+            fname = it.func.value
+            args = [a for a in it.args if a.keyword is None and not a.star]
+            if fname == "enumerate" and len(args) == 1:
+                return (VALUE, self.kind_quiet(args[0].value))
+            if fname == "zip" and len(args) == len(it.args):
+                return tuple(self.kind_quiet(a.value) for a in args)
+        return kind
+
+    def expr(self, node: cst.CSTNode, envoy_ok: bool = False) -> str:
+        kind = self._expr(node)
+        if kind == ENVOY and not envoy_ok:
+            self.refuse(node, _text(node), _WHY_ENVOY)
+        if kind.startswith(_NS) and not envoy_ok:
+            self.refuse(node, _text(node), "a module (namespace) cannot be used as a value in "
+                        "remote blocks: call its listed functions")
+        if kind == TRACER and not envoy_ok:
+            self.refuse(node, _text(node), "the tracer can only be used through its methods "
+                        f"({', '.join(sorted(TRACER_ATTRS))})")
+        return kind
+
+    def _expr(self, node: cst.CSTNode) -> str:
+        if isinstance(node, cst.Name):
+            return self.name_kind(node)
+        if isinstance(node, cst.Attribute):
+            return self.attribute(node)
+        if isinstance(node, cst.Subscript):
+            owner = self.expr(node.value, envoy_ok=True)
+            self.slices(node)
+            if owner.startswith(_NS) or owner == TRACER:
+                self.refuse(node, _text(node), "this cannot be indexed in remote blocks")
+            return ENVOY if owner == ENVOY else VALUE
+        if isinstance(node, cst.Call):
+            return self.call_expr(node)
+        if isinstance(node, (cst.Integer, cst.Float, cst.Imaginary, cst.SimpleString,
+                             cst.Ellipsis)):
+            return VALUE
+        if isinstance(node, cst.ConcatenatedString):
+            self.expr(node.left)
+            self.expr(node.right)
+            return VALUE
+        if isinstance(node, cst.FormattedString):
+            for part in node.parts:
+                self.fstring_part(part)
+            return VALUE
+        if isinstance(node, (cst.List, cst.Tuple)):
+            kinds = [self.expr(el.value, envoy_ok=True) for el in node.elements]
+            for el, k in zip(node.elements, kinds):
+                if k not in (VALUE, ENVOY, FUNC, CLASS):
+                    self.expr(el.value)  # refuses
+            return ENVOY if ENVOY in kinds else VALUE
+        if isinstance(node, cst.Set):
+            for el in node.elements:
+                self.expr(el.value)
+            return VALUE
+        if isinstance(node, cst.Dict):
+            for el in node.elements:
+                if isinstance(el, cst.DictElement):
+                    self.expr(el.key)
+                self.expr(el.value)
+            return VALUE
+        if isinstance(node, cst.StarredElement):
+            return self.expr(node.value, envoy_ok=True)
+        if isinstance(node, (cst.ListComp, cst.GeneratorExp, cst.SetComp, cst.DictComp)):
+            return self.comprehension(node)
+        if isinstance(node, cst.BinaryOperation):
+            self.expr(node.left)
+            self.expr(node.right)
+            return VALUE
+        if isinstance(node, cst.UnaryOperation):
+            self.expr(node.expression)
+            return VALUE
+        if isinstance(node, cst.BooleanOperation):
+            self.expr(node.left)
+            self.expr(node.right)
+            return VALUE
+        if isinstance(node, cst.Comparison):
+            self.expr(node.left)
+            for target in node.comparisons:
+                self.expr(target.comparator)
+            return VALUE
+        if isinstance(node, cst.IfExp):
+            self.expr(node.test)
+            a = self.expr(node.body, envoy_ok=True)
+            b = self.expr(node.orelse, envoy_ok=True)
+            return ENVOY if ENVOY in (a, b) else VALUE
+        if isinstance(node, cst.NamedExpr):
+            kind = self.expr(node.value, envoy_ok=True)
+            self.bind(node.target, kind)
+            return kind
+        if isinstance(node, cst.Lambda):
+            self.refuse(node, "lambda", "`lambda` is not allowed in remote blocks")
+        if isinstance(node, (cst.Yield, cst.Await)):
+            word = "yield" if isinstance(node, cst.Yield) else "await"
+            self.refuse(node, word, f"`{word}` is not allowed in remote blocks")
+        self.refuse(node, _text(node), f"`{type(node).__name__}` expressions are not allowed "
+                    "in remote blocks")
+        return VALUE
+
+    def fstring_part(self, part: cst.CSTNode) -> None:
+        if isinstance(part, cst.FormattedStringExpression):
+            self.expr(part.expression)
+            for sub in part.format_spec or ():
+                self.fstring_part(sub)
+
+    def slices(self, node: cst.Subscript) -> None:
+        for el in node.slice:
+            s = el.slice
+            if isinstance(s, cst.Index):
+                self.expr(s.value)
+            else:
+                for part in (s.lower, s.upper, s.step):
+                    if part is not None:
+                        self.expr(part)
+
+    def comprehension(self, node) -> str:
+        fors = []
+        comp = node.for_in
+        while comp is not None:
+            fors.append(comp)
+            comp = comp.inner_for_in
+        for comp in fors:
+            kinds = self.iter_kinds(comp.iter, comp.target)
+            self.bind(comp.target, kinds)
+            for cond in comp.ifs:
+                self.expr(cond.test)
+        if isinstance(node, cst.DictComp):
+            self.expr(node.key)
+            self.expr(node.value)
+            return VALUE
+        kind = self.expr(node.elt, envoy_ok=isinstance(node, (cst.ListComp, cst.GeneratorExp)))
+        return ENVOY if kind == ENVOY else VALUE
+
+    def name_kind(self, node: cst.Name, quiet: bool = False) -> str:
+        name = node.value
+        if name.startswith("__"):
+            self.refuse(node, name, "names starting with `__` are not allowed in remote blocks")
+        if name in FORBIDDEN_NAMES:
+            self.refuse(node, name, f"`{name}` is not allowed in remote blocks")
+        if name in CONSTANT_NAMES:
+            return VALUE
+        if name == self.model:
+            return ENVOY
+        if name == self.tracer:
+            return TRACER
+        if name in ("torch", "math"):
+            return _NS + name
+        if name in self.inside:
+            return ENVOY if name in self.envoy_names else VALUE
+        if name in self.free:
+            return VALUE
+        if name in SAFE_BUILTINS or name == "save":
+            return FUNC
+        if quiet:
+            return VALUE
+        self.refuse(node, name, f"`{name}` is not defined in the block and its value was not "
+                    "sent with the job; a remote block can use its own variables, the values "
+                    f"sent, `{self.model}`, `torch`, `math` and common builtins (len, range, "
+                    "zip, print...)")
+        return VALUE
+
+    def attribute(self, node: cst.Attribute) -> str:
+        attr = node.attr.value
+        if attr.startswith("_"):
+            self.refuse(node.attr, attr, "attributes starting with `_` are not allowed in "
+                        "remote blocks")
+        owner = self.expr(node.value, envoy_ok=True)
+        if owner == ENVOY:
+            return self.envoy_attribute(node, attr)
+        if owner == TRACER:
+            if attr in TRACER_ATTRS:
+                return VALUE
+            self.refuse(node.attr, attr, "this tracer attribute is not allowed in remote "
+                        f"blocks (allowed: {', '.join(sorted(TRACER_ATTRS))})")
+        if owner.startswith(_NS):
+            return self.namespace_attribute(node, owner[len(_NS):], attr)
+        if owner in (FUNC, CLASS):
+            self.refuse(node.attr, attr, f"attributes of `{_text(node.value)}` are not "
+                        "allowed in remote blocks")
+        if attr in VALUE_ATTRS:
+            return VALUE
+        if attr in ("format", "format_map"):
+            self.refuse(node.attr, attr, "`.format` is not allowed in remote blocks (its "
+                        "fields can read attributes): use an f-string")
+        if attr in _STATE_NAMES:
+            self.refuse(node.attr, attr, f"`.{attr}` is not allowed in remote blocks: "
+                        + _WHY_STATE)
+        self.refuse(node.attr, attr, f"`.{attr}` is not an allowed method or attribute in "
+                    "remote blocks (tensor math, list/dict/str methods and `.save()` are)")
+        return VALUE
+
+    def envoy_attribute(self, node: cst.Attribute, attr: str) -> str:
+        if attr in _VALUE_NAMES:
+            return VALUE
+        if attr == "generator" and isinstance(node.value, cst.Name) and node.value.value == self.model:
+            return ENVOY
+        if attr in _ENVOY_METHODS:
+            return VALUE
+        if attr == "source":
+            return ENVOY
+        if attr in _STATE_NAMES:
+            self.refuse(node.attr, attr, _WHY_STATE)
+        if self.module_names is not None:
+            if attr in self.module_names:
+                return ENVOY
+            self.refuse(node.attr, attr, f"`{attr}` is not a module of the served model; "
+                        + _WHY_ENVOY)
+        elif attr not in _module_attrs():
+            return ENVOY
+        self.refuse(node.attr, attr, f"`.{attr}` of a module is not allowed in remote "
+                    "blocks: " + _WHY_STATE)
+        return VALUE
+
+    def namespace_attribute(self, node: cst.Attribute, ns: str, attr: str) -> str:
+        full = f"{ns}.{attr}"
+        if full in _TORCH_SUBMODULES:
+            return _NS + full
+        allowed = (TORCH_FUNCTIONS if ns == "torch" else MATH_NAMES if ns == "math"
+                   else _TORCH_SUBMODULES.get(ns, frozenset()))
+        if ns == "torch" and attr in _TORCH_CLASSES:
+            return CLASS
+        if attr in allowed:
+            return FUNC
+        self.refuse(node, full, f"`{full}` is not allowed in remote blocks (only listed "
+                    "tensor math, creation and grad-mode functions of torch are)")
+        return VALUE
+
+    def call_expr(self, node: cst.Call) -> str:
+        func = node.func
+        fkind = self.expr(func, envoy_ok=True)
+        envoy_args = False
+        result = VALUE
+        if fkind == CLASS:
+            self.refuse(node, _text(node), "`torch.Tensor(...)` is not allowed in remote "
+                        "blocks (it may hold memory left by earlier jobs): use torch.zeros, "
+                        "torch.tensor")
+        elif fkind.startswith(_NS) or fkind == TRACER:
+            self.refuse(node, _text(node), "this cannot be called in remote blocks")
+        elif fkind == FUNC and isinstance(func, cst.Name):
+            if func.value == "len":
+                envoy_args = True
+            elif func.value in _ENVOY_ITERS:
+                envoy_args = True
+                result = None  # decided by the arguments
+        elif isinstance(func, cst.Attribute) and self.kind_quiet(func.value) == TRACER:
+            envoy_args = func.attr.value == "cache"
+            if func.attr.value == "invoke" and self._invokes_generate():
+                for arg in node.args:
+                    self.generate_arg(arg)
+        elif (isinstance(func, cst.Attribute) and func.attr.value == "save"
+              and node.args and fkind == VALUE):
+            self.refuse(node, _text(node), "`.save()` takes no arguments (it keeps the value "
+                        "after the block; nothing is written to disk)")
+        kinds = [self.expr(arg.value, envoy_ok=envoy_args) for arg in node.args]
+        if result is None:
+            result = ENVOY if ENVOY in kinds else VALUE
+        return result
