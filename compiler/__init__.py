@@ -39,7 +39,7 @@ def intervene(fn: F) -> F:
     def build():
         from runtime.api import handle_for
 
-        return compiled.build(handle_for(compiled.plan), fn)
+        return compiled.build(handle_for(compiled.plan, compiled.source), fn)
 
     if "torch" in sys.modules:
         # torch is loaded already, so the runtime is cheap to load: build now and hand

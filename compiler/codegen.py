@@ -45,6 +45,7 @@ class Compiled:
     code: str  # the rewritten function, as shown by `show-plan --code`
     factory_code: types.CodeType  # module code defining the factory
     name: str
+    source: Source | None = None  # what was compiled (a remote block sends its text)
 
     def build(self, runtime_handle: object, original: types.FunctionType) -> types.FunctionType:
         """A live function: the rewritten code with ``original``'s globals,
@@ -144,13 +145,15 @@ def compile_source(src: Source, freevars: tuple[str, ...] = ()) -> Compiled:
                 for ln in b.lanes
             ),
             saved=tuple(sorted(b.saved)),
+            free=b.free,
+            end_line=b.end_line,
         )
         for b in info.blocks
     )
     plan = P.FunctionPlan(fn.name.value, src.filename, fn_line, blocks)
     shown = _TMP_RE.sub(lambda mt: str(final.get(int(mt.group()), mt.group())), text)
     return Compiled(plan=plan, code=_MARK_RE.sub("", shown), factory_code=code,
-                    name=fn.name.value)
+                    name=fn.name.value, source=src)
 
 
 def _in_factory(tree: ast.Module, name: str, freevars: tuple[str, ...], line: int) -> ast.Module:

@@ -88,6 +88,10 @@ class Block:
     line: int
     lanes: tuple[Lane, ...] = ()
     saved: tuple[str, ...] = ()  # names that outlive the block
+    # (name, first line) of what the block reads from around it, and its last line:
+    # what a remote run sends and where the block ends.
+    free: tuple[tuple[str, int], ...] = ()
+    end_line: int = 0
 
     def checkpoint(self, site: int) -> Checkpoint:
         for lane in self.lanes:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 
 __all__ = [
+    "CONFIG",
     "LanguageModel",
     "MissedCheckpointError",
     "NNsight",
@@ -19,6 +20,7 @@ __all__ = [
 ]
 
 _WHERE = {
+    "CONFIG": ".config",
     "NNsight": ".nnsight",
     "LanguageModel": ".language",
     "OutOfOrderError": ".errors",

@@ -8,6 +8,8 @@ server validate and run shipped experiments later.
 
 from __future__ import annotations
 
+import sys
+
 import torch
 
 from .envoy import Envoy
@@ -52,11 +54,13 @@ class Handle:
         "requires_grad",
         "save",
         "sites",
+        "source",
         "write",
     )
 
-    def __init__(self, plan) -> None:
+    def __init__(self, plan, source=None) -> None:
         self.plan = plan
+        self.source = source  # the compiled function's Source: what a remote block sends
         self.sites = [
             {item.order: item for lane in b.lanes for item in lane.items} for b in plan.blocks
         ]
@@ -87,6 +91,11 @@ class Handle:
                 f"`with ....{kind}(...)` needs the wrapped model (NNsight(module) or "
                 f"LanguageModel(...)), got {what}"
             )
+        if kwargs and "remote" in kwargs and kwargs.pop("remote"):
+            # Never silently local: the block runs on the server (runtime.remote).
+            from .remote.client import remote_tracer
+
+            return remote_tracer(self, model, kind, index, args, kwargs, sys._getframe(1))
         tracer = Tracer(model, kind, self.plan.blocks[index], self.sites[index], args, kwargs)
         tracer._filename = self.plan.filename
         if self.has_steps[index]:
@@ -96,5 +105,5 @@ class Handle:
         return tracer
 
 
-def handle_for(plan) -> Handle:
-    return Handle(plan)
+def handle_for(plan, source=None) -> Handle:
+    return Handle(plan, source)

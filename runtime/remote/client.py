@@ -1,0 +1,399 @@
+"""The client side of ``remote=True``: send one block, wait, bind what comes back.
+
+``with model.trace(x, remote=True) as tracer:`` opens a ``RemoteTracer``.  The
+compiled code registers its lanes as for a local block, but on leaving the
+``with`` nothing runs here: the block's free variables (``Block.free``, from
+the compiler) are read from the calling frame, checked and encoded, and sent
+with the function's source text to the server (``CONFIG.host``), which
+recompiles and validates the block and runs it on its own copy of the
+model.  The saved variables that come back are written into the lanes'
+closure cells, which are the function's own variables, so the code after the
+block sees them exactly as after a local run; ``tracer.result`` and
+``tracer.cache()`` are filled the same way.  While waiting, a one-line status
+goes to stderr (when it is a terminal) and the block's ``print`` output to
+stdout; an error on the server is raised here with its type, message, and a
+traceback entry at the user's own line.
+"""
+
+from __future__ import annotations
+
+import builtins
+import json
+import sys
+import time
+import types
+from typing import Any
+
+from ..tracer import Tracer
+from . import protocol
+from .protocol import PROTOCOL_VERSION, UnsendableError
+
+# Names the server provides itself: a block may read these without sending them.
+SERVER_MODULES = ("torch", "math")
+
+
+class RemoteError(RuntimeError):
+    """An error on the server (or in talking to it) with no matching local type."""
+
+    def __init__(self, message: str, type_name: str = "RemoteError", line: int | None = None):
+        super().__init__(message)
+        self.type_name = type_name
+        self.line = line
+
+
+def compiler_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("intervene")
+    except Exception:  # pragma: no cover - not installed as a package
+        return "0"
+
+
+def remote_tracer(handle, model, kind: str, index: int, args: tuple, kwargs: dict, frame):
+    tracer = RemoteTracer(model, kind, handle.plan.blocks[index], handle.sites[index], args, kwargs)
+    tracer._filename = handle.plan.filename
+    tracer._handle = handle
+    tracer._frame = frame
+    return tracer
+
+
+class RemoteTracer(Tracer):
+    """A block that runs on the server; see the module docstring."""
+
+    _handle = None
+    _frame = None
+
+    def cache(self, *args, **kwargs):
+        raise RuntimeError("tracer.cache() of a remote block runs on the server only")
+
+    def _execute(self) -> None:
+        try:
+            run_block(self)
+        finally:
+            self._frame = None
+            self._handle = None
+
+
+def model_name(root) -> str:
+    """The name a server knows this model by (what ``LanguageModel(name)`` was given)."""
+    name = getattr(root, "_remote_name", None)
+    if name:
+        return str(name)
+    module = getattr(root, "_module", None)
+    config = getattr(module, "config", None)
+    name = getattr(config, "_name_or_path", None) or getattr(config, "name_or_path", None)
+    if name:
+        return str(name)
+    raise RemoteError(
+        f"{type(root).__name__} has no name a server could know it by: remote blocks run on "
+        "models created from a name or folder (LanguageModel('smollm2-135m'))"
+    )
+
+
+def free_values(tracer: RemoteTracer) -> tuple[dict, dict]:
+    """The block's free variables as the server needs them: ``(values, labels)``.
+
+    Builtins and the modules the server provides are left out; a name that is not
+    bound is left out too (the server then raises NameError at its line, as a
+    local run would)."""
+    block = tracer._block
+    frame = tracer._frame
+    local_vars = frame.f_locals if frame is not None else {}
+    global_vars = frame.f_globals if frame is not None else {}
+    values: dict = {}
+    labels: dict = {}
+    for name, line in block.free:
+        if name == block.model:
+            continue
+        if name in local_vars:
+            value = local_vars[name]
+        elif name in global_vars:
+            value = global_vars[name]
+            if isinstance(value, types.ModuleType) and (
+                value.__name__ in SERVER_MODULES or value.__name__.startswith("torch.")
+            ):
+                continue
+        elif hasattr(builtins, name):
+            continue
+        else:
+            continue
+        values[name] = value
+        labels[name] = f"variable `{name}` (read at line {line})"
+    return values, labels
+
+
+def request_for(tracer: RemoteTracer) -> bytes:
+    """The job message of a remote block; errors for unsendable values come first."""
+    block = tracer._block
+    handle = tracer._handle
+    src = handle.source if handle is not None else None
+    if src is None:
+        raise RemoteError("this block has no compiled source to send (compile it with @intervene)")
+    if not block.model.isidentifier():
+        raise RemoteError(
+            f"line {block.line}: a remote block must trace a model held in a plain variable "
+            f"(`model.{block.kind}(...)`), not `{block.model}`"
+        )
+    values, labels = free_values(tracer)
+    try:
+        trees, tensors = protocol.encode_values(values, labels)
+    except UnsendableError as exc:
+        raise UnsendableError(
+            f"line {block.line}: the remote block cannot send {exc}; compute it inside the "
+            "block or pass a plain value"
+        ) from None
+    header = {
+        "protocol": PROTOCOL_VERSION,
+        "compiler": compiler_version(),
+        "model": model_name(tracer._root),
+        "function": handle.plan.name,
+        "source": src.text,
+        "filename": src.filename,
+        "first_line": src.first_line,
+        "block": block.index,
+        "values": trees,
+    }
+    return protocol.pack(header, tensors)
+
+
+def run_block(tracer: RemoteTracer) -> None:
+    from ..config import CONFIG
+
+    data = request_for(tracer)
+    block = tracer._block
+    client = Client(CONFIG.host, CONFIG.api_key)
+    reply = client.run(data, filename=tracer._filename, line=block.line)
+    header, tensors = protocol.unpack(reply)
+    saved = protocol.decode_values(header.get("saved", {}), tensors, tracer._root)
+    cells: dict[str, types.CellType] = {}
+    for fn, _spec, _index in tracer._lanes:
+        for name, cell in zip(fn.__code__.co_freevars, fn.__closure__ or ()):
+            cells.setdefault(name, cell)
+    for name, value in saved.items():
+        cell = cells.get(name)
+        if cell is None:
+            raise RemoteError(f"the server returned `{name}`, which this block does not save")
+        cell.cell_contents = value
+    if "result" in header:
+        tracer._result = protocol.decode(header["result"], tensors, tracer._root)
+    # Containers the block changed (outs.append(...)) change here too, in place.
+    mutated = protocol.decode_values(header.get("mutated", {}), tensors, tracer._root)
+    frame_locals = tracer._frame.f_locals if tracer._frame is not None else {}
+    frame_globals = tracer._frame.f_globals if tracer._frame is not None else {}
+    for name, value in mutated.items():
+        target = frame_locals.get(name, frame_globals.get(name))
+        if isinstance(target, list) and isinstance(value, list):
+            target[:] = value
+        elif isinstance(target, dict) and isinstance(value, dict):
+            target.clear()
+            target.update(value)
+
+
+# -- HTTP ---------------------------------------------------------------------------------
+class Client:
+    """Talks to one server: submit a job, follow its events, fetch its result."""
+
+    # Tests set this to an httpx.Client of their own (e.g. FastAPI's TestClient).
+    http_override: Any = None
+
+    def __init__(self, host: str, api_key: str | None, *, status_stream: Any = None) -> None:
+        self.host = host
+        self.api_key = api_key
+        self.status = _StatusLine(status_stream if status_stream is not None else sys.stderr)
+
+    def _http(self):
+        import contextlib
+
+        import httpx
+
+        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        if Client.http_override is not None:
+            Client.http_override.headers.update(headers)
+            return contextlib.nullcontext(Client.http_override)
+        return httpx.Client(base_url=self.host, headers=headers,
+                            timeout=httpx.Timeout(60.0, connect=10.0))
+
+    def run(self, data: bytes, filename: str = "<remote>", line: int = 0) -> bytes:
+        import httpx
+
+        try:
+            with self._http() as http:
+                job = self._submit(http, data)
+                try:
+                    final = self._follow(http, job)
+                except KeyboardInterrupt:
+                    self._cancel(http, job)
+                    raise
+                finally:
+                    self.status.clear()
+                if final["status"] == "COMPLETED":
+                    resp = http.get(f"/v1/jobs/{job}/result")
+                    _check(resp)
+                    return resp.content
+        except httpx.TransportError as exc:
+            raise ConnectionError(
+                f"cannot reach the intervene server at {self.host} ({exc}); start one with "
+                "`python -m runtime.serve --model NAME` or set INTERVENE_HOST / "
+                "CONFIG.set_default_host(...)"
+            ) from None
+        if final["status"] == "CANCELLED":
+            raise RemoteError(f"the job was cancelled on the server: {final.get('detail', '')}",
+                              "Cancelled")
+        raise error_from(final.get("error") or {}, filename, line)
+
+    def _submit(self, http, data: bytes) -> str:
+        resp = http.post("/v1/jobs", content=data,
+                         headers={"Content-Type": "application/octet-stream"})
+        if resp.status_code == 400:
+            try:
+                error = resp.json().get("error")
+            except ValueError:
+                error = None
+            if isinstance(error, dict):
+                raise error_from(error, "<remote>", 0)
+        _check(resp)
+        return resp.json()["id"]
+
+    def _follow(self, http, job: str) -> dict:
+        """Stream the job's events until it ends; returns its final status."""
+        import httpx
+
+        deadline_events = 0
+        while True:
+            try:
+                with http.stream("GET", f"/v1/jobs/{job}/events") as resp:
+                    _check(resp)
+                    event = None
+                    for line in resp.iter_lines():
+                        if line.startswith("event:"):
+                            event = line[6:].strip()
+                        elif line.startswith("data:") and event:
+                            payload = json.loads(line[5:].strip())
+                            if event == "print":
+                                self.status.clear()
+                                sys.stdout.write(payload.get("text", ""))
+                                sys.stdout.flush()
+                            elif event == "status":
+                                if payload["status"] in ("COMPLETED", "ERROR", "CANCELLED"):
+                                    return payload
+                                self.status.show(payload)
+                            event = None
+            except httpx.ReadTimeout:
+                pass
+            # The stream ended without a final status (a proxy cut it): ask once, then resume.
+            deadline_events += 1
+            resp = http.get(f"/v1/jobs/{job}")
+            _check(resp)
+            payload = resp.json()
+            if payload["status"] in ("COMPLETED", "ERROR", "CANCELLED"):
+                return payload
+            if deadline_events > 1000:
+                raise RemoteError(f"lost track of job {job} on the server")
+            time.sleep(0.2)
+
+    def _cancel(self, http, job: str) -> None:
+        try:
+            http.post(f"/v1/jobs/{job}/cancel")
+        except Exception:  # best effort: the user interrupted
+            pass
+
+
+def _check(resp) -> None:
+    if resp.status_code < 400:
+        return
+    try:
+        resp.read()
+        body = resp.json()
+        detail = body.get("detail") or body.get("error") or body
+        if isinstance(detail, dict):
+            detail = detail.get("message", detail)
+    except Exception:
+        detail = resp.text[:200]
+    if resp.status_code in (401, 403):
+        raise PermissionError(
+            f"the intervene server refused the API key ({resp.status_code}): {detail}; set it "
+            "with CONFIG.set_default_api_key(...) or INTERVENE_API_KEY"
+        )
+    raise RemoteError(f"the intervene server answered {resp.status_code}: {detail}",
+                      f"HTTP{resp.status_code}")
+
+
+_BUILTIN_ERRORS = {
+    name: obj for name, obj in vars(builtins).items()
+    if isinstance(obj, type) and issubclass(obj, Exception)
+}
+
+
+def error_from(error: dict, filename: str, line: int) -> BaseException:
+    """The exception a server error stands for, with the user's file and line."""
+    type_name = str(error.get("type") or "RemoteError")
+    message = str(error.get("message") or "")
+    at = error.get("line") or line
+    where = error.get("filename") or filename
+    exc: BaseException
+    if type_name == "CompileError":
+        from compiler.errors import CompileError
+
+        exc = CompileError(message, where, at or None)
+    elif type_name in ("OutOfOrderError", "MissedCheckpointError"):
+        from .. import errors
+
+        exc = getattr(errors, type_name)(message, str(error.get("module") or ""), at or None)
+    elif type_name in _BUILTIN_ERRORS and type_name not in ("SystemExit", "KeyboardInterrupt"):
+        try:
+            exc = _BUILTIN_ERRORS[type_name](message)
+        except Exception:
+            exc = RemoteError(f"{type_name}: {message}", type_name, at)
+    else:
+        exc = RemoteError(f"{type_name}: {message}", type_name, at)
+    if hasattr(exc, "add_note"):
+        exc.add_note(f"(raised on the intervene server, in the remote block's line {at})")
+    return _at_line(exc, where, at)
+
+
+def _at_line(exc: BaseException, filename: str, line: int) -> BaseException:
+    """Give ``exc`` a traceback entry at ``filename:line`` (the user's own line), so a
+    traceback of the remote error shows the user's code, as for a local run."""
+    if not line or not filename:
+        return exc
+    try:
+        code = compile("\n" * (int(line) - 1) + "raise __iv_error", filename, "exec")
+        exec(code, {"__iv_error": exc, "__builtins__": {}})
+    except BaseException as raised:  # noqa: BLE001 - it is `exc`, now with a traceback
+        return raised.with_traceback(raised.__traceback__.tb_next or raised.__traceback__)
+    return exc  # pragma: no cover
+
+
+class _StatusLine:
+    """One line on stderr while waiting (only when stderr is a terminal)."""
+
+    def __init__(self, stream) -> None:
+        self.stream = stream
+        self.shown = False
+        self.started = time.monotonic()
+        try:
+            self.enabled = bool(stream.isatty())
+        except Exception:
+            self.enabled = False
+
+    def show(self, payload: dict) -> None:
+        if not self.enabled:
+            return
+        status = payload.get("status", "")
+        if status == "QUEUED":
+            pos = payload.get("position")
+            text = f"intervene: job queued{f' (position {pos})' if pos else ''}"
+        elif status == "RUNNING":
+            text = f"intervene: job running ({payload.get('elapsed', 0):.1f} s)"
+        else:
+            text = f"intervene: job {status.lower()}"
+        self.stream.write("\r" + text[:100].ljust(60))
+        self.stream.flush()
+        self.shown = True
+
+    def clear(self) -> None:
+        if self.shown:
+            self.stream.write("\r" + " " * 60 + "\r")
+            self.stream.flush()
+            self.shown = False

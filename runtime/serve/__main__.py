@@ -1,0 +1,75 @@
+"""``python -m runtime.serve --model smollm2-135m [--model PATH ...] [--host 127.0.0.1]
+[--port 8765] [--api-keys FILE] [--job-timeout SECONDS]``.
+
+Binds to loopback by default and refuses any other address without API keys
+(a file with one key per line).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import sys
+
+from .engine import Limits
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def read_keys(path: str) -> set[str]:
+    with open(path, encoding="utf-8") as f:
+        keys = {line.strip() for line in f if line.strip() and not line.startswith("#")}
+    if not keys:
+        raise SystemExit(f"runtime.serve: {path} holds no API key (one per line)")
+    return keys
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m runtime.serve",
+                                     description="Serve models for remote intervene blocks.")
+    parser.add_argument("--model", action="append", required=True,
+                        help="a model to serve: 'smollm2-135m', a folder or a cached hub id "
+                             "(repeat for several)")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8765)
+    parser.add_argument("--api-keys", help="file with the accepted API keys, one per line")
+    parser.add_argument("--job-timeout", type=float, default=300.0,
+                        help="seconds a job may run before it is stopped (default 300)")
+    parser.add_argument("--max-result-mb", type=float, default=256.0)
+    parser.add_argument("--max-queued", type=int, default=8,
+                        help="jobs waiting or running per API key (default 8)")
+    args = parser.parse_args(argv)
+
+    keys = read_keys(args.api_keys) if args.api_keys else None
+    if keys is None and not is_loopback(args.host):
+        print(f"runtime.serve: refusing to serve on {args.host} without API keys: anyone who "
+              "can reach it could run code on this machine. Pass --api-keys FILE, or bind "
+              "127.0.0.1.", file=sys.stderr)
+        return 2
+    if args.job_timeout <= 0:
+        parser.error("--job-timeout must be positive")
+
+    import uvicorn
+
+    from .app import create_app
+    from .engine import Engine
+
+    limits = Limits(job_timeout=args.job_timeout, max_result=int(args.max_result_mb * 2**20),
+                    max_queued=args.max_queued)
+    engine = Engine(args.model, limits)
+    app = create_app(engine, keys)
+    print(f"intervene server on http://{args.host}:{args.port} serving "
+          f"{', '.join(args.model)} (loading)", file=sys.stderr, flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

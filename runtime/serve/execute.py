@@ -1,0 +1,276 @@
+"""Running one shipped block on a served model, in the worker process.
+
+The server trusts nothing it did not compile: ``run_job`` recompiles the
+function's source with this process's compiler, runs the validator
+(``compiler.validate.validate_block``) on the block, and then compiles only
+that block, as the body of a fresh function whose parameters are the model
+and the free variables sent (the block's lines keep their line numbers, so
+errors name the user's line).  It runs with a small set of builtins (its
+``print`` goes to the job's output), ``torch`` and ``math``.  The saved
+variables, ``tracer.result`` and the containers the block changed are
+encoded as the reply.  ``ModelGuard`` checks afterwards that the job left
+the served model as it found it.
+"""
+
+from __future__ import annotations
+
+import builtins
+import math
+import traceback
+from typing import Any
+
+from ..remote import protocol
+from ..remote.protocol import PROTOCOL_VERSION
+
+MAX_SOURCE = 64 * 1024
+
+_SAFE_BUILTINS = (
+    "abs all any bool bytes callable chr complex dict divmod enumerate filter float "
+    "frozenset hash hex int isinstance issubclass iter len list map max min next oct ord "
+    "pow range repr reversed round set slice sorted str sum tuple zip True False None "
+    "Ellipsis NotImplemented"
+).split()
+
+
+class JobError(Exception):
+    """A job refused or failed, with the type name, message and line to report."""
+
+    def __init__(self, type_name: str, message: str, line: int | None = None,
+                 filename: str | None = None, **extra: Any) -> None:
+        super().__init__(message)
+        self.info = {"type": type_name, "message": message, "line": line,
+                     "filename": filename, **extra}
+
+
+def _builtins(print_fn) -> dict:
+    out = {name: getattr(builtins, name) for name in _SAFE_BUILTINS}
+    for name, obj in vars(builtins).items():
+        if isinstance(obj, type) and issubclass(obj, BaseException):
+            out[name] = obj
+    out["print"] = print_fn
+    return out
+
+
+def validate(source: str, index: int) -> None:
+    """The server's allowlist check (``compiler.validate``); imported lazily."""
+    from compiler.validate import validate_block
+
+    validate_block(source, index)
+
+
+def check_header(header: dict, models: dict | None = None) -> None:
+    """What the app checks before queueing a job (cheap, no compiling)."""
+    if header.get("protocol") != PROTOCOL_VERSION:
+        raise JobError(
+            "ProtocolError",
+            f"the client speaks protocol {header.get('protocol')!r} and this server "
+            f"{PROTOCOL_VERSION}: use the same intervene version on both sides",
+        )
+    source = header.get("source")
+    if not isinstance(source, str) or not source.strip():
+        raise JobError("ProtocolError", "the job has no source text")
+    if len(source.encode("utf-8")) > MAX_SOURCE:
+        raise JobError("ValueError", f"the source is over {MAX_SOURCE // 1024} KiB; send a "
+                       "smaller function (only the function with the block is sent)")
+    if not isinstance(header.get("block"), int) or header["block"] < 0:
+        raise JobError("ProtocolError", "the job has no block index")
+    for key in ("filename", "function", "model"):
+        if not isinstance(header.get(key), str):
+            raise JobError("ProtocolError", f"the job has no {key}")
+    if not isinstance(header.get("first_line"), int) or header["first_line"] < 1:
+        raise JobError("ProtocolError", "the job has no first line")
+    if models is not None and header["model"] not in models:
+        raise JobError("ValueError", f"this server does not serve model {header['model']!r}; "
+                       f"it serves: {', '.join(sorted(models)) or 'none'}")
+
+
+def _block_function(source, block) -> tuple[str, int]:
+    """The block alone, as the body of ``remote_block(model, <free>...)``: its text and
+    the first line (in the user's file) of that text."""
+    lines = source.text.splitlines(keepends=True)
+    first = block.line - source.first_line  # 0-based in the text
+    last = block.end_line - source.first_line
+    body = lines[first : last + 1]
+    head = body[0]
+    indent = head[: len(head) - len(head.lstrip())]
+    out = []
+    for ln in body:
+        if ln.startswith(indent):
+            ln = ln[len(indent):]
+        elif ln.strip():
+            ln = ln.lstrip()
+        out.append("    " + ln if ln.strip() else ln)
+    if not out[-1].endswith("\n"):
+        out[-1] += "\n"
+    return "".join(out), block.line - 1
+
+
+def run_job(root, header: dict, tensors: dict, print_fn, max_result: int) -> bytes:
+    """Run the job's block on ``root``; the reply message (or a JobError)."""
+    from compiler.codegen import compile_source
+    from compiler.errors import CompileError
+    from compiler.parse import Source
+
+    from ..tracer import Tracer
+
+    filename = header["filename"]
+    index = header["block"]
+    src = Source(header["source"], filename, header["first_line"], 0)
+    try:
+        plan = compile_source(src).plan
+        if index >= len(plan.blocks):
+            raise JobError("ValueError", f"the function has no block {index}")
+        validate(header["source"], index)
+        block = plan.blocks[index]
+        body, first = _block_function(src, block)
+        values = protocol.decode_values(header.get("values", {}), tensors)
+        if block.model in values:
+            raise JobError("ValueError", f"`{block.model}` is the served model; it cannot be sent")
+        names = [block.model, *sorted(values)]
+        text = f"def remote_block({', '.join(names)}):\n{body}    return __iv_locals()\n"
+        compiled = compile_source(Source(text, filename, first, 0))
+    except CompileError as exc:
+        raise JobError("CompileError", str(exc.msg), exc.lineno, exc.filename) from None
+    except protocol.ProtocolError as exc:
+        raise JobError("ProtocolError", str(exc)) from None
+    except ImportError as exc:
+        raise JobError("RuntimeError", f"the server cannot validate blocks: {exc}") from None
+    except JobError:
+        raise
+    except Exception as exc:  # the validator's own error type
+        raise JobError(type(exc).__name__, str(exc), getattr(exc, "lineno", None)
+                       or getattr(exc, "line", None), filename) from None
+
+    glb = {"__builtins__": _builtins(print_fn), "torch": __import__("torch"), "math": math,
+           "__iv_locals": locals, "__name__": "__remote__"}
+    exec(compile("def remote_block(): pass", filename, "exec"), glb)
+    original = glb.pop("remote_block")
+    fn = compiled.build(_ServerHandle(compiled.plan, compiled.source), original)
+    try:
+        scope = fn(root, **values)
+    except BaseException as exc:  # noqa: BLE001 - reported to the user, the worker lives on
+        if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+            raise
+        raise JobError(type(exc).__name__, str(exc), _user_line(exc, filename), filename,
+                       module=getattr(exc, "module", None),
+                       traceback=_user_traceback(exc, filename)) from None
+
+    saved = compiled.plan.blocks[0].saved
+    out: dict = {}
+    labels: dict = {}
+    for name in saved:
+        if name in scope:
+            out[name] = scope[name]
+            labels[name] = f"saved variable `{name}`"
+    mutated = {n: v for n, v in values.items() if isinstance(v, (list, dict)) and n in scope}
+    tracer = next((v for v in scope.values() if isinstance(v, Tracer)), None)
+    enc = protocol.Encoder()
+    try:
+        reply: dict = {"saved": {n: enc.encode(v, labels[n]) for n, v in out.items()},
+                       "mutated": {n: enc.encode(v, f"variable `{n}`") for n, v in
+                                   mutated.items()}}
+        if tracer is not None and tracer._kind == "generate":
+            reply["result"] = enc.encode(tracer._result, "tracer.result")
+    except protocol.UnsendableError as exc:
+        raise JobError("TypeError", f"the block's result cannot be sent back: {exc}",
+                       block.line, filename) from None
+    size = sum(t.numel() * t.element_size() for t in enc.tensors.values())
+    if size > max_result:
+        raise JobError(
+            "ValueError",
+            f"the block's results are {size / 2**20:.1f} MiB, over this server's limit of "
+            f"{max_result / 2**20:.1f} MiB: save less (a slice, or a reduction)",
+            block.line, filename)
+    return protocol.pack(reply, enc.tensors)
+
+
+def _server_handle():
+    from ..api import Handle
+
+    class ServerHandle(Handle):
+        """Here the block runs: its ``remote=True`` means this process."""
+
+        def block(self, model, kind, index, /, *args, **kwargs):
+            kwargs.pop("remote", None)
+            return Handle.block(self, model, kind, index, *args, **kwargs)
+
+    return ServerHandle
+
+
+def _ServerHandle(plan, source):
+    global _SERVER_HANDLE
+    if _SERVER_HANDLE is None:
+        _SERVER_HANDLE = _server_handle()
+    return _SERVER_HANDLE(plan, source)
+
+
+_SERVER_HANDLE = None
+
+
+def _user_frames(exc: BaseException, filename: str) -> list:
+    return [f for f in traceback.extract_tb(exc.__traceback__) if f.filename == filename]
+
+
+def _user_line(exc: BaseException, filename: str) -> int | None:
+    line = getattr(exc, "line", None)
+    if isinstance(line, int):
+        return line
+    frames = _user_frames(exc, filename)
+    return frames[-1].lineno if frames else None
+
+
+def _user_traceback(exc: BaseException, filename: str) -> list[int]:
+    return [f.lineno for f in _user_frames(exc, filename)]
+
+
+class ModelGuard:
+    """What a job must not change on the served model, and a check that it did not:
+    parameters and buffers (identity and in-place version counters), ``.grad`` on
+    parameters, ``training`` flags, hooks and instance attributes of modules."""
+
+    def __init__(self, module) -> None:
+        self.module = module
+        self.snapshot = self._take()
+
+    def _take(self) -> dict:
+        m = self.module
+        return {
+            "params": [(n, id(p), p._version) for n, p in m.named_parameters()],
+            "buffers": [(n, id(b), b._version) for n, b in m.named_buffers()],
+            "modules": [(n, id(mod), mod.training, len(mod._forward_hooks),
+                         len(mod._forward_pre_hooks), len(mod._backward_hooks),
+                         len(getattr(mod, "_forward_hooks_with_kwargs", ())),
+                         "forward" in mod.__dict__)
+                        for n, mod in m.named_modules()],
+        }
+
+    def changes(self) -> list[str]:
+        """What the last job changed (empty: nothing)."""
+        now = self._take()
+        out = []
+        for kind in ("params", "buffers"):
+            before = {n: (i, v) for n, i, v in self.snapshot[kind]}
+            after = {n: (i, v) for n, i, v in now[kind]}
+            for name in sorted(set(before) | set(after)):
+                b, a = before.get(name), after.get(name)
+                if b is None or a is None or b[0] != a[0]:
+                    out.append(f"{kind[:-1]} `{name}` was replaced or removed")
+                elif b[1] != a[1]:
+                    out.append(f"{kind[:-1]} `{name}` was modified in place")
+        for name, p in self.module.named_parameters():
+            if p.grad is not None:
+                out.append(f"parameter `{name}` was left with a .grad")
+        before = {row[0]: row[1:] for row in self.snapshot["modules"]}
+        for row in now["modules"]:
+            b = before.get(row[0])
+            if b is None or b[0] != row[1]:
+                out.append(f"module `{row[0]}` was added or replaced")
+            elif b[1] != row[2]:
+                out.append(f"module `{row[0] or 'model'}` was switched to "
+                           f"{'training' if row[2] else 'eval'} mode")
+            elif b[2:] != row[3:]:
+                out.append(f"module `{row[0] or 'model'}` was left with hooks or a wrapped forward")
+        if len(now["modules"]) != len(self.snapshot["modules"]):
+            out.append("the module tree changed")
+        return out[:10]
+
