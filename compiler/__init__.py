@@ -24,7 +24,19 @@ F = TypeVar("F", bound=Callable)
 
 def compile_function(fn) -> Compiled:
     """Compile a live function (its source, file and line) without building it."""
+    fn = _unwrap(fn)
     return compile_source(source_of(fn), fn.__code__.co_freevars)
+
+
+def _unwrap(fn):
+    """The user's own function under decorators that keep it as ``__wrapped__``
+    (as ``inspect`` does when it reads the source)."""
+    for _ in range(100):
+        inner = getattr(fn, "__wrapped__", None)
+        if inner is None or isinstance(getattr(fn, "compiled", None), Compiled):
+            break
+        fn = inner
+    return fn
 
 
 def intervene(fn: F) -> F:
@@ -34,17 +46,28 @@ def intervene(fn: F) -> F:
     blocks; ``str()`` is what ``show-plan`` prints) and ``.code`` (the
     rewritten source).
     """
-    compiled = compile_function(fn)
+    if isinstance(getattr(fn, "compiled", None), Compiled):
+        return fn  # `@intervene` twice: compiled once already
+    inner = _unwrap(fn)
+    compiled = compile_function(inner)
+    # Decorators written below `@intervene` (`@torch.no_grad()`, ...) wrapped the
+    # user's function; they are applied again, in the same order, to the compiled one.
+    below = () if inner is fn else _decorators_below(compiled, fn, inner, sys._getframe(1))
 
     def build():
         from runtime.api import handle_for
 
-        return compiled.build(handle_for(compiled.plan, compiled.source), fn)
+        built = functools.update_wrapper(
+            compiled.build(handle_for(compiled.plan), inner), inner
+        )
+        for decorator in reversed(below):
+            built = decorator(built)
+        return built
 
     if "torch" in sys.modules:
         # torch is loaded already, so the runtime is cheap to load: build now and hand
         # out the built function itself (a call costs nothing on top of the code).
-        return _with_plan(functools.update_wrapper(build(), fn), compiled)
+        return _with_plan(build(), compiled)
     built = None
 
     @functools.wraps(fn)
@@ -56,6 +79,52 @@ def intervene(fn: F) -> F:
         return built(*args, **kwargs)
 
     return _with_plan(run, compiled)
+
+
+def _decorators_below(compiled: Compiled, fn, inner, frame) -> tuple:
+    """The decorators between ``@intervene`` and ``def``, evaluated again: where
+    ``@intervene`` was applied (the frame that ran the ``def``) when that is
+    known, else in the function's globals and closure."""
+    decorators = compiled.decorators
+    ours = [i for i, (_text, _line, name) in enumerate(decorators) if name == "intervene"]
+    if ours:
+        below = decorators[ours[-1] + 1 :]
+    else:  # `@iv` under another name: one decorator per wrapper around the function
+        depth, f = 0, fn
+        while f is not inner:
+            f, depth = f.__wrapped__, depth + 1
+        below = decorators[-depth:]
+    code = inner.__code__
+    filename = code.co_filename
+    if (
+        frame is not None
+        and frame.f_code.co_filename == filename
+        and decorators
+        and decorators[0][1] <= frame.f_lineno <= code.co_firstlineno
+    ):
+        namespace, local = frame.f_globals, frame.f_locals
+    else:
+        cells = zip(code.co_freevars, inner.__closure__ or ())
+        namespace = inner.__globals__
+        local = {}
+        for name, cell in cells:
+            try:
+                local[name] = cell.cell_contents
+            except ValueError:  # an empty cell
+                pass
+    out = []
+    for text, line, _name in below:
+        try:
+            expr = compile("\n" * (line - 1) + f"({text})", filename, "eval", dont_inherit=True)
+            out.append(eval(expr, namespace, local))  # noqa: S307 - the user's own decorator
+        except Exception as exc:
+            raise CompileError(
+                f"the decorator `@{text}` below `@intervene` could not be evaluated again to "
+                f"wrap the compiled function ({type(exc).__name__}: {exc}): put `@intervene` "
+                f"directly above `def`, with `@{text}` above it",
+                filename, line,
+            ) from None
+    return tuple(out)
 
 
 def _with_plan(fn, compiled: Compiled):

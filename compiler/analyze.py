@@ -28,25 +28,41 @@ _COMPS = (cst.ListComp, cst.SetComp, cst.DictComp, cst.GeneratorExp)
 _LOOPS = (cst.For, cst.While)
 
 
+def _is_block_call(item: cst.BaseExpression) -> bool:
+    return m.matches(item, m.Call(func=m.Attribute(attr=m.Name()))) and (
+        item.func.attr.value in BLOCK_KINDS
+    )
+
+
+def _is_invoke_call(item: cst.BaseExpression) -> bool:
+    return m.matches(item, m.Call(func=m.Attribute(attr=m.Name("invoke"))))
+
+
+def block_item(node: cst.With) -> int | None:
+    """Which item of ``with a, model.trace(x) as t, b:`` is the trace block's call."""
+    for i, it in enumerate(node.items):
+        if _is_block_call(it.item):
+            return i
+    return None
+
+
+def invoke_item(node: cst.With) -> int | None:
+    """Which item of ``with tracer.invoke(x), b:`` is the invoke."""
+    for i, it in enumerate(node.items):
+        if _is_invoke_call(it.item):
+            return i
+    return None
+
+
 def block_call(node: cst.With) -> cst.Call | None:
     """The ``X.trace(...)`` call of a trace block, or None."""
-    if len(node.items) != 1:
-        return None
-    item = node.items[0].item
-    if m.matches(item, m.Call(func=m.Attribute(attr=m.Name()))) and (
-        item.func.attr.value in BLOCK_KINDS
-    ):
-        return item
-    return None
+    i = block_item(node)
+    return None if i is None else node.items[i].item
 
 
 def invoke_call(node: cst.With) -> cst.Call | None:
-    if len(node.items) != 1:
-        return None
-    item = node.items[0].item
-    if m.matches(item, m.Call(func=m.Attribute(attr=m.Name("invoke")))):
-        return item
-    return None
+    i = invoke_item(node)
+    return None if i is None else node.items[i].item
 
 
 def statements(node: cst.CSTNode):
@@ -61,10 +77,10 @@ def statements(node: cst.CSTNode):
         if extra is not None:
             parts.append(extra)
     parts.extend(getattr(node, "handlers", ()))
+    parts.extend(getattr(node, "cases", ()))
     for stmt in parts:
-        if isinstance(stmt, (cst.Else, cst.Finally, cst.ExceptHandler, cst.If)) and (
-            stmt is not None
-        ):
+        if isinstance(stmt, (cst.Else, cst.Finally, cst.ExceptHandler, cst.ExceptStarHandler,
+                             cst.MatchCase, cst.If)):
             if isinstance(stmt, cst.If):
                 yield stmt
             yield from statements(stmt)
@@ -106,7 +122,6 @@ class BlockInfo:
     lanes: list[LaneInfo] = field(default_factory=list)
     saved: set[str] = field(default_factory=set)
     unsaved_shared: tuple[str, ...] = ()  # shared with the function, not saved: unbound after
-    free: tuple[tuple[str, int], ...] = ()  # (name, first line) read from around the block
 
 
 @dataclass(frozen=True)
@@ -175,7 +190,10 @@ class _Analyzer(cst.CSTVisitor):
                 )
             line, _ = self.where(node)
             end = self.positions[node][2]
-            asname = node.items[0].asname
+            at = block_item(node)
+            assert at is not None
+            self._check_items(node, at)
+            asname = node.items[at].asname
             tracer = (
                 asname.name.value
                 if asname is not None and isinstance(asname.name, cst.Name)
@@ -212,6 +230,14 @@ class _Analyzer(cst.CSTVisitor):
                     f"`tracer.invoke(...)`: write `{block.model}.{block.kind}(input)` or add "
                     "`with tracer.invoke(input):` blocks inside it",
                 )
+            if block.has_invokes and at < len(node.items) - 1:
+                extra = ", ".join(self.code(it.item) for it in node.items[at + 1 :])
+                raise self.error(
+                    node,
+                    f"`with {block.model}.{block.kind}(...), {extra}:` with invokes: the invokes "
+                    f"run after this `with` statement's body, so `{extra}` would not cover "
+                    f"them; write `with {extra}:` inside each invoke instead",
+                )
             self.blocks.append(block)
             self.block_of[id(node)] = block
             self.barriers = barrier_names(node.body)
@@ -229,7 +255,19 @@ class _Analyzer(cst.CSTVisitor):
                     "an invoke inside an invoke: close the first invoke (line "
                     f"{self.lane.line}) before opening the next; each invoke is one input",
                 )
+            self._check_items(node, invoke_item(node))
             self._open_lane(node, ", ".join(self.code(a).rstrip(", ") for a in inv.args) or None)
+
+    def _check_items(self, node: cst.With, at: int | None) -> None:
+        """One trace block or invoke per `with` statement."""
+        for i, it in enumerate(node.items):
+            if i != at and (_is_block_call(it.item) or _is_invoke_call(it.item)):
+                first = self.code(node.items[at or 0].item)
+                raise self.error(
+                    it,
+                    f"`{first}` and `{self.code(it.item)}` in one `with` statement: open "
+                    "one trace block or invoke per `with`, one inside the other's body",
+                )
 
     def _open_lane(self, node: cst.With, input_text: str | None) -> None:
         assert self.block is not None
@@ -360,12 +398,28 @@ class _Analyzer(cst.CSTVisitor):
 
     def visit_For_target(self, node: cst.For) -> None:
         self._binds(node.target)
+        self._value_as_target(node.target, "a `for` target", "assign it inside the loop "
+                              "(`for v in ...: m.output = v`)")
 
     def visit_CompFor(self, node: cst.CompFor) -> None:
         self._binds(node.target)
+        self._value_as_target(node.target, "a comprehension's `for` target", "use a plain "
+                              "variable as the target")
 
     def visit_AsName(self, node: cst.AsName) -> None:
         self._binds(node.name)
+        self._value_as_target(node.name, "an `as` target", "bind a plain variable and assign "
+                              "it (`m.output = v`) on the next line")
+
+    def _value_as_target(self, target: cst.CSTNode, what: str, instead: str) -> None:
+        """A module value bound by unpacking, a loop or `as`: only a plain
+        assignment (`m.output = v`) or an in-place edit can write one."""
+        found = _bound_value(target)
+        if found is not None and self.block is not None:
+            raise self.error(
+                found, f"`{self.code(found)}` as {what}: a module value can only be written "
+                f"by an assignment of its own; {instead}",
+            )
 
     def visit_NamedExpr(self, node: cst.NamedExpr) -> None:
         self._binds(node.target)
@@ -478,6 +532,10 @@ class _Analyzer(cst.CSTVisitor):
                 node, "a module value as one of several assignment targets: write it in its own "
                 "assignment (`m.output = value`)",
             )
+        for t in node.targets:
+            if isinstance(t.target, (cst.Tuple, cst.List)):
+                self._value_as_target(t.target, "an element of a tuple-unpacking target",
+                                      "assign it on a line of its own (`m.output = value`)")
 
     # -- saves ---------------------------------------------------------------
     def visit_Call(self, node: cst.Call) -> None:
@@ -552,6 +610,20 @@ def _root_name(node: cst.BaseExpression) -> str | None:
     return node.value if isinstance(node, cst.Name) else None
 
 
+def _bound_value(t: cst.CSTNode) -> cst.Attribute | None:
+    """The ``m.output`` that a target binds directly (alone or in a tuple / list)."""
+    if isinstance(t, cst.Attribute) and t.attr.value in VALUE_ATTRS:
+        return t
+    if isinstance(t, (cst.Tuple, cst.List)):
+        for el in t.elements:
+            found = _bound_value(el.value)
+            if found is not None:
+                return found
+    if isinstance(t, cst.StarredElement):
+        return _bound_value(t.value)
+    return None
+
+
 def _names_in_target(t: cst.BaseExpression) -> list[str]:
     if isinstance(t, cst.Name):
         return [t.value]
@@ -566,22 +638,6 @@ def _names_in_target(t: cst.BaseExpression) -> list[str]:
 
 
 _CONSTANTS = frozenset({"True", "False", "None"})
-
-
-def _free_names(block: BlockInfo, block_refs: list[NameRef], refs: list[NameRef],
-                params: set[str]) -> tuple[tuple[str, int], ...]:
-    """What ``block`` reads from around it (a remote run sends these values): names
-    it reads that the function binds elsewhere, or that nothing binds (globals,
-    builtins); with the line of the first read."""
-    inside = {r.name for r in block_refs if r.store}
-    outside = params | {r.name for r in refs if r.store and r.block is not block}
-    free: dict[str, int] = {}
-    for r in block_refs:
-        if r.store or r.name == block.tracer or r.name in free or r.name in _CONSTANTS:
-            continue
-        if r.name in outside or r.name not in inside:
-            free[r.name] = r.line
-    return tuple(sorted(free.items()))
 
 
 def _param_names(params: cst.Parameters) -> list[str]:
@@ -666,7 +722,6 @@ def analyze(src: Source, module: cst.Module, positions: dict) -> Analysis:
                     r.line,
                     r.col,
                 )
-        block.free = _free_names(block, block_refs, refs, set(_param_names(fn.params)))
         del block_refs
     saved_anywhere = set().union(*(b.saved for b in blocks)) if blocks else set()
     return Analysis(

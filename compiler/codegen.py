@@ -22,7 +22,7 @@ from . import plan as P
 from . import walk
 from .analyze import analyze
 from .errors import CompileError
-from .parse import Source, parse_error_position
+from .parse import Source, decorator_name, parse_error_position
 from .rewrite import (
     LINE_MARK,
     RT,
@@ -45,7 +45,8 @@ class Compiled:
     code: str  # the rewritten function, as shown by `show-plan --code`
     factory_code: types.CodeType  # module code defining the factory
     name: str
-    source: Source | None = None  # what was compiled (a remote block sends its text)
+    # The function's decorators, top to bottom: (expression as written, line, last name).
+    decorators: tuple[tuple[str, int, str | None], ...] = ()
 
     def build(self, runtime_handle: object, original: types.FunctionType) -> types.FunctionType:
         """A live function: the rewritten code with ``original``'s globals,
@@ -145,15 +146,18 @@ def compile_source(src: Source, freevars: tuple[str, ...] = ()) -> Compiled:
                 for ln in b.lanes
             ),
             saved=tuple(sorted(b.saved)),
-            free=b.free,
-            end_line=b.end_line,
         )
         for b in info.blocks
     )
     plan = P.FunctionPlan(fn.name.value, src.filename, fn_line, blocks)
     shown = _TMP_RE.sub(lambda mt: str(final.get(int(mt.group()), mt.group())), text)
+    decorators = tuple(
+        (cst.Module([]).code_for_node(d.decorator), src.position(positions[d][0], 0)[0],
+         decorator_name(d))
+        for d in fn.decorators
+    )
     return Compiled(plan=plan, code=_MARK_RE.sub("", shown), factory_code=code,
-                    name=fn.name.value, source=src)
+                    name=fn.name.value, decorators=decorators)
 
 
 def _in_factory(tree: ast.Module, name: str, freevars: tuple[str, ...], line: int) -> ast.Module:

@@ -7,7 +7,9 @@ positions in the user's file.
 
 from __future__ import annotations
 
+import ast
 import inspect
+import linecache
 import re
 from dataclasses import dataclass
 
@@ -51,7 +53,12 @@ def source_of(fn) -> Source:
             code.co_firstlineno,
         )
     try:
-        lines, first_line = inspect.getsourcelines(fn)
+        try:
+            lines, first_line = inspect.getsourcelines(fn)
+        except OSError:
+            if not _recover_cell(code):
+                raise
+            lines, first_line = inspect.getsourcelines(fn)
     except (OSError, TypeError) as exc:
         raise CompileError(
             f"@intervene cannot read the source of {name}() ({exc}). It compiles the "
@@ -65,6 +72,53 @@ def source_of(fn) -> Source:
     return Source(text, filename, first_line, indent)
 
 
+def _recover_cell(code) -> bool:
+    """IPython runs a ``%%time`` cell's body under a file name of its own
+    (``<timed exec>``) that it never puts in ``linecache``; the cell it ran,
+    ``get_ipython().run_cell_magic('time', '', '<body>')``, is there.  Find the
+    newest such cell whose body has this function at its line and register the
+    body under that name, so the source (and traceback lines) can be read."""
+    filename = code.co_filename
+    if not (filename.startswith("<") and filename.endswith(">")):
+        return False
+    for name, entry in reversed(list(linecache.cache.items())):
+        lines = entry[2] if len(entry) > 2 else None
+        if name == filename or not lines or not any("run_cell_magic(" in ln for ln in lines):
+            continue
+        try:
+            tree = ast.parse("".join(lines))
+        except SyntaxError:
+            continue
+        for node in ast.walk(tree):
+            if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                    and node.func.attr == "run_cell_magic" and len(node.args) >= 3
+                    and isinstance(node.args[2], ast.Constant)
+                    and isinstance(node.args[2].value, str)):
+                continue
+            if _defines(node.args[2].value, code):
+                body = node.args[2].value.splitlines(keepends=True)
+                linecache.cache[filename] = (len(node.args[2].value), None, body, filename)
+                return True
+    return False
+
+
+def _defines(text: str, code) -> bool:
+    """``text`` defines the function of ``code``: its name and parameters, at its line."""
+    try:
+        tree = ast.parse(text)
+    except SyntaxError:
+        return False
+    params = code.co_varnames[: code.co_argcount + code.co_kwonlyargcount]
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name == code.co_name:
+            first = min([node.lineno] + [d.lineno for d in node.decorator_list])
+            a = node.args
+            names = tuple(p.arg for p in (*a.posonlyargs, *a.args, *a.kwonlyargs))
+            if first == code.co_firstlineno and names == params:
+                return True
+    return False
+
+
 def parse_error_position(exc: cst.ParserSyntaxError) -> tuple[int, int]:
     """Where a parse error is.  libcst's ``raw_line`` can point past the end of
     the bad line (at the next token); its message names the exact place."""
@@ -74,7 +128,7 @@ def parse_error_position(exc: cst.ParserSyntaxError) -> tuple[int, int]:
     return exc.raw_line, exc.raw_column
 
 
-def _decorator_name(dec: cst.Decorator) -> str | None:
+def decorator_name(dec: cst.Decorator) -> str | None:
     node = dec.decorator
     if isinstance(node, cst.Call):
         node = node.func
@@ -86,7 +140,7 @@ def _decorator_name(dec: cst.Decorator) -> str | None:
 
 
 def is_intervene(fn: cst.FunctionDef) -> bool:
-    return any(_decorator_name(d) == "intervene" for d in fn.decorators)
+    return any(decorator_name(d) == "intervene" for d in fn.decorators)
 
 
 class _FindFunctions(cst.CSTVisitor):

@@ -36,7 +36,9 @@ from .analyze import (
     _names_in_target,
     barrier_names,
     block_call,
+    block_item,
     invoke_call,
+    invoke_item,
 )
 from .errors import CompileError
 from .parse import Source
@@ -199,6 +201,19 @@ class Rewriter(cst.CSTTransformer):
         if lane is not None:
             body = list(updated.body.body)
             invoke = None if block is not None else invoke_call(updated)
+            # `with model.trace(x), torch.no_grad():` is `with model.trace(x):` around
+            # `with torch.no_grad():`, so the other context managers wrap the lane's
+            # body, which is what runs while the model does (an invoke's: all of them).
+            at = block_item(updated) if block is not None else invoke_item(updated)
+            assert at is not None
+            extra = updated.items[at + 1 :] if block is not None else (
+                updated.items[:at] + updated.items[at + 1 :])
+            if extra:
+                inner_with = cst.With(
+                    items=[it.with_changes(comma=cst.MaybeSentinel.DEFAULT) for it in extra],
+                    body=cst.IndentedBlock(body),
+                )
+                body = [self.remember(inner_with, line)]
             out = self._lane(lane, body, tracer, invoke, line)
             self.lane = None
         if block is None:
@@ -218,8 +233,12 @@ class Rewriter(cst.CSTTransformer):
                 *call.args,
             ],
         )
+        at = block_item(updated)
+        assert at is not None
+        before = [it.with_changes(comma=cst.MaybeSentinel.DEFAULT) for it in updated.items[:at]]
         new_with = updated.with_changes(
-            items=[cst.WithItem(opened, asname=cst.AsName(cst.Name(tracer)))],
+            items=[*before, cst.WithItem(opened, asname=cst.AsName(cst.Name(tracer)))],
+            lpar=cst.MaybeSentinel.DEFAULT, rpar=cst.MaybeSentinel.DEFAULT,
             body=updated.body.with_changes(body=inner),
         )
         new_with = self.remember(new_with, line)
@@ -250,7 +269,10 @@ class Rewriter(cst.CSTTransformer):
             params=cst.Parameters(),
             body=cst.IndentedBlock(stmts),
         )
-        fdef = self.remember(fdef, line)
+        # The lane starts where the user's function does: tools that show a frame's
+        # code from its first line on (IPython's traceback excerpts, `inspect` of a
+        # frame) then number its lines as the user's file does.
+        fdef = self.remember(fdef, self.pos(self.fn)[0])
         spec: cst.BaseExpression = invoke if invoke is not None else cst.Name("None")
         reg = _stmt(
             cst.Expr(
@@ -452,13 +474,64 @@ class Rewriter(cst.CSTTransformer):
     def leave_BooleanOperation_right(self, node):
         self._pop()
 
+    # `try`, its handlers, `else` and `finally`, and each `case` of a `match`, are
+    # scopes of their own, like `if` arms: which of them run is known only while running.
     def visit_Try(self, node):
         self._visit_statement(node)
-        self._push("try", node)
 
     def leave_Try(self, original, updated):
-        self._pop()
         return self._statement(original, updated)
+
+    visit_TryStar = visit_Try
+    leave_TryStar = leave_Try
+
+    def visit_Try_body(self, node):
+        self._push("try", node)
+
+    def leave_Try_body(self, node):
+        self._pop()
+
+    def visit_Try_orelse(self, node):
+        self._push("try-else", node)
+
+    def leave_Try_orelse(self, node):
+        self._pop()
+
+    def visit_Try_finalbody(self, node):
+        self._push("finally", node)
+
+    def leave_Try_finalbody(self, node):
+        self._pop()
+
+    visit_TryStar_body = visit_Try_body
+    leave_TryStar_body = leave_Try_body
+    visit_TryStar_orelse = visit_Try_orelse
+    leave_TryStar_orelse = leave_Try_orelse
+    visit_TryStar_finalbody = visit_Try_finalbody
+    leave_TryStar_finalbody = leave_Try_finalbody
+
+    def visit_ExceptHandler(self, node):
+        self._push("except", node)
+
+    def leave_ExceptHandler(self, original, updated):
+        self._pop()
+        return updated
+
+    visit_ExceptStarHandler = visit_ExceptHandler
+    leave_ExceptStarHandler = leave_ExceptHandler
+
+    def visit_Match(self, node):
+        self._visit_statement(node)
+
+    def leave_Match(self, original, updated):
+        return self._statement(original, updated)
+
+    def visit_MatchCase(self, node):
+        self._push("case", node)
+
+    def leave_MatchCase(self, original, updated):
+        self._pop()
+        return updated
 
     def visit_FunctionDef(self, node):
         if node is not self.fn:
@@ -577,6 +650,13 @@ class Rewriter(cst.CSTTransformer):
 
     # -- writes ------------------------------------------------------------------
     def _mark_targets(self, target: cst.BaseExpression) -> None:
+        if isinstance(target, (cst.Tuple, cst.List)):  # `a, m.output[0] = ...`: in place
+            for el in target.elements:
+                value = el.value.value if isinstance(el.value, cst.StarredElement) else el.value
+                root = _value_root(value, self._values())
+                if root is not None:
+                    self.inplace_roots.add(id(root))
+            return
         if isinstance(target, cst.Attribute) and target.attr.value in self._values():
             self.write_targets.add(id(target))
         else:
