@@ -59,9 +59,9 @@ Attributes: no name starting with ``_``, anywhere.  Then, by what the value is:
 
 Header: the model is a plain name; ``generate`` takes only ``GENERATE_KEYWORDS``
 and no ``**`` (``custom_generate=``/``trust_remote_code=`` would load code).
-The function's signature may hold no calls (defaults and annotations are
-evaluated when the server defines the function); the rest of the function is
-not run by the server and is not checked.
+Only the block is checked: the server must run nothing else of the function
+(not its signature's defaults, not its other statements); it compiles the block
+alone as the body of a fresh function whose parameters are the values sent.
 
 Limits: ``MAX_SOURCE_BYTES`` of source and ``MAX_DEPTH`` levels of syntax
 nesting (checked on Python's own parser before libcst sees the text).  Run
@@ -376,7 +376,6 @@ def validate_block(
         free_names = _params(fn) | (_bound_names(fn) - inside)
     checker = _Checker(positions, first_line, block, inside, frozenset(free_names),
                        None if module_names is None else frozenset(module_names))
-    checker.signature(fn)
     checker.run()
     _check_compiles(source, module, positions, first_line, block_index, positions[block][0])
 
@@ -395,16 +394,14 @@ def _check_depth(source: str, first_line: int) -> None:
     except (RecursionError, MemoryError, ValueError):
         raise ValidationError(f"the source nests deeper than {MAX_DEPTH} levels",
                               first_line, 0, "nesting") from None
-    todo = [(tree, 0)]
+    todo = [(tree, 0, 1, 0)]
     while todo:
-        node, depth = todo.pop()
+        node, depth, line, col = todo.pop()
+        line, col = getattr(node, "lineno", line), getattr(node, "col_offset", col)
         if depth > MAX_DEPTH:
-            line = getattr(node, "lineno", 1)
-            raise ValidationError(
-                f"the source nests deeper than {MAX_DEPTH} levels", first_line + line - 1,
-                getattr(node, "col_offset", 0), "nesting",
-            )
-        todo.extend((child, depth + 1) for child in ast.iter_child_nodes(node))
+            raise ValidationError(f"the source nests deeper than {MAX_DEPTH} levels",
+                                  first_line + line - 1, col, "nesting")
+        todo.extend((child, depth + 1, line, col) for child in ast.iter_child_nodes(node))
 
 
 def _check_compiles(source: str, module: cst.Module, positions: dict, first_line: int,
@@ -561,49 +558,6 @@ class _Checker:
             fn()
         except _Refused:
             pass
-
-    def signature(self, fn: cst.FunctionDef) -> None:
-        """Defaults, annotations and decorators: evaluated (or kept) when the
-        server defines the function, so no calls and no private attributes."""
-        self.strict = True
-        parts: list[cst.CSTNode] = [d.decorator for d in fn.decorators]
-        p = fn.params
-        for param in (*p.posonly_params, *p.params, *p.kwonly_params, p.star_arg, p.star_kwarg):
-            if isinstance(param, cst.Param):
-                parts += [x for x in (param.default, param.annotation) if x is not None]
-        if fn.returns is not None:
-            parts.append(fn.returns)
-        for part in parts:
-            self._plain(part.annotation if isinstance(part, cst.Annotation) else part)
-
-    def _plain(self, node: cst.CSTNode) -> None:
-        if isinstance(node, cst.Name):
-            if node.value.startswith("__"):
-                self.refuse(node, node.value, "names starting with `__` are not allowed")
-        elif isinstance(node, cst.Attribute):
-            if node.attr.value.startswith("_"):
-                self.refuse(node.attr, node.attr.value,
-                            "attributes starting with `_` are not allowed in remote blocks")
-            self._plain(node.value)
-        elif isinstance(node, cst.Subscript):
-            self._plain(node.value)
-            for el in node.slice:
-                if isinstance(el.slice, cst.Index):
-                    self._plain(el.slice.value)
-        elif isinstance(node, (cst.Tuple, cst.List, cst.Set)):
-            for el in node.elements:
-                self._plain(el.value)
-        elif isinstance(node, cst.UnaryOperation):
-            self._plain(node.expression)
-        elif isinstance(node, cst.BinaryOperation) and isinstance(node.operator, cst.BitOr):
-            self._plain(node.left)  # `int | None`
-            self._plain(node.right)
-        elif not isinstance(node, (cst.Integer, cst.Float, cst.Imaginary, cst.SimpleString,
-                                   cst.ConcatenatedString, cst.Ellipsis)):
-            self.refuse(node, _text(node),
-                        "a default value, annotation or decorator of a remote function "
-                        "must be a constant or a name (it is evaluated when the server "
-                        "defines the function)")
 
     # -- statements ------------------------------------------------------------
     def body(self, suite: cst.BaseSuite) -> None:
@@ -797,7 +751,9 @@ class _Checker:
                 return
             if owner == VALUE and attr in ("grad", "requires_grad"):
                 return
-            self.refuse(target, _text(target), "only `.output`, `.input` and `.inputs` of a "
+            if owner == ENVOY and attr in _STATE_NAMES:
+                self.refuse(target.attr, attr, _WHY_STATE)
+            self.refuse(target.attr, attr, "only `.output`, `.input` and `.inputs` of a "
                         "module, and `.grad` and `.requires_grad` of a value, can be assigned "
                         "in remote blocks")
         elif isinstance(target, cst.Subscript):
@@ -1003,10 +959,10 @@ class _Checker:
 
     def attribute(self, node: cst.Attribute) -> str:
         attr = node.attr.value
+        owner = self.expr(node.value, envoy_ok=True)  # first: the leftmost mistake is named
         if attr.startswith("_"):
             self.refuse(node.attr, attr, "attributes starting with `_` are not allowed in "
                         "remote blocks")
-        owner = self.expr(node.value, envoy_ok=True)
         if owner == ENVOY:
             return self.envoy_attribute(node, attr)
         if owner == TRACER:

@@ -1,0 +1,1 @@
+"""The security corpus of remote blocks (``corpus.ENTRIES``)."""
