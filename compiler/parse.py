@@ -139,25 +139,54 @@ def decorator_name(dec: cst.Decorator) -> str | None:
     return None
 
 
-def is_intervene(fn: cst.FunctionDef) -> bool:
-    return any(decorator_name(d) == "intervene" for d in fn.decorators)
+def is_intervene(fn: cst.FunctionDef, aliases: frozenset[str] = frozenset()) -> bool:
+    """``@intervene``, ``@compiler.intervene`` (any ``X.intervene``) or a name in
+    ``aliases`` (``from compiler import intervene as iv`` -> ``@iv``)."""
+    return any(decorator_name(d) in {"intervene", *aliases} for d in fn.decorators)
+
+
+class _Aliases(cst.CSTVisitor):
+    """The names ``from ... import intervene as NAME`` binds, anywhere in a module."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: set[str] = set()
+
+    def visit_ImportFrom(self, node: cst.ImportFrom) -> None:
+        if isinstance(node.names, cst.ImportStar):
+            return
+        for alias in node.names:
+            if (isinstance(alias.name, cst.Name) and alias.name.value == "intervene"
+                    and alias.asname is not None and isinstance(alias.asname.name, cst.Name)):
+                self.names.add(alias.asname.name.value)
+
+
+def decorator_aliases(module: cst.Module) -> frozenset[str]:
+    """What else ``module`` calls the decorator (see ``_Aliases``)."""
+    found = _Aliases()
+    module.visit(found)
+    return frozenset(found.names)
 
 
 class _FindFunctions(cst.CSTVisitor):
-    def __init__(self, positions: dict) -> None:
+    def __init__(self, positions: dict, aliases: frozenset[str] = frozenset()) -> None:
         super().__init__()
         self.positions = positions
+        self.aliases = aliases
         self.found: list[tuple[str, int, int]] = []  # (name, first line, last line)
 
     def visit_FunctionDef(self, node: cst.FunctionDef) -> None:
-        if is_intervene(node):
+        if is_intervene(node, self.aliases):
             pos = self.positions[node]
             first = min([pos[0]] + [self.positions[d][0] for d in node.decorators])
             self.found.append((node.name.value, first, pos[2]))
 
 
-def functions_in_file(filename: str, text: str | None = None) -> list[Source]:
-    """Every ``@intervene`` function of a file, without importing or running it."""
+def functions_in_file(filename: str, text: str | None = None,
+                      aliases: frozenset[str] = frozenset()) -> list[Source]:
+    """Every ``@intervene`` function of a file, without importing or running it.
+    ``aliases``: other names of the decorator, besides those the file imports (a
+    notebook cell uses what an earlier cell imported)."""
     if text is None:
         with open(filename, encoding="utf-8") as f:
             text = f.read()
@@ -166,7 +195,7 @@ def functions_in_file(filename: str, text: str | None = None) -> list[Source]:
     except cst.ParserSyntaxError as exc:
         line, col = parse_error_position(exc)
         raise CompileError(f"cannot parse: {exc.message}", filename, line, col) from None
-    finder = _FindFunctions(walk.positions(module))
+    finder = _FindFunctions(walk.positions(module), aliases | decorator_aliases(module))
     walk.visit(finder, module)
     all_lines = text.splitlines(keepends=True)
     out = []

@@ -9,7 +9,9 @@ and impossible orders are reported before the forward pass starts.
 
 from __future__ import annotations
 
+import html
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
@@ -119,6 +121,18 @@ class Plan:
     def __str__(self) -> str:
         return render_text(self)
 
+    # The readable text wherever the plan is shown: the REPL (``repr``), IPython
+    # (``_repr_pretty_``) and notebooks (``_repr_html_``), not a dump of the dataclasses
+    # (their fields stay available as attributes).
+    def __repr__(self) -> str:
+        return render_text(self)
+
+    def _repr_pretty_(self, printer, cycle: bool) -> None:
+        printer.text(render_text(self))
+
+    def _repr_html_(self) -> str:
+        return f"<pre>{html.escape(render_text(self))}</pre>"
+
 
 def to_jsonable(plan: Plan) -> dict:
     """The stable machine-readable form (documented in the README)."""
@@ -165,32 +179,82 @@ def to_jsonable(plan: Plan) -> dict:
     }
 
 
-def _render_item(i: Checkpoint | Marker) -> str:
-    if isinstance(i, Marker):
-        text = f"  {i.order:>3}  -- {i.kind}"
-        if i.detail:
-            text += f" {i.detail}"
-        return f"{text:<60} line {i.line}"
-    access = i.access + (" save" if i.saves else "")
-    where = i.path + ("  (dynamic)" if i.dynamic else "")
-    steps = f" steps {i.steps}" if i.steps else ""
-    return f"  {i.order:>3}  {where:<28} {i.value:<7} {access:<12}{steps} line {i.line}"
+# -- text --------------------------------------------------------------------------------
+# One row per lane item, in columns named by a header row; widths are computed per block
+# (a long dynamic path or step selection widens its column for the whole block).  The
+# steps and "repeats in" columns appear only in blocks that have a value for them; a
+# marker's text spans the module to steps columns.
+
+_LOOP_KINDS = ("for", "while", "comp")
+
+
+def location(filename: str, line: int) -> str:
+    """``file.py:12``; in a notebook cell (``nb.ipynb, cell 3``) ``nb.ipynb, cell 3, line 12``."""
+    if re.search(r"\.ipynb, cell \d+$", filename):
+        return f"{filename}, line {line}"
+    return f"{filename}:{line}"
+
+
+def _loops(scope: tuple[str, ...]) -> str:
+    """The loops around an item (``for@3 comp@7``), outermost first: it runs once per
+    iteration of each."""
+    return " ".join(s for s in scope if s.partition("@")[0] in _LOOP_KINDS)
+
+
+def _block_rows(b: Block) -> list[str]:
+    items = [i for lane in b.lanes for i in lane.items]
+    cps = [i for i in items if isinstance(i, Checkpoint)]
+    show_steps = any(c.steps for c in cps)
+    show_loops = any(_loops(i.scope) for i in items)
+
+    def module(c: Checkpoint) -> str:
+        return c.path + ("  (dynamic)" if c.dynamic else "")
+
+    def access(c: Checkpoint) -> str:
+        return c.access + (" save" if c.saves else "")
+
+    def marker(m: Marker) -> str:
+        return f"-- {m.kind} {m.detail}".rstrip()
+
+    # (title, text of a checkpoint) of the columns a marker's text spans
+    spanned = [("module", module), ("value", lambda c: c.value), ("access", access)]
+    if show_steps:
+        spanned.append(("steps", lambda c: c.steps or ""))
+    widths = [max([len(t)] + [len(f(c)) for c in cps]) for t, f in spanned]
+    span = sum(widths) + 2 * (len(widths) - 1)
+    line_w = max([len("line")] + [len(str(i.line)) for i in items])
+
+    def row(order: str, line: str, cells: str, loops: str) -> str:
+        # a marker's text longer than the columns it spans pushes only its own row's
+        # "repeats in" to the right
+        text = f"    {order:>5}  {line:>{line_w}}  {cells:<{span}}"
+        return f"{text}  {loops}" if show_loops else text
+
+    titles = "  ".join(f"{t:<{w}}" for (t, _), w in zip(spanned, widths))
+    rows = [row("order", "line", titles, "repeats in")] if items else []
+    for lane in b.lanes:
+        if lane.input is not None or len(b.lanes) > 1:
+            src = "whole batch" if lane.input is None else lane.input
+            rows.append(f"    invoke {lane.index} ({src})  line {lane.line}")
+        if not lane.items:
+            rows.append("      (no checkpoints)")
+        for i in lane.items:
+            if isinstance(i, Marker):
+                cells = marker(i)
+            else:
+                cells = "  ".join(f"{f(i):<{w}}" for (_, f), w in zip(spanned, widths))
+            rows.append(row(str(i.order), str(i.line), cells, _loops(i.scope)))
+    return rows
 
 
 def render_function(f: FunctionPlan) -> str:
-    out = [f"{f.name}  ({f.filename}:{f.line})"]
+    """The readable plan of one function (what ``show-plan`` prints for it)."""
+    out = [f"{f.name}  ({location(f.filename, f.line)})"]
     if not f.blocks:
         out.append("  (no trace blocks)")
     for b in f.blocks:
         out.append(f"  block {b.index}: {b.model}.{b.kind}({b.args})  line {b.line}")
-        for lane in b.lanes:
-            if lane.input is not None or len(b.lanes) > 1:
-                src = "whole batch" if lane.input is None else lane.input
-                out.append(f"    invoke {lane.index} ({src})  line {lane.line}")
-            if not lane.items:
-                out.append("      (no checkpoints)")
-            for i in lane.items:
-                out.append("    " + _render_item(i))
+        out.extend(line.rstrip() for line in _block_rows(b))
         if b.saved:
             out.append(f"    saved after the block: {', '.join(b.saved)}")
     return "\n".join(out)
