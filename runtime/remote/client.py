@@ -336,6 +336,11 @@ def error_from(error: dict, filename: str, line: int) -> BaseException:
         from compiler.errors import CompileError
 
         exc = CompileError(message, where, at or None)
+    elif type_name == "ValidationError":
+        from compiler.validate import ValidationError
+
+        exc = ValidationError(message)
+        exc.line, exc.construct = at, str(error.get("construct") or "")
     elif type_name in ("OutOfOrderError", "MissedCheckpointError"):
         from .. import errors
 

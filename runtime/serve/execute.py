@@ -51,11 +51,13 @@ def _builtins(print_fn) -> dict:
     return out
 
 
-def validate(source: str, index: int) -> None:
-    """The server's allowlist check (``compiler.validate``); imported lazily."""
-    from compiler.validate import validate_block
+def validate(source: str, index: int, free_names, module, first_line: int) -> None:
+    """The server's allowlist check (``compiler.validate``), against the names sent
+    and the served model's module names."""
+    from compiler.validate import module_names_of, validate_block
 
-    validate_block(source, index)
+    validate_block(source, index, free_names=free_names, module_names=module_names_of(module),
+                   first_line=first_line)
 
 
 def check_header(header: dict, models: dict | None = None) -> None:
@@ -120,10 +122,10 @@ def run_job(root, header: dict, tensors: dict, print_fn, max_result: int) -> byt
         plan = compile_source(src).plan
         if index >= len(plan.blocks):
             raise JobError("ValueError", f"the function has no block {index}")
-        validate(header["source"], index)
+        values = protocol.decode_values(header.get("values", {}), tensors)
+        validate(header["source"], index, frozenset(values), root._module, src.first_line)
         block = plan.blocks[index]
         body, first = _block_function(src, block)
-        values = protocol.decode_values(header.get("values", {}), tensors)
         if block.model in values:
             raise JobError("ValueError", f"`{block.model}` is the served model; it cannot be sent")
         names = [block.model, *sorted(values)]
@@ -137,9 +139,9 @@ def run_job(root, header: dict, tensors: dict, print_fn, max_result: int) -> byt
         raise JobError("RuntimeError", f"the server cannot validate blocks: {exc}") from None
     except JobError:
         raise
-    except Exception as exc:  # the validator's own error type
-        raise JobError(type(exc).__name__, str(exc), getattr(exc, "lineno", None)
-                       or getattr(exc, "line", None), filename) from None
+    except Exception as exc:  # the validator's ValidationError (line, construct, reason)
+        raise JobError(type(exc).__name__, str(exc), getattr(exc, "line", None) or None,
+                       filename, construct=getattr(exc, "construct", None)) from None
 
     glb = {"__builtins__": _builtins(print_fn), "torch": __import__("torch"), "math": math,
            "__iv_locals": locals, "__name__": "__remote__"}

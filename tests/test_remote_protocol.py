@@ -1,0 +1,221 @@
+"""Remote blocks without a server: the wire format, CONFIG, and what the client
+refuses (or routes) before any request is made."""
+
+from __future__ import annotations
+
+import math
+import pickle
+import struct
+
+import pytest
+import torch
+
+from compiler import intervene
+from runtime import CONFIG, LanguageModel
+from runtime.config import DEFAULT_HOST, Config
+from runtime.remote import client as remote_client
+from runtime.remote import protocol
+from runtime.remote.protocol import ProtocolError, UnsendableError
+from runtime.serve.execute import ModelGuard
+from runtime.models import tiny_llama
+
+
+def roundtrip(values: dict) -> dict:
+    trees, tensors = protocol.encode_values(values)
+    header, got = protocol.unpack(protocol.pack({"values": trees}, tensors))
+    return protocol.decode_values(header["values"], got)
+
+
+def test_values_roundtrip_exactly():
+    base = torch.arange(24, dtype=torch.float32).reshape(4, 6)
+    values = {
+        "f32": torch.randn(3, 5),
+        "bf16": torch.randn(2, 3).to(torch.bfloat16),
+        "ids": torch.tensor([[1, 2, 3]]),
+        "mask": torch.tensor([True, False]),
+        "view": base[1:, ::2],  # a strided view of a bigger storage
+        "scalar": torch.tensor(2.5),
+        "nested": {"a": [1, 2.5, "x", None, True], 3: (4, (5,)), "t": base},
+        "size": torch.Size([2, 3]),
+        "dtype": torch.float16,
+        "slice": slice(1, None, 2),
+        "nan": math.nan,
+        "inf": -math.inf,
+    }
+    got = roundtrip(values)
+    for name in ("f32", "bf16", "ids", "mask", "view", "scalar"):
+        assert got[name].dtype == values[name].dtype
+        assert torch.equal(got[name], values[name]), name
+    assert got["nested"]["a"] == [1, 2.5, "x", None, True]
+    assert got["nested"][3] == (4, (5,))
+    assert torch.equal(got["nested"]["t"], base)
+    assert got["size"] == torch.Size([2, 3]) and isinstance(got["size"], torch.Size)
+    assert got["dtype"] is torch.float16
+    assert got["slice"] == slice(1, None, 2)
+    assert math.isnan(got["nan"]) and got["inf"] == -math.inf
+
+
+def test_same_tensor_twice_stays_one_object_and_grads_travel():
+    t = torch.randn(3, requires_grad=True)
+    t.grad = torch.ones(3)
+    got = roundtrip({"a": t, "b": [t]})
+    assert got["a"] is got["b"][0]
+    assert got["a"].requires_grad and torch.equal(got["a"].grad, torch.ones(3))
+
+
+@pytest.mark.parametrize("value, what", [
+    (lambda x: x, "function"),
+    (object(), "object"),
+    ({1, 2}, "set"),
+])
+def test_unsendable_values_name_the_variable(value, what):
+    with pytest.raises(UnsendableError, match=rf"variable `v`\[1\] is a {what}"):
+        protocol.encode_values({"v": [0, value]})
+
+
+def test_fake_tensors_are_refused():
+    with pytest.raises(UnsendableError, match="tensor without data"):
+        protocol.encode_values({"v": torch.empty(2, device="meta")})
+
+
+def test_bad_messages_are_protocol_errors_never_unpickled():
+    with pytest.raises(ProtocolError, match="bad magic"):
+        protocol.unpack(pickle.dumps({"x": 1}))
+    head = b'{"values": {}}'
+    # A pickle where safetensors data should be: refused, not loaded.
+    blob = pickle.dumps(torch.ones(2))
+    with pytest.raises(ProtocolError, match="bad tensor data"):
+        protocol.unpack(protocol.MAGIC + struct.pack("<Q", len(head)) + head + blob)
+    with pytest.raises(ProtocolError, match="cut short"):
+        protocol.unpack(protocol.MAGIC + struct.pack("<Q", 999) + head)
+    with pytest.raises(ProtocolError, match="unknown value tag 'pickle'"):
+        protocol.decode({"t": "pickle", "v": "..."}, {})
+    with pytest.raises(ProtocolError, match="missing tensor"):
+        protocol.decode({"t": "tensor", "k": "7"}, {})
+
+
+def test_config_defaults_env_and_setters(monkeypatch):
+    cfg = Config()
+    monkeypatch.delenv("INTERVENE_HOST", raising=False)
+    monkeypatch.delenv("INTERVENE_API_KEY", raising=False)
+    assert cfg.host == DEFAULT_HOST == "http://127.0.0.1:8765" and cfg.api_key is None
+    monkeypatch.setenv("INTERVENE_HOST", "http://10.0.0.1:9000/")
+    monkeypatch.setenv("INTERVENE_API_KEY", "from-env")
+    assert cfg.host == "http://10.0.0.1:9000" and cfg.api_key == "from-env"
+    cfg.set_default_host("https://example.org")
+    cfg.set_default_api_key("k1")
+    assert cfg.host == "https://example.org" and cfg.api_key == "k1"
+    with pytest.raises(ValueError, match="starting with http"):
+        cfg.set_default_host("example.org:80")
+    assert isinstance(CONFIG, Config)
+
+
+def test_block_free_names_are_on_the_plan():
+    @intervene
+    def f(model, x, scale, unused):
+        outs = []
+        with model.trace(x, remote=True) as tracer:
+            h = model.model.layers[0].output * scale
+            outs.append(h.save())
+            y = torch.relu(h)
+            print(len(outs), y.shape)
+        return outs
+
+    block = f.plan.functions[0].blocks[0]
+    names = dict(block.free)
+    assert set(names) == {"model", "x", "scale", "outs", "torch", "print", "len"}
+    assert names["scale"] == block.line + 1 and names["print"] == block.line + 4
+    assert block.end_line == block.line + 4
+
+
+@pytest.fixture
+def tiny_named():
+    lm = LanguageModel(tiny_llama(0))
+    lm._module.config._name_or_path = "tiny-llama"
+    return lm
+
+
+class _NoHTTP:
+    """Stands for the HTTP client: any use fails the test."""
+
+    def __getattr__(self, name):
+        raise AssertionError(f"a request was made ({name})")
+
+
+@pytest.fixture
+def no_http(monkeypatch):
+    monkeypatch.setattr(remote_client.Client, "http_override", _NoHTTP())
+
+
+def test_unsendable_free_variable_fails_before_any_request(tiny_named, no_http):
+    helper = object()
+
+    @intervene
+    def f(model, x):
+        with model.trace(x, remote=True):
+            h = model.model.layers[0].output.save()
+            z = helper
+        return h
+
+    with pytest.raises(UnsendableError) as info:
+        f(tiny_named, torch.tensor([[1, 2, 3]]))
+    line = f.plan.functions[0].blocks[0].line
+    assert f"line {line}: the remote block cannot send variable `helper` (read at line " \
+        f"{line + 2}) is a object" in str(info.value)
+
+
+def test_remote_true_is_never_silently_local(tiny_named, monkeypatch):
+    monkeypatch.setattr(remote_client.Client, "http_override", None)
+    CONFIG.set_default_host("http://127.0.0.1:9")  # nothing listens on the discard port
+    try:
+        @intervene
+        def f(model, x):
+            with model.trace(x, remote=True):
+                h = model.model.layers[0].output.save()
+            return h
+
+        with pytest.raises(ConnectionError, match="cannot reach the intervene server at "
+                           "http://127.0.0.1:9"):
+            f(tiny_named, torch.tensor([[1, 2, 3]]))
+    finally:
+        CONFIG.set_default_host(None)
+
+
+def test_remote_block_needs_a_plain_model_variable(tiny_named, no_http):
+    class Holder:
+        pass
+
+    holder = Holder()
+    holder.lm = tiny_named
+
+    @intervene
+    def f(h, x):
+        with h.lm.trace(x, remote=True):
+            out = h.lm.model.layers[0].output.save()
+        return out
+
+    with pytest.raises(remote_client.RemoteError, match="a remote block must trace a model "
+                       "held in a plain variable .* not `h.lm`"):
+        f(holder, torch.tensor([[1, 2]]))
+
+
+def test_model_guard_sees_every_change():
+    model = tiny_llama(0)
+    guard = ModelGuard(model)
+    assert guard.changes() == []
+    with torch.no_grad():
+        model.lm_head.weight[0, 0] += 1
+    assert guard.changes() == ["param `lm_head.weight` was modified in place"]
+    guard = ModelGuard(model)
+    model.model.layers[0].train()
+    assert any("switched to training" in c for c in guard.changes())
+    model.eval()
+    guard = ModelGuard(model)
+    model.model.norm.weight.grad = torch.ones(32)
+    assert guard.changes() == ["parameter `model.norm.weight` was left with a .grad"]
+    model.model.norm.weight.grad = None
+    handle = model.model.norm.register_forward_hook(lambda *a: None)
+    assert guard.changes() == ["module `model.norm` was left with hooks or a wrapped forward"]
+    handle.remove()
+    model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
+    assert guard.changes() == ["param `lm_head.weight` was replaced or removed"]
