@@ -77,7 +77,7 @@ from collections.abc import Collection, Iterable
 import libcst as cst
 
 from . import walk
-from .analyze import block_call, statements
+from .analyze import block_call, block_item, statements
 from .errors import CompileError
 from .parse import Source, parse_error_position
 
@@ -514,7 +514,8 @@ class _Checker:
         self.free = free
         self.module_names = module_names
         self.model = self.call.func.value.value if isinstance(self.call.func.value, cst.Name) else None
-        asname = block.items[0].asname
+        self.item_index = block_item(block)  # `with model.trace(x) as t, torch.no_grad():`
+        asname = block.items[self.item_index].asname
         self.tracer = asname.name.value if asname is not None and isinstance(asname.name, cst.Name) else None
         self.envoy_names: set[str] = set()
         self.strict = False
@@ -545,8 +546,9 @@ class _Checker:
     def _walk_with_recovery(self, node: cst.CSTNode) -> None:
         """The inference pass: every statement is visited, refused or not."""
         if isinstance(node, cst.With):
-            for item in node.items:
-                self._try(lambda item=item: self.with_item(item, node is self.block))
+            for i, item in enumerate(node.items):
+                self._try(lambda item=item, i=i: self.with_item(
+                    item, node is self.block and i == self.item_index))
             body = node.body.body
         else:
             body = getattr(getattr(node, "body", None), "body", None) or ()
@@ -667,8 +669,8 @@ class _Checker:
     def with_stmt(self, node: cst.With, header: bool = False) -> None:
         if node.asynchronous is not None:
             self.refuse(node, "async with", "`async` is not allowed in remote blocks")
-        for item in node.items:
-            self.with_item(item, header)
+        for i, item in enumerate(node.items):
+            self.with_item(item, header and i == self.item_index)
         self.body(node.body)
 
     def with_item(self, item: cst.WithItem, header: bool) -> None:
@@ -743,10 +745,10 @@ class _Checker:
             self.refuse(value, _text(value), _WHY_ENVOY)
         if isinstance(target, cst.Attribute):
             attr = target.attr.value
+            owner = self.expr(target.value, owner=True)
             if attr.startswith("_"):
                 self.refuse(target.attr, attr, "attributes starting with `_` are not allowed "
                             "in remote blocks")
-            owner = self.expr(target.value, envoy_ok=True)
             if owner == ENVOY and attr in _VALUE_NAMES:
                 return
             if owner == VALUE and attr in ("grad", "requires_grad"):
@@ -757,7 +759,7 @@ class _Checker:
                         "module, and `.grad` and `.requires_grad` of a value, can be assigned "
                         "in remote blocks")
         elif isinstance(target, cst.Subscript):
-            owner = self.expr(target.value, envoy_ok=True)
+            owner = self.expr(target.value, owner=True)
             if owner != VALUE:
                 self.refuse(target, _text(target), "modules cannot be replaced or changed in "
                             "remote blocks: write to `.output`/`.input`/`.inputs` instead"
@@ -774,7 +776,7 @@ class _Checker:
             for el in target.elements:
                 self.delete(el.value)
             return
-        if isinstance(target, cst.Subscript) and self.expr(target.value, envoy_ok=True) == VALUE:
+        if isinstance(target, cst.Subscript) and self.expr(target.value, owner=True) == VALUE:
             self.slices(target)
             return
         self.refuse(target, f"del {_text(target)}", "only variables and items of values can "
@@ -784,7 +786,7 @@ class _Checker:
     def kind_quiet(self, node: cst.CSTNode) -> str:
         strict, self.strict = self.strict, False
         try:
-            return self.expr(node, envoy_ok=True)
+            return self.expr(node, owner=True)
         except _Refused:
             return VALUE
         finally:
@@ -805,25 +807,33 @@ class _Checker:
                 return tuple(self.kind_quiet(a.value) for a in args)
         return kind
 
-    def expr(self, node: cst.CSTNode, envoy_ok: bool = False) -> str:
-        kind = self._expr(node)
-        if kind == ENVOY and not envoy_ok:
+    def expr(self, node: cst.CSTNode, envoy_ok: bool = False, *, owner: bool = False,
+             class_ok: bool = False) -> str:
+        """Check ``node``; its kind.  ``envoy_ok``: it may be an envoy (navigated,
+        bound, iterated...); ``owner``: it is the object of an attribute, call or
+        index (the only place a namespace, the tracer or a class may appear, so none
+        of them can be aliased or passed on); ``class_ok``: isinstance's classes."""
+        kind = self._expr(node, class_ok or owner)
+        if kind == ENVOY and not (envoy_ok or owner):
             self.refuse(node, _text(node), _WHY_ENVOY)
-        if kind.startswith(_NS) and not envoy_ok:
+        if kind.startswith(_NS) and not owner:
             self.refuse(node, _text(node), "a module (namespace) cannot be used as a value in "
                         "remote blocks: call its listed functions")
-        if kind == TRACER and not envoy_ok:
+        if kind == TRACER and not owner:
             self.refuse(node, _text(node), "the tracer can only be used through its methods "
                         f"({', '.join(sorted(TRACER_ATTRS))})")
+        if kind == CLASS and not (owner or class_ok):
+            self.refuse(node, _text(node), "a class can only be used in isinstance() in "
+                        "remote blocks")
         return kind
 
-    def _expr(self, node: cst.CSTNode) -> str:
+    def _expr(self, node: cst.CSTNode, class_ok: bool = False) -> str:
         if isinstance(node, cst.Name):
             return self.name_kind(node)
         if isinstance(node, cst.Attribute):
             return self.attribute(node)
         if isinstance(node, cst.Subscript):
-            owner = self.expr(node.value, envoy_ok=True)
+            owner = self.expr(node.value, owner=True)
             self.slices(node)
             if owner.startswith(_NS) or owner == TRACER:
                 self.refuse(node, _text(node), "this cannot be indexed in remote blocks")
@@ -842,10 +852,8 @@ class _Checker:
                 self.fstring_part(part)
             return VALUE
         if isinstance(node, (cst.List, cst.Tuple)):
-            kinds = [self.expr(el.value, envoy_ok=True) for el in node.elements]
-            for el, k in zip(node.elements, kinds):
-                if k not in (VALUE, ENVOY, FUNC, CLASS):
-                    self.expr(el.value)  # refuses
+            kinds = [self.expr(el.value, envoy_ok=True, class_ok=class_ok)
+                     for el in node.elements]
             return ENVOY if ENVOY in kinds else VALUE
         if isinstance(node, cst.Set):
             for el in node.elements:
@@ -945,10 +953,12 @@ class _Checker:
             return _NS + name
         if name in self.inside:
             return ENVOY if name in self.envoy_names else VALUE
+        if name in SAFE_BUILTINS or name == "save":
+            # before the values sent: a value sent under a builtin's name is plain data,
+            # which can do less than the builtin
+            return FUNC
         if name in self.free:
             return VALUE
-        if name in SAFE_BUILTINS or name == "save":
-            return FUNC
         if quiet:
             return VALUE
         self.refuse(node, name, f"`{name}` is not defined in the block and its value was not "
@@ -959,7 +969,7 @@ class _Checker:
 
     def attribute(self, node: cst.Attribute) -> str:
         attr = node.attr.value
-        owner = self.expr(node.value, envoy_ok=True)  # first: the leftmost mistake is named
+        owner = self.expr(node.value, owner=True)  # first: the leftmost mistake is named
         if attr.startswith("_"):
             self.refuse(node.attr, attr, "attributes starting with `_` are not allowed in "
                         "remote blocks")
@@ -1025,7 +1035,8 @@ class _Checker:
 
     def call_expr(self, node: cst.Call) -> str:
         func = node.func
-        fkind = self.expr(func, envoy_ok=True)
+        fkind = self.expr(func, owner=True)
+        class_args = fkind == FUNC and isinstance(func, cst.Name) and func.value == "isinstance"
         envoy_args = False
         result = VALUE
         if fkind == CLASS:
@@ -1049,7 +1060,8 @@ class _Checker:
               and node.args and fkind == VALUE):
             self.refuse(node, _text(node), "`.save()` takes no arguments (it keeps the value "
                         "after the block; nothing is written to disk)")
-        kinds = [self.expr(arg.value, envoy_ok=envoy_args) for arg in node.args]
+        kinds = [self.expr(arg.value, envoy_ok=envoy_args, class_ok=class_args and i == 1)
+                 for i, arg in enumerate(node.args)]
         if result is None:
             result = ENVOY if ENVOY in kinds else VALUE
         return result
