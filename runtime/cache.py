@@ -82,7 +82,7 @@ def _convert(value, conv):
             return cls(*items)
         try:  # torch.return_types and other tuple subclasses built from one iterable
             return cls(items)
-        except Exception:
+        except (TypeError, ValueError):
             return tuple(items)
     if isinstance(value, list):
         items = [_convert(v, conv) for v in value]
@@ -93,7 +93,7 @@ def _convert(value, conv):
             return items
         try:  # transformers' ModelOutput dataclasses, OrderedDict, ...
             return type(value)(**items)
-        except Exception:
+        except (TypeError, ValueError):
             return items
     return value
 
@@ -101,7 +101,7 @@ def _convert(value, conv):
 def _rebuild(value, items):
     try:
         return type(value)(items)
-    except Exception:
+    except (TypeError, ValueError):
         return items
 
 
@@ -193,7 +193,23 @@ class _Placeholders:
         self._handles.clear()
 
 
+def _module_tree(module) -> dict[str, list[str]]:
+    """Every module path (with the leading ``model.``) -> its children's names."""
+    tree = {}
+    for name, mod in module.named_modules():
+        tree[f"model.{name}" if name else "model"] = [n for n, _ in mod.named_children()]
+    return tree
+
+
 class Cache(Mapping):
+    # Defaults on the class: a cache rebuilt from its parts (``Cache.rebuilt``, the
+    # remote client) sets only what it has.
+    _tree_made: dict[str, list[str]] | None = None
+    _chosen = False
+    _late_line = None
+    _inter = None
+    _root = None
+
     def __init__(self, root, modules, include_inputs, device, dtype, detach, per_step,
                  rows=None, batch=None, inter=None, late_line=None) -> None:
         self._root = root
@@ -204,14 +220,60 @@ class Cache(Mapping):
         self._late_line = late_line
         self._entries: dict[str, list[Entry]] = {}
         self._handles: list = []
-        # Every module path (with the leading `model.`) -> its children's names: what
-        # attribute navigation checks against, kept without a reference to the model.
-        self._tree: dict[str, list[str]] = {}
-        for name, mod in root._module.named_modules():
-            path = f"model.{name}" if name else "model"
-            self._tree[path] = [n for n, _ in mod.named_children()]
+        # What attribute navigation checks against, kept without a reference to the model.
+        self._tree_made = _module_tree(root._module)
         self._chosen = modules is not None
         self._targets = self._choose(modules)
+
+    @classmethod
+    def rebuilt(cls, root, per_step: bool, include_inputs: bool, entries: dict) -> Cache:
+        """A cache made from recorded values (a remote run's): ``entries`` maps each
+        path to a list (one item per generation step; one item in a trace) of
+        ``(step, [(output, inputs), ...every call])``; ``root``: the model the paths
+        are checked against (None: only the recorded paths)."""
+        cache = cls.__new__(cls)
+        cache._root = None
+        cache._include_inputs = include_inputs
+        cache._per_step = per_step
+        cache._handles = []
+        cache._targets = []
+        cache._entries = {}
+        for path, items in entries.items():
+            got = []
+            for step, calls in items:
+                first = Entry(calls[0][0], calls[0][1], step)
+                first._more = [Entry(out, inputs, step) for out, inputs in calls[1:]]
+                got.append(first)
+            cache._entries[path] = got
+        module = getattr(root, "_module", root)
+        if isinstance(module, torch.nn.Module):
+            cache._tree_made = _module_tree(module)
+        return cache
+
+    def exported(self) -> dict:
+        """The recorded values in the form ``Cache.rebuilt`` takes."""
+        return {path: [(e.step, [(c.output, c.inputs) for c in e.calls]) for e in entries]
+                for path, entries in self._entries.items()}
+
+    @property
+    def _tree(self) -> dict[str, list[str]]:
+        tree = self._tree_made
+        if tree is None:
+            module = getattr(self._root, "_module", None)
+            if isinstance(module, torch.nn.Module):
+                tree = _module_tree(module)
+            else:  # only what was recorded, and the paths above it
+                tree = {"model": []}
+                for path in self._entries:
+                    parts = path.split(".")
+                    for i in range(1, len(parts)):
+                        parent, child = ".".join(parts[:i]), parts[i]
+                        kids = tree.setdefault(parent, [])
+                        if child not in kids:
+                            kids.append(child)
+                    tree.setdefault(path, [])
+            self._tree_made = tree
+        return tree
 
     def _choose(self, modules) -> list[tuple[str, torch.nn.Module]]:
         from .envoy import Envoy

@@ -245,7 +245,7 @@ def test_late_cache_records_the_modules_still_running():
 
     model = llama()
     with pytest.warns(RuntimeWarning, match="after the forward pass has started"):
-        h, cache = cache_after_a_layer(model, IDS)
+        _, cache = cache_after_a_layer(model, IDS)
     out, seen = plain_llama_outputs(IDS, ["model", "model.layers.0", "model.layers.1"])
     # the root and the decoder were running: recorded when they returned
     assert isinstance(cache["model"].output, CausalLMOutputWithPast)
@@ -273,11 +273,11 @@ def test_cache_paths_fail_at_once():
     with pytest.raises(IndexError, match=r"cache\.model\.model\.layers\[30\].*has 2 modules"):
         cache.model.model.layers[30]
     with pytest.raises(AttributeError, match=r"no child module `layerz` \(did you mean `layers`\?\)"):
-        cache.model.model.layerz
+        _ = cache.model.model.layerz
     with pytest.raises(AttributeError, match="its children: embed_tokens, layers, norm"):
-        cache.model.model.nope
+        _ = cache.model.model.nope
     with pytest.raises(AttributeError, match="has no child module `lm_heads`"):
-        cache.lm_heads
+        _ = cache.lm_heads
     with pytest.raises(TypeError, match="is not a list of modules"):
         cache.model.lm_head[0]
     # negative indices and the HF path without the root (`cache.model.layers` is
@@ -302,7 +302,7 @@ def test_cache_key_errors_say_why():
     with pytest.raises(KeyError, match="no such module"):
         cache["layers.9"]
     with pytest.raises(KeyError, match="list of modules"):
-        cache.model.layers.output
+        _ = cache.model.layers.output
     assert "layers.9" not in cache and "layers.1" in cache
 
 
