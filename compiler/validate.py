@@ -32,8 +32,8 @@ Attributes: no name starting with ``_``, anywhere.  Then, by what the value is:
 
 - the model and its envoys (``model.model.layers[0].mlp``, a loop variable over
   ``model.model.layers``...): child modules only (``module_names``: the served
-  model's module names), ``.output``/``.input``/``.inputs``, ``.skip``,
-  ``.source``, and ``model.generator``.  So parameters, buffers, ``.config``,
+  model's module names), ``.output``/``.input``/``.inputs``, and
+  ``model.generator``.  So parameters, buffers, ``.config``,
   ``.to()``, ``.train()``, hooks and ``state_dict()`` cannot be reached at all: a
   job writes only through ``.output``/``.input``/``.inputs``.  An envoy may be
   navigated, indexed, iterated, measured with ``len()``, called, bound to a
@@ -235,7 +235,6 @@ VALUE_ATTRS = TENSOR_ATTRS | frozenset({
 
 TRACER_ATTRS = frozenset({"all", "barrier", "cache", "invoke", "iter", "result", "stop"})
 _VALUE_NAMES = frozenset({"output", "input", "inputs"})
-_ENVOY_METHODS = frozenset({"skip"})
 
 GENERATE_KEYWORDS = frozenset({
     "attention_mask", "bad_words_ids", "bos_token_id", "diversity_penalty", "do_sample",
@@ -267,25 +266,26 @@ _MODULE_ATTRS = _STATE_NAMES | frozenset({
     "push_to_hub", "from_pretrained", "resize_token_embeddings", "tie_weights",
 })
 
-_ATTRS_CACHE: list[frozenset[str]] = []
+_ATTRS_CACHE: dict[bool, frozenset[str]] = {}
 
 
 def _module_attrs() -> frozenset[str]:
-    """``_MODULE_ATTRS`` and every public attribute of torch.nn.Module, of a
-    transformers model and of a list (envoy lists are lists), when those load."""
-    if not _ATTRS_CACHE:
-        names = set(_MODULE_ATTRS) | set(dir(list))
-        try:
-            import torch
+    """``_MODULE_ATTRS`` and every public attribute of torch.nn.Module, of a list
+    (envoy lists are lists) and, once transformers is loaded (a served model has
+    loaded it), of a transformers model."""
+    import sys
 
-            names |= set(dir(torch.nn.Module))
+    loaded = "transformers" in sys.modules
+    if loaded not in _ATTRS_CACHE:
+        import torch
+
+        names = set(_MODULE_ATTRS) | set(dir(list)) | set(dir(torch.nn.Module))
+        if loaded:
             from transformers import PreTrainedModel
 
             names |= set(dir(PreTrainedModel))
-        except ImportError:  # pragma: no cover - the server has both
-            pass
-        _ATTRS_CACHE.append(frozenset(n for n in names if not n.startswith("_")))
-    return _ATTRS_CACHE[0]
+        _ATTRS_CACHE[loaded] = frozenset(n for n in names if not n.startswith("_"))
+    return _ATTRS_CACHE[loaded]
 
 
 _WHY_STATE = ("the served model's parameters, buffers and settings cannot be reached from a "
@@ -567,10 +567,7 @@ class _Checker:
             self.stmt(stmt)
 
     def stmt(self, node: cst.CSTNode) -> None:
-        if isinstance(node, cst.SimpleStatementLine):
-            for small in node.body:
-                self.small(small)
-        elif isinstance(node, cst.SimpleStatementSuite):
+        if isinstance(node, (cst.SimpleStatementLine, cst.SimpleStatementSuite)):
             for small in node.body:
                 self.small(small)
         elif isinstance(node, cst.If):
@@ -633,7 +630,7 @@ class _Checker:
             for t in node.targets:
                 self.store(t.target, kind, node.value)
         elif isinstance(node, cst.AnnAssign):
-            self.expr(node.annotation.annotation)
+            self.expr(node.annotation.annotation, owner=True)  # not evaluated; still checked
             kind = VALUE
             if node.value is not None:
                 kind = self.expr(node.value, envoy_ok=isinstance(node.target, cst.Name))
@@ -1001,10 +998,6 @@ class _Checker:
         if attr in _VALUE_NAMES:
             return VALUE
         if attr == "generator" and isinstance(node.value, cst.Name) and node.value.value == self.model:
-            return ENVOY
-        if attr in _ENVOY_METHODS:
-            return VALUE
-        if attr == "source":
             return ENVOY
         if attr in _STATE_NAMES:
             self.refuse(node.attr, attr, _WHY_STATE)

@@ -235,6 +235,35 @@ def test_every_sample_block_passes(src, block):
                    first_line=src.first_line)
 
 
+def _blocks_in(sources):
+    for label, src in sources:
+        plan = compile_source(src).plan
+        for block in plan.blocks:
+            yield pytest.param(src, block, id=f"{label}.{plan.name}.{block.index}")
+
+
+def _readme_and_corpus_blocks():
+    import re
+
+    readme = (ROOT / "README.md").read_text()
+    snippets = [c for c in re.findall(r"```python\n(.*?)```", readme, re.DOTALL) if "@intervene" in c]
+    sources = [("README", s) for c in snippets for s in functions_in_file("README.md", c)]
+    sources += [(p.stem, s) for p in sorted((ROOT / "tests" / "corpus").glob("*.py"))
+                for s in functions_in_file(str(p))]
+    return list(_blocks_in(sources))
+
+
+@pytest.mark.parametrize(("src", "block"), _readme_and_corpus_blocks())
+def test_every_readme_and_compiler_corpus_block_passes(src, block):
+    """The compiler's corpus runs on small models of other shapes: no module names given."""
+    free = {name for name, _ in block.free}
+    if block.model != "model":  # `self.model.trace(...)`: the model must be a plain name
+        with pytest.raises(ValidationError, match="must be a plain name"):
+            validate_block(src.text, block.index, free_names=free)
+        return
+    validate_block(src.text, block.index, free_names=free, first_line=src.first_line)
+
+
 # -- kinds of values: envoys never pass for tensors ---------------------------------------
 
 
