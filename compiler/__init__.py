@@ -58,7 +58,7 @@ def intervene(fn: F) -> F:
         from runtime.api import handle_for
 
         built = functools.update_wrapper(
-            compiled.build(handle_for(compiled.plan), inner), inner
+            compiled.build(handle_for(compiled.plan, compiled.source), inner), inner
         )
         for decorator in reversed(below):
             built = decorator(built)

@@ -122,6 +122,7 @@ class BlockInfo:
     lanes: list[LaneInfo] = field(default_factory=list)
     saved: set[str] = field(default_factory=set)
     unsaved_shared: tuple[str, ...] = ()  # shared with the function, not saved: unbound after
+    free: tuple[tuple[str, int], ...] = ()  # (name, first line) read from around the block
 
 
 @dataclass(frozen=True)
@@ -210,9 +211,9 @@ class _Analyzer(cst.CSTVisitor):
                 tracer=tracer,
                 # generate's keywords are generation options; trace/scan keywords
                 # are the model's own inputs.
-                has_input=bool(call.args) and (
-                    call.func.attr.value != "generate" or not all(a.keyword for a in call.args)
-                    or any(a.keyword.value in ("input_ids", "inputs_embeds") for a in call.args)
+                has_input=bool(_inputs(call)) and (
+                    call.func.attr.value != "generate" or not all(a.keyword for a in _inputs(call))
+                    or any(a.keyword.value in ("input_ids", "inputs_embeds") for a in _inputs(call))
                 ),
                 has_invokes=_contains_invoke(node),
             )
@@ -640,6 +641,30 @@ def _names_in_target(t: cst.BaseExpression) -> list[str]:
 _CONSTANTS = frozenset({"True", "False", "None"})
 
 
+_CONSTANTS = frozenset({"True", "False", "None"})
+
+
+def _inputs(call: cst.Call) -> list[cst.Arg]:
+    """A block call's arguments but ``remote=...`` (where it runs, not an input)."""
+    return [a for a in call.args if a.keyword is None or a.keyword.value != "remote"]
+
+
+def _free_names(block: BlockInfo, block_refs: list[NameRef], refs: list[NameRef],
+                params: set[str]) -> tuple[tuple[str, int], ...]:
+    """What ``block`` reads from around it (a remote run sends these values): names
+    it reads that the function binds elsewhere, or that nothing binds (globals,
+    builtins); with the line of the first read."""
+    inside = {r.name for r in block_refs if r.store}
+    outside = params | {r.name for r in refs if r.store and r.block is not block}
+    free: dict[str, int] = {}
+    for r in block_refs:
+        if r.store or r.name == block.tracer or r.name in free or r.name in _CONSTANTS:
+            continue
+        if r.name in outside or r.name not in inside:
+            free[r.name] = r.line
+    return tuple(sorted(free.items()))
+
+
 def _param_names(params: cst.Parameters) -> list[str]:
     out = [p.name.value for p in (*params.posonly_params, *params.params, *params.kwonly_params)]
     for star in (params.star_arg, params.star_kwarg):
@@ -722,6 +747,7 @@ def analyze(src: Source, module: cst.Module, positions: dict) -> Analysis:
                     r.line,
                     r.col,
                 )
+        block.free = _free_names(block, block_refs, refs, set(_param_names(fn.params)))
         del block_refs
     saved_anywhere = set().union(*(b.saved for b in blocks)) if blocks else set()
     return Analysis(

@@ -45,6 +45,7 @@ class Compiled:
     code: str  # the rewritten function, as shown by `show-plan --code`
     factory_code: types.CodeType  # module code defining the factory
     name: str
+    source: Source | None = None  # what was compiled (a remote block sends its text)
     # The function's decorators, top to bottom: (expression as written, line, last name).
     decorators: tuple[tuple[str, int, str | None], ...] = ()
 
@@ -146,6 +147,8 @@ def compile_source(src: Source, freevars: tuple[str, ...] = ()) -> Compiled:
                 for ln in b.lanes
             ),
             saved=tuple(sorted(b.saved)),
+            free=b.free,
+            end_line=b.end_line,
         )
         for b in info.blocks
     )
@@ -157,7 +160,7 @@ def compile_source(src: Source, freevars: tuple[str, ...] = ()) -> Compiled:
         for d in fn.decorators
     )
     return Compiled(plan=plan, code=_MARK_RE.sub("", shown), factory_code=code,
-                    name=fn.name.value, decorators=decorators)
+                    name=fn.name.value, source=src, decorators=decorators)
 
 
 def _in_factory(tree: ast.Module, name: str, freevars: tuple[str, ...], line: int) -> ast.Module:

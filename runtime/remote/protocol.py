@@ -176,17 +176,20 @@ class Encoder:
         return out
 
     def _cache(self, cache, where: str) -> dict:
+        def entry(e, path):
+            label = f"{where}[{path!r}]"
+            return [self.encode(e.output, f"{label}.output", True),
+                    None if e.inputs is None else self.encode(e.inputs, f"{label}.inputs", True),
+                    int(getattr(e, "step", 0)),
+                    [entry(m, path) for m in getattr(e, "_more", ())]]
+
         return {
             "t": "cache",
             "per_step": bool(cache._per_step),
             "inputs": bool(cache._include_inputs),
-            "entries": [
-                [path, [[self.encode(e.output, f"{where}[{path!r}].output", True),
-                         None if e.inputs is None
-                         else self.encode(e.inputs, f"{where}[{path!r}].inputs", True)]
-                        for e in entries]]
-                for path, entries in cache._entries.items()
-            ],
+            "chosen": bool(getattr(cache, "_chosen", False)),
+            "entries": [[path, [entry(e, path) for e in entries]]
+                        for path, entries in cache._entries.items()],
         }
 
 
@@ -284,29 +287,32 @@ def _rebuild_output(name: Any, fields: dict) -> Any:
 
 
 def _rebuild_cache(node: dict, tensors: dict, root: Any, depth: int) -> Any:
+    """A ``tracer.cache()`` result: a real ``Cache`` of ``root`` (its module tree for
+    navigation and messages), holding the entries that came back."""
     from runtime.cache import Cache, Entry
 
-    cache = Cache.__new__(Cache)
-    cache._root = root
-    cache._include_inputs = bool(node.get("inputs"))
-    cache._device = cache._dtype = None
-    cache._detach = True
-    cache._per_step = bool(node.get("per_step"))
-    cache._handles = []
-    cache._targets = []
+    if root is None:
+        raise ProtocolError("a cache came back for no model")
+    cache = Cache(root, None, bool(node.get("inputs")), None, None, True,
+                  bool(node.get("per_step")))
+    cache._detach_hooks()  # never attached: this only lets go of the model
+    cache._chosen = bool(node.get("chosen"))
+
+    def entry(item, d):
+        if not (isinstance(item, list) and len(item) == 4 and isinstance(item[2], int)
+                and isinstance(item[3], list)):
+            raise ProtocolError("bad cache entry")
+        inputs = None if item[1] is None else decode(item[1], tensors, root, d)
+        out = Entry(decode(item[0], tensors, root, d), inputs, item[2])
+        out._more = [entry(m, d + 1) for m in item[3]]
+        return out
+
     entries: dict = {}
     for item in _list(node, "entries"):
         if not (isinstance(item, list) and len(item) == 2 and isinstance(item[0], str)
                 and isinstance(item[1], list)):
             raise ProtocolError("bad cache entry")
-        path, calls = item
-        out = []
-        for call in calls:
-            if not (isinstance(call, list) and len(call) == 2):
-                raise ProtocolError("bad cache entry")
-            inputs = None if call[1] is None else decode(call[1], tensors, root, depth + 1)
-            out.append(Entry(decode(call[0], tensors, root, depth + 1), inputs))
-        entries[path] = out
+        entries[item[0]] = [entry(e, depth + 1) for e in item[1]]
     cache._entries = entries
     return cache
 
