@@ -641,9 +641,6 @@ def _names_in_target(t: cst.BaseExpression) -> list[str]:
 _CONSTANTS = frozenset({"True", "False", "None"})
 
 
-_CONSTANTS = frozenset({"True", "False", "None"})
-
-
 def _inputs(call: cst.Call) -> list[cst.Arg]:
     """A block call's arguments but ``remote=...`` (where it runs, not an input)."""
     return [a for a in call.args if a.keyword is None or a.keyword.value != "remote"]
