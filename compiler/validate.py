@@ -72,6 +72,7 @@ allocations are valid Python and pass this check.
 from __future__ import annotations
 
 import ast
+import unicodedata
 from collections.abc import Collection, Iterable
 
 import libcst as cst
@@ -349,7 +350,8 @@ def validate_block(
             f"the source is {size} bytes; a remote job takes at most {MAX_SOURCE_BYTES}",
             first_line, 0, "source",
         )
-    _check_depth(source, first_line)
+    _check_characters(source, first_line)
+    statement_count = _check_depth(source, first_line)
     try:
         module = cst.parse_module(source)
     except cst.ParserSyntaxError as exc:
@@ -357,6 +359,7 @@ def validate_block(
         raise ValidationError(f"cannot parse: {exc.message}", first_line + line - 1, col,
                               "syntax") from None
     positions = walk.positions(module)
+    _check_same_reading(module, positions, statement_count, first_line)
     fns = list(module.body)
     if len(fns) != 1 or not isinstance(fns[0], cst.FunctionDef):
         raise ValidationError(
@@ -383,9 +386,21 @@ def validate_block(
 # -- before parsing ------------------------------------------------------------
 
 
-def _check_depth(source: str, first_line: int) -> None:
+def _check_characters(source: str, first_line: int) -> None:
+    """No control characters but tab and line ends: nothing on which two parsers
+    could split lines differently."""
+    for number, line in enumerate(source.split("\n"), first_line):
+        for col, ch in enumerate(line):
+            if ch < " " and ch not in "\t\r" or ch == "\x7f":
+                raise ValidationError(
+                    f"the control character {ch!r} is not allowed in a remote job's source",
+                    number, col, "source")
+
+
+def _check_depth(source: str, first_line: int) -> int:
     """Python's parser refuses absurd nesting by itself (a SyntaxError, never a
-    crash); the depth of its tree is then measured without recursion."""
+    crash); the depth of its tree is then measured without recursion.  Returns the
+    number of statements Python reads (checked against libcst's reading)."""
     try:
         tree = ast.parse(source)
     except SyntaxError as exc:
@@ -395,13 +410,50 @@ def _check_depth(source: str, first_line: int) -> None:
         raise ValidationError(f"the source nests deeper than {MAX_DEPTH} levels",
                               first_line, 0, "nesting") from None
     todo = [(tree, 0, 1, 0)]
+    count = 0
     while todo:
         node, depth, line, col = todo.pop()
         line, col = getattr(node, "lineno", line), getattr(node, "col_offset", col)
         if depth > MAX_DEPTH:
             raise ValidationError(f"the source nests deeper than {MAX_DEPTH} levels",
                                   first_line + line - 1, col, "nesting")
+        count += isinstance(node, ast.stmt)
         todo.extend((child, depth + 1, line, col) for child in ast.iter_child_nodes(node))
+    return count
+
+
+class _Identifiers(cst.CSTVisitor):
+    """Counts statements; finds identifiers Python would read as other names."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.statements = 0
+        self.odd: cst.Name | None = None
+
+    def on_visit(self, node: cst.CSTNode) -> bool:
+        if isinstance(node, (cst.BaseSmallStatement, cst.BaseCompoundStatement)):
+            self.statements += 1
+        elif (isinstance(node, cst.Name) and self.odd is None and not node.value.isascii()
+              and unicodedata.normalize("NFKC", node.value) != node.value):
+            self.odd = node
+        return True
+
+
+def _check_same_reading(module: cst.Module, positions: dict, statements: int,
+                        first_line: int) -> None:
+    """libcst reads the text as Python does: the same number of statements, and
+    every identifier as written (Python reads ``ｔｏｒｃｈ`` as ``torch``: NFKC)."""
+    found = _Identifiers()
+    module.visit(found)
+    if found.odd is not None:
+        line, col = positions[found.odd][:2]
+        name = found.odd.value
+        raise ValidationError(
+            f"Python reads this name as `{unicodedata.normalize('NFKC', name)}`: write "
+            "names in their plain form in remote blocks", first_line + line - 1, col, name)
+    if found.statements != statements:
+        raise ValidationError("the source reads differently to Python and to the compiler",
+                              first_line, 0, "source")
 
 
 def _check_compiles(source: str, module: cst.Module, positions: dict, first_line: int,

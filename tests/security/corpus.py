@@ -136,6 +136,15 @@ refused("bare_except", """
         pass
 """, "except:")
 refused("rebind_torch", "torch = prompt  # <-", "torch")
+refused("fullwidth_torch", "ｔｏｒｃｈ.save(prompt, '/tmp/x')  # <-", "ｔｏｒｃｈ",
+        why="Python reads identifiers NFKC-normalized: this is `torch.save`")
+refused("fullwidth_save", """
+    h = model.lm_head.output
+    h.ｓａｖｅ()  # <-
+""", "ｓａｖｅ")
+refused("control_character", None, "source", line=4,
+        source=job("x = 1  # a comment? CTRLimport os").replace("CTRL", "\x0b"),
+        why="no character on which two parsers could split lines differently")
 refused("tracer_private", "inter = tracer._inter  # <-", "_inter")
 
 # -- syntax that defines or reaches code --------------------------------------------
