@@ -542,3 +542,24 @@ def test_default_model_saliency_leaves_no_parameter_grads():
     assert torch.equal(g, g2)
     assert all(p.grad is None for p in lm._module.parameters())
     assert_no_hooks(lm)
+
+
+def test_exported_cache_rebuilds_with_every_call():
+    # The form a remote run sends: every call and step survives, paths still checked.
+    from runtime.cache import Cache
+
+    torch.manual_seed(0)
+    net = _Shapes()
+    cache, _ = cache_shapes(NNsight(net), torch.randn(3, 4))
+    again = Cache.rebuilt(None, False, True, cache.exported())
+    assert sorted(again) == sorted(cache)
+    assert len(again["shared"].calls) == 2
+    assert all(torch.equal(a, b) for a, b in zip(again.model.shared.outputs, cache["shared"].outputs))
+    assert torch.equal(again["shared"].calls[1].input, cache["shared"].calls[1].input)
+    with pytest.raises(AttributeError, match="no child module `sharde`"):
+        _ = again.model.sharde
+    checked = Cache.rebuilt(net, False, True, cache.exported())  # paths of the real model
+    with pytest.raises(KeyError, match="no such module"):
+        checked["nope"]
+    with pytest.raises(TypeError, match="not a list of modules"):
+        _ = checked.model.top[0]
