@@ -3,6 +3,10 @@
 #   make install   create .venv and install intervene[test] through constraints.txt
 #   make model     fetch + convert the default model into the cache (no-op when cached)
 #   make test      run the test suite          (PYTEST_ARGS="-k encode" to select)
+#   make test-arch the full architecture matrix (about 40 tiny models; pytest -m arch_all)
+#   make test-compat  build .venv-tf4 (transformers 4.57, constraints-tf4.txt) and run
+#                  COMPAT_TESTS there; TF4_TORCH=shared reuses .venv's torch instead of
+#                  installing it a second time
 #   make demo      run samples/basics.py and show its compiled plan
 #   make bench     install the bench extra and run the benchmarks
 #   make lint      ruff check
@@ -25,10 +29,17 @@ PYTEST_ARGS ?=
 LINT_PATHS := $(wildcard compiler runtime tests samples bench)
 
 INSTALLED := $(VENV)/.installed-stamp
+VENV_TF4 := .venv-tf4
+PY_TF4 := $(VENV_TF4)/bin/python
+CONSTRAINTS_TF4 := constraints-tf4.txt
+TF4_INSTALLED := $(VENV_TF4)/.installed-stamp
+TF4_TORCH ?=
+COMPAT_TESTS ?= tests/test_hardening_inputs.py tests/test_architectures.py tests/test_invokes.py \
+	tests/test_models.py tests/test_language_model.py
 BENCH_INSTALLED := $(VENV)/.bench-installed-stamp
 
 .DELETE_ON_ERROR:
-.PHONY: install model test demo bench lint clean distclean
+.PHONY: install model test test-arch test-compat demo bench lint clean distclean
 
 install: $(INSTALLED)
 
@@ -51,6 +62,30 @@ model: $(INSTALLED)
 test: $(INSTALLED) model
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
+test-arch: $(INSTALLED)
+	$(PY) -m pytest -q -m arch_all tests/test_architectures.py $(PYTEST_ARGS)
+
+$(PY_TF4):
+	$(PYTHON3) -m venv $(VENV_TF4)
+
+# The torch pin is the same as .venv's. With TF4_TORCH=shared, .venv's site-packages come
+# last on .venv-tf4's path (a .pth file): torch is found there, and every package pinned in
+# constraints-tf4.txt is installed in .venv-tf4 itself, so it comes first.
+$(TF4_INSTALLED): pyproject.toml $(CONSTRAINTS_TF4) | $(PY_TF4)
+	$(PY_TF4) -m pip install -c $(CONSTRAINTS_TF4) --upgrade pip
+ifeq ($(TF4_TORCH),shared)
+	$(PY) -c "import sysconfig; print(sysconfig.get_paths()['purelib'])" > \
+		"$$($(PY_TF4) -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/intervene-shared-torch.pth"
+else
+	$(PY_TF4) -m pip install -c $(CONSTRAINTS_TF4) $(TORCH_PIP_ARGS) '$(TORCH_SPEC)'
+endif
+	$(PY_TF4) -m pip install -c $(CONSTRAINTS_TF4) -e '.[test]'
+	touch $@
+
+test-compat: $(TF4_INSTALLED)
+	$(PY_TF4) -m runtime.models fetch
+	$(PY_TF4) -m pytest -q $(COMPAT_TESTS) $(PYTEST_ARGS)
+
 demo: $(INSTALLED) model
 	$(PY) samples/basics.py
 	$(PY) -m compiler show-plan samples/basics.py
@@ -66,4 +101,4 @@ clean:
 	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
 
 distclean: clean
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(VENV_TF4)

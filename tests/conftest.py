@@ -32,3 +32,16 @@ def keep_grad_mode():
     enabled = torch.is_grad_enabled()
     yield
     torch.set_grad_enabled(enabled)
+
+
+def pytest_collection_modifyitems(config, items):
+    """``arch_all`` tests (the full architecture matrix) run only when asked for by a
+    marker expression naming them (``pytest -m arch_all``, ``make test-arch``)."""
+    if "arch_all" in (config.getoption("markexpr") or ""):
+        return
+    kept = [item for item in items if item.get_closest_marker("arch_all") is None]
+    if len(kept) != len(items):
+        config.hook.pytest_deselected(
+            items=[item for item in items if item.get_closest_marker("arch_all") is not None]
+        )
+        items[:] = kept
