@@ -505,12 +505,15 @@ def cache_late(model, x):
 
 def test_cache_called_late_warns_at_the_user_line(mlp):
     # A cache started mid-forward cannot hold what already ran: say so, at the user's line.
-    model, _ = mlp
+    model, ref = mlp
     with pytest.warns(RuntimeWarning, match=r"after the forward pass has started") as record:
-        _, cache = cache_late(model, x_input())
+        h, cache = cache_late(model, x_input())
     assert record[0].filename == __file__
     assert "model.layers.0" not in cache  # ran before the call
     assert "model.layers.3" in cache and "model.head" in cache
+    # the layer being served and the root (still running) are recorded when they return
+    assert torch.equal(cache["layers.2"].output, h)
+    assert torch.equal(cache["model"].output, ref(x_input()))
     assert_no_hooks(model._module)
 
 
