@@ -72,6 +72,7 @@ allocations are valid Python and pass this check.
 from __future__ import annotations
 
 import ast
+import keyword
 import unicodedata
 from collections.abc import Collection, Iterable
 
@@ -344,6 +345,12 @@ def validate_block(
     navigation is refused only for known non-module attributes.  ``first_line``:
     the line of ``source``'s first line in the user's file, for the messages.
     """
+    for name in free_names or ():
+        # The server writes these names into a function's parameters: plain names only.
+        if not (isinstance(name, str) and name.isidentifier() and not keyword.iskeyword(name)
+                and unicodedata.normalize("NFKC", name) == name and not name.startswith("__")):
+            raise ValidationError(f"a value was sent under the name {name!r}, which is not a "
+                                  "plain variable name", first_line, 0, str(name)[:60])
     size = len(source.encode("utf-8", "surrogatepass"))
     if size > MAX_SOURCE_BYTES:
         raise ValidationError(

@@ -275,6 +275,11 @@ refused("syntax_error", "x = (  # <-", "syntax")
 refused("not_one_function", None, "source", source="import os\n" + job(HARMLESS), line=1)
 refused("block_out_of_range", HARMLESS, "block index", block=2, line=1)
 
+refused("value_name_injection", HARMLESS, "x=__import__('os').system('id'), y", line=1,
+        free={"prompt": PROMPT, "x=__import__('os').system('id'), y": 1},
+        why="value names become the parameters of the function the server compiles")
+refused("value_name_keyword", HARMLESS, "lambda", line=1, free={"prompt": PROMPT, "lambda": 1})
+
 # -- accepted, stopped at run time ----------------------------------------------------------
 runtime("infinite_loop", """
     while True:
