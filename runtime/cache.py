@@ -205,7 +205,7 @@ class Cache(Mapping):
     # Defaults on the class: a cache rebuilt from its parts (``Cache.rebuilt``, the
     # remote client) sets only what it has.
     _tree_made: dict[str, list[str]] | None = None
-    _chosen = False
+    _chosen: frozenset | None = None  # the paths given as modules=...; None: all
     _late_line = None
     _inter = None
     _root = None
@@ -222,8 +222,9 @@ class Cache(Mapping):
         self._handles: list = []
         # What attribute navigation checks against, kept without a reference to the model.
         self._tree_made = _module_tree(root._module)
-        self._chosen = modules is not None
         self._targets = self._choose(modules)
+        if modules is not None:
+            self._chosen = frozenset(path for path, _ in self._targets)
 
     @classmethod
     def rebuilt(cls, root, per_step: bool, include_inputs: bool, entries: dict) -> Cache:
@@ -367,7 +368,7 @@ class Cache(Mapping):
         path = paths[0]
         if self._tree[path] and all(n.isdigit() for n in self._tree[path]):
             return f"{key!r} is a list of modules (never called itself): index it"
-        if self._chosen:
+        if self._chosen is not None and path not in self._chosen:
             return f"{key!r} was not recorded: it is not among the modules given to tracer.cache(modules=...)"
         if self._late_line is not None:
             return (

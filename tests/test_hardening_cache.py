@@ -306,6 +306,29 @@ def test_cache_key_errors_say_why():
     assert "layers.9" not in cache and "layers.1" in cache
 
 
+class _Unused(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.used = nn.Linear(4, 4)
+        self.spare = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.used(x)
+
+
+def test_cache_key_error_for_a_chosen_module_that_did_not_run():
+    @intervene
+    def both(model, x):
+        with model.trace(x) as tracer:
+            cache = tracer.cache(modules=[model.used, model.spare])
+        return cache
+
+    cache = both(NNsight(_Unused()), torch.randn(2, 4))
+    assert list(cache) == ["model.used"]
+    with pytest.raises(KeyError, match="'model.spare' was not recorded: it did not run in this forward pass"):
+        _ = cache.model.spare.output
+
+
 def test_cache_keeps_no_reference_to_the_model():
     net = tiny_mlp()
     model = NNsight(net)
