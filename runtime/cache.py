@@ -29,6 +29,7 @@ import difflib
 from collections.abc import Mapping
 
 import torch
+from torch.utils.hooks import RemovableHandle
 
 _VALUES = ("output", "inputs", "input", "outputs", "calls")
 
@@ -164,17 +165,23 @@ def _invoke_rows(tracer, inter):
     return (all_rows[i] if i < len(all_rows) else None), batch
 
 
-def late_cache_hooks(root, block) -> list | None:
+def late_cache_hooks(tracer) -> None:
     """Before the run: when a lane calls ``tracer.cache()`` after anything else (a
     checkpoint, a step block), modules may be running when it is called.  torch
     reads a module's forward hooks after its forward only if the module had a hook
     when the call began; a no-op hook on every module makes sure it had, so the
-    cache's hooks, added mid-call, still see those modules return."""
-    for lane in block.lanes:
+    cache's hooks, added mid-call, still see those modules return.  The hooks go
+    with the trace's caches (listed there before the first is added, so that an
+    interrupt in between leaves none behind)."""
+    for lane in tracer._block.lanes:
         for i, item in enumerate(lane.items):
             if i and getattr(item, "kind", None) == "cache":
-                return [_Placeholders(root._module)]
-    return None
+                holder = _Placeholders()
+                if tracer._caches is None:
+                    tracer._caches = []
+                tracer._caches.append(holder)
+                holder.attach(tracer._root._module)
+                return
 
 
 def _nothing(module, args, output):
@@ -182,15 +189,25 @@ def _nothing(module, args, output):
 
 
 class _Placeholders:
-    """No-op forward hooks on every module; removed with the trace's caches."""
+    """No-op forward hooks on every module, put straight in each module's hook dict
+    (what ``register_forward_hook`` does, without a handle per module)."""
 
-    def __init__(self, module) -> None:
-        self._handles = [m.register_forward_hook(_nothing) for m in module.modules()]
+    def __init__(self) -> None:
+        self._on: list[tuple[torch.nn.Module, int]] = []
+
+    def attach(self, module) -> None:
+        for mod in module.modules():
+            hid = RemovableHandle.next_id
+            RemovableHandle.next_id = hid + 1
+            self._on.append((mod, hid))  # listed first: removal tolerates a missing one
+            mod._forward_hooks[hid] = _nothing
 
     def _detach_hooks(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
+        on = self._on
+        while on:
+            mod, hid = on[-1]
+            mod._forward_hooks.pop(hid, None)
+            on.pop()
 
 
 def _module_tree(module) -> dict[str, list[str]]:
