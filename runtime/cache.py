@@ -141,10 +141,10 @@ def open_cache(tracer, modules, include_inputs, device, dtype, detach) -> Cache:
     cache = Cache(tracer._root, modules, include_inputs, device, dtype, detach,
                   per_step=tracer._kind == "generate", rows=rows, batch=batch, inter=inter,
                   late_line=line)
-    cache._attach_hooks()
     if tracer._caches is None:
         tracer._caches = []
-    tracer._caches.append(cache)
+    tracer._caches.append(cache)  # listed first: the trace removes its hooks whatever happens
+    cache._attach_hooks()
     return cache
 
 
@@ -328,13 +328,23 @@ class Cache(Mapping):
         return chosen
 
     def _attach_hooks(self) -> None:
+        # Straight in the module's hook dicts (what register_forward_hook does), each
+        # listed before it is added, so that removal never misses one.
+        handles = self._handles
         for path, mod in self._targets:
-            self._handles.append(mod.register_forward_hook(self._recorder(path), with_kwargs=True))
+            hid = RemovableHandle.next_id
+            RemovableHandle.next_id = hid + 1
+            handles.append((mod, hid))
+            mod._forward_hooks_with_kwargs[hid] = True
+            mod._forward_hooks[hid] = self._recorder(path)
 
     def _detach_hooks(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
+        handles = self._handles
+        while handles:
+            mod, hid = handles[-1]
+            mod._forward_hooks.pop(hid, None)
+            mod._forward_hooks_with_kwargs.pop(hid, None)
+            handles.pop()
         self._targets = []
         self._root = None  # the cache outlives the trace; the model need not
         self._inter = None
