@@ -24,6 +24,9 @@ from .nnsight import NNsight, invoke_name, merge_keyword
 # The inputs `encode` pads and checks; given as keywords (`model.trace(input_ids=...)`)
 # they are encoded like a dict input.
 _ENCODED = ("input_ids", "attention_mask", "position_ids")
+# Inputs that stand for the tokens: given without input_ids, they pass as given.
+_OTHER_INPUTS = ("inputs_embeds", "pixel_values", "input_features", "input_values",
+                 "encoder_outputs")
 # Extra inputs with one entry per token: left-padded like input_ids when invokes batch.
 _TOKEN_ALIGNED = frozenset({"token_type_ids"})
 # Keywords transformers' wrappers take around every forward that has **kwargs.
@@ -170,12 +173,14 @@ class LanguageModel(NNsight):
                 f"`{next(iter(given))}=` is given without `input_ids=`: pass the token ids "
                 "too (or the input positionally)"
             )
-        elif kwargs:
-            return (), kwargs  # other model inputs only (inputs_embeds=, pixel_values=, ...)
+        elif any(k in kwargs for k in _OTHER_INPUTS):
+            return (), kwargs  # inputs_embeds=, pixel_values=, ...: passed as given
         else:
+            got = f" (only the keywords {', '.join(sorted(kwargs))})" if kwargs else ""
             raise TypeError(
                 "a LanguageModel trace takes one input (a prompt, a list of prompts, token "
-                "ids, a dict with input_ids, or input_ids=... as a keyword); got none"
+                "ids, a dict with input_ids, or input_ids=... / inputs_embeds=... as a "
+                f"keyword); got none{got}"
             )
         enc = self._encode(inputs)
         twice = [k for k in kwargs if k in enc]

@@ -133,6 +133,89 @@ def mask_only(model, ids):
     return logits
 
 
+@intervene
+def options_only(model):
+    with model.trace(output_attentions=True):
+        logits = model.lm_head.output.save()
+    return logits
+
+
+@intervene
+def embeds_only(model, embeds):
+    with model.trace(inputs_embeds=embeds):
+        logits = model.lm_head.output.save()
+    return logits
+
+
+def test_a_trace_of_options_only_asks_for_the_input(lm):
+    with pytest.raises(TypeError) as info:
+        options_only(lm)
+    assert str(info.value).endswith("got none (only the keywords output_attentions)")
+
+
+def test_inputs_embeds_alone_are_an_input(lm):
+    embeds = lm._module.get_input_embeddings()(IDS)
+    assert torch.equal(embeds_only(lm, embeds), plain(lm, inputs_embeds=embeds))
+
+
+@intervene
+def invoke_without_ids(model, a, d):
+    with model.trace() as tracer:
+        with tracer.invoke(a):
+            first = model.lm_head.output.save()
+        with tracer.invoke(decoder_input_ids=d):
+            second = model.lm_head.output.save()
+    return first, second
+
+
+@intervene
+def invokes_unlike(model, a, b, types):
+    with model.trace() as tracer:
+        with tracer.invoke({"input_ids": a, "token_type_ids": types}):
+            first = model.encoder.layer[0].output.save()
+        with tracer.invoke(b):
+            second = model.encoder.layer[0].output.save()
+    return first, second
+
+
+def test_invoke_input_mistakes_are_named():
+    t5 = LanguageModel(tiny_t5())
+    with pytest.raises(TypeError, match=r"invoke 1 \(line \d+\): a LanguageModel trace takes one "
+                       r"input .* got none \(only the keywords decoder_input_ids\)"):
+        invoke_without_ids(t5, IDS, torch.tensor([[0, 4]]))
+    bert = LanguageModel(tiny_bert())
+    with pytest.raises(ValueError) as info:
+        invokes_unlike(bert, IDS, OTHER, torch.zeros_like(IDS))
+    assert "invoke 1 (line " in str(info.value)
+    assert "differ from invoke 0 (line " in str(info.value)
+    assert "(in ['token_type_ids'])" in str(info.value)
+
+
+def test_invokes_pad_token_type_ids_with_the_tokens():
+    bert = tiny_bert()
+    types = torch.tensor([[0, 0, 1, 1, 1]])
+    short, short_types = OTHER, torch.tensor([[0, 1, 1]])
+    first, second = invokes_unlike_ok(LanguageModel(bert), IDS, types, short, short_types)
+    with torch.no_grad():
+        alone = bert(input_ids=short, token_type_ids=short_types).last_hidden_state
+        full = bert(input_ids=IDS, token_type_ids=types).last_hidden_state
+    first, second = (v[0] if isinstance(v, tuple) else v for v in (first, second))
+    assert torch.allclose(first, full, atol=1e-5)
+    # the short row is left-padded: its last 3 positions are the prompt alone
+    assert second.shape == (1, 5, 32)
+    assert torch.allclose(second[:, -3:], alone, atol=1e-5)
+
+
+@intervene
+def invokes_unlike_ok(model, a, ta, b, tb):
+    with model.trace() as tracer:
+        with tracer.invoke({"input_ids": a, "token_type_ids": ta}):
+            first = model.encoder.layer[-1].output.save()
+        with tracer.invoke({"input_ids": b, "token_type_ids": tb}):
+            second = model.encoder.layer[-1].output.save()
+    return first, second
+
+
 def test_keyword_input_mistakes_are_named(lm):
     with pytest.raises(TypeError, match="given twice: positionally and as `input_ids=`"):
         twice(lm, IDS)
