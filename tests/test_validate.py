@@ -367,3 +367,25 @@ def test_validation_is_fast():
 
 def test_corpus_prompt_is_a_plain_string():
     assert isinstance(PROMPT, str)  # the corpus's values are JSON, as the client sends them
+
+
+def test_any_source_is_accepted_or_refused_never_a_crash():
+    """Random valid Python in a block: a ValidationError or nothing, quickly."""
+    import textwrap
+
+    import hypothesmith
+    from hypothesis import HealthCheck, given, settings
+
+    @settings(max_examples=20, deadline=None, suppress_health_check=list(HealthCheck),
+              database=None)
+    @given(hypothesmith.from_grammar(auto_target=False))
+    def run(code):
+        src = job("pass") + textwrap.indent(code, "        ")
+        start = time.perf_counter()
+        try:
+            check(src)
+        except ValidationError as err:
+            assert err.line >= 1 and err.construct
+        assert time.perf_counter() - start < 2.0
+
+    run()
