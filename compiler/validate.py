@@ -774,8 +774,9 @@ class _Checker:
                 self.bind(el.value, sub)
         elif isinstance(target, cst.StarredElement):
             self.bind(target.value, kind)
-        else:
-            self.store(target, kind if isinstance(kind, str) else VALUE, None)
+        else:  # `for xs[0] in ...`, `for m.output in ...`
+            envoy = kind == ENVOY or (isinstance(kind, tuple) and ENVOY in kind)
+            self.store(target, ENVOY if envoy else VALUE, None)
 
     def bind_name(self, node: cst.Name, kind: str) -> None:
         name = node.value
@@ -797,8 +798,9 @@ class _Checker:
             else:
                 self.bind(target, kind)
             return
-        if kind == ENVOY and value is not None:
-            self.refuse(value, _text(value), _WHY_ENVOY)
+        if kind == ENVOY:  # a module must not hide in an item or an attribute
+            where = value if value is not None else target
+            self.refuse(where, _text(where), _WHY_ENVOY)
         if isinstance(target, cst.Attribute):
             attr = target.attr.value
             owner = self.expr(target.value, owner=True)

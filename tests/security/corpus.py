@@ -224,6 +224,16 @@ refused("envoy_into_list", """
     mods = []
     mods.append(model.lm_head)  # <-
 """, "model.lm_head", why="a module hidden in a list would pass for a tensor")
+refused("envoy_as_loop_item_target", """
+    xs = [0]
+    for xs[0] in model.model.layers:  # <-
+        pass
+    xs[0].to(torch.float16)
+""", "xs[0]", why="a loop target that is an item would hide the module in a list")
+refused("envoy_as_comprehension_item_target", """
+    d = {}
+    n = [0 for d['m'] in model.model.layers]  # <-
+""", "d['m']")
 refused("envoy_into_dict", "d = {'m': model.lm_head}  # <-", "model.lm_head")
 refused("envoy_alias_to", """
     m = model.lm_head
@@ -263,6 +273,8 @@ refused("generate_custom_code", "out = model.generator.output.save()", "custom_g
 refused("generate_kwargs", "out = model.generator.output.save()", "**options",
         header="model.generate(prompt, **options) as tracer", params="model, prompt, options",
         free={"prompt": PROMPT, "options": {"max_new_tokens": 2}}, line=3)
+refused("open_in_block_header", HARMLESS, "open",
+        header="model.trace(prompt, remote=True) as tracer, open('/etc/passwd') as f", line=3)
 refused("model_not_a_name", None, "self.lm", source=(
     "@intervene\ndef job(self, prompt):\n    with self.lm.trace(prompt, remote=True):  # <-\n"
     "        h = self.lm.lm_head.output.save()\n"))
