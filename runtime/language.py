@@ -11,6 +11,7 @@ forward call.
 from __future__ import annotations
 
 import inspect
+import os
 import typing
 from collections.abc import Mapping
 from typing import Any
@@ -50,6 +51,23 @@ class LanguageModel(NNsight):
     """
 
     __slots__ = ("_generator", "tokenizer")
+    _pending = None  # (source, dtype) while the weights are not loaded (runtime.lazy)
+    _remote_name = None
+
+    def _load(self) -> None:
+        """Load the weights now, into the module tree built without them."""
+        pending = self._pending
+        if pending is None:
+            return
+        from .lazy import materialize
+
+        real, _ = load_causal_lm(pending[0], tokenizer=self.tokenizer, dtype=pending[1])
+        materialize(self._module, real)
+        object.__setattr__(self, "_pending", None)
+
+    def __call__(self, *args, **kwargs):
+        self._load()
+        return self._module(*args, **kwargs)
 
     def __init__(
         self,
@@ -61,11 +79,21 @@ class LanguageModel(NNsight):
         dtype: Any = None,
         **from_pretrained_kwargs: Any,
     ) -> None:
-        model, tok = load_causal_lm(
-            source, tokenizer=tokenizer, device_map=device_map, dtype=dtype,
-            **from_pretrained_kwargs,
-        )
+        from .lazy import can_defer, meta_causal_lm
+
+        if not dispatch and can_defer(source, device_map, from_pretrained_kwargs):
+            # Config and tokenizer only; the weights load when a local block needs them.
+            model, tok = meta_causal_lm(source, tokenizer, dtype)
+        else:
+            model, tok = load_causal_lm(
+                source, tokenizer=tokenizer, device_map=device_map, dtype=dtype,
+                **from_pretrained_kwargs,
+            )
         super().__init__(model)
+        if isinstance(source, (str, os.PathLike)):
+            object.__setattr__(self, "_remote_name", str(source))  # what a server knows
+            if not dispatch and can_defer(source, device_map, from_pretrained_kwargs):
+                object.__setattr__(self, "_pending", (source, dtype))
         object.__setattr__(self, "tokenizer", tok)
         gen = _Generator()
         object.__setattr__(self, "_generator", Envoy(gen, "model.generator", self))
@@ -86,6 +114,7 @@ class LanguageModel(NNsight):
 
     def generate(self, *args, **kwargs):
         """Outside a trace: the wrapped model's own ``generate`` (text is encoded)."""
+        self._load()
         if args and not isinstance(args[0], torch.Tensor):
             enc = self._encode(args[0])
             enc.pop("position_ids", None)
@@ -118,6 +147,8 @@ class LanguageModel(NNsight):
 
     # -- inputs ----------------------------------------------------------------------
     def _device(self) -> torch.device:
+        if self._pending is not None:
+            return torch.device("cpu")  # where the weights will load
         try:
             return next(self._module.parameters()).device
         except StopIteration:
@@ -264,6 +295,8 @@ class LanguageModel(NNsight):
 
     # -- running ------------------------------------------------------------------------
     def _run(self, kind: str, args: tuple, kwargs: dict, tracer) -> Any:
+        if self._pending is not None and kind != "scan":
+            self._load()  # the first local block that runs the model
         if kind in ("trace", "scan"):
             self._check_keywords(kind, kwargs)
         if kind == "trace":

@@ -39,7 +39,7 @@ def line_of(marker: str) -> int:
 
 @pytest.fixture(scope="module")
 def lm():
-    return LanguageModel("smollm2-135m")
+    return LanguageModel("smollm2-135m", dispatch=True)  # tests reach into _module
 
 
 @pytest.fixture(scope="module")

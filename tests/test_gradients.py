@@ -578,7 +578,7 @@ def plain_hf_grads(hf, ids, layers, loss_fn):
 def lm():
     from runtime import LanguageModel
 
-    return LanguageModel("smollm2-135m")
+    return LanguageModel("smollm2-135m", dispatch=True)  # tests reach into _module
 
 
 @pytest.mark.slow

@@ -29,7 +29,7 @@ CLOSE = {"atol": 1e-4, "rtol": 1e-4}
 
 @pytest.fixture(scope="module")
 def lm():
-    return LanguageModel("smollm2-135m")
+    return LanguageModel("smollm2-135m", dispatch=True)  # tests reach into _module
 
 
 @pytest.fixture

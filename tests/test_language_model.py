@@ -28,7 +28,7 @@ LAYER = 5
 
 @pytest.fixture(scope="module")
 def lm():
-    return LanguageModel("smollm2-135m")
+    return LanguageModel("smollm2-135m", dispatch=True)  # tests reach into _module
 
 
 @pytest.fixture(autouse=True)

@@ -162,3 +162,28 @@ def test_cache_equals_local(remote, lm):
     assert sorted(got) == sorted(local) == [f"model.model.layers.{i}" for i in (0, 15, 29)]
     for key in local:
         assert torch.equal(got[key].output, local[key].output)
+
+
+def test_a_remote_only_user_never_loads_the_weights(remote, lm):
+    lazy = LanguageModel("smollm2-135m")
+    assert all(p.device.type == "meta" for p in lazy._module.parameters())
+
+    @intervene
+    def last_hidden(model, prompt):
+        with model.trace(prompt, remote=True):
+            hidden = model.model.layers[-1].output.save()
+        return hidden
+
+    got = last_hidden(lazy, PROMPT)
+    assert all(p.device.type == "meta" for p in lazy._module.parameters())
+    assert torch.equal(got, _local_last_hidden(lm))
+
+
+def _local_last_hidden(lm):
+    @intervene
+    def last_hidden(model, prompt):
+        with model.trace(prompt):
+            hidden = model.model.layers[-1].output.save()
+        return hidden
+
+    return last_hidden(lm, PROMPT)

@@ -20,7 +20,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("keep_grad_mode")]
 def lm():
     from runtime import LanguageModel
 
-    return LanguageModel("smollm2-135m")
+    return LanguageModel("smollm2-135m", dispatch=True)  # tests reach into _module
 
 
 @pytest.mark.parametrize("name", ["attribution", "logit_lens"])

@@ -75,7 +75,7 @@ def mlp():
 def lm():
     from runtime import LanguageModel
 
-    return LanguageModel("smollm2-135m")
+    return LanguageModel("smollm2-135m", dispatch=True)  # tests reach into _module
 
 
 # --------------------------------------------------------------------------------------

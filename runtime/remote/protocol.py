@@ -176,20 +176,20 @@ class Encoder:
         return out
 
     def _cache(self, cache, where: str) -> dict:
-        def entry(e, path):
+        """``tracer.cache()``: its ``exported()`` values, for ``Cache.rebuilt``."""
+        def call(path, out, inputs):
             label = f"{where}[{path!r}]"
-            return [self.encode(e.output, f"{label}.output", True),
-                    None if e.inputs is None else self.encode(e.inputs, f"{label}.inputs", True),
-                    int(getattr(e, "step", 0)),
-                    [entry(m, path) for m in getattr(e, "_more", ())]]
+            return [self.encode(out, f"{label}.output", True),
+                    None if inputs is None else self.encode(inputs, f"{label}.inputs", True)]
 
         return {
             "t": "cache",
             "per_step": bool(cache._per_step),
             "inputs": bool(cache._include_inputs),
             "chosen": bool(getattr(cache, "_chosen", False)),
-            "entries": [[path, [entry(e, path) for e in entries]]
-                        for path, entries in cache._entries.items()],
+            "entries": [[path, [[int(step), [call(path, o, i) for o, i in calls]]
+                                for step, calls in items]]
+                        for path, items in cache.exported().items()],
         }
 
 
@@ -287,33 +287,31 @@ def _rebuild_output(name: Any, fields: dict) -> Any:
 
 
 def _rebuild_cache(node: dict, tensors: dict, root: Any, depth: int) -> Any:
-    """A ``tracer.cache()`` result: a real ``Cache`` of ``root`` (its module tree for
-    navigation and messages), holding the entries that came back."""
-    from runtime.cache import Cache, Entry
+    """A ``tracer.cache()`` result, rebuilt against ``root`` (its module tree checks
+    the paths the user navigates)."""
+    from runtime.cache import Cache
 
-    if root is None:
-        raise ProtocolError("a cache came back for no model")
-    cache = Cache(root, None, bool(node.get("inputs")), None, None, True,
-                  bool(node.get("per_step")))
-    cache._detach_hooks()  # never attached: this only lets go of the model
-    cache._chosen = bool(node.get("chosen"))
-
-    def entry(item, d):
-        if not (isinstance(item, list) and len(item) == 4 and isinstance(item[2], int)
-                and isinstance(item[3], list)):
-            raise ProtocolError("bad cache entry")
-        inputs = None if item[1] is None else decode(item[1], tensors, root, d)
-        out = Entry(decode(item[0], tensors, root, d), inputs, item[2])
-        out._more = [entry(m, d + 1) for m in item[3]]
-        return out
-
+    d = depth + 1
     entries: dict = {}
     for item in _list(node, "entries"):
         if not (isinstance(item, list) and len(item) == 2 and isinstance(item[0], str)
                 and isinstance(item[1], list)):
             raise ProtocolError("bad cache entry")
-        entries[item[0]] = [entry(e, depth + 1) for e in item[1]]
-    cache._entries = entries
+        steps = []
+        for step in item[1]:
+            if not (isinstance(step, list) and len(step) == 2 and isinstance(step[0], int)
+                    and isinstance(step[1], list) and step[1]):
+                raise ProtocolError("bad cache entry")
+            calls = []
+            for call in step[1]:
+                if not (isinstance(call, list) and len(call) == 2):
+                    raise ProtocolError("bad cache entry")
+                calls.append((decode(call[0], tensors, root, d),
+                              None if call[1] is None else decode(call[1], tensors, root, d)))
+            steps.append((step[0], calls))
+        entries[item[0]] = steps
+    cache = Cache.rebuilt(root, bool(node.get("per_step")), bool(node.get("inputs")), entries)
+    cache._chosen = bool(node.get("chosen"))
     return cache
 
 
