@@ -73,6 +73,7 @@ from __future__ import annotations
 
 import ast
 import keyword
+import re
 import unicodedata
 from collections.abc import Collection, Iterable
 
@@ -345,6 +346,9 @@ def validate_block(
     navigation is refused only for known non-module attributes.  ``first_line``:
     the line of ``source``'s first line in the user's file, for the messages.
     """
+    if not isinstance(source, str) or not isinstance(block_index, int):
+        raise ValidationError("a job needs its source text and a block number", first_line, 0,
+                              "source")
     for name in free_names or ():
         # The server writes these names into a function's parameters: plain names only.
         if not (isinstance(name, str) and name.isidentifier() and not keyword.iskeyword(name)
@@ -393,15 +397,19 @@ def validate_block(
 # -- before parsing ------------------------------------------------------------
 
 
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x0c\x0e-\x1f\x7f]")
+
+
 def _check_characters(source: str, first_line: int) -> None:
     """No control characters but tab and line ends: nothing on which two parsers
     could split lines differently."""
-    for number, line in enumerate(source.split("\n"), first_line):
-        for col, ch in enumerate(line):
-            if ch < " " and ch not in "\t\r" or ch == "\x7f":
-                raise ValidationError(
-                    f"the control character {ch!r} is not allowed in a remote job's source",
-                    number, col, "source")
+    found = _CONTROL.search(source)
+    if found is not None:
+        before = source[: found.start()]
+        raise ValidationError(
+            f"the control character {found.group()!r} is not allowed in a remote job's source",
+            first_line + before.count("\n"), found.start() - (before.rfind("\n") + 1),
+            "source")
 
 
 def _check_depth(source: str, first_line: int) -> int:
@@ -555,6 +563,9 @@ def _text(node: cst.CSTNode, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+_MAX_PASSES = 10
+
+
 class _Refused(Exception):
     pass
 
@@ -594,11 +605,16 @@ class _Checker:
                         "the model of a remote block must be a plain name "
                         "(`with model.trace(...)`)")
         self.strict = False
-        for _ in range(20):  # envoy-holding names: grows until stable
+        for _ in range(_MAX_PASSES):  # envoy-holding names: grows until stable
             before = set(self.envoy_names)
             self._walk_with_recovery(self.block)
             if self.envoy_names == before:
                 break
+        else:  # each pass follows one more alias: real code is stable after two or three
+            self.strict = True
+            self.refuse(self.block, "aliases", "the block passes modules through too many "
+                        f"variables (over {_MAX_PASSES} in a chain) to be checked: use the "
+                        "module's path")
         self.strict = True
         self.with_stmt(self.block, header=True)
 

@@ -389,3 +389,18 @@ def test_any_source_is_accepted_or_refused_never_a_crash():
         assert time.perf_counter() - start < 2.0
 
     run()
+
+
+def test_a_long_chain_of_module_aliases_is_refused_not_half_checked():
+    """Kinds are inferred pass by pass, one alias further each (here, backwards through
+    a loop); a chain longer than the passes would leave a module looking like a tensor."""
+
+    def chain(n):
+        names = [f"x{i}" for i in range(n)]
+        links = "\n".join(f"    {a} = {b}" for a, b in zip(reversed(names[1:]),
+                                                         reversed(names[:-1])))
+        return (f"for i in range(2):\n    {names[-1]}.to(torch.float16)\n{links}\n"
+                "    x0 = model.lm_head")
+
+    assert refusal(job(chain(5))).construct == "to"
+    assert refusal(job(chain(12))).construct == "aliases"
