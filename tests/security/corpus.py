@@ -9,11 +9,12 @@
     ``expect`` is ``{"line": ..., "construct": ...}`` (line in ``source``, from 1).
   - ``"runtime"``: valid Python the validator accepts; the server must stop it safely
     and the next job must give the same result as before.  ``expect`` says how:
-    ``"timeout"`` (killed at the job time limit), ``"error"`` (fails at once with the
-    exception named in ``error``), ``"result-too-large"`` (over the result limit; run
-    it with a limit below ``result_bytes``), ``"output-limit"`` (print flood: cut or
-    killed), ``"model-state"`` (the job leaves state on the model; the server fails it
-    or cleans up, and the model is as before for the next job).
+    ``"timeout"`` (killed at the job time limit: run it with a short one),
+    ``"error"`` (fails at once with the exception named in ``error``),
+    ``"result-too-large"`` (over the result limit; run it with a limit below
+    ``result_bytes``), ``"output-limit"`` (``output_bytes`` of print: cut at the
+    output limit), ``"model-state"`` (the job leaves state on the model; the server
+    fails it or cleans up, and the model is as before for the next job).
   - ``"server"``: a harmless block sent with a broken request; ``request`` holds the
     header fields to override, ``expect`` the refusal.
 
@@ -312,9 +313,10 @@ runtime("huge_int", "x = 10**10**8", "timeout")
 runtime("huge_allocation", "x = torch.zeros(10**12)", "error", error="RuntimeError")
 runtime("string_bomb", "s = 'a' * 10**15", "error", error="MemoryError")
 runtime("print_flood", """
-    for i in range(10**9):
+    for i in range(50_000):
         print('x' * 100)
-""", "output-limit")
+""", "output-limit", output_bytes=50_000 * 101,
+        why="5 MB of print: cut at the server's output limit, the job still completes")
 runtime("huge_result", "big = torch.ones(16, 1024, 1024).save()", "result-too-large",
         result_bytes=64 * 2**20)
 runtime("parameter_grads", """
