@@ -7,7 +7,8 @@
 #   make test-compat  build .venv-tf4 (transformers 4.57, constraints-tf4.txt) and run
 #                  COMPAT_TESTS there; TF4_TORCH=shared reuses .venv's torch instead of
 #                  installing it a second time
-#   make demo      run samples/basics.py and show its compiled plan
+#   make demo      run samples/basics.py and show its compiled plan; draw the logit lens
+#                  (installs the plots extra; pictures in samples/out or $INTERVENE_PLOTS)
 #   make bench     install the bench extra and run the benchmarks
 #   make lint      ruff check
 #   make clean     remove build/test caches;  make distclean also removes .venv
@@ -87,8 +88,11 @@ test-compat: $(TF4_INSTALLED)
 	$(PY_TF4) -m pytest -q $(COMPAT_TESTS) $(PYTEST_ARGS)
 
 demo: $(INSTALLED) model
+	$(PY) -c 'import matplotlib' 2>/dev/null || $(PIP) install -c $(CONSTRAINTS) -e '.[test,plots]'
 	$(PY) samples/basics.py
 	$(PY) -m compiler show-plan samples/basics.py
+	$(PY) samples/logit_lens.py
+	@echo "pictures: $${INTERVENE_PLOTS:-samples/out}/ (samples/patching.py, attribution.py and steering.py draw theirs there too)"
 
 bench: $(BENCH_INSTALLED) model
 	$(PY) -m bench

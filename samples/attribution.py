@@ -13,10 +13,13 @@ a first-order estimate of how much that token's residual stream at that layer
 contributes to the logit.  The table shows it for the last token (" of") and for
 " Eiffel" (its two sub-tokens, " E" + "iffel", summed).
 
-Run it with ``python samples/attribution.py``.
+Run it with ``python samples/attribution.py``; with matplotlib it also draws both
+attributions per layer (``samples/out/attribution.png``, see figures.py).
 """
 
 from __future__ import annotations
+
+from figures import new_figure, report, save  # samples/figures.py
 
 from compiler import intervene
 from runtime import LanguageModel
@@ -73,11 +76,30 @@ def bar(value: float, scale: float, width: int = BAR_WIDTH) -> str:
     return ("#" if value >= 0 else "-") * n + " " * (width - n)
 
 
-def main() -> None:
-    model = LanguageModel("smollm2-135m")
-    logit, last, subj = attributions(model)
+def plot_attributions(last: list[float], subj: list[float], logit: float):
+    """Both attributions per layer as a PNG; its path, or None without matplotlib."""
+    fig = new_figure(8, 4.5)
+    if fig is None:
+        return None
+    ax = fig.subplots()
+    layers = range(len(last))
+    ax.plot(layers, last, marker="o", markersize=3, label="last token (' of')")
+    ax.plot(layers, subj, marker="s", markersize=3, label=f"{SUBJECT!r} (its tokens summed)")
+    ax.axhline(0.0, color="black", linewidth=0.8)
+    ax.set_title(f"Gradient x activation: what pushes the {ANSWER!r} logit ({logit:.2f})\n"
+                 f"{PROMPT!r}")
+    ax.set_xlabel("decoder layer (its output, the residual stream)")
+    ax.set_ylabel(f"attribution to the {ANSWER!r} logit\n(logit units, first-order)")
+    ax.set_xticks(list(layers)[::2])
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return save(fig, "attribution")
+
+
+def show_attributions(last: list[float], subj: list[float], logit: float) -> None:
+    """The text chart (one row per layer, bars for both), and the picture when
+    matplotlib is there."""
     scale = max(max(map(abs, last)), max(map(abs, subj)))
-    print(f"prompt: {PROMPT!r}; logit of {ANSWER!r} at the last token = {logit:.2f}")
     print("gradient x activation per layer ('#' positive, '-' negative):")
     print()
     head = "last token (' of')"
@@ -87,6 +109,14 @@ def main() -> None:
     print()
     print("(the last layer's own term is ~0: the final RMSNorm makes the logit blind to the")
     print(" residual stream's scale, and grad x activation measures exactly that direction)")
+    report(plot_attributions(last, subj, logit))
+
+
+def main() -> None:
+    model = LanguageModel("smollm2-135m")
+    logit, last, subj = attributions(model)
+    print(f"prompt: {PROMPT!r}; logit of {ANSWER!r} at the last token = {logit:.2f}")
+    show_attributions(last, subj, logit)
 
 
 if __name__ == "__main__":

@@ -13,12 +13,14 @@ the clean answer comes back:
     recovered = (p_patched(Paris) - p_corrupt(Paris)) / (p_clean(Paris) - p_corrupt(Paris))
 
 1.0 means the patched run is as sure of " Paris" as the clean one; 0.0 means the
-patch changed nothing. Run it with ``python samples/patching.py``.
+patch changed nothing. Run it with ``python samples/patching.py``; with matplotlib it
+also draws the recovery per layer (``samples/out/patching.png``, see figures.py).
 """
 
 from __future__ import annotations
 
 import torch
+from figures import new_figure, report, save  # samples/figures.py
 
 from compiler import intervene
 from runtime import LanguageModel
@@ -77,6 +79,35 @@ def bar(fraction: float, width: int = BAR_WIDTH) -> str:
     return "#" * filled + "." * (width - filled)
 
 
+def plot_recovery(fractions: list[float], answer: str = ANSWER):
+    """The recovered share per layer as a PNG; its path, or None without matplotlib."""
+    fig = new_figure(8, 4.5)
+    if fig is None:
+        return None
+    ax = fig.subplots()
+    layers = range(len(fractions))
+    ax.bar(layers, fractions, color="tab:blue")
+    ax.axhline(0.0, color="black", linewidth=0.8)
+    ax.axhline(1.0, color="gray", linewidth=0.8, linestyle="--", label="clean run (1.0)")
+    ax.set_title(f"Activation patching, clean -> corrupt: where does {answer.strip()!r} live?\n"
+                 "the last token's residual stream (decoder layer output) copied at one layer")
+    ax.set_xlabel("layer patched")
+    ax.set_ylabel(f"share of p({answer!r}) recovered\n(0 = corrupt run, 1 = clean run)")
+    ax.set_xticks(list(layers)[::2])
+    ax.set_xlim(-0.7, len(fractions) - 0.3)
+    ax.legend(loc="upper left")
+    return save(fig, "patching")
+
+
+def show_recovery(fractions: list[float], answer: str = ANSWER) -> None:
+    """The text chart (one bar per layer), and the picture when matplotlib is there."""
+    print(f"patching the last token's residual stream, clean -> corrupt; "
+          f"share of p({answer!r}) recovered:")
+    for layer, fraction in enumerate(fractions):
+        print(f"layer {layer:>2} |{bar(fraction)}| {fraction:+.2f}")
+    report(plot_recovery(fractions, answer))
+
+
 def main() -> None:
     torch.set_grad_enabled(False)  # inference only
     model = LanguageModel("smollm2-135m")
@@ -89,10 +120,7 @@ def main() -> None:
     print(f"corrupt: {CORRUPT!r} -> top {tok.decode(int(corrupt_logits[0].argmax()))!r}, "
           f"p({ANSWER!r}) = {p_corrupt:.3f}")
     print()
-    print(f"patching the last token's residual stream, clean -> corrupt; "
-          f"share of p({ANSWER!r}) recovered:")
-    for layer, fraction in enumerate(fractions):
-        print(f"layer {layer:>2} |{bar(fraction)}| {fraction:+.2f}")
+    show_recovery(fractions)
 
 
 if __name__ == "__main__":

@@ -36,10 +36,13 @@ SAMPLES = Path(__file__).resolve().parent.parent / "samples"
 
 
 def load_sample(name: str):
-    """Import ``samples/<name>.py`` once (its ``main()`` is not run)."""
+    """Import ``samples/<name>.py`` once (its ``main()`` is not run), with samples/ on
+    the path as when it runs as a script (the samples share ``figures.py``)."""
     import importlib.util
     import sys
 
+    if str(SAMPLES) not in sys.path:
+        sys.path.append(str(SAMPLES))
     path = SAMPLES / f"{name}.py"
     module_name = f"_intervene_sample_{name}"
     if module_name in sys.modules:

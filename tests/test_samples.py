@@ -15,6 +15,24 @@ from support import load_sample
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("keep_grad_mode")]
 
 
+@pytest.fixture(autouse=True)
+def plots(tmp_path, monkeypatch):
+    """Pictures go to a temporary folder, not samples/out."""
+    monkeypatch.setenv("INTERVENE_PLOTS", str(tmp_path))
+    return tmp_path
+
+
+def picture_line(out: str, plots, name: str) -> None:
+    """The sample said where its picture went (or that matplotlib is missing)."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert "(no picture: matplotlib is not installed" in out
+        return
+    assert f"picture: {plots / (name + '.png')}" in out
+    assert (plots / f"{name}.png").stat().st_size > 10_000
+
+
 @pytest.mark.parametrize("name", ["basics", "patching", "barrier", "generation", "steering"])
 def test_importing_runs_nothing(name, capsys):
     module = load_sample(name)
@@ -50,9 +68,10 @@ def test_basics_plans_are_static():
                for line in result.stdout.splitlines())
 
 
-def test_patching(capsys):
+def test_patching(capsys, plots):
     load_sample("patching").main()
     out = capsys.readouterr().out
+    picture_line(out, plots, "patching")
     assert "clean:   'The Eiffel Tower is in the city of' -> top ' Paris'" in out
     assert "corrupt: 'The Colosseum is in the city of' -> top ' Rome'" in out
     rows = re.findall(r"^layer +(\d+) \|([#.]+)\| ([+-]\d+\.\d\d)$", out, re.MULTILINE)
@@ -88,10 +107,17 @@ def test_generation(capsys):
     assert "first 2 new token(s) unchanged" in out
 
 
-def test_steering(capsys):
+def test_steering(capsys, plots):
     sample = load_sample("steering")
     sample.main()
     out = capsys.readouterr().out
+    picture_line(out, plots, "steering")
+    sweep = {float(a): (float(p), float(n)) for a, p, n in
+             re.findall(r"^  ([+-]\d\.\d\d) +(\d\.\d{3}) +(\d\.\d{3})$", out, re.MULTILINE)}
+    assert sorted(sweep) == sample.SCALES
+    # the positive direction raises p(' amazing') and lowers p(' terrible'), and back
+    assert sweep[0.5][0] > 3 * sweep[0.0][0] and sweep[0.5][1] < sweep[0.0][1]
+    assert sweep[-1.0][1] > 3 * sweep[0.0][1] and sweep[-1.0][0] < sweep[0.0][0]
     texts = re.findall(r"^(unsteered|[+-]\d\.\d x direction added): +(['\"].*['\"])$", out,
                        re.MULTILINE)
     assert [t[0] for t in texts] == ["unsteered", f"+{sample.ALPHA:.1f} x direction added",
