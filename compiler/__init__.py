@@ -116,8 +116,8 @@ def _decorators_below(compiled: Compiled, fn, inner, frame) -> tuple:
     for text, line, _name in below:
         try:
             expr = compile("\n" * (line - 1) + f"({text})", filename, "eval", dont_inherit=True)
-            out.append(eval(expr, namespace, local))  # noqa: S307 - the user's own decorator
-        except Exception as exc:
+            out.append(eval(expr, namespace, local))  # the user's own decorator
+        except Exception as exc:  # noqa: BLE001 - whatever it raises is reported
             raise CompileError(
                 f"the decorator `@{text}` below `@intervene` could not be evaluated again to "
                 f"wrap the compiled function ({type(exc).__name__}: {exc}): put `@intervene` "

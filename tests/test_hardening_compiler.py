@@ -229,7 +229,7 @@ def test_try_except_else_finally_are_scopes(model):
                 later = model.head.output.save()
             finally:
                 last = model.head.output.save()
-        return hidden, last
+        return hidden, last, later if not fail else None
 
     try_line, handler_line = line_of("# the try"), line_of("# the handler")
     assert scopes(experiment) == [
@@ -240,9 +240,9 @@ def test_try_except_else_finally_are_scopes(model):
     ]
     late, early, head = plain_outputs(model, x_input(), model._module.layers[3],
                                       model._module.layers[0], model._module.head)
-    hidden, last = experiment(model, x_input(), False)
-    assert torch.equal(hidden, late) and torch.equal(last, head)
-    hidden, last = experiment(model, x_input(), True)
+    hidden, last, later = experiment(model, x_input(), False)
+    assert torch.equal(hidden, late) and torch.equal(last, head) and torch.equal(later, head)
+    hidden, last, _ = experiment(model, x_input(), True)
     assert torch.equal(hidden, early) and torch.equal(last, head)
 
 
@@ -281,13 +281,13 @@ def test_trace_with_no_grad_in_one_with(model, keep_grad_mode):
 
     @intervene
     def nested(model, x):
-        with model.trace(x):
+        with model.trace(x):  # noqa: SIM117 - the nested form is the reference
             with torch.no_grad():
                 hidden = model.layers[1].output.save()
                 doubled = (model.layers[2].output * 2).save()
         return hidden, doubled
 
-    hidden, doubled, grad, tracer = together(model, x_input())
+    hidden, doubled, grad, _tracer = together(model, x_input())
     assert grad == [False]  # the body ran under no_grad, as Python nests the two
     ref_hidden, ref_doubled = nested(model, x_input())
     assert torch.equal(hidden, ref_hidden) and torch.equal(doubled, ref_doubled)
@@ -332,7 +332,7 @@ def test_trace_and_extra_manager_with_invokes_is_refused():
     with pytest.raises(CompileError) as err:
         @intervene
         def experiment(model, x):
-            with model.trace() as tracer, torch.no_grad():  # with invokes
+            with model.trace() as tracer, torch.no_grad():  # noqa: SIM117 # with invokes
                 with tracer.invoke(x):
                     hidden = model.layers[1].output.save()
             return hidden
@@ -369,23 +369,23 @@ def test_two_blocks_in_one_with_is_refused():
     ("statement", "message"),
     [
         ("a, model.layers[0].output = 1, 2",
-         "`model.layers[0].output` as an element of a tuple-unpacking target: a module value "
+         ("`model.layers[0].output` as an element of a tuple-unpacking target: a module value "
          "can only be written by an assignment of its own; assign it on a line of its own "
-         "(`m.output = value`)"),
+         "(`m.output = value`)")),
         ("[a, *model.layers[0].input] = 1, 2",
-         "`model.layers[0].input` as an element of a tuple-unpacking target: a module value "
+         ("`model.layers[0].input` as an element of a tuple-unpacking target: a module value "
          "can only be written by an assignment of its own; assign it on a line of its own "
-         "(`m.output = value`)"),
+         "(`m.output = value`)")),
         ("for model.layers[0].output in [1]: pass",
-         "`model.layers[0].output` as a `for` target: a module value can only be written by "
-         "an assignment of its own; assign it inside the loop (`for v in ...: m.output = v`)"),
+         ("`model.layers[0].output` as a `for` target: a module value can only be written by "
+         "an assignment of its own; assign it inside the loop (`for v in ...: m.output = v`)")),
         ("xs = [1 for model.head.output in [1]]",
-         "`model.head.output` as a comprehension's `for` target: a module value can only be "
-         "written by an assignment of its own; use a plain variable as the target"),
+         ("`model.head.output` as a comprehension's `for` target: a module value can only be "
+         "written by an assignment of its own; use a plain variable as the target")),
         ("with open('f') as model.head.output: pass",
-         "`model.head.output` as an `as` target: a module value can only be written by an "
+         ("`model.head.output` as an `as` target: a module value can only be written by an "
          "assignment of its own; bind a plain variable and assign it (`m.output = v`) on the "
-         "next line"),
+         "next line")),
     ],
 )
 def test_module_value_as_a_binding_target_is_a_compile_error(tmp_path, statement, message):
@@ -400,7 +400,7 @@ def test_module_value_as_a_binding_target_is_a_compile_error(tmp_path, statement
     path.write_text(source)
     code = compile(source, str(path), "exec")
     with pytest.raises(CompileError) as err:
-        exec(code, {"__name__": "target_case"})
+        exec(code, {"__name__": "target_case"})  # noqa: S102
     assert err.value.message == message
     assert (err.value.filename, err.value.lineno) == (str(path), 5)
 
@@ -450,7 +450,7 @@ def test_cell_lines_in_tracebacks_and_excerpts(model):
     linecache.cache[name] = (len(CELL), None, CELL.splitlines(True), name)
     try:
         ns = {"intervene": intervene}
-        exec(compile(CELL, name, "exec"), ns)
+        exec(compile(CELL, name, "exec"), ns)  # noqa: S102
         with pytest.raises(ValueError, match="boom") as err:
             ns["experiment"](model, x_input())
         frame = _error_frame(err.value)
@@ -460,7 +460,7 @@ def test_cell_lines_in_tracebacks_and_excerpts(model):
         # The lane's code starts at the user's `def` (line 4), so tools that number a
         # frame's lines from its code's first line (IPython's excerpts) find line 10.
         assert frame.f_code.co_firstlineno == 4
-        lines, start = inspect.getsourcelines(frame)
+        lines, _start = inspect.getsourcelines(frame)
         assert lines[frame.f_lineno - frame.f_code.co_firstlineno].strip() == (
             'raise ValueError("boom")')
         assert_no_hooks(model)
@@ -486,7 +486,7 @@ def test_time_magic_cell_source_is_found(model):
     linecache.cache[cell_name] = (len(ran), None, [ran], cell_name)
     try:
         ns = {"intervene": intervene}
-        exec(compile(BODY, "<timed exec>", "exec"), ns)
+        exec(compile(BODY, "<timed exec>", "exec"), ns)  # noqa: S102
         timed = ns["timed"]
         assert timed.plan.functions[0].blocks[0].lanes[0].checkpoints[0].line == 5
         with pytest.raises(KeyError) as err:
@@ -503,7 +503,7 @@ def test_exec_without_any_source_still_says_why():
     ns = {"intervene": intervene}
     source = BODY.replace("timed", "untimed")
     with pytest.raises(CompileError) as err:
-        exec(compile(source, "<string-without-source>", "exec"), ns)
+        exec(compile(source, "<string-without-source>", "exec"), ns)  # noqa: S102
     assert err.value.message.startswith(
         "@intervene cannot read the source of untimed() (could not get source code). It "
         "compiles the function from its source"
