@@ -299,6 +299,12 @@ class LanguageModel(NNsight):
             self._load()  # the first local block that runs the model
         if kind in ("trace", "scan"):
             self._check_keywords(kind, kwargs)
+        if kind == "scan":
+            mask = kwargs.get("attention_mask")
+            if isinstance(mask, torch.Tensor) and not mask.is_meta and bool(mask.all()):
+                # All ones means the same as none, and transformers 4.x reads a mask's
+                # values (`mask.all()`), which fake tensors cannot give.
+                kwargs = {k: v for k, v in kwargs.items() if k != "attention_mask"}
         if kind == "trace":
             return self._module(*args, **kwargs)
         if kind == "generate":

@@ -38,6 +38,7 @@ class Arch:
     quick: bool = False  # also in the default run (`make test`)
     padding: bool = True  # a left-padded row equals the prompt alone
     scan_fails: str = ""  # why `model.scan` cannot run it (a known gap, xfail)
+    scan_fails_tf4: str = ""  # the same, on transformers 4.x only
 
     def __str__(self) -> str:
         return self.model_type
@@ -47,8 +48,13 @@ class Arch:
 # kernel for it accepts only bfloat16, so a float32 MoE model cannot be scanned.
 MOE_SCAN = "torch's fake kernel of _grouped_mm (MoE experts) takes only bfloat16"
 
+# transformers 4.x checks input_ids for pad tokens when there is no attention mask, and
+# reads the mask's values when there is one: neither can run on fake tensors.
+PADDING_CHECK = "transformers 4.x reads token values (the pad-token check) before running"
+TF4 = __import__("transformers").__version__.startswith("4.")
+
 ARCHS = [
-    Arch("gpt2", quick=True),
+    Arch("gpt2", quick=True, scan_fails_tf4=PADDING_CHECK),
     Arch("gpt_neox"),
     Arch("gptj", overrides={"rotary_dim": 4}),
     Arch("gpt_neo", overrides={"attention_types": [[["global", "local"], 1]], "window_size": 16}),
@@ -93,7 +99,7 @@ ARCHS = [
     Arch("falcon_mamba"),
     Arch("t5", "seq2seq", quick=True),
     Arch("bart", "seq2seq"),
-    Arch("bert", "encoder", quick=True),
+    Arch("bert", "encoder", quick=True, scan_fails_tf4=PADDING_CHECK),
     Arch("roberta", "encoder"),
     Arch("vit", "vision"),
     Arch("resnet", "vision"),
@@ -405,8 +411,9 @@ def test_cache(arch, wrapped):
 
 
 def test_scan(arch, wrapped, request):
-    if arch.scan_fails:
-        request.applymarker(pytest.mark.xfail(reason=arch.scan_fails, strict=True))
+    reason = arch.scan_fails or (arch.scan_fails_tf4 if TF4 else "")
+    if reason:
+        request.applymarker(pytest.mark.xfail(reason=reason, strict=True))
     x = input_of(arch, A)
     layer = layer_envoy(wrapped, arch)
     seen, handle = captured(layer._module)

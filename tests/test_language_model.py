@@ -51,6 +51,11 @@ def layer(lm, i):
     return lm._module.model.layers[i]
 
 
+def n_tokens(lm, prompt=PROMPT):
+    """9 for PROMPT; a conversion made by transformers 4.x adds a BOS token (10)."""
+    return len(lm.tokenizer(prompt)["input_ids"])
+
+
 # --------------------------------------------------------------------------------------
 # Experiments
 # --------------------------------------------------------------------------------------
@@ -126,7 +131,7 @@ def test_save_layer_equals_hook(lm):
     seen = []
     expected_logits = plain_logits(lm, hooks={layer(lm, LAYER): lambda m, a, o: seen.append(o)})
     hidden, logits = save_layer(lm, PROMPT, LAYER)
-    assert hidden.shape == (1, 9, 576)
+    assert hidden.shape == (1, n_tokens(lm), 576)
     assert torch.equal(hidden, seen[0])
     assert torch.equal(logits, expected_logits)
 
@@ -154,7 +159,7 @@ def test_add_noise_equals_hook(lm):
 
 
 def test_replace_with_constant_equals_hook(lm):
-    value = torch.full((1, 9, 576), 0.25)
+    value = torch.full((1, n_tokens(lm), 576), 0.25)
     expected = plain_logits(lm, hooks={layer(lm, LAYER): lambda m, a, o: value.clone()})
     logits = replace_output(lm, PROMPT, LAYER, value)
     assert torch.equal(logits, expected)
