@@ -15,6 +15,7 @@ the served model as it found it.
 from __future__ import annotations
 
 import builtins
+import keyword
 import math
 import traceback
 from typing import Any
@@ -119,11 +120,15 @@ def run_job(root, header: dict, tensors: dict, print_fn, max_result: int) -> byt
     index = header["block"]
     src = Source(header["source"], filename, header["first_line"], 0)
     try:
+        values = protocol.decode_values(header.get("values", {}), tensors)
+        # The allowlist first: nothing else (not even our compiler) sees a refused source.
+        validate(header["source"], index, frozenset(values), root._module, src.first_line)
         plan = compile_source(src).plan
         if index >= len(plan.blocks):
             raise JobError("ValueError", f"the function has no block {index}")
-        values = protocol.decode_values(header.get("values", {}), tensors)
-        validate(header["source"], index, frozenset(values), root._module, src.first_line)
+        for name in values:  # they become parameter names of the function compiled below
+            if not name.isidentifier() or keyword.iskeyword(name) or name.startswith("__"):
+                raise JobError("ValueError", f"{name!r} is not a variable name", 1, filename)
         block = plan.blocks[index]
         body, first = _block_function(src, block)
         if block.model in values:
