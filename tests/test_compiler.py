@@ -133,6 +133,9 @@ def _corpus_calls():
         "no_grad.no_grad_inside": lambda f, m: f(m, x),
         "no_grad.gradient": lambda f, m: f(m, x),
         "methods.run": lambda f, m: f(m, x),
+        "control_flow.arms": lambda f, m: f(m, x, "late"),
+        "control_flow.with_items": lambda f, m: f(m, x),
+        "control_flow.decorated": lambda f, m: f(m, x),
     }
 
 
