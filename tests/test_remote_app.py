@@ -15,7 +15,6 @@ from runtime import LanguageModel
 from runtime.models import tiny_llama
 from runtime.remote import client as remote_client
 from runtime.remote import protocol
-from runtime.remote.client import RemoteError
 from runtime.serve import Engine, Limits, create_app
 
 IDS = torch.tensor([[1, 5, 7, 9, 11]])
@@ -170,7 +169,7 @@ def test_user_error_keeps_its_type_and_the_users_line(remote, lm):
     def run(model, x):
         with model.trace(x, remote=True):
             h = model.model.layers[0].output.save()
-            y = h[7]
+            y = h[7]  # noqa: F841 - the error is the point
         return h
 
     with pytest.raises(IndexError, match="index 7 is out of bounds") as info:
@@ -286,3 +285,22 @@ def test_client_raises_a_remote_timeout(remote, lm):
 
     with pytest.raises(TimeoutError, match="the job ran longer than this server's limit of 4 s"):
         forever(lm, IDS)
+
+
+def test_remote_scan_and_stop(remote, lm):
+    @intervene
+    def shapes(model, x, remote_flag):
+        with model.scan(x, remote=remote_flag):
+            shape = model.model.layers[1].output.shape.save()
+        return shape
+
+    assert shapes(lm, IDS, True) == shapes(lm, IDS, False) == torch.Size([1, 5, 32])
+
+    @intervene
+    def early(model, x, remote_flag):
+        with model.trace(x, remote=remote_flag) as tracer:
+            h = model.model.layers[0].output.save()
+            tracer.stop()
+        return h
+
+    assert torch.equal(early(lm, IDS, True), early(lm, IDS, False))

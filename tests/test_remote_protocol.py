@@ -13,11 +13,11 @@ import torch
 from compiler import intervene
 from runtime import CONFIG, LanguageModel
 from runtime.config import DEFAULT_HOST, Config
+from runtime.models import tiny_llama
 from runtime.remote import client as remote_client
 from runtime.remote import protocol
 from runtime.remote.protocol import ProtocolError, UnsendableError
 from runtime.serve.execute import ModelGuard
-from runtime.models import tiny_llama
 
 
 def roundtrip(values: dict) -> dict:
@@ -64,12 +64,13 @@ def test_same_tensor_twice_stays_one_object_and_grads_travel():
 
 
 @pytest.mark.parametrize("value, what", [
-    (lambda x: x, "function"),
-    (object(), "object"),
-    ({1, 2}, "set"),
+    (lambda x: x, "a function"),
+    (object(), "an object"),
+    ({1, 2}, "a set"),
 ])
 def test_unsendable_values_name_the_variable(value, what):
-    with pytest.raises(UnsendableError, match=rf"variable `v`\[1\] is a {what}"):
+    with pytest.raises(UnsendableError, match=rf"variable `v`\[1\] is {what}: a remote block "
+                       "can send and return tensors, numbers"):
         protocol.encode_values({"v": [0, value]})
 
 
@@ -114,7 +115,7 @@ def test_block_free_names_are_on_the_plan():
     @intervene
     def f(model, x, scale, unused):
         outs = []
-        with model.trace(x, remote=True) as tracer:
+        with model.trace(x, remote=True) as tracer:  # noqa: F841 - the tracer is not used
             h = model.model.layers[0].output * scale
             outs.append(h.save())
             y = torch.relu(h)
@@ -154,14 +155,14 @@ def test_unsendable_free_variable_fails_before_any_request(tiny_named, no_http):
     def f(model, x):
         with model.trace(x, remote=True):
             h = model.model.layers[0].output.save()
-            z = helper
+            z = helper  # noqa: F841 - reading it is the point
         return h
 
     with pytest.raises(UnsendableError) as info:
         f(tiny_named, torch.tensor([[1, 2, 3]]))
     line = f.plan.functions[0].blocks[0].line
     assert f"line {line}: the remote block cannot send variable `helper` (read at line " \
-        f"{line + 2}) is a object" in str(info.value)
+        f"{line + 2}) is an object" in str(info.value)
 
 
 def test_remote_true_is_never_silently_local(tiny_named, monkeypatch):
@@ -219,3 +220,34 @@ def test_model_guard_sees_every_change():
     handle.remove()
     model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
     assert guard.changes() == ["param `lm_head.weight` was replaced or removed"]
+
+
+class _Tty:
+    def __init__(self) -> None:
+        self.text = ""
+
+    def isatty(self) -> bool:
+        return True
+
+    def write(self, s: str) -> None:
+        self.text += s
+
+    def flush(self) -> None:
+        pass
+
+
+def test_status_line_only_on_a_terminal():
+    tty = _Tty()
+    line = remote_client._StatusLine(tty)
+    line.show({"status": "QUEUED", "position": 3})
+    assert "intervene: job queued (position 3)" in tty.text
+    line.show({"status": "RUNNING", "elapsed": 2.25})
+    assert tty.text.rsplit("\r", 1)[-1].startswith("intervene: job running (2.2 s)")
+    line.clear()
+    assert tty.text.endswith("\r") and not line.shown
+    pipe = _Tty()
+    pipe.isatty = lambda: False
+    quiet = remote_client._StatusLine(pipe)
+    quiet.show({"status": "QUEUED", "position": 1})
+    quiet.clear()
+    assert pipe.text == ""

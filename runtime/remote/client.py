@@ -46,7 +46,7 @@ def compiler_version() -> str:
         from importlib.metadata import version
 
         return version("intervene")
-    except Exception:  # pragma: no cover - not installed as a package
+    except Exception:  # noqa: BLE001 # pragma: no cover - not installed as a package
         return "0"
 
 
@@ -295,7 +295,7 @@ class Client:
     def _cancel(self, http, job: str) -> None:
         try:
             http.post(f"/v1/jobs/{job}/cancel")
-        except Exception:  # best effort: the user interrupted
+        except Exception:  # noqa: BLE001, S110 - best effort: the user interrupted
             pass
 
 
@@ -308,7 +308,7 @@ def _check(resp) -> None:
         detail = body.get("detail") or body.get("error") or body
         if isinstance(detail, dict):
             detail = detail.get("message", detail)
-    except Exception:
+    except Exception:  # noqa: BLE001 - any body: fall back to the text
         detail = resp.text[:200]
     if resp.status_code in (401, 403):
         raise PermissionError(
@@ -348,7 +348,7 @@ def error_from(error: dict, filename: str, line: int) -> BaseException:
     elif type_name in _BUILTIN_ERRORS and type_name not in ("SystemExit", "KeyboardInterrupt"):
         try:
             exc = _BUILTIN_ERRORS[type_name](message)
-        except Exception:
+        except Exception:  # noqa: BLE001 - an exception type we cannot build
             exc = RemoteError(f"{type_name}: {message}", type_name, at)
     else:
         exc = RemoteError(f"{type_name}: {message}", type_name, at)
@@ -364,7 +364,7 @@ def _at_line(exc: BaseException, filename: str, line: int) -> BaseException:
         return exc
     try:
         code = compile("\n" * (int(line) - 1) + "raise __iv_error", filename, "exec")
-        exec(code, {"__iv_error": exc, "__builtins__": {}})
+        exec(code, {"__iv_error": exc, "__builtins__": {}})  # noqa: S102 - a constant `raise`
     except BaseException as raised:  # noqa: BLE001 - it is `exc`, now with a traceback
         return raised.with_traceback(raised.__traceback__.tb_next or raised.__traceback__)
     return exc  # pragma: no cover
@@ -379,7 +379,7 @@ class _StatusLine:
         self.started = time.monotonic()
         try:
             self.enabled = bool(stream.isatty())
-        except Exception:
+        except Exception:  # noqa: BLE001 - a stream without isatty
             self.enabled = False
 
     def show(self, payload: dict) -> None:

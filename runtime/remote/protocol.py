@@ -83,7 +83,7 @@ def unpack(data: bytes) -> tuple[dict, dict]:
 
         try:
             tensors = load(bytes(blob))
-        except Exception as exc:  # safetensors raises its own error types
+        except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
             raise ProtocolError(f"bad tensor data: {exc}") from None
     return header, tensors
 
@@ -146,7 +146,9 @@ class Encoder:
             return self._cache(value, where)
         if lenient:
             return {"t": "dropped", "type": kind}
-        raise UnsendableError(f"{where} is a {kind}: a remote block can send and return {ALLOWED}")
+        article = "an" if kind[:1].lower() in "aeiou" else "a"
+        raise UnsendableError(f"{where} is {article} {kind}: a remote block can send and "
+                              f"return {ALLOWED}")
 
     def _tensor(self, t, where: str) -> dict:
         torch = _torch()

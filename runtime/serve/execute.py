@@ -25,12 +25,7 @@ from ..remote.protocol import PROTOCOL_VERSION
 
 MAX_SOURCE = 64 * 1024
 
-_SAFE_BUILTINS = (
-    "abs all any bool bytes callable chr complex dict divmod enumerate filter float "
-    "frozenset hash hex int isinstance issubclass iter len list map max min next oct ord "
-    "pow range repr reversed round set slice sorted str sum tuple zip True False None "
-    "Ellipsis NotImplemented"
-).split()
+_SAFE_BUILTINS = ["abs", "all", "any", "bool", "bytes", "callable", "chr", "complex", "dict", "divmod", "enumerate", "filter", "float", "frozenset", "hash", "hex", "int", "isinstance", "issubclass", "iter", "len", "list", "map", "max", "min", "next", "oct", "ord", "pow", "range", "repr", "reversed", "round", "set", "slice", "sorted", "str", "sum", "tuple", "zip", "True", "False", "None", "Ellipsis", "NotImplemented"]
 
 
 class JobError(Exception):
@@ -144,18 +139,18 @@ def run_job(root, header: dict, tensors: dict, print_fn, max_result: int) -> byt
         raise JobError("RuntimeError", f"the server cannot validate blocks: {exc}") from None
     except JobError:
         raise
-    except Exception as exc:  # the validator's ValidationError (line, construct, reason)
+    except Exception as exc:  # noqa: BLE001 - the validator's ValidationError (line, construct)
         raise JobError(type(exc).__name__, str(exc), getattr(exc, "line", None) or None,
                        filename, construct=getattr(exc, "construct", None)) from None
 
     glb = {"__builtins__": _builtins(print_fn), "torch": __import__("torch"), "math": math,
            "__iv_locals": locals, "__name__": "__remote__"}
-    exec(compile("def remote_block(): pass", filename, "exec"), glb)
+    exec(compile("def remote_block(): pass", filename, "exec"), glb)  # noqa: S102 - a constant stub
     original = glb.pop("remote_block")
     fn = compiled.build(_ServerHandle(compiled.plan, compiled.source), original)
     try:
         scope = fn(root, **values)
-    except BaseException as exc:  # noqa: BLE001 - reported to the user, the worker lives on
+    except BaseException as exc:
         if isinstance(exc, (KeyboardInterrupt, SystemExit)):
             raise
         raise JobError(type(exc).__name__, str(exc), _user_line(exc, filename), filename,
