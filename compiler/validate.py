@@ -15,9 +15,10 @@ What a remote block may contain
 Statements: assignments (also augmented, annotated, tuple targets), expression
 statements, ``if``/``for``/``while`` (``else`` too), ``with``, ``try`` with named
 exception classes, ``raise``, ``assert``, ``del`` of names and items, ``pass``,
-``break``, ``continue``.  Refused: ``import``, ``global``, ``nonlocal``, ``def``,
-``class``, ``lambda``, ``return``, ``yield``, ``await``, ``async``, ``match``, a bare
-``except:``, and any node type not named here.
+``break``, ``continue``, ``match`` (class patterns: builtin classes by position only,
+since keywords and ``__match_args__`` read attributes).  Refused: ``import``,
+``global``, ``nonlocal``, ``def``, ``class``, ``lambda``, ``return``, ``yield``,
+``await``, ``async``, a bare ``except:``, and any node type not named here.
 
 Names resolve only to: the block's own variables (assigned in it, loop,
 comprehension and ``with ... as`` targets), the free names the client sent (the
@@ -156,6 +157,8 @@ TORCH_FUNCTIONS = frozenset({
     "sin", "sinh", "softmax", "sort", "sqrt", "square", "std", "std_mean", "sub",
     "subtract", "sum", "tan", "tanh", "tensordot", "topk", "trace", "trunc", "unique",
     "var", "var_mean",
+    "bincount", "block_diag", "broadcast_to", "histc", "kron", "logit", "movedim", "moveaxis",
+    "rot90", "swapaxes",
     # grad modes (context managers: the mode is restored after), tests, types
     "enable_grad", "inference_mode", "no_grad",
     "finfo", "iinfo", "is_floating_point", "is_tensor", "device", "Size",
@@ -207,13 +210,16 @@ TENSOR_ATTRS = frozenset({
     "std", "sub", "subtract", "sum", "t", "tan", "tanh", "to", "tolist", "topk",
     "transpose", "tril", "triu", "true_divide", "trunc", "type_as", "unbind", "unflatten",
     "unique", "unsqueeze", "var", "view", "view_as", "where",
+    "bincount", "histc", "logit", "mode", "movedim", "moveaxis", "nbytes", "itemsize", "ravel",
+    "swapaxes", "swapdims", "take", "take_along_dim", "trace", "type", "unfold", "broadcast_to",
     # in place (on the job's own values: activations, its tensors)
     "abs_", "add_", "clamp_", "clamp_max_", "clamp_min_", "copy_", "div_", "exp_", "fill_",
     "fill_diagonal_", "index_add_", "index_copy_", "index_fill_", "index_put_", "lerp_",
     "log_", "masked_fill_", "masked_scatter_", "mul_", "nan_to_num_", "neg_", "normal_",
     "pow_", "reciprocal_", "relu_", "round_", "scatter_", "scatter_add_", "sigmoid_",
     "sign_", "sqrt_", "square_", "sub_", "tanh_", "tril_", "triu_", "uniform_", "zero_",
-    "detach_",
+    "detach_", "squeeze_", "unsqueeze_", "clip_", "floor_", "ceil_", "trunc_", "fmod_",
+    "remainder_",
 })
 
 VALUE_ATTRS = TENSOR_ATTRS | frozenset({
@@ -231,9 +237,9 @@ VALUE_ATTRS = TENSOR_ATTRS | frozenset({
     "splitlines", "startswith", "strip", "title", "upper", "zfill",
     # model outputs, named tuples (topk, max, svd), finfo, generators
     "attentions", "hidden_states", "indices", "last_hidden_state", "logits", "loss",
-    "past_key_values", "eps", "tiny", "bits", "resolution", "manual_seed",
-    # `saved.value` (seed style) and `.save()` (rewritten by the compiler)
-    "save", "value",
+    "past_key_values", "to_tuple", "eps", "tiny", "bits", "resolution", "manual_seed",
+    # `saved.value` (seed style); `.save()` is checked as a call (never a bare attribute)
+    "value",
 })
 
 TRACER_ATTRS = frozenset({"all", "barrier", "cache", "invoke", "iter", "result", "stop"})
@@ -525,6 +531,18 @@ class _Binds(cst.CSTVisitor):
     def visit_NamedExpr(self, node: cst.NamedExpr) -> None:
         self.names.update(_target_names(node.target))
 
+    def visit_MatchAs(self, node: cst.MatchAs) -> None:
+        if node.name is not None:
+            self.names.add(node.name.value)
+
+    def visit_MatchStar(self, node: cst.MatchStar) -> None:
+        if node.name is not None:
+            self.names.add(node.name.value)
+
+    def visit_MatchMapping(self, node: cst.MatchMapping) -> None:
+        if node.rest is not None:
+            self.names.add(node.rest.value)
+
     def visit_FunctionDef(self, node: cst.FunctionDef) -> None:
         self.names.add(node.name.value)
 
@@ -690,8 +708,12 @@ class _Checker:
             self.refuse(node, f"class {node.name.value}", "class definitions are not allowed "
                         "in remote blocks")
         elif isinstance(node, cst.Match):
-            self.refuse(node, "match", "`match` is not allowed in remote blocks (class "
-                        "patterns read attributes): use `if`")
+            self.expr(node.subject)
+            for case in node.cases:
+                self.pattern(case.pattern)
+                if case.guard is not None:
+                    self.expr(case.guard)
+                self.body(case.body)
         else:
             name = type(node).__name__
             self.refuse(node, _text(node, 30), f"`{name}` statements are not allowed in remote blocks")
@@ -772,6 +794,46 @@ class _Checker:
             self.refuse(arg.keyword, arg.keyword.value, "this `generate` option is not "
                         "allowed in remote blocks (allowed: "
                         f"{', '.join(sorted(GENERATE_KEYWORDS))})")
+
+    def pattern(self, node: cst.CSTNode) -> None:
+        """A ``case`` pattern.  Class patterns read attributes (keywords, and
+        ``__match_args__`` for positions): only builtin classes, by position."""
+        if isinstance(node, cst.MatchValue):
+            self.expr(node.value)
+        elif isinstance(node, cst.MatchSingleton):
+            pass
+        elif isinstance(node, cst.MatchAs):
+            if node.pattern is not None:
+                self.pattern(node.pattern)
+            if node.name is not None:
+                self.bind(node.name, VALUE)
+        elif isinstance(node, cst.MatchOr):
+            for el in node.patterns:
+                self.pattern(el.pattern)
+        elif isinstance(node, (cst.MatchList, cst.MatchTuple)):
+            for el in node.patterns:
+                if isinstance(el, cst.MatchStar):
+                    if el.name is not None:
+                        self.bind(el.name, VALUE)
+                else:
+                    self.pattern(el.value)
+        elif isinstance(node, cst.MatchMapping):
+            for el in node.elements:
+                self.expr(el.key)
+                self.pattern(el.pattern)
+            if node.rest is not None:
+                self.bind(node.rest, VALUE)
+        elif isinstance(node, cst.MatchClass):
+            kind = self.expr(node.cls, class_ok=True)
+            builtin = isinstance(node.cls, cst.Name) and kind == FUNC
+            if node.kwds or (node.patterns and not builtin):
+                self.refuse(node, _text(node), "in remote blocks a class pattern takes a "
+                            "builtin class and positional patterns only (`case str(s):`); "
+                            "keywords would read attributes")
+            for el in node.patterns:
+                self.pattern(el.value)
+        else:
+            self.refuse(node, _text(node), "this pattern is not allowed in remote blocks")
 
     # -- targets -----------------------------------------------------------------
     def bind(self, target: cst.CSTNode, kind) -> None:
@@ -1089,6 +1151,19 @@ class _Checker:
                     "blocks: " + _WHY_STATE)
         return VALUE
 
+    def save_call(self, node: cst.Call, func: cst.Attribute) -> str:
+        """``x.save()``: the compiler's own marker (rewritten, never a method call)."""
+        owner = self.expr(func.value, owner=True)
+        if owner.startswith(_NS) or owner in (TRACER, FUNC, CLASS):
+            self.attribute(func)  # `torch.save(...)`: refused as the attribute it is
+        if node.args:
+            self.refuse(node, _text(node), "`.save()` takes no arguments (it keeps the value "
+                        "after the block; nothing is written to disk)")
+        if owner != VALUE:
+            self.refuse(func.attr, "save", "only values can be saved in remote blocks (a "
+                        "module's `.output`, not the module)")
+        return VALUE
+
     def namespace_attribute(self, node: cst.Attribute, ns: str, attr: str) -> str:
         full = f"{ns}.{attr}"
         if full in _TORCH_SUBMODULES:
@@ -1105,6 +1180,8 @@ class _Checker:
 
     def call_expr(self, node: cst.Call) -> str:
         func = node.func
+        if isinstance(func, cst.Attribute) and func.attr.value == "save":
+            return self.save_call(node, func)
         fkind = self.expr(func, owner=True)
         class_args = fkind == FUNC and isinstance(func, cst.Name) and func.value == "isinstance"
         envoy_args = False
@@ -1126,10 +1203,6 @@ class _Checker:
             if func.attr.value == "invoke" and self._invokes_generate():
                 for arg in node.args:
                     self.generate_arg(arg)
-        elif (isinstance(func, cst.Attribute) and func.attr.value == "save"
-              and node.args and fkind == VALUE):
-            self.refuse(node, _text(node), "`.save()` takes no arguments (it keeps the value "
-                        "after the block; nothing is written to disk)")
         kinds = [self.expr(arg.value, envoy_ok=envoy_args, class_ok=class_args and i == 1)
                  for i, arg in enumerate(node.args)]
         if result is None:

@@ -404,3 +404,29 @@ def test_a_long_chain_of_module_aliases_is_refused_not_half_checked():
 
     assert refusal(job(chain(5))).construct == "to"
     assert refusal(job(chain(12))).construct == "aliases"
+
+
+def test_match_patterns_that_read_no_attributes_pass():
+    check(job("""
+        h = model.lm_head.output
+        match which:
+            case "late" | "last":
+                x = 1
+            case [first, *rest]:
+                x = first
+            case {"k": v, **others}:
+                x = v
+            case str(s) if s:
+                x = s
+            case int() | None:
+                x = 0
+            case torch.float16:
+                x = 2
+            case _:
+                x = h.sum()
+        y = x
+    """), free=("prompt", "which"))
+    assert refusal(job("match which:\n    case torch.load:\n        pass"),
+                   free=("prompt", "which")).construct == "torch.load"
+    assert refusal(job("match which:\n    case [str(), prompt.__class__]:\n        pass"),
+                   free=("prompt", "which")).construct == "__class__"

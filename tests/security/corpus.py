@@ -159,11 +159,16 @@ refused("class", """
         pass
 """, "class Evil")
 refused("global", "global counter  # <-", "global counter")
-refused("match_class_pattern", """
-    match prompt:  # <-
-        case object(__class__=c):
+refused("match_class_keyword", """
+    match prompt:
+        case str(__class__=c):  # <-
             pass
-""", "match", why="class patterns read attributes by name")
+""", "str(__class__=c)", why="keyword class patterns read attributes by name")
+refused("match_object_pattern", """
+    match prompt:
+        case object():  # <-
+            pass
+""", "object")
 refused("yield", "yield 1  # <-", "yield")
 
 # -- torch outside the allowlist ------------------------------------------------------
@@ -263,6 +268,11 @@ refused("set_", """
 refused("numpy_tofile", "model.lm_head.output.numpy().tofile('/tmp/x')  # <-", "numpy")
 refused("apply_", "model.lm_head.output.apply_(print)  # <-", "apply_")
 refused("tensor_data_assign", "model.lm_head.output.data = torch.zeros(1)  # <-", "data")
+refused("save_alias", """
+    h = model.lm_head.output
+    f = h.save  # <-
+""", "save", why="only `x.save()` itself is the compiler's marker; an alias is a method")
+refused("save_module", "m = model.lm_head.save()  # <-", "save")
 refused("save_to_path", "h = model.lm_head.output.save('/tmp/h.pt')  # <-",
         "model.lm_head.output.save('/tmp/h.pt')")
 
