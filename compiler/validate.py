@@ -56,13 +56,27 @@ Attributes: no name starting with ``_``, anywhere.  Then, by what the value is:
   ``as_strided``, ``numpy``, ``apply_``, ``new_empty``, ``format`` (its fields
   read attributes: use an f-string)...  Attribute assignment only to
   ``.output``/``.input``/``.inputs`` of an envoy and ``.grad``/``.requires_grad``
-  of a value.
+  of a value.  ``x.save()`` is the compiler's marker (no arguments, on a value);
+  ``.save`` any other way is refused.
+
+A namespace (``torch``, ``torch.nn``), ``torch.Tensor`` and the tracer can only be
+used through their attributes (``torch.Tensor`` also in ``isinstance``): never
+bound to a variable or passed on, where the value rules would apply to them.
+Which variables may hold envoys is inferred over the whole block (all bindings,
+any order, one alias further per pass); a block that has not settled after
+``_MAX_PASSES`` passes is refused rather than half-checked.
 
 Header: the model is a plain name; ``generate`` takes only ``GENERATE_KEYWORDS``
 and no ``**`` (``custom_generate=``/``trust_remote_code=`` would load code).
 Only the block is checked: the server must run nothing else of the function
 (not its signature's defaults, not its other statements); it compiles the block
 alone as the body of a fresh function whose parameters are the values sent.
+
+The text must read the same to Python and to libcst: no control characters but
+tab and line ends, the same number of statements, and no identifier that Python
+would read as another name (it normalizes them with NFKC: ``ｔｏｒｃｈ`` is
+``torch``).  The names of the values sent must be plain identifiers (the server
+writes them into a ``def``).
 
 Limits: ``MAX_SOURCE_BYTES`` of source and ``MAX_DEPTH`` levels of syntax
 nesting (checked on Python's own parser before libcst sees the text).  Run
