@@ -304,3 +304,21 @@ def test_remote_scan_and_stop(remote, lm):
         return h
 
     assert torch.equal(early(lm, IDS, True), early(lm, IDS, False))
+
+
+def test_second_block_in_a_loop_uses_the_first_blocks_values(remote, lm):
+    @intervene
+    def run(model, x, remote_flag):
+        with model.trace(x, remote=remote_flag):
+            first = model.model.layers[0].output.save()
+        outs = []
+        for i in range(2):
+            if i >= 0:
+                with model.trace(x, remote=remote_flag):
+                    model.model.layers[i].output[:] = first * (i + 1)
+                    outs.append(model.lm_head.output[:, -1].save())
+        return first, outs
+
+    got, local = run(lm, IDS, True), run(lm, IDS, False)
+    assert torch.equal(got[0], local[0])
+    assert len(got[1]) == 2 and all(torch.equal(a, b) for a, b in zip(got[1], local[1]))

@@ -34,7 +34,7 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def server():
     port = free_port()
-    log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)
+    log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)  # noqa: SIM115 - closed in the fixture's finally
     proc = subprocess.Popen(
         [sys.executable, "-m", "runtime.serve", "--model", "smollm2-135m", "--port", str(port),
          "--job-timeout", "120"],
@@ -87,7 +87,7 @@ def remote(server, monkeypatch):
 def test_health_and_env(remote):
     env = httpx.get(f"{remote}/v1/env").json()
     assert env["models"]["smollm2-135m"]["state"] == "ready"
-    assert env["protocol"] == 1 and env["torch"] == torch.__version__.split("+")[0] or True
+    assert env["protocol"] == 1 and isinstance(env["torch"], str) and env["limits"]["job_timeout"] == 120
 
 
 def test_seed_remote_example_equals_local(remote, lm):
