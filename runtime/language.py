@@ -1,9 +1,12 @@
-"""``LanguageModel``: a transformers causal LM, ready for traces and generation.
+"""``LanguageModel``: a transformers model (causal LMs; encoders and encoder-decoders
+such as BERT and T5 too), ready for traces and generation.
 
 Inputs (text, lists of prompts, token ids, dicts) are encoded by
 ``runtime.models.encode``: left-padded, masked and with matching position
 ids, so every row gives what its prompt gives alone.  Several invokes are
-merged into one left-padded batch; each invoke sees its own rows.
+merged into one left-padded batch; each invoke sees its own rows.  Every other
+input (dict keys, keywords) goes to the model if its ``forward`` takes it and is
+refused by name otherwise; position ids go only to a forward that names them.
 ``generate`` blocks run the model's own ``generate``: step k is its k-th
 forward call.
 """
