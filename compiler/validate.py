@@ -465,13 +465,18 @@ class _Identifiers(cst.CSTVisitor):
         self.statements = 0
         self.odd: cst.Name | None = None
 
-    def on_visit(self, node: cst.CSTNode) -> bool:
-        if isinstance(node, (cst.BaseSmallStatement, cst.BaseCompoundStatement)):
-            self.statements += 1
-        elif (isinstance(node, cst.Name) and self.odd is None and not node.value.isascii()
-              and unicodedata.normalize("NFKC", node.value) != node.value):
+    def _statement(self, node: cst.CSTNode) -> None:
+        self.statements += 1
+
+    def visit_Name(self, node: cst.Name) -> None:
+        if (self.odd is None and not node.value.isascii()
+                and unicodedata.normalize("NFKC", node.value) != node.value):
             self.odd = node
-        return True
+
+
+for _t in (*walk._subclasses(cst.BaseSmallStatement), *walk._subclasses(cst.BaseCompoundStatement)):
+    if not _t.__name__.startswith("Base"):
+        setattr(_Identifiers, f"visit_{_t.__name__}", _Identifiers._statement)
 
 
 def _check_same_reading(module: cst.Module, positions: dict, statements: int,
@@ -479,7 +484,7 @@ def _check_same_reading(module: cst.Module, positions: dict, statements: int,
     """libcst reads the text as Python does: the same number of statements, and
     every identifier as written (Python reads ``ｔｏｒｃｈ`` as ``torch``: NFKC)."""
     found = _Identifiers()
-    module.visit(found)
+    walk.visit(found, module)
     if found.odd is not None:
         line, col = positions[found.odd][:2]
         name = found.odd.value
