@@ -474,9 +474,19 @@ class _Identifiers(cst.CSTVisitor):
             self.odd = node
 
 
-for _t in (*walk._subclasses(cst.BaseSmallStatement), *walk._subclasses(cst.BaseCompoundStatement)):
-    if not _t.__name__.startswith("Base"):
-        setattr(_Identifiers, f"visit_{_t.__name__}", _Identifiers._statement)
+def _statement_types() -> set[type]:
+    found: set[type] = set()
+    todo = [cst.BaseSmallStatement, cst.BaseCompoundStatement]
+    while todo:
+        for sub in todo.pop().__subclasses__():
+            if sub not in found:
+                found.add(sub)
+                todo.append(sub)
+    return found
+
+
+for _t in _statement_types():  # every statement type counts, as `ast.stmt` does
+    setattr(_Identifiers, f"visit_{_t.__name__}", _Identifiers._statement)
 
 
 def _check_same_reading(module: cst.Module, positions: dict, statements: int,
