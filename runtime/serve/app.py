@@ -146,7 +146,9 @@ def create_app(engine: Engine, api_keys: set[str] | None = None, *,
 
         async def stream():
             sent = 0
-            quiet = 0.0
+            clock = asyncio.get_running_loop().time
+            beat = clock()
+            wait = 0.001
             while True:
                 fresh = job.events[sent:]
                 sent += len(fresh)
@@ -155,13 +157,14 @@ def create_app(engine: Engine, api_keys: set[str] | None = None, *,
                     if name == "status" and payload.get("status") in FINAL:
                         return
                 if fresh:
-                    quiet = 0.0
-                elif quiet >= 1.0:
+                    beat, wait = clock(), 0.001
+                elif clock() - beat >= 1.0:
                     # A heartbeat: where the job is now (elapsed time, queue position).
-                    quiet = 0.0
+                    beat = clock()
                     yield f"event: status\ndata: {json.dumps(engine.view(job))}\n\n"
-                await asyncio.sleep(0.02)
-                quiet += 0.02
+                # Quick at first (short jobs end within milliseconds), then every 50 ms.
+                await asyncio.sleep(wait)
+                wait = min(wait * 1.5, 0.05)
 
         return StreamingResponse(stream(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})

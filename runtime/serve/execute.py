@@ -103,34 +103,53 @@ def _block_function(source, block) -> tuple[str, int]:
     return "".join(out), block.line - 1
 
 
-def run_job(root, header: dict, tensors: dict, print_fn, max_result: int) -> bytes:
-    """Run the job's block on ``root``; the reply message (or a JobError)."""
-    from compiler.codegen import compile_source
-    from compiler.errors import CompileError
-    from compiler.parse import Source
+# Blocks this worker compiled (and validated) already: a repeated job skips both.
+_COMPILED: dict = {}
 
-    from ..tracer import Tracer
+
+def _compile_block(header: dict, values: dict, root):
+    """Validate the job's block, then compile it alone: ``(Compiled, plan Block)``."""
+    from compiler.codegen import compile_source
+    from compiler.parse import Source
 
     filename = header["filename"]
     index = header["block"]
     src = Source(header["source"], filename, header["first_line"], 0)
+    # The allowlist first: nothing else (not even our compiler) sees a refused source.
+    validate(header["source"], index, frozenset(values), root._module, src.first_line)
+    plan = compile_source(src).plan
+    if index >= len(plan.blocks):
+        raise JobError("ValueError", f"the function has no block {index}")
+    for name in values:  # they become parameter names of the function compiled below
+        if not name.isidentifier() or keyword.iskeyword(name) or name.startswith("__"):
+            raise JobError("ValueError", f"{name!r} is not a variable name", 1, filename)
+    block = plan.blocks[index]
+    body, first = _block_function(src, block)
+    if block.model in values:
+        raise JobError("ValueError", f"`{block.model}` is the served model; it cannot be sent")
+    names = [block.model, *sorted(values)]
+    text = f"def remote_block({', '.join(names)}):\n{body}    return __iv_locals()\n"
+    return compile_source(Source(text, filename, first, 0)), block
+
+
+def run_job(root, header: dict, tensors: dict, print_fn, max_result: int) -> bytes:
+    """Run the job's block on ``root``; the reply message (or a JobError)."""
+    from compiler.errors import CompileError
+
+    from ..tracer import Tracer
+
+    filename = header["filename"]
     try:
         values = protocol.decode_values(header.get("values", {}), tensors)
-        # The allowlist first: nothing else (not even our compiler) sees a refused source.
-        validate(header["source"], index, frozenset(values), root._module, src.first_line)
-        plan = compile_source(src).plan
-        if index >= len(plan.blocks):
-            raise JobError("ValueError", f"the function has no block {index}")
-        for name in values:  # they become parameter names of the function compiled below
-            if not name.isidentifier() or keyword.iskeyword(name) or name.startswith("__"):
-                raise JobError("ValueError", f"{name!r} is not a variable name", 1, filename)
-        block = plan.blocks[index]
-        body, first = _block_function(src, block)
-        if block.model in values:
-            raise JobError("ValueError", f"`{block.model}` is the served model; it cannot be sent")
-        names = [block.model, *sorted(values)]
-        text = f"def remote_block({', '.join(names)}):\n{body}    return __iv_locals()\n"
-        compiled = compile_source(Source(text, filename, first, 0))
+        key = (header["source"], header["block"], header["first_line"], filename,
+               tuple(sorted(values)))
+        got = _COMPILED.get(key)
+        if got is None:
+            got = _compile_block(header, values, root)
+            _COMPILED[key] = got
+            while len(_COMPILED) > 64:
+                _COMPILED.pop(next(iter(_COMPILED)))
+        compiled, block = got
     except CompileError as exc:
         raise JobError("CompileError", str(exc.msg), exc.lineno, exc.filename) from None
     except protocol.ProtocolError as exc:
