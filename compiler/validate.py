@@ -651,6 +651,11 @@ class _Checker:
             self.refuse(self.call.func.value, _text(self.call.func.value),
                         "the model of a remote block must be a plain name "
                         "(`with model.trace(...)`)")
+        if self.tracer is not None and self.tracer in (
+                {self.model, "torch", "math", "save"} | SAFE_BUILTINS | FORBIDDEN_NAMES):
+            self.strict = True
+            self.refuse(self.block.items[self.item_index].asname.name, self.tracer,
+                        f"`{self.tracer}` is provided by the server: name the tracer otherwise")
         self.strict = False
         for _ in range(_MAX_PASSES):  # envoy-holding names: grows until stable
             before = set(self.envoy_names)

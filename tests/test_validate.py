@@ -432,3 +432,9 @@ def test_match_patterns_that_read_no_attributes_pass():
                    free=("prompt", "which")).construct == "torch.load"
     assert refusal(job("match which:\n    case [str(), prompt.__class__]:\n        pass"),
                    free=("prompt", "which")).construct == "__class__"
+
+
+@pytest.mark.parametrize("name", ["model", "torch", "len"])
+def test_the_tracer_cannot_take_a_provided_name(name):
+    err = refusal(job("h = 1", header=f"model.trace(prompt, remote=True) as {name}"))
+    assert (err.line, err.construct) == (3, name)
