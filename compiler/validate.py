@@ -260,11 +260,15 @@ TRACER_ATTRS = frozenset({"all", "barrier", "cache", "invoke", "iter", "result",
 _VALUE_NAMES = frozenset({"output", "input", "inputs"})
 
 GENERATE_KEYWORDS = frozenset({
-    "attention_mask", "bad_words_ids", "bos_token_id", "diversity_penalty", "do_sample",
-    "early_stopping", "eos_token_id", "length_penalty", "max_length", "max_new_tokens",
-    "min_length", "min_new_tokens", "no_repeat_ngram_size", "num_beam_groups", "num_beams",
-    "num_return_sequences", "pad_token_id", "remote", "repetition_penalty", "temperature",
-    "top_k", "top_p", "typical_p", "use_cache",
+    # plain decoding options; not custom_generate/trust_remote_code (they load code), nor
+    # the modes transformers now loads from the hub (penalty_alpha, num_beam_groups,
+    # dola_layers, constraints)
+    "attention_mask", "bad_words_ids", "begin_suppress_tokens", "bos_token_id", "do_sample",
+    "early_stopping", "eos_token_id", "forced_bos_token_id", "forced_eos_token_id",
+    "length_penalty", "max_length", "max_new_tokens", "max_time", "min_length",
+    "min_new_tokens", "min_p", "no_repeat_ngram_size", "num_beams", "num_return_sequences",
+    "pad_token_id", "remote", "renormalize_logits", "repetition_penalty", "suppress_tokens",
+    "temperature", "top_k", "top_p", "typical_p", "use_cache",
 })
 
 # Names that reach a module's parameters, buffers or state: refused with a message

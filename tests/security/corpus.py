@@ -281,6 +281,9 @@ refused("generate_custom_code", "out = model.generator.output.save()", "custom_g
         header="model.generate(prompt, max_new_tokens=2, custom_generate='evil/repo', "
                "trust_remote_code=True) as tracer", line=3,
         why="custom_generate loads and runs code")
+refused("generate_hub_mode", "out = model.generator.output.save()", "penalty_alpha",
+        header="model.generate(prompt, max_new_tokens=2, penalty_alpha=0.6, top_k=4) "
+               "as tracer", line=3, why="contrastive search is loaded from the hub")
 refused("generate_kwargs", "out = model.generator.output.save()", "**options",
         header="model.generate(prompt, **options) as tracer", params="model, prompt, options",
         free={"prompt": PROMPT, "options": {"max_new_tokens": 2}}, line=3)
