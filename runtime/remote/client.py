@@ -18,6 +18,8 @@ traceback entry at the user's own line.
 from __future__ import annotations
 
 import builtins
+import contextlib
+import functools
 import json
 import sys
 import time
@@ -41,6 +43,7 @@ class RemoteError(RuntimeError):
         self.line = line
 
 
+@functools.cache
 def compiler_version() -> str:
     try:
         from importlib.metadata import version
@@ -203,16 +206,11 @@ class Client:
         self.status = _StatusLine(status_stream if status_stream is not None else sys.stderr)
 
     def _http(self):
-        import contextlib
-
-        import httpx
-
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
         if Client.http_override is not None:
             Client.http_override.headers.update(headers)
             return contextlib.nullcontext(Client.http_override)
-        return httpx.Client(base_url=self.host, headers=headers,
-                            timeout=httpx.Timeout(60.0, connect=10.0))
+        return contextlib.nullcontext(_pooled(self.host, self.api_key))
 
     def run(self, data: bytes, filename: str = "<remote>", line: int = 0) -> bytes:
         import httpx
@@ -297,6 +295,16 @@ class Client:
             http.post(f"/v1/jobs/{job}/cancel")
         except Exception:  # noqa: BLE001, S110 - best effort: the user interrupted
             pass
+
+
+@functools.lru_cache(maxsize=4)
+def _pooled(host: str, api_key: str | None):
+    """One HTTP client (and its connections) per server and key, kept between jobs:
+    making one costs more than a small job."""
+    import httpx
+
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    return httpx.Client(base_url=host, headers=headers, timeout=httpx.Timeout(60.0, connect=10.0))
 
 
 def _check(resp) -> None:

@@ -1,0 +1,105 @@
+"""``python -m bench.remote [--rounds N] [--quick]``: a remote block on loopback against
+the same block run locally.
+
+Starts ``python -m runtime.serve`` on 127.0.0.1 (a free port) with the tiny Llama and
+the default model, then times one trace block (one saved layer output) run locally and
+remotely, interleaved round by round, and prints the median per-job time of each and
+their ratio.  The tiny model shows the fixed cost of a job (HTTP, the worker, encoding);
+the default model shows it against real compute (target: at most 1.05x local).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start(models: list[str]) -> tuple[subprocess.Popen, str]:
+    import httpx
+
+    port = _free_port()
+    cmd = [sys.executable, "-m", "runtime.serve", "--port", str(port)]
+    for m in models:
+        cmd += ["--model", m]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(900):
+        if proc.poll() is not None:
+            raise SystemExit("the server did not start")
+        try:
+            if httpx.get(f"{url}/v1/health", timeout=2).json()["ready"]:
+                return proc, url
+        except (httpx.HTTPError, ValueError):
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise SystemExit("the server did not become ready")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.remote")
+    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--quick", action="store_true", help="tiny model only, 5 rounds")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    torch.set_num_threads(1)
+    from compiler import intervene
+    from runtime import CONFIG, LanguageModel
+    from runtime.models import tiny_llama
+
+    @intervene
+    def one_layer(model, x, remote_flag):
+        with model.trace(x, remote=remote_flag):
+            hidden = model.model.layers[1].output.save()
+        return hidden
+
+    tiny = LanguageModel(tiny_llama(0))
+    tiny._module.config._name_or_path = "tiny-llama"
+    cases = [("tiny Llama, 5 tokens", tiny, torch.tensor([[1, 5, 7, 9, 11]]))]
+    models = ["tiny-llama"]
+    rounds = 5 if args.quick else args.rounds
+    if not args.quick:
+        default = LanguageModel("smollm2-135m", dispatch=True)
+        cases.append(("default model, 9 tokens", default, "The Eiffel Tower is in the city of"))
+        models.append("smollm2-135m")
+    proc, url = _start(models)
+    CONFIG.set_default_host(url)
+    try:
+        print(f"{'case':<28} {'local ms':>9} {'remote ms':>10} {'ratio':>7}")
+        for name, lm, x in cases:
+            for flag in (False, True):  # warm both paths (and the server's compile cache)
+                one_layer(lm, x, flag)
+            local, remote = [], []
+            for _ in range(rounds):
+                for flag, into in ((False, local), (True, remote)):
+                    t = time.perf_counter()
+                    one_layer(lm, x, flag)
+                    into.append(time.perf_counter() - t)
+            lo, re = statistics.median(local) * 1e3, statistics.median(remote) * 1e3
+            print(f"{name:<28} {lo:>9.2f} {re:>10.2f} {re / lo:>6.2f}x")
+    finally:
+        CONFIG.set_default_host(None)
+        proc.terminate()
+        proc.wait(15)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
