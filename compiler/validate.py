@@ -402,6 +402,9 @@ def validate_block(
             "@intervene function), and nothing else", first_line, 0, "source",
         )
     fn = fns[0]
+    if fn.asynchronous is not None:
+        raise ValidationError("an `async def` cannot run remotely (the model runs "
+                              "synchronously)", first_line, 0, "async def")
     blocks = [s for s in statements(fn) if isinstance(s, cst.With) and block_call(s) is not None]
     if not 0 <= block_index < len(blocks):
         raise ValidationError(

@@ -299,6 +299,8 @@ refused("nesting_too_deep", "x = " + "[" * 150 + "]" * 150 + "  # <-", "nesting"
         why="deep trees are slow to parse and deep to walk: refused on Python's own parser")
 refused("syntax_error", "x = (  # <-", "syntax")
 refused("not_one_function", None, "source", source="import os\n" + job(HARMLESS), line=1)
+refused("async_def", None, "async def", line=1,
+        source=job(HARMLESS).replace("def job", "async def job"))
 refused("block_out_of_range", HARMLESS, "block index", block=2, line=1)
 
 refused("value_name_injection", HARMLESS, "x=__import__('os').system('id'), y", line=1,
