@@ -16,6 +16,7 @@ computation.
 
 from __future__ import annotations
 
+import weakref
 from types import GeneratorType
 from typing import Any
 
@@ -46,6 +47,21 @@ def read(envoy, value: str, site: int) -> tuple:
 
 def write(envoy, value: str, site: int, new) -> tuple:
     return (envoy, value, site, new)
+
+
+class StopTrace(BaseException):
+    """Raised through the model's forward once a lane has called ``tracer.stop()``; a
+    BaseException so that no ``except Exception`` in the model swallows it."""
+
+
+class UserStopIteration(BaseException):
+    """Carries a StopIteration raised by the experiment's own code out of the lane (a
+    generator turns it into "RuntimeError: generator raised StopIteration") and through
+    the model; the tracer raises the original."""
+
+    def __init__(self, exc: StopIteration) -> None:
+        super().__init__()
+        self.exc = exc
 
 
 class _Control:
@@ -101,6 +117,7 @@ class StepSelection:
             )
         if isinstance(key, slice) and (key.step or 1) <= 0:
             raise ValueError("tracer.iter[a:b:c] needs a positive step")
+        _check_steps(key)
         self.key = key
         self.current = None
         self.served: list[int] = []
@@ -134,6 +151,38 @@ class StepSelection:
             out.append(k)
             k = self.wanted_after(k)
         return out
+
+
+def _check_steps(key) -> None:
+    """Refuse selections that can never run (at the user's line: this runs where
+    ``tracer.iter[...]`` is written)."""
+    if key is None:
+        return
+    negative = ("negative steps count from the end of generation, which is known only once "
+                "it has ended: select steps by their number from 0 (step 0 is the prompt), or "
+                "use tracer.all() and keep what you need")
+    if isinstance(key, slice):
+        for name, v in (("start", key.start), ("stop", key.stop)):
+            if v is not None and not isinstance(v, int):
+                raise TypeError(f"tracer.iter[a:b]: {name} must be an int, got {type(v).__name__}")
+            if v is not None and v < 0:
+                raise ValueError(f"tracer.iter[{_show(key)}]: {negative}")
+        if key.stop is not None and key.stop <= (key.start or 0):
+            raise ValueError(f"tracer.iter[{_show(key)}] selects no step at all")
+        return
+    keys = [key] if isinstance(key, int) else list(key)
+    if not keys:
+        raise ValueError("tracer.iter[[]] selects no step at all")
+    for k in keys:
+        if isinstance(k, bool) or not isinstance(k, int):
+            raise TypeError(f"tracer.iter[...] takes ints as steps, got {type(k).__name__}")
+        if k < 0:
+            raise ValueError(f"tracer.iter[{key!r}]: {negative}")
+
+
+def _show(key: slice) -> str:
+    text = ("" if key.start is None else str(key.start)) + ":" + ("" if key.stop is None else str(key.stop))
+    return text + ("" if key.step is None else f":{key.step}")
 
 
 class Barrier:
@@ -218,6 +267,7 @@ class Interleaver:
     result = None
     track = False  # remember served tensors (for backward blocks)
     stopped = False  # tracer.stop() ended the forward pass
+    stop_requested = False  # a lane called tracer.stop(): the forward ends after its serve
     repeats = False  # modules run more than once (generation steps)
     static = False  # every module the lanes can ask for was attached before the run
     current_site = None  # the request being served (for messages)
@@ -263,6 +313,12 @@ class Interleaver:
                 except StopIteration:
                     lane.done = True
                     return
+                except RuntimeError as exc:
+                    cause = exc.__cause__
+                    if cause.__class__ is StopIteration and _from_lane(exc, gen):
+                        lane.done = True
+                        raise UserStopIteration(cause) from None
+                    raise
                 error = None
                 envoy = req[0]
                 if envoy.__class__ is Envoy or isinstance(envoy, Envoy):
@@ -275,7 +331,17 @@ class Interleaver:
                         if cur.module is module and cur.phase == phase:
                             rows = lane.rows
                             if len(req) == 4:
-                                new = req[3] if rows is None else widen(cur.get(what), req[3], rows)
+                                if rows is None:
+                                    new = req[3]
+                                else:
+                                    # Rebuilt under the model's grad mode, as a write
+                                    # in a plain trace keeps the graph.
+                                    mode = _grad_enabled()
+                                    _set_grad_enabled(outer)
+                                    try:
+                                        new = widen(cur.get(what), req[3], rows)
+                                    finally:
+                                        _set_grad_enabled(mode)
                                 cur.set(what, new)
                                 value = None
                             else:
@@ -290,6 +356,11 @@ class Interleaver:
                             error = self._order_error(envoy, what, req[2], lane)
                             value = None
                             continue
+                    if self.stop_requested:
+                        # tracer.stop() was called: the rest of the forward does not run.
+                        error = self._stopped_error(envoy, what, req[2])
+                        value = None
+                        continue
                     # Park until the module hands its value out.
                     key = (id(module), phase)
                     lane.parked = (module, phase, req)
@@ -320,6 +391,7 @@ class Interleaver:
                 else:
                     value = getattr(envoy, req[1])
         finally:
+            error = value = None  # an exception raised here must not keep this frame (or the values) alive
             lane.grad = now = _grad_enabled()
             if now is not outer:
                 _set_grad_enabled(outer)
@@ -432,8 +504,17 @@ class Interleaver:
                     sel.served.append(self.step)
                     sel.current = self.step
                     self.advance(lane, True)
+                if self.stop_requested:
+                    raise StopTrace()
 
-        self.attached[key] = self.root._module.register_forward_pre_hook(step_hook, with_kwargs=True)
+        # Placed straight in the hook dicts and recorded first, so that cleanup finds
+        # it even if an interrupt arrives right after.
+        module = self.root._module
+        hid = RemovableHandle.next_id
+        RemovableHandle.next_id = hid + 1
+        self.attached[key] = (_PRE_HOOK, module, hid)
+        module._forward_pre_hooks[hid] = step_hook
+        module._forward_pre_hooks_with_kwargs[hid] = True
 
     def _narrow(self, value, rows, phase: str):
         """An invoke's rows of ``value``; module values are remembered when the trace
@@ -516,7 +597,7 @@ class Interleaver:
             if t.requires_grad and id(t) not in session.waiting:
                 session.hooks.append(t.register_hook(_record_fired(session, id(t))))
         try:
-            torch.autograd.backward(session.loss, **session.kwargs)
+            session.run(self.root._module.parameters())  # the model's own .grad stay as they were
         finally:
             session.state = "done"
             session.remove_hooks()
@@ -527,8 +608,7 @@ class Interleaver:
             line = cp.line if cp is not None else None
             lane.parked = None
             err = MissedCheckpointError(
-                f"no gradient reached the value asked for at line {line}: the loss does not "
-                "depend on it (or it was replaced in place after it was read)",
+                f"no gradient reached the value asked for at line {line}: {session.missed(req[0])}",
                 getattr(cp, "path", ""),
                 line,
             )
@@ -614,12 +694,16 @@ class Interleaver:
 
             hid = RemovableHandle.next_id
             RemovableHandle.next_id = hid + 1
+            # Recorded before it is placed: cleanup undoes it even if an interrupt
+            # arrives in between (undoing what is not there is harmless).
+            undo = self.attached[key] = (_PRE_HOOK, module, hid)
             module._forward_pre_hooks[hid] = hook
             module._forward_pre_hooks_with_kwargs[hid] = True
-            return (_PRE_HOOK, module, hid)
+            return undo
         forward.__wrapped__ = inner  # inspect.signature (transformers asks) sees the real one
+        undo = self.attached[key] = (_FORWARD, module, prev)
         attrs["forward"] = forward
-        return (_FORWARD, module, prev)
+        return undo
 
     def _attach_ancestors(self, module, phase: str) -> None:
         """Take the outputs of ``module``'s ancestors too, while they have not started
@@ -662,11 +746,18 @@ class Interleaver:
                     if self.track:
                         value = self._narrow(value, rows, ev.phase)
                     elif rows is not None:  # an invoke's rows; a plain tensor first
-                        value = (value[rows] if value.__class__ is _Tensor and value.dim()
-                                 else narrow(value, rows))
+                        if value.__class__ is _Tensor and value.dim():
+                            view = value[rows]
+                            if value.requires_grad:
+                                _link_rows(view, value, rows)
+                            value = view
+                        else:
+                            value = narrow(value, rows)
                     self.advance(lane, value)
         finally:
             self.current = prev
+        if self.stop_requested and ev.phase is not GRAD and not self.ended:
+            raise StopTrace()  # a lane called tracer.stop(): the rest of the forward does not run
         return ev
 
     # -- order -------------------------------------------------------------------
@@ -675,6 +766,16 @@ class Interleaver:
         if (id(module), phase) in self.fired:
             return True
         return order.precedes(self.root, module, phase, cur.module, cur.phase) is True
+
+    def _stopped_error(self, envoy: Envoy, what: str, site: int) -> MissedCheckpointError:
+        cp = self.sites.get(site)
+        line = cp.line if cp is not None else None
+        return MissedCheckpointError(
+            f"`{envoy._path}.{what}` is asked for at line {line}, after tracer.stop(): the "
+            "rest of the forward pass does not run, so no module value comes after it",
+            envoy._path,
+            line,
+        )
 
     def _order_error(self, envoy: Envoy, what: str, site: int, lane: Lane) -> OutOfOrderError:
         cp = self.sites.get(site)
@@ -774,21 +875,28 @@ class Interleaver:
                 raise err
 
     def cleanup(self) -> None:
-        if self.sessions:
-            for session in self.sessions:
-                session.remove_hooks()
-            self.sessions.clear()
-            if self.served:
-                self.served.clear()
-        for undo in reversed(self.attached.values()):  # wrappers of one module unwind in order
-            _undo(undo)
-        self.attached.clear()
+        """Remove everything the trace put on the model and close the lanes.  Each
+        thing is undone, then forgotten, so that a cleanup cut short (an interrupt,
+        an error in a lane's ``finally``) can simply be run again."""
+        sessions = self.sessions
+        while sessions:
+            sessions[-1].remove_hooks()
+            sessions.pop()
+        if self.served:
+            self.served.clear()
+        attached = self.attached
+        while attached:  # the last attached first: wrappers of one module unwind in order
+            key = next(reversed(attached))
+            _undo(attached[key])
+            del attached[key]
         self.waiting.clear()
         self.current = None
-        for lane in self.lanes:
+        lanes = self.lanes
+        while lanes:
+            lane = lanes[0]
             if not lane.done and hasattr(lane.gen, "close"):
                 lane.gen.close()
-        self.lanes.clear()
+            lanes.pop(0)
 
 
 # -- batches: an invoke's rows ------------------------------------------------------
@@ -798,7 +906,12 @@ def narrow(value, rows: slice):
     """The rows of ``value`` (tensors, nested in tuples/lists/dicts) an invoke sees.
     Slices are views, so in-place edits reach the batch."""
     if isinstance(value, torch.Tensor):
-        return value[rows] if value.dim() > 0 else value
+        if value.dim() == 0:
+            return value
+        view = value[rows]
+        if value.requires_grad:
+            _link_rows(view, value, rows)
+        return view
     if isinstance(value, tuple):
         items = [narrow(v, rows) for v in value]
         return type(value)(*items) if hasattr(value, "_fields") else tuple(items)
@@ -859,9 +972,61 @@ def _record_fired(session: BackwardSession, key: int):
     return hook
 
 
+def _link_rows(view, base, rows: slice) -> None:
+    """Make ``view.retain_grad()`` work on an invoke's rows as on a whole value.
+
+    The model goes on with ``base``, not with the view, so no gradient flows through
+    the view's own node: a hook on ``base`` hands the view its rows of ``base``'s
+    gradient when the view retains grad (it holds the view weakly).  Gradients add
+    up over backward passes as torch's own ``retain_grad`` does; one that torch put
+    there itself (the view also used directly) is part of ``base``'s and replaced."""
+    ref = weakref.ref(view)
+    last = [None]
+
+    def hook(grad):
+        v = ref()
+        if v is None or not v.retains_grad:
+            return None
+        part = grad[rows].clone()
+        now, mine = v.grad, last[0]
+        if now is not None and mine is not None:
+            part = (now if now is mine else mine) + part
+        v.grad = last[0] = part
+        return None
+
+    base.register_hook(hook)
+
+
+def _rows_view(current, new, rows: slice) -> bool:
+    """Is ``new`` the very view of ``current`` an invoke was given (edited in place)?
+    Then the edit has reached the batch already and there is nothing to write."""
+    base = current._base if current._base is not None else current
+    if new._base is not base or new.dtype != current.dtype:
+        return False
+    start = rows.start or 0
+    return (
+        new.storage_offset() == current.storage_offset() + start * current.stride(0)
+        and new.shape[1:] == current.shape[1:]
+        and new.shape[0] == len(range(*rows.indices(current.shape[0])))
+        and new.stride() == current.stride()
+        and new.requires_grad == current.requires_grad
+    )
+
+
+def _from_lane(exc: BaseException, gen) -> bool:
+    """Is ``exc`` the RuntimeError the lane generator ``gen`` made of a StopIteration
+    raised in it (not one made by some other generator the lane called)?  That one
+    is raised by ``send`` itself: its traceback holds the caller's frame only."""
+    tb = exc.__traceback__
+    return (tb is not None and tb.tb_next is None and gen.gi_frame is None
+            and str(exc) == "generator raised StopIteration")
+
+
 def widen(current, new, rows: slice):
     """Write ``new`` (one invoke's rows) into a copy of the batch value."""
     if isinstance(current, torch.Tensor) and isinstance(new, torch.Tensor):
+        if current.dim() and _rows_view(current, new, rows):
+            return current
         out = current.clone()
         out[rows] = new
         return out

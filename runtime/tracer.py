@@ -11,20 +11,93 @@ succeeded or not.
 
 from __future__ import annotations
 
+import threading
+import weakref
 from typing import Any, Self
 
 import torch
 
 from . import order
+from .cache import late_cache_hooks
 from .errors import OutOfOrderError
-from .interleave import OUT, PRE, Barrier, Interleaver, StepSelection
+from .interleave import OUT, PRE, Barrier, Interleaver, StepSelection, StopTrace, UserStopIteration
 
 _PHASE = {"output": OUT, "input": PRE, "inputs": PRE}
+_CHECKED_MAX = 256  # blocks whose checks each model remembers (oldest dropped first)
 
 
-class StopTrace(BaseException):
-    """Raised by ``tracer.stop()`` through the model's forward; a BaseException so
-    that no ``except Exception`` in the model or the experiment swallows it."""
+class _ModelState:
+    """Per torch module: the lock that makes its traces run one at a time (an RLock
+    for ``_is_owned``: a trace started from inside a running one in the same thread
+    is refused, never re-entered), and the last trace that held it (for messages)."""
+
+    __slots__ = ("lock", "running")
+
+    def __init__(self) -> None:
+        self.lock = threading.RLock()
+        self.running = _no_tracer
+
+
+_STATES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _state_of(module) -> _ModelState:
+    state = _STATES.get(module)
+    if state is None:  # setdefault is atomic: two threads get the same state
+        state = _STATES.setdefault(module, _ModelState())
+    return state
+
+
+def _no_tracer():
+    return None
+
+
+def _describe(tracer) -> str:
+    if tracer is None:
+        return "a trace"
+    block = tracer._block
+    return (f"`with {block.model}.{tracer._kind}({block.args})` at "
+            f"{tracer._filename}:{block.line}")
+
+
+def _nested_error(running, new) -> RuntimeError:
+    return RuntimeError(
+        f"{_describe(new)} starts a trace of a model that is running a trace already, in "
+        f"this thread ({_describe(running)}): a trace cannot run inside another trace of the "
+        "same model, whose forward pass is in progress.  Run the inner experiment after the "
+        "outer block has ended (save what it needs), make it an invoke of the outer trace, or "
+        "trace a separate copy of the model"
+    )
+
+
+def _remove_handles(handles: list) -> None:
+    while handles:  # each removed, then forgotten: an interrupted removal is repeated
+        handles[-1].remove()
+        handles.pop()
+
+
+def _drop_learning_hooks(root) -> None:
+    """Order-learning hooks whose registration was interrupted (their handles never
+    came back): found by their function and removed.  Only after such an interrupt."""
+    for module in root._module.modules():
+        for hooks in (module._forward_hooks, module._forward_pre_hooks):
+            for hid, fn in list(hooks.items()):
+                if getattr(fn, "__qualname__", "").startswith("NNsight._learn_order."):
+                    hooks.pop(hid, None)
+                    module._forward_hooks_with_kwargs.pop(hid, None)
+                    module._forward_pre_hooks_with_kwargs.pop(hid, None)
+
+
+def _settle_order(root, first_pass_done: bool) -> None:
+    """After a trace that learned the module order: keep it only if the first forward
+    pass ran to its end.  A pass cut short (tracer.stop(), an error) saw only some
+    modules; taking that as the whole order would let later checks trust missing facts."""
+    if first_pass_done:
+        root._order_complete = True
+    else:
+        root._order.clear()
+        root._repeated.clear()
+        root._precedes_cache.clear()
 
 
 class InvokeSpec:
@@ -61,34 +134,22 @@ class Tracer:
         return InvokeSpec(args, kwargs)
 
     def stop(self) -> None:
-        """The rest of the forward pass does not run; what was saved stays."""
-        raise StopTrace()
+        """The rest of the forward pass does not run; what was saved stays.  The code
+        after ``stop()`` still runs; a module value asked for after it raises
+        MissedCheckpointError at that line."""
+        inter = self._inter
+        if inter is None:
+            raise RuntimeError("tracer.stop() works only inside its trace block, while it runs")
+        inter.stop_requested = True
 
     def cache(self, modules=None, include_inputs: bool = False, device=None, dtype=None,
               detach: bool = True):
         """Record the outputs (and inputs) of every module, or of ``modules`` (envoys or
-        paths), after interventions.  Under ``generate``: one entry per step."""
-        from .cache import Cache
+        paths), after interventions; in an invoke, its rows.  Under ``generate``: one
+        entry per step.  See runtime/cache.py."""
+        from .cache import open_cache
 
-        inter = self._inter
-        if inter is not None and inter.current is not None:
-            import warnings
-
-            cp = self._sites.get(inter.current_site)
-            line = cp.line if cp is not None else 0
-            warnings.warn_explicit(
-                "tracer.cache() is called after the forward pass has started (the code got "
-                f"there from line {line}): modules that ran before it are not in the cache; "
-                "call tracer.cache() before reading any module value",
-                RuntimeWarning, self._filename, line,
-            )
-        cache = Cache(self._root, modules, include_inputs, device, dtype, detach,
-                      per_step=self._kind == "generate")
-        cache._attach_hooks()
-        if self._caches is None:
-            self._caches = []
-        self._caches.append(cache)
-        return cache
+        return open_cache(self, modules, include_inputs, device, dtype, detach)
 
     def barrier(self, n: int) -> Barrier:
         return Barrier(n)
@@ -126,51 +187,128 @@ class Tracer:
         return False
 
     def _execute(self) -> None:
+        # One trace at a time per model (see README "Guarantees"): another thread waits
+        # here; this thread coming back (a trace started from inside a running one) is
+        # refused, since the model's forward is in progress and its modules are wrapped.
+        state = _state_of(self._root._module)
+        lock = state.lock
+        if lock._is_owned():  # this thread holds it: a trace of this model is running here
+            raise _nested_error(state.running(), self)
+        with lock:
+            state.running = weakref.ref(self)  # for that message only
+            self._execute_locked()
+
+    def _execute_locked(self) -> None:
         root = self._root
-        got = root._checked.get(id(self._block))
-        facts = got[1] if got is not None and got[0] is self._block else block_facts(root, self._block)
-        if self._invoked:
-            # `tracer.invoke()` with no input adds no rows: it sees the whole batch.
-            args, kwargs, rows = root._batch(
-                [(spec.args, spec.kwargs) if spec is not None and (spec.args or spec.kwargs)
-                 else None for _, spec, _ in self._lanes],
-                [self._block.lanes[index] for _, _, index in self._lanes],  # names in errors
-            )
-            kwargs = {**kwargs, **self._kwargs}
-        else:
-            args, kwargs = root._prepare(self._args, self._kwargs)
-            rows = None
-        inter = self._inter = Interleaver(root, self._block, self._sites, self._filename)
-        if self._has_backward:
-            inter.track = True
-        learning = None if root._order_complete else root._learn_order()
+        inter = learning = None
+        first_pass_done = False
         try:
+            got = root._checked.get(id(self._block))
+            facts = got[1] if got is not None and got[0] is self._block else block_facts(root, self._block)
+            if self._invoked:
+                # `tracer.invoke()` with no input adds no rows: it sees the whole batch.
+                args, kwargs, rows = root._batch(
+                    [(spec.args, spec.kwargs) if spec is not None and (spec.args or spec.kwargs)
+                     else None for _, spec, _ in self._lanes],
+                    [self._block.lanes[index] for _, _, index in self._lanes],  # names in errors
+                )
+                kwargs = {**kwargs, **self._kwargs}
+            else:
+                args, kwargs = root._prepare(self._args, self._kwargs)
+                rows = None
+            inter = self._inter = Interleaver(root, self._block, self._sites, self._filename)
+            self._rows = rows  # tracer.cache() in invoke i records rows[i]
+            late_cache_hooks(self)  # see runtime/cache.py
+            if self._has_backward:
+                inter.track = True
+            if not root._order_complete:
+                learning = []  # if registering is cut short, cleanup looks for its hooks
+                learning = root._learn_order()
             if self._kind == "generate" or self._has_steps:
                 inter._ensure_step_hook()
             inter.attach_static(facts)
             grad = torch.is_grad_enabled()
             for i, (fn, _spec, index) in enumerate(self._lanes):
                 inter.start(fn, index, None if rows is None else rows[i], grad)
-            try:
-                out = root._run(self._kind, args, kwargs, self)
-            except StopTrace:
-                inter.stopped = True  # values still awaited are reported, never left unset
+            if inter.stop_requested:
+                inter.stopped = True  # stopped before the forward began: it does not run
             else:
-                if self._kind == "generate":
-                    self._result = out
-                    inter.result = out
+                first_pass_done = None  # known once the run returns or raises
+                first_pass_done = self._run_model(inter, args, kwargs)
             inter.finish()
+        except UserStopIteration as carrier:
+            # The user's own StopIteration, kept as it was (a generator would have made
+            # it "RuntimeError: generator raised StopIteration").
+            exc = carrier.exc
+            try:
+                raise exc from None
+            finally:
+                exc = carrier = None
         finally:
-            inter.cleanup()
-            self._inter = None
-            if self._caches:
-                for cache in self._caches:
-                    cache._detach_hooks()
-                self._caches.clear()
-            if learning is not None:
-                for handle in learning:
-                    handle.remove()
-                root._order_complete = True
+            if first_pass_done is None:  # the run raised: did a later step begin?
+                first_pass_done = inter.step > 0
+            pending = None
+            for _attempt in range(3):  # an interrupt can arrive as a call begins: call again
+                try:
+                    pending = self._cleanup(inter, learning, first_pass_done) or pending
+                    break
+                except BaseException as exc:  # noqa: BLE001 - raised below
+                    pending = pending or exc
+            if pending is not None:
+                try:
+                    raise pending
+                finally:
+                    pending = None
+
+    def _run_model(self, inter, args, kwargs) -> bool:
+        """Run the forward (or generate); True when the first forward pass ran to its end."""
+        try:
+            out = self._root._run(self._kind, args, kwargs, self)
+        except StopTrace:
+            inter.stopped = True  # values still awaited are reported, never left unset
+            return inter.step > 0  # a later step began: the first pass had ended
+        if self._kind == "generate":
+            self._result = out
+            inter.result = out
+        return True
+
+    def _cleanup(self, inter, learning, first_pass_done: bool) -> BaseException | None:
+        """Undo everything the run put on the model.  Every step runs even if an
+        earlier one (or a KeyboardInterrupt arriving meanwhile) raises; each is
+        idempotent, so one cut short is run again.  Returns the first error (the
+        caller raises it), so that calling this again is harmless."""
+        root = self._root
+        pending = None
+        steps = [self._detach_caches]
+        if inter is not None:
+            steps.insert(0, inter.cleanup)
+        if learning is not None:
+            if not learning:
+                steps.append(lambda: _drop_learning_hooks(root))
+            steps.append(lambda: _remove_handles(learning))
+            steps.append(lambda: _settle_order(root, first_pass_done))
+        done = tries = 0
+        while done < len(steps):
+            try:  # the loop itself inside the try: an interrupt anywhere in it resumes it
+                while done < len(steps):
+                    steps[done]()
+                    done += 1
+                    tries = 0
+            except BaseException as exc:  # noqa: BLE001 - re-raised below
+                if pending is None:
+                    pending = exc
+                tries += 1
+                if tries == 3:  # it fails every time: not an interrupt; go on without it
+                    done += 1
+                    tries = 0
+        self._inter = None
+        return pending
+
+    def _detach_caches(self) -> None:
+        caches = self._caches
+        while caches:
+            caches[-1]._detach_hooks()
+            caches.pop()
 
 
 class _StepIndexer:
@@ -194,7 +332,10 @@ def block_facts(root, block) -> BlockFacts:
     cache holds only once the order check was conclusive."""
     facts, complete = check_block(root, block)
     if complete:
-        root._checked[id(block)] = (block, facts)
+        checked = root._checked
+        if len(checked) >= _CHECKED_MAX:  # one entry per decorated function: keep it bounded
+            del checked[next(iter(checked))]
+        checked[id(block)] = (block, facts)
     return facts
 
 
