@@ -11,8 +11,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import textwrap
 import warnings
 
 import hypothesmith
@@ -33,52 +31,77 @@ from runtime.models import tiny_mlp
 # 1. Random Python: CompileError or valid code
 # --------------------------------------------------------------------------------------
 
-_MODULE_VALUE = cst.parse_expression("model.layers[0].output.shape[0]")
+_MODULE_VALUE = cst.parse_expression("model.layers[0].output")
+_TEMPLATE = cst.parse_module(
+    "def experiment(model, x):\n"
+    "    with model.trace(x):\n"
+    "        h = model.layers[0].output\n"
+    "        model.layers[1].output[:] = h\n"
+)
 
 
-class _IntsToModuleValues(cst.CSTTransformer):
-    """Every other integer literal becomes a module value (in lambdas, defaults,
-    f-strings, comprehensions, subscripts, ... wherever the generator put one)."""
+class _ToModuleValues(cst.CSTTransformer):
+    """Every other name and every other integer literal becomes a module value: in
+    targets, lambdas, defaults, f-strings, comprehensions, decorators, ... wherever
+    the generator put one (what Python then refuses is skipped)."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.seen = 0
+        self.names = self.ints = 0
+
+    def leave_Name(self, original: cst.Name, updated: cst.Name) -> cst.BaseExpression:
+        self.names += 1
+        return _MODULE_VALUE if self.names % 2 == 0 else updated
 
     def leave_Integer(self, original: cst.Integer, updated: cst.Integer) -> cst.BaseExpression:
-        self.seen += 1
-        return _MODULE_VALUE if self.seen % 2 == 0 else updated
+        self.ints += 1
+        return _MODULE_VALUE.with_changes(attr=cst.Name("input")) if self.ints % 2 else updated
 
 
-def _as_experiment(body: str) -> str:
-    body = textwrap.indent(body if body.strip() else "pass\n", " " * 8)
-    return (
-        "def experiment(model, x):\n"
-        "    with model.trace(x):\n"
-        "        h = model.layers[0].output\n"
-        f"{body}"
-        "        model.layers[1].output[:] = h\n"
-    )
+def _as_experiment(generated: str) -> str | None:
+    """The generated statements in a trace block, between a read and an in-place edit
+    (libcst indents them); None when libcst cannot read them."""
+    try:
+        module = cst.parse_module(generated)
+        change = _ToModuleValues()
+        body = [st.visit(change) for st in module.body]
+    except Exception:  # noqa: BLE001 - libcst refuses it (or cannot place a value there)
+        return None
+    fn = _TEMPLATE.body[0]
+    block = fn.body.body[0]
+    first, last = block.body.body
+    try:
+        return _TEMPLATE.with_changes(body=[fn.with_changes(body=fn.body.with_changes(body=[
+            block.with_changes(body=block.body.with_changes(body=[first, *body, last]))
+        ]))]).code
+    except Exception:  # noqa: BLE001 - a node the transformation made unprintable
+        return None
 
 
 @settings(max_examples=100, deadline=None, derandomize=True, database=None,
           suppress_health_check=list(HealthCheck))
 @given(st.one_of(hypothesmith.from_grammar(), hypothesmith.from_node()))
 def test_random_python_compiles_or_is_a_compile_error(generated):
-    with contextlib.suppress(Exception):  # libcst cannot read it: use the text as it is
-        generated = cst.parse_module(generated).visit(_IntsToModuleValues()).code
     text = _as_experiment(generated)
+    if text is None:
+        event("libcst cannot read it")
+        return
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
             compile(text, "<generated>", "exec", dont_inherit=True)
         except (SyntaxError, ValueError, MemoryError, RecursionError):
+            event("refused by Python")
             return  # Python itself refuses it: @intervene never sees such a function
         try:
             compiled = compile_source(Source(text, "<generated>", 1, 0))
         except CompileError as exc:
             assert exc.filename == "<generated>" and exc.message
+            event("CompileError")
             return
         compile(compiled.code, "<rewritten>", "exec", dont_inherit=True)
+    items = len(compiled.plan.blocks[0].lanes[0].items)
+    event("compiled, " + ("more checkpoints" if items > 2 else "the two around it"))
     assert compiled.plan.blocks and compiled.plan.blocks[0].lanes
 
 
