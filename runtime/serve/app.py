@@ -145,26 +145,28 @@ def create_app(engine: Engine, api_keys: set[str] | None = None, *,
         job = job_of(job_id, key)
 
         async def stream():
+            loop = asyncio.get_running_loop()
+            ready = asyncio.Event()
+            job.waiters.append((loop, ready))
             sent = 0
-            clock = asyncio.get_running_loop().time
-            beat = clock()
-            wait = 0.001
-            while True:
-                fresh = job.events[sent:]
-                sent += len(fresh)
-                for name, payload in fresh:
-                    yield f"event: {name}\ndata: {json.dumps(payload)}\n\n"
-                    if name == "status" and payload.get("status") in FINAL:
-                        return
-                if fresh:
-                    beat, wait = clock(), 0.001
-                elif clock() - beat >= 1.0:
-                    # A heartbeat: where the job is now (elapsed time, queue position).
-                    beat = clock()
-                    yield f"event: status\ndata: {json.dumps(engine.view(job))}\n\n"
-                # Quick at first (short jobs end within milliseconds), then every 50 ms.
-                await asyncio.sleep(wait)
-                wait = min(wait * 1.5, 0.05)
+            try:
+                while True:
+                    ready.clear()
+                    fresh = job.events[sent:]
+                    sent += len(fresh)
+                    for name, payload in fresh:
+                        yield f"event: {name}\ndata: {json.dumps(payload)}\n\n"
+                        if name == "status" and payload.get("status") in FINAL:
+                            return
+                    if fresh:
+                        continue
+                    try:
+                        await asyncio.wait_for(ready.wait(), 1.0)
+                    except TimeoutError:
+                        # A heartbeat: where the job is now (elapsed time, queue position).
+                        yield f"event: status\ndata: {json.dumps(engine.view(job))}\n\n"
+            finally:
+                job.waiters.remove((loop, ready))
 
         return StreamingResponse(stream(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})

@@ -54,6 +54,16 @@ class Job:
     detail: str = ""
     events: list = field(default_factory=list)  # (event name, payload)
     cancel_requested: bool = False
+    waiters: list = field(default_factory=list)  # (event loop, asyncio.Event) of streams
+
+    def push(self, name: str, payload: dict) -> None:
+        """Add an event and wake the streams waiting for one (from any thread)."""
+        self.events.append((name, payload))
+        for loop, ready in list(self.waiters):
+            try:
+                loop.call_soon_threadsafe(ready.set)
+            except RuntimeError:  # that stream's loop is closed
+                self.waiters.remove((loop, ready))
 
     def view(self, position: int | None = None) -> dict:
         out: dict[str, Any] = {"id": self.id, "status": self.status, "model": self.model}
@@ -288,7 +298,7 @@ class Engine:
             job = Job(uuid.uuid4().hex, key, model, data)
             self.jobs[job.id] = job
             runner.queue.append(job)
-            job.events.append(("status", job.view(len(runner.queue))))
+            job.push("status", job.view(len(runner.queue)))
             self.cond.notify_all()
             return job
 
@@ -317,7 +327,7 @@ class Engine:
         if runner is None:
             return
         for i, j in enumerate(runner.queue):
-            j.events.append(("status", j.view(i + 1)))
+            j.push("status", j.view(i + 1))
         self.cond.notify_all()
 
     def _start(self, job: Job) -> None:
@@ -325,12 +335,12 @@ class Engine:
             job.status = "RUNNING"
             job.started = time.time()
             job.data = job.data  # kept until it ends (a restarted worker never re-runs it)
-            job.events.append(("status", job.view()))
+            job.push("status", job.view())
             self.cond.notify_all()
 
     def _event(self, job: Job, name: str, payload: dict) -> None:
         with self.cond:
-            job.events.append((name, payload))
+            job.push(name, payload)
             self.cond.notify_all()
 
     def _finish(self, job: Job, status: str, **kw: Any) -> None:
@@ -347,7 +357,7 @@ class Engine:
         job.result = result
         job.detail = detail
         job.data = b""
-        job.events.append(("status", job.view()))
+        job.push("status", job.view())
         self.cond.notify_all()
 
     def _forget_old(self) -> None:
