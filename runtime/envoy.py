@@ -172,10 +172,9 @@ class Envoy:
     def _not_in_trace(self, what: str) -> NotInTraceError:
         exc = NotInTraceError(self._path, what)
         if self._module._modules.get(what) is not None:
-            exc.args = (
-                f"{exc.args[0]}. `{self._path}` also has a child module named `{what}`: "
-                f"reach that module as `{self._path}.{what}_`",
-            )
+            note = (f"`{self._path}` also has a child module named `{what}`: reach that "
+                    f"module as `{self._path}.{what}_`")
+            exc.args = (f"{exc.args[0]}. {note}",)
         return exc
 
     @property

@@ -283,7 +283,7 @@ def two_invokes(model, layer, a, b):
 
 @intervene
 def generate_steps(model, layer, x, shapes):
-    with model.generate(x, max_new_tokens=3, do_sample=False) as tracer:
+    with model.generate(x, max_new_tokens=3, do_sample=False) as tracer:  # noqa: SIM117
         with tracer.all():
             shapes.append(tuple(first(layer.output).shape))
     return tracer.result

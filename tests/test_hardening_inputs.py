@@ -12,6 +12,7 @@ from __future__ import annotations
 import gc
 import traceback
 import weakref
+from pathlib import Path
 
 import pytest
 import torch
@@ -57,6 +58,12 @@ def tiny_t5():
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         return T5ForConditionalGeneration(config).eval()
+
+
+def line_of(marker: str) -> int:
+    """The line of this file that ends with ``marker``."""
+    lines = Path(__file__).read_text().splitlines()
+    return next(i for i, text in enumerate(lines, 1) if text.endswith(marker))
 
 
 def raised_at(exc_info, line: int) -> bool:
@@ -420,15 +427,14 @@ def trace_at_line(model, x):
     return logits
 
 
-WITH_LINE = next(i for i, text in enumerate(open(__file__).read().splitlines(), 1)
-                 if text.endswith("# WITH-LINE"))
+WITH_LINE = line_of("# WITH-LINE")
 
 
 @pytest.mark.parametrize(
     ("x", "message"),
     [
-        (torch.tensor([[5, 300, 7]]), "token id 300 (row 0, position 1) is outside the "
-         "vocabulary of LlamaForCausalLM: ids go from 0 to 127"),
+        (torch.tensor([[5, 300, 7]]), ("token id 300 (row 0, position 1) is outside the "
+                                       "vocabulary of LlamaForCausalLM: ids go from 0 to 127")),
         (torch.tensor([[5, -1]]), "token id -1 (row 0, position 1) is outside the vocabulary"),
         (torch.zeros(1, 0, dtype=torch.long), "the input has no tokens"),
         ([[], []], "cannot encode rows that are all empty"),
@@ -452,8 +458,7 @@ def invoke_bad(model, a, b):
     return first, second
 
 
-BAD_INVOKE = next(i for i, text in enumerate(open(__file__).read().splitlines(), 1)
-                  if text.endswith("# BAD-INVOKE"))
+BAD_INVOKE = line_of("# BAD-INVOKE")
 
 
 def test_a_bad_invoke_input_names_the_invoke(lm):
@@ -477,8 +482,7 @@ def mlp_invokes(model, a, b, **kw):
     return x, y
 
 
-MLP_INVOKE = next(i for i, text in enumerate(open(__file__).read().splitlines(), 1)
-                  if text.endswith("# MLP-INVOKE"))
+MLP_INVOKE = line_of("# MLP-INVOKE")
 
 
 def test_unbatchable_invoke_is_named_with_its_line():
