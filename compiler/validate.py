@@ -350,7 +350,9 @@ def module_names_of(module) -> frozenset[str]:
     names = set()
     for path, _ in module.named_modules():
         names.update(p for p in path.split(".") if p and not p.isdigit())
-    return frozenset(names - _STATE_NAMES)
+    # A child name that is also a method or setting of other modules (`half`, `train`)
+    # would reach that method on a module without such a child: left out.
+    return frozenset(names - _module_attrs())
 
 
 def validate_block(

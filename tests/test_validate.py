@@ -438,3 +438,13 @@ def test_match_patterns_that_read_no_attributes_pass():
 def test_the_tracer_cannot_take_a_provided_name(name):
     err = refusal(job("h = 1", header=f"model.trace(prompt, remote=True) as {name}"))
     assert (err.line, err.construct) == (3, name)
+
+
+def test_module_names_leave_out_names_of_module_methods():
+    """`x.train` must not pass on a module that has no child of that name."""
+    import torch
+
+    net = torch.nn.Module()
+    net.add_module("train", torch.nn.Linear(1, 1))
+    net.add_module("mlp", torch.nn.Sequential(torch.nn.Linear(1, 1)))
+    assert module_names_of(net) == {"mlp"}
