@@ -41,7 +41,7 @@ class JobError(Exception):
 def _builtins(print_fn) -> dict:
     out = {name: getattr(builtins, name) for name in _SAFE_BUILTINS}
     for name, obj in vars(builtins).items():
-        if isinstance(obj, type) and issubclass(obj, BaseException):
+        if isinstance(obj, type) and issubclass(obj, Exception):  # not SystemExit & co.
             out[name] = obj
     out["print"] = print_fn
     return out
@@ -169,9 +169,7 @@ def run_job(root, header: dict, tensors: dict, print_fn, max_result: int) -> byt
     fn = compiled.build(_ServerHandle(compiled.plan, compiled.source), original)
     try:
         scope = fn(root, **values)
-    except BaseException as exc:
-        if isinstance(exc, (KeyboardInterrupt, SystemExit)):
-            raise
+    except BaseException as exc:  # noqa: BLE001 - whatever the block raised is its error
         raise JobError(type(exc).__name__, str(exc), _user_line(exc, filename), filename,
                        module=getattr(exc, "module", None),
                        traceback=_user_traceback(exc, filename)) from None
