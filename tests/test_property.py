@@ -5,8 +5,9 @@
    raises ``CompileError``, never anything else.
 2. Differential: random experiments (reads, arithmetic, ``if``/``else`` on tensor values,
    loops over layers, in-place edits, writes, saves, and now and then a read out of
-   order) run compiled against a tiny MLP and as plain Python over the same module
-   stepped by hand: the same values, or an order error on both sides.
+   order) run compiled against a tiny MLP (``NNsight`` of a ``Sequential``) and as plain
+   Python over the same modules stepped by hand: the same values (to the bit), or an
+   order error on both sides.
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ from compiler import CompileError, intervene
 from compiler.codegen import compile_source
 from compiler.parse import Source
 from runtime import NNsight, OutOfOrderError
-from runtime.models import tiny_mlp
 
 # --------------------------------------------------------------------------------------
 # 1. Random Python: CompileError or valid code
@@ -109,8 +109,20 @@ def test_random_python_compiles_or_is_a_compile_error(generated):
 # 2. Differential: compiled vs plain Python
 # --------------------------------------------------------------------------------------
 
-N_LAYERS = 4
-HEAD = N_LAYERS  # the head runs after the last layer
+N_LAYERS = 6  # modules of the layers' width: Linear, ReLU, Linear, Tanh, Linear, ReLU
+HEAD = N_LAYERS  # the 2-way Linear after them
+
+
+def _sequential() -> torch.nn.Sequential:
+    gen = torch.Generator().manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 8), torch.nn.Tanh(),
+        torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2),
+    )
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+    return net.eval()
 
 
 class OrderError(Exception):
@@ -130,29 +142,19 @@ class _RefEnvoy:
         self._ref.replace(self._index, value)
 
 
-class _RefLayers:
-    def __init__(self, ref: _Reference) -> None:
-        self._ref = ref
+class _Reference:
+    """The ``Sequential``'s forward stepped by hand, one module at a time, as the body
+    asks for values (``model[i]``, ``model[a:b]``): a module's value is the tensor the
+    next module is given (so in-place edits and replacements reach it), and asking for a
+    module the forward has passed is an ``OrderError``."""
+
+    def __init__(self, net) -> None:
+        self.modules = list(net)
 
     def __getitem__(self, key):
         if isinstance(key, slice):
-            return [_RefEnvoy(self._ref, i) for i in range(N_LAYERS)[key]]
-        return _RefEnvoy(self._ref, range(N_LAYERS)[key])
-
-    def __iter__(self):
-        return iter(self[:])
-
-
-class _Reference:
-    """The tiny MLP's forward stepped by hand, one module at a time, as the body asks
-    for values: a module's value is the tensor the next module is given (so in-place
-    edits and replacements reach it), and asking for a module the forward has passed
-    is an ``OrderError``."""
-
-    def __init__(self, net) -> None:
-        self.net = net
-        self.layers = _RefLayers(self)
-        self.head = _RefEnvoy(self, HEAD)
+            return [_RefEnvoy(self, i) for i in range(len(self.modules))[key]]
+        return _RefEnvoy(self, range(len(self.modules))[key])
 
     def trace(self, x):
         self.h, self.at, self.out = x, -1, None
@@ -171,10 +173,9 @@ class _Reference:
             raise OrderError(index)
         while self.at < index:
             if self.at >= 0:
-                self.h = torch.relu(self.out)
+                self.h = self.out
             self.at += 1
-            module = self.net.head if self.at == HEAD else self.net.layers[self.at]
-            self.out = module(self.h)
+            self.out = self.modules[self.at](self.h)
 
     def value(self, index: int):
         self._advance(index)
@@ -223,7 +224,7 @@ def _experiment_bodies(draw):
                 if j is None:
                     continue
                 v = fresh("v")
-                out.append(f"{v} = model.layers[{j}].output")
+                out.append(f"{v} = model[{j}].output")
                 local.append(v)
             elif kind == "arith":
                 a, b = draw(st.sampled_from(avail)), draw(st.sampled_from(avail))
@@ -237,16 +238,16 @@ def _experiment_bodies(draw):
                     continue
                 k, src = draw(st.integers(0, 7)), draw(st.sampled_from(avail))
                 out.append(draw(st.sampled_from([
-                    f"model.layers[{j}].output[:, {k}] = {const()}",
-                    f"model.layers[{j}].output *= {const()}",
-                    f"model.layers[{j}].output[:, {k}] += {src}[:, {k}]",
-                    f"model.layers[{j}].output.add_({src})",
+                    f"model[{j}].output[:, {k}] = {const()}",
+                    f"model[{j}].output *= {const()}",
+                    f"model[{j}].output[:, {k}] += {src}[:, {k}]",
+                    f"model[{j}].output.add_({src})",
                 ])))
             elif kind == "write":
                 j = layer(allow_back=False)
                 if j is None:
                     continue
-                out.append(f"model.layers[{j}].output = {draw(st.sampled_from(avail))} * {const()}")
+                out.append(f"model[{j}].output = {draw(st.sampled_from(avail))} * {const()}")
                 state["p"] = j + 1  # never read again after it was replaced
             elif kind == "keep":
                 out.append(f"outs.append({draw(st.sampled_from(avail))}.clone())")
@@ -274,7 +275,7 @@ def _experiment_bodies(draw):
                 b = draw(st.integers(a + 1, N_LAYERS))
                 acc = fresh("acc")
                 out.append(f"{acc} = {draw(st.sampled_from(avail))} * 0.0")
-                out.append(f"for layer in model.layers[{a}:{b}]:")
+                out.append(f"for layer in model[{a}:{b}]:")
                 out.append(f"    {acc} = {acc} + layer.output")
                 if draw(st.booleans()):
                     out.append(f"    layer.output[:, {draw(st.integers(0, 7))}] *= {const()}")
@@ -293,7 +294,7 @@ def _source(body: list[str], saved: list[str]) -> str:
         "    outs = []\n"
         "    with model.trace(x):\n"
         f"{lines}\n"
-        "        logits = model.head.output.save()\n"
+        f"        logits = model[{HEAD}].output.save()\n"
         f"    return outs, logits, [{', '.join(saved)}]\n"
     )
 
@@ -321,7 +322,7 @@ def _run_plain(fn, net, x, bias):
 
 @pytest.fixture(scope="module")
 def mlp():
-    net = tiny_mlp(N_LAYERS)
+    net = _sequential()
     model = NNsight(net)
     with torch.no_grad():
         net(torch.zeros(1, 8))
