@@ -251,3 +251,31 @@ def test_status_line_only_on_a_terminal():
     quiet.show({"status": "QUEUED", "position": 1})
     quiet.clear()
     assert pipe.text == ""
+
+
+def test_a_plain_module_has_no_name_a_server_knows(no_http):
+    from runtime import NNsight
+    from runtime.models import tiny_mlp
+
+    @intervene
+    def f(model, x):
+        with model.trace(x, remote=True):
+            out = model.head.output.save()
+        return out
+
+    with pytest.raises(remote_client.RemoteError, match="NNsight has no name a server could "
+                       "know it by"):
+        f(NNsight(tiny_mlp()), torch.randn(2, 8))
+
+
+def test_server_refuses_a_public_address_without_keys(tmp_path, capsys):
+    from runtime.serve.__main__ import is_loopback, main
+
+    assert main(["--model", "tiny-llama", "--host", "0.0.0.0"]) == 2
+    assert "refusing to serve on 0.0.0.0 without API keys" in capsys.readouterr().err
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
+    assert not is_loopback("10.1.2.3") and not is_loopback("example.org")
+    empty = tmp_path / "keys"
+    empty.write_text("\n# no keys\n")
+    with pytest.raises(SystemExit, match="holds no API key"):
+        main(["--model", "tiny-llama", "--api-keys", str(empty)])
