@@ -279,3 +279,44 @@ def test_server_refuses_a_public_address_without_keys(tmp_path, capsys):
     empty.write_text("\n# no keys\n")
     with pytest.raises(SystemExit, match="holds no API key"):
         main(["--model", "tiny-llama", "--api-keys", str(empty)])
+
+
+def test_worker_fails_a_job_that_changed_the_model_and_stops(monkeypatch):
+    # The allowlist keeps weights out of reach; this checks the guard behind it by
+    # switching the allowlist off for one in-process worker.
+    import json
+    import multiprocessing
+    import threading
+
+    from runtime.serve import execute, worker
+
+    monkeypatch.setattr(execute, "validate", lambda *a: None)
+    ours, theirs = multiprocessing.Pipe()
+    ended = []
+
+    def run():
+        try:
+            worker.main(theirs, "tiny-llama", 2**20, 4096)
+        except SystemExit as exc:
+            ended.append(exc.code)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    assert ours.poll(60) and ours.recv_bytes()[:1] == b"Y"
+    source = '''def job(model, x):
+    with model.trace(x):
+        w = model.model.norm.weight.mul_(2)
+'''
+    trees, tensors = protocol.encode_values({"x": torch.tensor([[1, 2, 3]])})
+    ours.send_bytes(protocol.pack({"protocol": 1, "model": "tiny-llama", "function": "job",
+                                   "source": source, "filename": "job.py", "first_line": 1,
+                                   "block": 0, "values": trees}, tensors))
+    assert ours.poll(60)
+    reply = ours.recv_bytes()
+    assert reply[:1] == b"E"
+    message = json.loads(reply[1:])["message"]
+    assert message.startswith("the job changed the served model (param `model.norm.weight` "
+                              "was modified in place)")
+    assert "being reloaded for the next job" in message
+    thread.join(10)
+    assert ended == [3]  # the worker ends; the engine starts a fresh one
