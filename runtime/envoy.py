@@ -201,8 +201,19 @@ class Envoy:
         return sorted(set(super().__dir__()) | children | set(dir(self._module)))
 
 
+# Of those, the ones that read or move the weights: a model whose weights are not loaded
+# yet (a LanguageModel built on the meta device) loads them first.
+_NEEDS_WEIGHTS = frozenset(_RETURNS_SELF) - {"eval", "train", "requires_grad_", "to_empty"}
+
+
 def _returning_self(name: str):
+    loads = name in _NEEDS_WEIGHTS
+
     def method(self, *args, **kwargs):
+        if loads:
+            load = getattr(self._root, "_load", None)
+            if load is not None:
+                load()
         out = getattr(self._module, name)(*args, **kwargs)
         return self if out is self._module else out
 

@@ -292,6 +292,22 @@ def test_module_methods_return_the_wrapper(method, args):
     assert net.parameters is not None and next(net.parameters()).dtype == torch.float32
 
 
+def test_moving_a_model_not_loaded_yet_loads_it_first(tmp_path):
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    tiny_llama(0).save_pretrained(tmp_path)
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(WordLevel(vocab, unk_token="<unk>")),
+                                  pad_token="<pad>", eos_token="</s>")
+    lm = LanguageModel(str(tmp_path), tokenizer=tok)
+    assert next(lm._module.parameters()).is_meta  # built without its weights
+    assert lm.to("cpu") is lm
+    assert torch.equal(lm._module.lm_head.weight, tiny_llama(0).lm_head.weight)
+    assert lm.float() is lm and not next(lm._module.parameters()).is_meta
+
+
 def test_wrappers_can_be_weakly_referenced():
     net = NNsight(tiny_mlp())
     assert weakref.ref(net)() is net
