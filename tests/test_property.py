@@ -129,24 +129,38 @@ class OrderError(Exception):
     """The reference's OutOfOrderError: a module asked for after the forward passed it."""
 
 
+def _event(index: int, value: str) -> int:
+    """Events in forward order: module i's input (2i), then its output (2i + 1)."""
+    return 2 * index + (value == "output")
+
+
 class _RefEnvoy:
     def __init__(self, ref: _Reference, index: int) -> None:
         self._ref, self._index = ref, index
 
     @property
+    def input(self):
+        return self._ref.value(self._index, "input")
+
+    @input.setter
+    def input(self, value) -> None:
+        self._ref.replace(self._index, "input", value)
+
+    @property
     def output(self):
-        return self._ref.value(self._index)
+        return self._ref.value(self._index, "output")
 
     @output.setter
     def output(self, value) -> None:
-        self._ref.replace(self._index, value)
+        self._ref.replace(self._index, "output", value)
 
 
 class _Reference:
     """The ``Sequential``'s forward stepped by hand, one module at a time, as the body
-    asks for values (``model[i]``, ``model[a:b]``): a module's value is the tensor the
-    next module is given (so in-place edits and replacements reach it), and asking for a
-    module the forward has passed is an ``OrderError``."""
+    asks for values (``model[i]``, ``model[a:b]``): a module's input is the tensor it is
+    given and its output the one it returned, which is the next module's input (so
+    in-place edits and replacements reach the rest of the forward); asking for a value
+    the forward has passed is an ``OrderError``."""
 
     def __init__(self, net) -> None:
         self.modules = list(net)
@@ -157,7 +171,7 @@ class _Reference:
         return _RefEnvoy(self, range(len(self.modules))[key])
 
     def trace(self, x):
-        self.h, self.at, self.out = x, -1, None
+        self.h, self.at = x, -1  # the value of the last event reached
         return self
 
     def __enter__(self):
@@ -165,30 +179,30 @@ class _Reference:
 
     def __exit__(self, *exc) -> bool:
         if exc[0] is None:
-            self._advance(HEAD)
+            self._advance(_event(HEAD, "output"))
         return False
 
-    def _advance(self, index: int) -> None:
-        if index < self.at:
-            raise OrderError(index)
-        while self.at < index:
-            if self.at >= 0:
-                self.h = self.out
+    def _advance(self, event: int) -> None:
+        if event < self.at:
+            raise OrderError(event)
+        while self.at < event:
             self.at += 1
-            self.out = self.modules[self.at](self.h)
+            if self.at % 2:  # an output: run the module on its (possibly edited) input
+                self.h = self.modules[self.at // 2](self.h)
 
-    def value(self, index: int):
-        self._advance(index)
-        return self.out
+    def value(self, index: int, value: str):
+        self._advance(_event(index, value))
+        return self.h
 
-    def replace(self, index: int, value) -> None:
-        self._advance(index)
-        self.out = value
+    def replace(self, index: int, value: str, new) -> None:
+        self._advance(_event(index, value))
+        self.h = new
 
 
 @st.composite
 def _experiment_bodies(draw):
-    """Lines of a trace body, module indices mostly in forward order."""
+    """Lines of a trace body, module values mostly in forward order."""
+    last_event = _event(N_LAYERS - 1, "output")
     state = {"p": 0, "last": -1, "n": 0, "saved": [], "depth": 0}
     names = ["bias"]  # tensors of the layers' shape available to the body
 
@@ -196,17 +210,19 @@ def _experiment_bodies(draw):
         state["n"] += 1
         return f"{prefix}{state['n']}"
 
-    def layer(allow_back: bool = True) -> int | None:
+    def value(allow_back: bool = True) -> str | None:
+        """``model[j].input`` / ``.output`` at or after the events asked for so far."""
         # Out of order only where it surely runs: the pre-run check reports a wrong
         # order inside a branch even when the branch is not taken (as documented).
         if allow_back and state["depth"] == 0 and state["last"] > 0 and (
                 draw(st.integers(0, 9)) == 0):
-            return draw(st.integers(0, state["last"] - 1))  # out of order
-        if state["p"] >= N_LAYERS:
+            event = draw(st.integers(0, state["last"] - 1))  # out of order
+        elif state["p"] > last_event:
             return None
-        j = draw(st.integers(state["p"], N_LAYERS - 1))
-        state["p"], state["last"] = j, max(state["last"], j)
-        return j
+        else:
+            event = draw(st.integers(state["p"], last_event))
+            state["p"], state["last"] = event, max(state["last"], event)
+        return f"model[{event // 2}].{'output' if event % 2 else 'input'}"
 
     def const() -> str:
         return draw(st.sampled_from(["0.5", "2.0", "-1.0", "0.0", "1.5"]))
@@ -220,11 +236,10 @@ def _experiment_bodies(draw):
                 + (["save"] if top else [])))
             avail = names + local
             if kind == "read":
-                j = layer()
-                if j is None:
+                v, where = fresh("v"), value()
+                if where is None:
                     continue
-                v = fresh("v")
-                out.append(f"{v} = model[{j}].output")
+                out.append(f"{v} = {where}")
                 local.append(v)
             elif kind == "arith":
                 a, b = draw(st.sampled_from(avail)), draw(st.sampled_from(avail))
@@ -233,22 +248,22 @@ def _experiment_bodies(draw):
                 out.append(f"{v} = ({a} {op} {b}) * {const()}")
                 local.append(v)
             elif kind == "inplace":
-                j = layer(allow_back=False)
-                if j is None:
+                where = value(allow_back=False)
+                if where is None:
                     continue
                 k, src = draw(st.integers(0, 7)), draw(st.sampled_from(avail))
                 out.append(draw(st.sampled_from([
-                    f"model[{j}].output[:, {k}] = {const()}",
-                    f"model[{j}].output *= {const()}",
-                    f"model[{j}].output[:, {k}] += {src}[:, {k}]",
-                    f"model[{j}].output.add_({src})",
+                    f"{where}[:, {k}] = {const()}",
+                    f"{where} *= {const()}",
+                    f"{where}[:, {k}] += {src}[:, {k}]",
+                    f"{where}.add_({src})",
                 ])))
             elif kind == "write":
-                j = layer(allow_back=False)
-                if j is None:
+                where = value(allow_back=False)
+                if where is None:
                     continue
-                out.append(f"model[{j}].output = {draw(st.sampled_from(avail))} * {const()}")
-                state["p"] = j + 1  # never read again after it was replaced
+                out.append(f"{where} = {draw(st.sampled_from(avail))} * {const()}")
+                state["p"] += 1  # never asked for again once replaced
             elif kind == "keep":
                 out.append(f"outs.append({draw(st.sampled_from(avail))}.clone())")
             elif kind == "save":
@@ -270,16 +285,22 @@ def _experiment_bodies(draw):
                 out += ["    " + ln for ln in then]
                 out.append("else:")
                 out += ["    " + ln for ln in other]
-            elif kind == "for" and depth < 2 and state["p"] < N_LAYERS:
-                a = draw(st.integers(state["p"], N_LAYERS - 1))
+            elif kind == "for" and depth < 2 and state["p"] <= last_event:
+                a = draw(st.integers(state["p"] // 2 + 1 if state["p"] % 2 else state["p"] // 2,
+                                     N_LAYERS))
+                if a >= N_LAYERS:
+                    continue
                 b = draw(st.integers(a + 1, N_LAYERS))
                 acc = fresh("acc")
                 out.append(f"{acc} = {draw(st.sampled_from(avail))} * 0.0")
                 out.append(f"for layer in model[{a}:{b}]:")
+                if draw(st.booleans()):
+                    out.append(f"    {acc} = {acc} + layer.input")
                 out.append(f"    {acc} = {acc} + layer.output")
                 if draw(st.booleans()):
                     out.append(f"    layer.output[:, {draw(st.integers(0, 7))}] *= {const()}")
-                state["p"], state["last"] = b - 1, max(state["last"], b - 1)
+                end = _event(b - 1, "output")
+                state["p"], state["last"] = end, max(state["last"], end)
                 local.append(acc)
         return out or ["pass"]
 
