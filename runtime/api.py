@@ -13,7 +13,17 @@ import sys
 import torch
 
 from .envoy import Envoy
-from .interleave import backward, barrier, end_backward, end_steps, mark, next_step, read, write
+from .interleave import (
+    backward,
+    barrier,
+    end_backward,
+    end_steps,
+    mark,
+    next_step,
+    read,
+    rows_require_grad,
+    write,
+)
 from .nnsight import NNsight
 from .tracer import Tracer
 
@@ -35,6 +45,8 @@ def requires_grad(value, flag: bool) -> None:
             "`requires_grad = False` on a value computed from parameters that require grad: "
             "use `.detach()` instead"
         )
+    if flag and isinstance(value, torch.Tensor) and value._base is not None and rows_require_grad(value):
+        return  # an invoke's rows of a value that did not require grad: see rows_require_grad
     value.requires_grad = flag
 
 

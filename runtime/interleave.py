@@ -16,6 +16,7 @@ computation.
 
 from __future__ import annotations
 
+import threading
 import weakref
 from types import GeneratorType
 from typing import Any
@@ -39,6 +40,7 @@ _grad_enabled = torch.is_grad_enabled
 _set_grad_enabled = torch._C._set_grad_enabled
 _PHASE = {"output": OUT, "input": PRE, "inputs": PRE}
 _Tensor = torch.Tensor
+_ACTIVE = threading.local()  # .inter: the interleaver running in this thread (see `activate`)
 
 
 def read(envoy, value: str, site: int) -> tuple:
@@ -288,6 +290,12 @@ class Interleaver:
         self.attached: dict[tuple[int, str], Any] = {}  # key -> what cleanup undoes
         self.fired: set[tuple[int, str]] = set()
         self.lanes: list[Lane] = []
+
+    def activate(self) -> None:
+        """Make this the interleaver of this thread (for ``rows_require_grad``) until
+        ``cleanup``; a trace of another model inside a block gives it back after."""
+        self.prev_active = getattr(_ACTIVE, "inter", None)
+        _ACTIVE.inter = self
 
     # -- lanes -----------------------------------------------------------------
     def start(self, fn, index: int, rows, grad: bool) -> None:
@@ -897,6 +905,8 @@ class Interleaver:
             if not lane.done and hasattr(lane.gen, "close"):
                 lane.gen.close()
             lanes.pop(0)
+        if getattr(_ACTIVE, "inter", None) is self:
+            _ACTIVE.inter = self.prev_active
 
 
 # -- batches: an invoke's rows ------------------------------------------------------
@@ -995,6 +1005,34 @@ def _link_rows(view, base, rows: slice) -> None:
         return None
 
     base.register_hook(hook)
+
+
+def rows_require_grad(view) -> bool:
+    """``x.requires_grad = True`` on an invoke's rows of the value being handed out,
+    when that value does not require grad (frozen parameters): the model goes on with
+    the batch, not with the view, so the batch value is replaced by a copy that takes
+    these rows from ``view`` (now a leaf that requires grad): gradients then reach
+    ``view.grad`` as they reach a whole value without invokes.  False if ``view`` is
+    not such rows (the caller then sets the flag as usual)."""
+    inter = getattr(_ACTIVE, "inter", None)
+    cur = inter.current if inter is not None else None
+    base = view._base
+    if cur is None or cur.phase == GRAD or base is None or base.requires_grad or base.dim() == 0:
+        return False
+    what = "output" if cur.phase == OUT else "input"
+    if cur.get(what) is not base or base.stride(0) == 0:
+        return False
+    start = (view.storage_offset() - base.storage_offset()) // base.stride(0)
+    rows = slice(start, start + view.shape[0]) if view.dim() else None
+    if rows is None or not _rows_view(base, view, rows):
+        return False
+    view.requires_grad_(True)
+    out = base.clone()
+    out[rows] = view
+    cur.set(what, out)
+    if inter.served is not None:  # a backward block asks for the view's own gradient
+        inter.served[id(view)] = (view, view, None)
+    return True
 
 
 def _rows_view(current, new, rows: slice) -> bool:

@@ -217,6 +217,7 @@ class Tracer:
                 args, kwargs = root._prepare(self._args, self._kwargs)
                 rows = None
             inter = self._inter = Interleaver(root, self._block, self._sites, self._filename)
+            inter.activate()
             self._rows = rows  # tracer.cache() in invoke i records rows[i]
             late_cache_hooks(self)  # see runtime/cache.py
             if self._has_backward:

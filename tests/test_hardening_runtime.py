@@ -819,3 +819,61 @@ def test_checked_blocks_stay_bounded(mlp, monkeypatch):
 
         fresh(model, x_input())
     assert len(model._checked) == 8
+
+
+# --------------------------------------------------------------------------------------
+# `x.requires_grad = True` on an invoke's rows of a model with frozen parameters
+# --------------------------------------------------------------------------------------
+
+
+@intervene
+def frozen_requires_grad_invoke(model, x1, x2):
+    with model.trace() as tracer:
+        with tracer.invoke(x1):
+            other = model.head.output.save()
+        with tracer.invoke(x2):
+            hidden = model.layers[1].output.save()
+            hidden.requires_grad = True
+            out = model.head.output.save()
+    return other, hidden, out
+
+
+@intervene
+def frozen_backward_block_invoke(model, x1, x2):
+    with model.trace() as tracer:
+        with tracer.invoke(x1):
+            other = model.head.output.save()
+        with tracer.invoke(x2):
+            hidden = model.layers[1].output
+            hidden.requires_grad = True
+            out = model.head.output
+            with out.sum().backward():
+                grad = hidden.grad.save()
+    return grad
+
+
+def frozen_reference(x, rows):
+    """Plain PyTorch: the frozen model's layer-1 output made a leaf that requires grad."""
+    ref = tiny_mlp(n_layers=4, hidden=8, seed=0).requires_grad_(False)
+    kept = {}
+
+    def leaf(mod, args, out):
+        kept["h"] = out.detach().requires_grad_(True)
+        return kept["h"]
+
+    with forward_hooks({ref.layers[1]: leaf}):
+        out = ref(x)
+    out[rows].sum().backward()
+    return out, kept["h"].grad[rows]
+
+
+def test_requires_grad_on_invoke_rows_of_a_frozen_model():
+    x1, x2 = x_input(1, batch=2), x_input(2, batch=3)
+    model = NNsight(tiny_mlp(n_layers=4, hidden=8, seed=0).requires_grad_(False))
+    other, hidden, out = frozen_requires_grad_invoke(model, x1, x2)
+    ref_out, ref_grad = frozen_reference(torch.cat([x1, x2]), slice(2, 5))
+    assert torch.equal(out, ref_out[2:]) and torch.equal(other, ref_out[:2])
+    out.sum().backward()
+    assert torch.equal(hidden.grad, ref_grad)
+    assert torch.equal(frozen_backward_block_invoke(model, x1, x2), ref_grad)
+    assert_no_hooks(model)
