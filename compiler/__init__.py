@@ -8,6 +8,7 @@ only when torch already is, otherwise on the first call of a compiled function.
 from __future__ import annotations
 
 import functools
+import linecache
 import sys
 from collections.abc import Callable
 from typing import TypeVar
@@ -50,9 +51,12 @@ def intervene(fn: F) -> F:
         return fn  # `@intervene` twice: compiled once already
     inner = _unwrap(fn)
     compiled = compile_function(inner)
+    frame = sys._getframe(1)
+    _check_not_hidden(compiled, inner, frame)
     # Decorators written below `@intervene` (`@torch.no_grad()`, ...) wrapped the
     # user's function; they are applied again, in the same order, to the compiled one.
-    below = () if inner is fn else _decorators_below(compiled, fn, inner, sys._getframe(1))
+    below = () if inner is fn else _decorators_below(compiled, fn, inner, frame)
+    del frame
 
     def build():
         from runtime.api import handle_for
@@ -79,6 +83,26 @@ def intervene(fn: F) -> F:
         return built(*args, **kwargs)
 
     return _with_plan(run, compiled)
+
+
+def _check_not_hidden(compiled: Compiled, inner, frame) -> None:
+    """Written as ``@intervene``, the function compiled must be the one under it: a
+    decorator below that returns a wrapper without ``functools.wraps`` hides it (the
+    wrapper's source would be compiled instead)."""
+    filename, line = frame.f_code.co_filename, frame.f_lineno
+    if not linecache.getline(filename, line).lstrip().startswith("@"):
+        return  # `intervene(fn)` called as a function: fn is what it is
+    code = inner.__code__
+    first = compiled.decorators[0][1] if compiled.decorators else compiled.plan.line
+    if code.co_filename == filename and first <= line <= compiled.plan.line:
+        return
+    raise CompileError(
+        f"@intervene was given `{inner.__qualname__}` ({code.co_filename}:"
+        f"{compiled.plan.line}), not the function written under it: a decorator below "
+        "@intervene returned a wrapper without `functools.wraps`; use `functools.wraps` "
+        "in that decorator, or put it above @intervene",
+        filename, line,
+    )
 
 
 def _decorators_below(compiled: Compiled, fn, inner, frame) -> tuple:

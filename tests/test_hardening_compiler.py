@@ -151,6 +151,43 @@ def test_decorator_that_cannot_be_evaluated_again_is_a_compile_error():
     )
 
 
+def hiding(fn):
+    def wrapper(*args, **kwargs):  # no functools.wraps: the function is hidden
+        return fn(*args, **kwargs)
+    return wrapper
+
+
+def test_wrapper_hiding_the_function_is_a_compile_error():
+    with pytest.raises(CompileError) as err:
+        @intervene  # over a hiding wrapper
+        @hiding
+        def experiment(model, x):
+            with model.trace(x):
+                hidden = model.layers[2].output.save()
+            return hidden
+
+    wrapper_line = line_of("# no functools.wraps: the function is hidden")
+    assert (err.value.filename, err.value.lineno) == (str(THIS_FILE),
+                                                       line_of("# over a hiding wrapper"))
+    assert err.value.message == (
+        f"@intervene was given `hiding.<locals>.wrapper` ({THIS_FILE}:{wrapper_line}), not "
+        "the function written under it: a decorator below @intervene returned a wrapper "
+        "without `functools.wraps`; use `functools.wraps` in that decorator, or put it above "
+        "@intervene"
+    )
+
+
+def test_intervene_called_as_a_function_compiles_what_it_is_given(model):
+    def experiment(model, x):
+        with model.trace(x):
+            hidden = model.layers[2].output.save()
+        return hidden
+
+    compiled = intervene(experiment)
+    (expected,) = plain_outputs(model, x_input(), model._module.layers[2])
+    assert torch.equal(compiled(model, x_input()), expected)
+
+
 def test_intervene_twice_is_once(model):
     @intervene
     @intervene
