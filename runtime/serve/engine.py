@@ -215,9 +215,7 @@ class ModelRunner(threading.Thread):
                                "out of memory?); it is restarted"})
                 return
             if msg is None:
-                if not self._alive():
-                    continue  # the EOF comes on the next poll
-                continue
+                continue  # a dead worker shows as end-of-file on the next poll
             tag, body = msg[:1], msg[1:]
             if tag == b"P":
                 self.engine._event(job, "print", {"text": body.decode("utf-8", "replace")})
@@ -334,7 +332,6 @@ class Engine:
         with self.cond:
             job.status = "RUNNING"
             job.started = time.time()
-            job.data = job.data  # kept until it ends (a restarted worker never re-runs it)
             job.push("status", job.view())
             self.cond.notify_all()
 
