@@ -393,6 +393,12 @@ class _Analyzer(cst.CSTVisitor):
 
     def visit_AnnAssign(self, node: cst.AnnAssign) -> None:
         self._binds(node.target)
+        found = _bound_value(node.target)
+        if found is not None and self.block is not None:
+            raise self.error(
+                found, f"`{self.code(found)}` with an annotation: a module value cannot be "
+                f"annotated; write `{self.code(found)} = value` without the annotation",
+            )
 
     def visit_AugAssign(self, node: cst.AugAssign) -> None:
         self._binds(node.target)

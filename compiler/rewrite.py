@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import ast
 import itertools
+import sys
 from dataclasses import dataclass
 
 import libcst as cst
@@ -147,6 +148,7 @@ class Rewriter(cst.CSTTransformer):
         self.barriers: set[str] = set()  # names bound to `tracer.barrier(n)` in the block
         self.markers: dict[int, tuple] = {}  # provisional number -> (block, lane, kind, line, detail, scope)
         self.backward_depth = 0  # inside `with loss.backward():` of a lane
+        self.fstring_quotes: list[str] = []  # quotes of the f-strings around the code
 
     # -- positions -----------------------------------------------------------
     def pos(self, node: cst.CSTNode) -> tuple[int, int]:
@@ -576,13 +578,33 @@ class Rewriter(cst.CSTTransformer):
     def _read(self, original: cst.Attribute, updated: cst.Attribute) -> cst.BaseExpression:
         access = "inplace" if id(original) in self.inplace_roots else "read"
         tmp = self._checkpoint(original, updated.value, access)
-        req = _call("read", updated.value, cst.SimpleString(repr(original.attr.value)),
+        req = _call("read", updated.value, self._string(original.attr.value, original),
                     cst.Integer(str(tmp)))
         if self.comp_hoist:
             self._comp_touch()
         node = _paren(cst.Yield(req))
         self.reads.append(node)
         return node
+
+    # Inside an f-string (before Python 3.12) a string may not use the f-string's
+    # own quote: the value names in requests take the other one.
+    def visit_FormattedString(self, node: cst.FormattedString) -> None:
+        self.fstring_quotes.append(node.quote)
+
+    def leave_FormattedString(self, original, updated):
+        self.fstring_quotes.pop()
+        return updated
+
+    def _string(self, text: str, node: cst.CSTNode) -> cst.SimpleString:
+        used = "".join(self.fstring_quotes)
+        if "'" in used and '"' in used and sys.version_info < (3, 12):
+            raise self.error(
+                node, f"`.{text}` inside f-strings nested with both quote kinds: before "
+                "Python 3.12 the rewritten code cannot name the value there; read it into a "
+                "variable first and use the variable in the f-string",
+            )
+        quote = '"' if "'" in used else "'"
+        return cst.SimpleString(f"{quote}{text}{quote}")
 
     def leave_Attribute(self, original: cst.Attribute, updated: cst.Attribute):
         attr = original.attr.value

@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import inspect
 import linecache
+import sys
 import traceback
 from pathlib import Path
 
@@ -419,6 +420,9 @@ def test_two_blocks_in_one_with_is_refused():
         ("xs = [1 for model.head.output in [1]]",
          ("`model.head.output` as a comprehension's `for` target: a module value can only be "
          "written by an assignment of its own; use a plain variable as the target")),
+        ("model.head.output: torch.Tensor = x",
+         ("`model.head.output` with an annotation: a module value cannot be annotated; "
+          "write `model.head.output = value` without the annotation")),
         ("with open('f') as model.head.output: pass",
          ("`model.head.output` as an `as` target: a module value can only be written by an "
          "assignment of its own; bind a plain variable and assign it (`m.output = v`) on the "
@@ -455,6 +459,39 @@ def test_in_place_edit_inside_a_tuple_target(model):
             .checkpoints] == [("layers[0]", "inplace"), ("layers[0]", "read")]
     a, hidden = experiment(model, x_input())
     assert a == [1] and torch.all(hidden[:, 0] == 5.0)
+
+
+def test_module_values_inside_f_strings(model):
+    @intervene
+    def experiment(model, x):
+        with model.trace(x):
+            single = f'{model.layers[0].output.shape[0]}-{model.layers[1].output.sum():.3f}'
+            double = f"{model.layers[2].output.shape}"
+            nested = f"{f'{3}'} {model.head.output.shape[1]}"
+            texts = [single, double, nested].save()
+        return texts
+
+    first, second, third = plain_outputs(model, x_input(), model._module.layers[0],
+                                         model._module.layers[1], model._module.layers[2])
+    assert experiment(model, x_input()) == [
+        f"{first.shape[0]}-{second.sum():.3f}", f"{third.shape}", "3 2"]
+
+
+@pytest.mark.skipif(sys.version_info >= (3, 12), reason="any quotes nest from Python 3.12 on")
+def test_module_value_in_f_strings_nested_with_both_quotes_is_a_compile_error():
+    with pytest.raises(CompileError) as err:
+        @intervene
+        def experiment(model, x):
+            with model.trace(x):
+                text = f"{f'{model.head.output.shape[1]}'}".save()  # both quotes
+            return text
+
+    assert err.value.lineno == line_of("# both quotes")
+    assert err.value.message == (
+        "`.output` inside f-strings nested with both quote kinds: before Python 3.12 the "
+        "rewritten code cannot name the value there; read it into a variable first and use "
+        "the variable in the f-string"
+    )
 
 
 # --------------------------------------------------------------------------------------
