@@ -36,7 +36,7 @@ def wait_for(predicate, seconds: float = 60.0, step: float = 0.05):
 @pytest.fixture(scope="module")
 def engine():
     eng = Engine(["tiny-llama"], Limits(job_timeout=4.0, max_result=2**20, max_print=4096,
-                                        max_queued=3))
+                                        max_queued=3, max_memory=512 * 2**20))
     eng.start()
     try:
         wait_for(eng.ready, 120)
@@ -322,3 +322,16 @@ def test_second_block_in_a_loop_uses_the_first_blocks_values(remote, lm):
     got, local = run(lm, IDS, True), run(lm, IDS, False)
     assert torch.equal(got[0], local[0])
     assert len(got[1]) == 2 and all(torch.equal(a, b) for a, b in zip(got[1], local[1]))
+
+
+def test_memory_limit_fails_the_job_not_the_machine(http):
+    hog = '''def job(model, x):
+    with model.trace(x, remote=True):
+        big = torch.ones(2**28)
+        h = model.model.layers[1].output.save()
+'''
+    done = run_raw(http, job_message(hog, values={"x": IDS}))
+    assert done["status"] == "ERROR" and done["error"]["type"] == "RuntimeError", done
+    assert "can't allocate memory" in done["error"]["message"]
+    after = run_raw(http, job_message(HARMLESS, values={"x": IDS}))
+    assert after["status"] == "COMPLETED"

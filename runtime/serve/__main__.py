@@ -43,6 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--job-timeout", type=float, default=300.0,
                         help="seconds a job may run before it is stopped (default 300)")
     parser.add_argument("--max-result-mb", type=float, default=256.0)
+    parser.add_argument("--max-memory-gb", type=float, default=None,
+                        help="memory a worker may take beyond its loaded model (Linux, CPU "
+                             "models; off by default): a bigger allocation fails the job")
     parser.add_argument("--max-queued", type=int, default=8,
                         help="jobs waiting or running per API key (default 8)")
     args = parser.parse_args(argv)
@@ -62,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     from .engine import Engine
 
     limits = Limits(job_timeout=args.job_timeout, max_result=int(args.max_result_mb * 2**20),
-                    max_queued=args.max_queued)
+                    max_queued=args.max_queued,
+                    max_memory=int(args.max_memory_gb * 2**30) if args.max_memory_gb else None)
     engine = Engine(args.model, limits)
     app = create_app(engine, keys)
     print(f"intervene server on http://{args.host}:{args.port} serving "

@@ -31,12 +31,13 @@ class Limits:
     max_request: int = 256 * 2**20  # bytes of a job message
     max_result: int = 256 * 2**20  # bytes of tensors in a result
     max_print: int = 2**20  # bytes of print output per job
+    max_memory: int | None = None  # bytes a worker may map beyond its loaded model (Linux)
     max_queued: int = 8  # jobs queued or running per API key
     keep_finished: float = 600.0  # seconds a finished job (and its result) is kept
 
     def public(self) -> dict:
         return {k: getattr(self, k) for k in ("job_timeout", "max_request", "max_result",
-                                              "max_print", "max_queued")}
+                                              "max_print", "max_queued", "max_memory")}
 
 
 @dataclass
@@ -103,7 +104,7 @@ class ModelRunner(threading.Thread):
         parent, child = ctx.Pipe()
         lim = self.engine.limits
         proc = ctx.Process(target=worker.main, args=(child, self.spec, lim.max_result,
-                                                     lim.max_print),
+                                                     lim.max_print, lim.max_memory),
                            daemon=True, name=f"intervene-worker-{self.spec}")
         proc.start()
         child.close()

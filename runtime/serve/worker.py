@@ -79,7 +79,19 @@ class _Printer:
         self.send(b"P" + data)
 
 
-def main(conn, spec: str, max_result: int, max_print: int) -> None:
+def _limit_memory(extra: int) -> None:
+    """Let this process map at most ``extra`` more bytes than it holds now (the model
+    loaded): a job's huge allocation then fails as a MemoryError / RuntimeError of
+    that job instead of taking the machine's memory."""
+    import resource
+
+    with open("/proc/self/status", encoding="ascii") as f:
+        size = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
+    resource.setrlimit(resource.RLIMIT_AS, (size + extra, size + extra))
+
+
+def main(conn, spec: str, max_result: int, max_print: int, max_memory: int | None = None,
+         ) -> None:
     """The worker's loop (the spawn target)."""
     from runtime.remote import protocol
 
@@ -96,6 +108,8 @@ def main(conn, spec: str, max_result: int, max_print: int) -> None:
     except BaseException as exc:  # noqa: BLE001 - reported, then the worker ends
         send(b"F" + json.dumps({"message": f"{type(exc).__name__}: {exc}"}).encode())
         return
+    if max_memory:
+        _limit_memory(max_memory)
     send(b"Y" + json.dumps({"names": names_for(spec, model)}).encode())
     while True:
         try:
