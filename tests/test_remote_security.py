@@ -10,10 +10,10 @@ import time
 import pytest
 import torch
 from fastapi.testclient import TestClient
+from security.corpus import ENTRIES, HARMLESS, job
 
 from runtime.remote import protocol
 from runtime.serve import Engine, Limits, create_app
-from security.corpus import ENTRIES, HARMLESS, job
 
 IDS = torch.tensor([[1, 5, 7, 9, 11]])
 KEY = {"Authorization": "Bearer corpus-key"}
