@@ -335,3 +335,28 @@ def test_memory_limit_fails_the_job_not_the_machine(http):
     assert "can't allocate memory" in done["error"]["message"]
     after = run_raw(http, job_message(HARMLESS, values={"x": IDS}))
     assert after["status"] == "COMPLETED"
+
+
+def test_ctrl_c_while_waiting_cancels_the_job(remote, lm, engine, monkeypatch):
+    seen = {}
+
+    def interrupted(self, http, job):
+        wait_for(lambda: engine.jobs[job].status == "RUNNING", 10)
+        seen["job"] = job
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(remote_client.Client, "_follow", interrupted)
+
+    @intervene
+    def forever(model, x):
+        with model.trace(x, remote=True):
+            n = 0
+            while True:
+                n += 1
+        return x
+
+    with pytest.raises(KeyboardInterrupt):
+        forever(lm, IDS)
+    job = engine.jobs[seen["job"]]
+    wait_for(lambda: job.status != "RUNNING", 10)
+    assert job.status == "CANCELLED" and "cancelled while running" in job.detail
