@@ -325,7 +325,11 @@ class Interleaver:
                     cause = exc.__cause__
                     if cause.__class__ is StopIteration and _from_lane(exc, gen):
                         lane.done = True
-                        raise UserStopIteration(cause) from None
+                        carrier, cause = UserStopIteration(cause), None
+                        try:
+                            raise carrier from None
+                        finally:
+                            carrier = None
                     raise
                 error = None
                 envoy = req[0]
@@ -620,7 +624,10 @@ class Interleaver:
                 getattr(cp, "path", ""),
                 line,
             )
-            self.advance(lane, None, error=err)
+            try:
+                self.advance(lane, None, error=err)
+            finally:
+                err = None  # no frame of a raised error may keep it (a reference cycle)
         for lane in sorted(session.end_waiting, key=lambda ln: ln.index):
             lane.parked = None
             lane.backward = None
@@ -844,10 +851,10 @@ class Interleaver:
                     f"{getattr(b, 'n', '?')} invokes but only {getattr(b, 'arrived', '?')} "
                     "reached it: every invoke that calls it must reach it in the same forward pass"
                 )
-                self.advance(lane, None, error=err)
-                if not lane.done:
-                    lane.gen.close()
-                    raise err
+                try:
+                    self._throw(lane, err)
+                finally:
+                    err = None  # no frame of a raised error may keep it (a reference cycle)
                 continue
             self.waiting.pop((id(module), phase), None)
             lane.parked = None
@@ -877,10 +884,21 @@ class Interleaver:
                     envoy._path,
                     line,
                 )
+            try:
+                self._throw(lane, err)
+            finally:
+                err = None  # no frame of a raised error may keep it (a reference cycle)
+
+    def _throw(self, lane: Lane, err: BaseException) -> None:
+        """Throw ``err`` into ``lane`` at its line; if the lane catches it and goes on
+        waiting, close it and raise ``err`` here."""
+        try:
             self.advance(lane, None, error=err)
             if not lane.done:
                 lane.gen.close()
                 raise err
+        finally:
+            err = None
 
     def cleanup(self) -> None:
         """Remove everything the trace put on the model and close the lanes.  Each

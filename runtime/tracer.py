@@ -200,7 +200,7 @@ class Tracer:
 
     def _execute_locked(self) -> None:
         root = self._root
-        inter = learning = None
+        inter = learning = stop_iteration = None
         first_pass_done = False
         try:
             got = root._checked.get(id(self._block))
@@ -239,12 +239,9 @@ class Tracer:
             inter.finish()
         except UserStopIteration as carrier:
             # The user's own StopIteration, kept as it was (a generator would have made
-            # it "RuntimeError: generator raised StopIteration").
-            exc = carrier.exc
-            try:
-                raise exc from None
-            finally:
-                exc = carrier = None
+            # it "RuntimeError: generator raised StopIteration"); raised after cleanup,
+            # outside this handler, so that it does not refer to the carrier.
+            stop_iteration = carrier.exc
         finally:
             if first_pass_done is None:  # the run raised: did a later step begin?
                 first_pass_done = inter.step > 0
@@ -260,6 +257,11 @@ class Tracer:
                     raise pending
                 finally:
                     pending = None
+        if stop_iteration is not None:
+            try:
+                raise stop_iteration
+            finally:
+                stop_iteration = None
 
     def _run_model(self, inter, args, kwargs) -> bool:
         """Run the forward (or generate); True when the first forward pass ran to its end."""
