@@ -46,18 +46,20 @@ class Arch:
 
 # transformers 5 runs MoE experts with torch._grouped_mm on the CPU; torch's fake-tensor
 # kernel for it accepts only bfloat16, so a float32 MoE model cannot be scanned.
-MOE_SCAN = "torch's fake kernel of _grouped_mm (MoE experts) takes only bfloat16"
+MOE_SCAN = ("MoE experts cannot run on fake tensors (5.x: torch's fake _grouped_mm takes "
+            "only bfloat16; 4.x: expert routing has data-dependent shapes)")
 
 # transformers 4.x checks input_ids for pad tokens when there is no attention mask, and
 # reads the mask's values when there is one: neither can run on fake tensors.
-PADDING_CHECK = "transformers 4.x reads token values (the pad-token check) before running"
+PADDING_CHECK = "transformers 4.x reads token or mask values, which fake tensors lack"
 TF4 = __import__("transformers").__version__.startswith("4.")
 
 ARCHS = [
     Arch("gpt2", quick=True, scan_fails_tf4=PADDING_CHECK),
     Arch("gpt_neox"),
     Arch("gptj", overrides={"rotary_dim": 4}),
-    Arch("gpt_neo", overrides={"attention_types": [[["global", "local"], 1]], "window_size": 16}),
+    Arch("gpt_neo", overrides={"attention_types": [[["global", "local"], 1]], "window_size": 16,
+                               "num_layers": 2}),
     Arch("codegen", overrides={"rotary_dim": 4}),
     Arch("llama", quick=True),
     Arch("mistral"),
@@ -69,7 +71,7 @@ ARCHS = [
     Arch("gemma3_text"),
     Arch("phi"),
     Arch("phi3"),
-    Arch("opt"),
+    Arch("opt", scan_fails_tf4=PADDING_CHECK),
     Arch("bloom"),
     Arch("falcon", overrides={"head_dim": None}),
     Arch("mpt"),
@@ -85,8 +87,8 @@ ARCHS = [
     Arch("glm"),
     Arch("helium"),
     Arch("nemotron"),
-    Arch("biogpt"),
-    Arch("xglm"),
+    Arch("biogpt", scan_fails_tf4=PADDING_CHECK),
+    Arch("xglm", scan_fails_tf4=PADDING_CHECK),
     Arch("mixtral", scan_fails=MOE_SCAN),
     Arch("qwen2_moe", scan_fails=MOE_SCAN),
     Arch("qwen3_moe", scan_fails=MOE_SCAN),
@@ -94,13 +96,14 @@ ARCHS = [
     Arch("granitemoe", scan_fails=MOE_SCAN),
     Arch("phimoe", scan_fails=MOE_SCAN),
     Arch("mamba"),
-    Arch("mamba2", overrides={"num_heads": 8, "n_groups": 1, "state_size": 16, "expand": 2,
-                              "chunk_size": 16}),
+    Arch("mamba2", scan_fails_tf4=PADDING_CHECK,
+         overrides={"num_heads": 8, "n_groups": 1, "state_size": 16, "expand": 2,
+                    "chunk_size": 16}),
     Arch("falcon_mamba"),
     Arch("t5", "seq2seq", quick=True),
-    Arch("bart", "seq2seq"),
+    Arch("bart", "seq2seq", scan_fails_tf4=PADDING_CHECK),
     Arch("bert", "encoder", quick=True, scan_fails_tf4=PADDING_CHECK),
-    Arch("roberta", "encoder"),
+    Arch("roberta", "encoder", scan_fails_tf4=PADDING_CHECK),
     Arch("vit", "vision"),
     Arch("resnet", "vision"),
 ]
