@@ -48,6 +48,13 @@ def _state_of(module) -> _ModelState:
     return state
 
 
+def model_lock(module) -> threading.RLock:
+    """The lock a trace of ``module`` holds while it runs.  A plain call of the model
+    made ``with model_lock(module):`` waits for a trace running in another thread
+    (the same thread may take it again: a plain call from inside a block)."""
+    return _state_of(module).lock
+
+
 def _no_tracer():
     return None
 

@@ -891,3 +891,47 @@ def test_requires_grad_on_invoke_rows_of_a_frozen_model():
     assert torch.equal(hidden.grad, ref_grad)
     assert torch.equal(frozen_backward_block_invoke(model, x1, x2), ref_grad)
     assert_no_hooks(model)
+
+
+@intervene
+def stop_at_step_one(model, ids):
+    with model.generate(ids, max_new_tokens=5, do_sample=False) as tracer:
+        with tracer.iter[1]:
+            h = model.model.layers[0].output.save()
+            tracer.stop()
+            after = (h * 2).save()
+    return h, after
+
+
+def test_stop_in_a_step_block_ends_generation():
+    model = LanguageModel(tiny_llama(0), tokenizer=None)
+    calls = []
+    with torch.no_grad():
+        with forward_hooks(pre={model._module: lambda m, a, k: calls.append(1)}):
+            h, after = stop_at_step_one(model, IDS)
+        ref = tiny_llama(0)
+        seen = []
+        with forward_hooks(out={ref.model.layers[0]: lambda m, a, o: seen.append(o)}):
+            ref.generate(IDS, attention_mask=torch.ones_like(IDS), max_new_tokens=2,
+                         do_sample=False)
+    assert len(calls) == 2  # step 0, and step 1 stopped after layer 0
+    assert torch.allclose(h, seen[1], atol=1e-6)
+    assert torch.equal(after, h * 2)
+    assert_no_hooks(model)
+
+
+def test_model_lock_makes_plain_calls_wait(mlp):
+    from runtime.tracer import model_lock
+
+    model, ref = mlp
+    log: list = []
+    started = threading.Event()
+    outer = threading.Thread(target=slow_reader, args=(model, x_input(), log, started))
+    outer.start()
+    assert started.wait(10)
+    with model_lock(model._module):
+        log.append("plain")
+        out = model(x_input())
+    outer.join(10)
+    assert log == ["outer in", "outer out", "plain"]
+    assert torch.equal(out, ref(x_input()))
