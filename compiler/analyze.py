@@ -433,10 +433,9 @@ class _Analyzer(cst.CSTVisitor):
 
     def visit_Del(self, node: cst.Del) -> None:
         self._binds(node.target)
-        if m.matches(node.target, m.Attribute(attr=m.Name())) and (
-            node.target.attr.value in VALUE_ATTRS
-        ):
-            raise self.error(node, f"`del ...{node.target.attr.value}`: a module value cannot be deleted")
+        found = _bound_value(node.target)  # `del m.output`, `del a, m.output`
+        if found is not None:
+            raise self.error(node, f"`del ...{found.attr.value}`: a module value cannot be deleted")
 
     # The value of an assignment: `.save()` (or `tracer.cache()`) in it saves the targets.
     def visit_Assign_value(self, node: cst.Assign) -> None:

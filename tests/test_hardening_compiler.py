@@ -420,6 +420,8 @@ def test_two_blocks_in_one_with_is_refused():
         ("xs = [1 for model.head.output in [1]]",
          ("`model.head.output` as a comprehension's `for` target: a module value can only be "
          "written by an assignment of its own; use a plain variable as the target")),
+        ("del model.head.output", "`del ...output`: a module value cannot be deleted"),
+        ("del a, model.layers[1].input", "`del ...input`: a module value cannot be deleted"),
         ("model.head.output: torch.Tensor = x",
          ("`model.head.output` with an annotation: a module value cannot be annotated; "
           "write `model.head.output = value` without the annotation")),

@@ -105,6 +105,97 @@ def test_random_python_compiles_or_is_a_compile_error(generated):
     assert compiled.plan.blocks and compiled.plan.blocks[0].lanes
 
 
+# Module values in every syntactic place (hypothesmith rarely builds these): the same
+# property, on statements from a small grammar of our own.
+
+_ATOMS = ["model.layers[0].output", "model.layers[1].input", "model.head.output", "h", "1", "x",
+          "h.output", "model.layers[h].inputs"]
+_TARGETS = ["v", "model.layers[0].output", "model.layers[0].output[0]", "a, b",
+            "a, model.layers[0].output", "(a, (b, model.layers[1].output[0]))",
+            "model.layers[0].output.attr", "[a, *model.layers[2].input]", "h.output",
+            "x[model.layers[0].output]", "model.layers[h].inputs"]
+
+
+def _expressions():
+    def extend(inner):
+        two = st.tuples(inner, inner)
+        return st.one_of(
+            two.map(lambda t: f"({t[0]} + {t[1]})"),
+            inner.map(lambda a: f"{a}[0]"),
+            inner.map(lambda a: f"{a}.sum()"),
+            inner.map(lambda a: f"f'{{{a}}}'"),
+            inner.map(lambda a: f'f"{{{a}!r:>3}}"'),
+            inner.map(lambda a: f"[{a} for _ in range(2) if {a} is not None]"),
+            inner.map(lambda a: f"{{k: {a} for k in range(2)}}"),
+            inner.map(lambda a: f"(lambda: {a})"),
+            st.tuples(inner, inner, inner).map(lambda t: f"({t[0]} if {t[1]} else {t[2]})"),
+            inner.map(lambda a: f"(w := {a})"),
+            inner.map(lambda a: f"[*{a}]"),
+            two.map(lambda t: f"({t[0]} and {t[1]})"),
+            two.map(lambda t: f"{t[0]}[{t[1]}:]"),
+            two.map(lambda t: f"print({t[0]}, sep={t[1]})"),
+            two.map(lambda t: f"{{{t[0]}: {t[1]}}}"),
+            inner.map(lambda a: f"(yield {a})"),
+            inner.map(lambda a: f"(await {a})"),
+        )
+
+    return st.recursive(st.sampled_from(_ATOMS), extend, max_leaves=4)
+
+
+def _statements():
+    e, t = _expressions(), st.sampled_from(_TARGETS)
+    return st.one_of(
+        e.map(lambda a: f"v = {a}"),
+        st.tuples(t, e).map(lambda p: f"{p[0]} = {p[1]}"),
+        st.tuples(t, e).map(lambda p: f"{p[0]} += {p[1]}"),
+        st.tuples(t, e).map(lambda p: f"{p[0]}: int = {p[1]}"),
+        st.tuples(t, e).map(lambda p: f"for {p[0]} in {p[1]}:\n    pass"),
+        st.tuples(e, t).map(lambda p: f"with {p[0]} as {p[1]}:\n    pass"),
+        t.map(lambda a: f"del {a}"),
+        st.tuples(e, e).map(lambda p: f"if {p[0]}:\n    v = {p[1]}\nelse:\n    pass"),
+        e.map(lambda a: f"while {a}:\n    break"),
+        st.tuples(e, e).map(lambda p: f"assert {p[0]}, {p[1]}"),
+        st.tuples(e, e, e).map(lambda p: f"@{p[0]}\ndef g(a={p[1]}):\n    return {p[2]}"),
+        st.tuples(e, e).map(lambda p: f"match {p[0]}:\n    case [1]:\n        v = {p[1]}"),
+        st.tuples(e, e).map(
+            lambda p: f"try:\n    v = {p[0]}\nexcept Exception as err:\n    v = {p[1]}"),
+        e.map(lambda a: f"class K:\n    y = {a}"),
+        st.just("return"),
+        e.map(lambda a: f"print({a})"),
+        st.tuples(e, e).map(lambda p: f"print(*{p[0]}, end={p[1]}, **{{}})"),
+        st.tuples(e, e).map(lambda p: f"v = [w := {p[0]} for _ in {p[1]}]"),
+        st.tuples(e, e).map(lambda p: f"v = {p[0]} < {p[1]} <= {p[0]}"),
+    )
+
+
+def _block(lines: list[str]) -> str:
+    body = "".join(
+        "".join(f"        {ln}\n" for ln in stmt.split("\n")) for stmt in lines)
+    return f"def experiment(model, x):\n    h = 1\n    with model.trace(x):\n{body}"
+
+
+@settings(max_examples=300, deadline=None, derandomize=True, database=None,
+          suppress_health_check=list(HealthCheck))
+@given(st.lists(_statements(), min_size=1, max_size=4))
+def test_module_values_anywhere_compile_or_are_a_compile_error(lines):
+    text = _block(lines)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            compile(text, "<generated>", "exec", dont_inherit=True)
+        except SyntaxError:
+            event("refused by Python")
+            return
+        try:
+            compiled = compile_source(Source(text, "<generated>", 1, 0))
+        except CompileError as exc:
+            assert exc.filename == "<generated>" and exc.lineno and exc.message
+            event("CompileError")
+            return
+        compile(compiled.code, "<rewritten>", "exec", dont_inherit=True)
+    event("compiled")
+
+
 # --------------------------------------------------------------------------------------
 # 2. Differential: compiled vs plain Python
 # --------------------------------------------------------------------------------------
