@@ -6,7 +6,11 @@ the tracer checks the plan against the model (static paths resolve, static
 checkpoints come in an order the model can produce), starts the lanes, runs
 the model's forward (or ``generate``) once and cleans up: every hook and
 wrapped ``forward`` is removed and every lane closed, whether the run
-succeeded or not.
+succeeded or not (an interrupt included).
+
+Traces of one ``torch.nn.Module`` run one at a time: each holds the module's
+lock (``model_lock``) from its checks to its cleanup; another thread waits, and
+a trace started from inside a running one in the same thread is refused.
 """
 
 from __future__ import annotations

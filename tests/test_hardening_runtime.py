@@ -735,7 +735,7 @@ def _interrupt_at(n: int, files: set[str]):
     return global_, count
 
 
-def test_interrupt_at_any_line_of_the_runtime_leaves_nothing():
+def test_interrupt_as_any_runtime_call_begins_leaves_nothing():
     import runtime.api
     import runtime.envoy
     import runtime.interleave
