@@ -1014,13 +1014,12 @@ def _link_rows(view, base, rows: slice) -> None:
     def hook(grad):
         v = ref()
         if v is None or not v.retains_grad:
-            return None
+            return
         part = grad[rows].clone()
         now, mine = v.grad, last[0]
         if now is not None and mine is not None:
             part = (now if now is mine else mine) + part
         v.grad = last[0] = part
-        return None
 
     base.register_hook(hook)
 

@@ -282,9 +282,9 @@ def test_trace_inside_a_trace_of_the_same_model_is_refused(mlp):
 
 
 def test_trace_of_another_model_inside_a_trace_works(mlp):
-    model, ref = mlp
+    model, _ = mlp
     other = NNsight(tiny_mlp(n_layers=4, hidden=8, seed=1))
-    a, b = outer_calls_inner_other(model, other, x_input())
+    _, b = outer_calls_inner_other(model, other, x_input())
     _, seen = plain_outputs(tiny_mlp(n_layers=4, hidden=8, seed=1), x_input(), ["layers.2"])
     assert torch.equal(b, seen["layers.2"])
     assert_no_hooks(other)
@@ -344,7 +344,7 @@ def test_in_place_no_grad_edit_in_an_invoke_keeps_the_graph():
 @intervene
 def write_no_grad_invoke(model, x1, x2):
     with model.trace() as tracer:
-        with tracer.invoke(x1):
+        with tracer.invoke(x1):  # noqa: SIM117
             with torch.no_grad():
                 model.layers[1].output = model.layers[1].output * 2
         with tracer.invoke(x2):
@@ -382,7 +382,7 @@ def requires_grad_in_invoke(model, x1, x2):
             hidden.requires_grad = True
             out = model.head.output.save()
         with tracer.invoke(x2):
-            out2 = model.head.output.save()
+            out2 = model.head.output.save()  # noqa: F841
     return hidden, out
 
 
@@ -506,7 +506,7 @@ def test_module_value_after_stop_is_missed_at_its_line(mlp):
     assert log == ["after stop"]
     assert info.value.line == line_of("# READ-AFTER-STOP")
     assert user_frames(info.value)[-1] == line_of("# READ-AFTER-STOP")
-    a, missed = stop_then_catch(model, x_input())
+    _, missed = stop_then_catch(model, x_input())
     assert missed is True
 
 
@@ -534,7 +534,7 @@ def test_stop_outside_the_block_is_an_error(mlp):
 
 @intervene
 def last_step(model, ids):
-    with model.generate(ids, max_new_tokens=3, do_sample=False) as tracer:
+    with model.generate(ids, max_new_tokens=3, do_sample=False) as tracer:  # noqa: SIM117
         with tracer.iter[-1]:  # ITER-NEG
             h = model.model.layers[0].output.save()
     return h
@@ -542,7 +542,7 @@ def last_step(model, ids):
 
 @intervene
 def some_steps(model, ids, sel):
-    with model.generate(ids, max_new_tokens=3, do_sample=False) as tracer:
+    with model.generate(ids, max_new_tokens=3, do_sample=False) as tracer:  # noqa: SIM117
         with tracer.iter[sel]:  # ITER-SEL
             h = model.model.layers[0].output.save()
     return h
@@ -730,7 +730,6 @@ def _interrupt_at(n: int, files: set[str]):
             count[0] += 1
             if count[0] == n:
                 raise KeyboardInterrupt
-        return None
 
     return global_, count
 
@@ -753,7 +752,7 @@ def test_interrupt_as_any_runtime_call_begins_leaves_nothing():
             model = NNsight(tiny_mlp(n_layers=4, hidden=8, seed=0))
             if learned:
                 read_all(model, x)
-            tracer_fn, count = _interrupt_at(n, files)
+            tracer_fn, _ = _interrupt_at(n, files)
             interrupted = False
             sys.settrace(tracer_fn)
             try:
@@ -766,7 +765,7 @@ def test_interrupt_as_any_runtime_call_begins_leaves_nothing():
             # the model is usable at once, from this thread and from another one
             assert torch.equal(read_all(model, x)[1], expected)
             done = []
-            th = threading.Thread(target=lambda: done.append(read_all(model, x)[1]))
+            th = threading.Thread(target=lambda m=model, d=done: d.append(read_all(m, x)[1]))
             th.start()
             th.join(10)
             assert done and torch.equal(done[0], expected)
@@ -777,7 +776,7 @@ def test_interrupt_as_any_runtime_call_begins_leaves_nothing():
 
 
 def test_interrupt_during_cleanup_still_removes_everything(mlp, monkeypatch):
-    import runtime.interleave as interleave
+    from runtime import interleave
 
     model, ref = mlp
     real = interleave._undo
@@ -856,7 +855,7 @@ def frozen_requires_grad_invoke(model, x1, x2):
 def frozen_backward_block_invoke(model, x1, x2):
     with model.trace() as tracer:
         with tracer.invoke(x1):
-            other = model.head.output.save()
+            other = model.head.output.save()  # noqa: F841
         with tracer.invoke(x2):
             hidden = model.layers[1].output
             hidden.requires_grad = True
@@ -895,7 +894,7 @@ def test_requires_grad_on_invoke_rows_of_a_frozen_model():
 
 @intervene
 def stop_at_step_one(model, ids):
-    with model.generate(ids, max_new_tokens=5, do_sample=False) as tracer:
+    with model.generate(ids, max_new_tokens=5, do_sample=False) as tracer:  # noqa: SIM117
         with tracer.iter[1]:
             h = model.model.layers[0].output.save()
             tracer.stop()

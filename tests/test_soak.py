@@ -101,7 +101,7 @@ def invokes(model, x1, x2):
 
 @intervene
 def steps(model, ids, sel):
-    with model.generate(ids, max_new_tokens=2, do_sample=False) as tracer:
+    with model.generate(ids, max_new_tokens=2, do_sample=False) as tracer:  # noqa: SIM117
         with tracer.iter[sel]:
             h = model.model.layers[0].output.save()
     return h
