@@ -33,8 +33,6 @@ _NOT_SUPPORTED = {
     "all": "`module.all()` is not supported: use `with tracer.all():` in a generate block",
     "iter": "`module.iter[...]` is not supported: use `with tracer.iter[...]:` in a generate "
     "block",
-    "source": "`.source` (values inside a module's own forward code) is not supported: read "
-    "the inputs and outputs of its submodules",
     "edit": "persistent edits (`.edit()`) are not supported: put the intervention in the "
     "experiment, it runs on every call",
     "export_edits": "persistent edits are not supported",
@@ -97,6 +95,10 @@ class Envoy:
         escaped = _ESCAPED.get(name)
         if escaped is not None and module._modules.get(escaped) is not None:
             return self._child(escaped)  # `layer.output_`: the child module named `output`
+        if name == "source":  # the calls inside its forward: runtime/source.py
+            from .source import source_of
+
+            return source_of(self)
         if name in _NOT_SUPPORTED:
             raise AttributeError(f"`{self._path}.{name}`: {_NOT_SUPPORTED[name]}") from None
         children = [k for k, v in module._modules.items() if v is not None]

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch
 
+from .source import GENERIC, CallSite, site_order
+
 PRE, OUT = "pre", "out"
 _LISTS = (torch.nn.ModuleList, torch.nn.Sequential)
 
@@ -34,6 +36,10 @@ def ancestry(root, module) -> list:
 
 
 def _compute(root, ma, pa: str, mb, pb: str):
+    if ma.__class__ is CallSite or mb.__class__ is CallSite:  # `.source`: runtime/source.py
+        verdict = site_order(root, ma, pa, mb, pb)
+        if verdict is not GENERIC:
+            return verdict
     repeated = root._repeated
     if ma is mb:
         # One call: its input comes before its output.  Called again: no fact.
