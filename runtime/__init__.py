@@ -1,9 +1,9 @@
 """Runs compiled intervention plans on live PyTorch models.
 
 Public surface: ``NNsight`` (wrap any module), ``LanguageModel`` (a
-transformers causal LM, or the embedded default ``"smollm2-135m"``), and the
-errors a run can raise.  Names load on first use, so ``import runtime`` stays
-cheap (no torch) until a model is wrapped.
+transformers causal LM, or the embedded default ``"smollm2-135m"``), the
+errors a run can raise, and ``save(x)`` (the same as ``x.save()``).  Names load
+on first use, so ``import runtime`` stays cheap (no torch) until a model is wrapped.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ __all__ = [
     "NNsight",
     "NotInTraceError",
     "OutOfOrderError",
+    "save",
 ]
 
 _WHERE = {
@@ -26,6 +27,7 @@ _WHERE = {
     "OutOfOrderError": ".errors",
     "MissedCheckpointError": ".errors",
     "NotInTraceError": ".errors",
+    "save": ".api",
 }
 
 
