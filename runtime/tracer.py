@@ -216,17 +216,7 @@ class Tracer:
         try:
             got = root._checked.get(id(self._block))
             facts = got[1] if got is not None and got[0] is self._block else block_facts(root, self._block)
-            if self._invoked:
-                # `tracer.invoke()` with no input adds no rows: it sees the whole batch.
-                args, kwargs, rows = root._batch(
-                    [(spec.args, spec.kwargs) if spec is not None and (spec.args or spec.kwargs)
-                     else None for _, spec, _ in self._lanes],
-                    [self._block.lanes[index] for _, _, index in self._lanes],  # names in errors
-                )
-                kwargs = {**kwargs, **self._kwargs}
-            else:
-                args, kwargs = root._prepare(self._args, self._kwargs)
-                rows = None
+            args, kwargs, rows = self._inputs()
             inter = self._inter = Interleaver(root, self._block, self._sites, self._filename)
             inter.activate()
             self._rows = rows  # tracer.cache() in invoke i records rows[i]
@@ -273,6 +263,21 @@ class Tracer:
                 raise stop_iteration
             finally:
                 stop_iteration = None
+
+    def _inputs(self) -> tuple[tuple, dict, list | None]:
+        """The model's inputs, and each lane's rows of the batch (None: all rows).  The
+        server's batched pass (runtime/serve/batch.py) overrides it."""
+        root = self._root
+        if not self._invoked:
+            args, kwargs = root._prepare(self._args, self._kwargs)
+            return args, kwargs, None
+        # `tracer.invoke()` with no input adds no rows: it sees the whole batch.
+        args, kwargs, rows = root._batch(
+            [(spec.args, spec.kwargs) if spec is not None and (spec.args or spec.kwargs)
+             else None for _, spec, _ in self._lanes],
+            [self._block.lanes[index] for _, _, index in self._lanes],  # names in errors
+        )
+        return args, {**kwargs, **self._kwargs}, rows
 
     def _run_model(self, inter, args, kwargs) -> bool:
         """Run the forward (or generate); True when the first forward pass ran to its end."""
