@@ -83,7 +83,13 @@ class LanguageModel(NNsight):
         **from_pretrained_kwargs: Any,
     ) -> None:
         from .lazy import can_defer, meta_causal_lm
+        from .models import loading_keywords
 
+        # nnsight's keywords: torch_dtype= is dtype=; device_map="auto"/"cpu" on a CPU-only
+        # machine is no device map (the load stays lazy).
+        dtype, device_map, from_pretrained_kwargs = loading_keywords(
+            dtype, device_map, from_pretrained_kwargs
+        )
         if not dispatch and can_defer(source, device_map, from_pretrained_kwargs):
             # Config and tokenizer only; the weights load when a local block needs them.
             model, tok = meta_causal_lm(source, tokenizer, dtype)

@@ -41,16 +41,22 @@ def meta_causal_lm(source: Any, tokenizer: Any, dtype: Any) -> tuple[Any, Any]:
     """The model's module tree on the meta device, and its tokenizer (loaded)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from .models import _load_tokenizer, _missing_model_error, _prepare_tokenizer, _resolve_dtype
+    from .models import (
+        _is_local,
+        _load_tokenizer,
+        _missing_model_error,
+        _prepare_tokenizer,
+        _resolve_dtype,
+    )
 
     location, default_dtype = _location(source)
     torch_dtype = _resolve_dtype(dtype)
     if torch_dtype is None:
         torch_dtype = default_dtype
     try:
-        config = AutoConfig.from_pretrained(location, local_files_only=True)
+        config = AutoConfig.from_pretrained(location, local_files_only=_is_local(location))
     except OSError as err:
-        raise _missing_model_error(str(source)) from err
+        raise _missing_model_error(str(source), err) from err
     kwargs = {} if torch_dtype in (None, "auto") else {"dtype": torch_dtype}
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, **kwargs)

@@ -170,12 +170,15 @@ def test_encode_refuses_inputs_without_tokens(inputs: Any, message: str) -> None
         encode(None, inputs)
 
 
-def test_missing_hub_id_gives_clear_error() -> None:
+def test_missing_hub_id_gives_clear_error(monkeypatch) -> None:
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # read when a download starts
     with pytest.raises(FileNotFoundError) as info:
         load_causal_lm("intervene-tests/no-such-model-anywhere")
     message = str(info.value)
     assert "'intervene-tests/no-such-model-anywhere'" in message
-    assert "never downloads from the Hugging Face Hub" in message
+    assert "downloading is off (HF_HUB_OFFLINE" in message
     assert "local folder" in message
     assert DEFAULT_ALIAS in message
 

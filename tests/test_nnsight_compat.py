@@ -99,3 +99,100 @@ def test_import_intervene_is_not_shadowed_by_a_users_runtime_py(tmp_path):
     out = subprocess.run([sys.executable, "script.py"], cwd=tmp_path, capture_output=True,
                          text=True, timeout=120)
     assert "mine 1" in out.stdout
+
+
+# -- loading keywords ---------------------------------------------------------------
+
+
+def _param_dtype(lm):
+    return next(lm._module.parameters()).dtype
+
+
+def test_torch_dtype_is_dtype():
+    assert _param_dtype(LanguageModel(tiny_llama(0), torch_dtype=torch.bfloat16)) == torch.bfloat16
+    assert _param_dtype(LanguageModel(tiny_llama(0), torch_dtype="float16")) == torch.float16
+    with pytest.raises(ValueError, match="both dtype=torch.float32 and torch_dtype='float16'"):
+        LanguageModel(tiny_llama(0), dtype=torch.float32, torch_dtype="float16")
+
+
+def test_torch_dtype_on_a_folder_is_honoured_and_stays_lazy(tmp_path):
+    _save_tiny(tmp_path)
+    lm = LanguageModel(str(tmp_path), torch_dtype=torch.bfloat16, device_map="auto")
+    assert next(lm._module.parameters()).is_meta  # still lazy: device_map="auto" on a CPU
+    assert _param_dtype(lm) == torch.bfloat16
+    lm._load()
+    want = tiny_llama(0).lm_head.weight.to(torch.bfloat16)
+    assert torch.equal(lm._module.lm_head.weight, want)
+
+
+def test_dispatch_and_device_map_on_a_built_model():
+    net = tiny_llama(0)
+    for kwargs in ({"dispatch": True}, {"device_map": "cpu"}, {"device_map": "auto"},
+                   {"device_map": torch.device("cpu"), "dispatch": True}):
+        lm = LanguageModel(net, **kwargs)
+        assert lm._module is net and next(net.parameters()).device.type == "cpu"
+    with pytest.raises(ValueError, match="cannot be split over devices"):
+        LanguageModel(net, device_map={"": 0})
+    with pytest.raises(ValueError, match="'xyz' is not a device"):
+        LanguageModel(net, device_map="xyz")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available on this machine"):
+            LanguageModel(net, device_map="cuda:0")
+
+
+# -- models from the Hugging Face hub (offline: a cache laid out as the hub's) ---------------
+
+
+def _tiny_tokenizer():
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<pad>", "<s>", "</s>", "<unk>"] + [f"w{i}" for i in range(20)]
+    tok = Tokenizer(WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>",
+                                   unk_token="<unk>")
+
+
+def _save_tiny(folder: Path) -> None:
+    tiny_llama(0).save_pretrained(folder)
+    _tiny_tokenizer().save_pretrained(folder)
+
+
+def test_hub_id_loads_from_the_hub_cache_offline(tmp_path):
+    rev = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hf" / "hub" / "models--intervene-tests--tiny-llama"
+    _save_tiny(repo / "snapshots" / rev)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(rev)
+    script = textwrap.dedent("""
+        import torch
+        from intervene import LanguageModel, intervene
+        from runtime.models import tiny_llama
+
+        lm = LanguageModel("intervene-tests/tiny-llama")
+        @intervene
+        def f(lm):
+            with lm.trace("w1 w2 w3"):
+                logits = lm.lm_head.output.save()
+            return logits
+        ids = lm.tokenizer("w1 w2 w3", return_tensors="pt")["input_ids"]
+        want = tiny_llama(0)(ids).logits
+        print("equal", torch.equal(f(lm), want), ids.tolist())
+        try:
+            LanguageModel("intervene-tests/not-cached")
+        except FileNotFoundError as err:
+            print("error:", err)
+    """)
+    (tmp_path / "script.py").write_text(script)
+    out = subprocess.run([sys.executable, "script.py"], capture_output=True, text=True,
+                         timeout=180, cwd=tmp_path, check=False,
+                         env={**os.environ, "HF_HOME": str(tmp_path / "hf"),
+                              "HF_HUB_OFFLINE": "1"})
+    assert out.returncode == 0, out.stderr
+    assert "equal True [[5, 6, 7]]" in out.stdout
+    assert ("error: cannot load model 'intervene-tests/not-cached': it is not a local folder "
+            "and not in the local Hugging Face cache") in out.stdout
+    assert "downloading is off (HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE is set)" in out.stdout
