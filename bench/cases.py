@@ -666,6 +666,13 @@ def _theirs(get, name: str, net, *args):
     return functools.partial(get(theirs, name), net, *args)
 
 
+def source_case(cfg: Config) -> Outcome:
+    """7. ``.source`` costs nothing where it is not used: bench/source_case.py."""
+    from .source_case import source_cost
+
+    return source_cost(cfg)
+
+
 CASES: dict[str, Callable[[Config], Outcome]] = {
     "fixed": fixed_cost,
     "scaling": scaling,
@@ -673,4 +680,5 @@ CASES: dict[str, Callable[[Config], Outcome]] = {
     "generate": generation,
     "compile": compile_cost,
     "memory": memory_case,
+    "source": source_case,
 }

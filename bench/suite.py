@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="fewer repetitions and 8 generated tokens (about a minute)")
     parser.add_argument("--only", default="",
                         help="comma-separated cases: fixed, scaling, model, generate, "
-                             "compile, memory")
+                             "compile, memory, source")
     parser.add_argument("--write", action="store_true", help="write RESULTS.md even if quick")
     parser.add_argument("--no-write", action="store_true", help="print only")
     args = parser.parse_args(argv)
