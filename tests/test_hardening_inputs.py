@@ -524,7 +524,7 @@ def test_invokes_with_different_keywords_are_named():
 # --------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["skip", "next", "source", "edit", "session", "all", "iter"])
+@pytest.mark.parametrize("name", ["skip", "next", "edit", "session", "all", "iter"])
 def test_missing_features_say_not_supported(name):
     net = NNsight(tiny_mlp())
     with pytest.raises(AttributeError) as info:
