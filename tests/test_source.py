@@ -151,6 +151,89 @@ def test_forward_without_source_is_a_clear_error():
     assert not hasattr(NNsight(Builtin()), "source")
 
 
+def top_level_forward(self, x):
+    return torch.tanh(self.fc(x)) * 2
+
+
+class TopLevel(torch.nn.Module):
+    forward = top_level_forward  # written at the top level of its file
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(4, 4)
+
+
+def test_closures_and_a_forward_written_at_the_top_level():
+    scale = torch.tensor(3.0)
+
+    class Local(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = torch.nn.Linear(4, 4)
+
+        def forward(self, x):
+            return torch.sigmoid(self.fc(x)) * scale  # `scale`: a closure variable
+
+    @intervene
+    def read(model, x):
+        with model.trace(x):
+            s = model.source.sigmoid_0.output.save()
+            out = model.output.save()
+        return s, out
+
+    torch.manual_seed(0)
+    local, top = Local(), TopLevel()
+    x = x4()
+    s, out = read(NNsight(local), x)
+    assert torch.equal(s, torch.sigmoid(local.fc(x))) and torch.equal(out, s * 3)
+
+    @intervene
+    def zero(model, x):
+        with model.trace(x):
+            model.source.tanh_0.output[:] = 0
+            out = model.output.save()
+        return out
+
+    assert torch.count_nonzero(zero(NNsight(top), x)) == 0
+    first = inspect.getsourcelines(top_level_forward)[1]
+    assert f"tanh_0, fc_0 -> {first + 1}  " in str(NNsight(top).source)
+    assert_no_hooks(local)
+    assert_no_hooks(top)
+
+
+def test_a_forward_set_on_the_instance_or_a_module_already_running():
+    model = net()
+    model._module.forward = lambda x: x
+
+    @intervene
+    def read(model, x):
+        with model.trace(x):
+            r = model.source.relu_0.output.save()
+        return r
+
+    with pytest.raises(AttributeError, match=r"`model` has its own `forward` set on the "
+                                             r"instance, which `.source` cannot rewrite"):
+        read(model, x4())
+    del model._module.forward
+
+    lm = eager_llama()
+
+    @intervene
+    def late(model, ids):
+        with model.trace(ids):
+            for layer in model.model.layers:
+                q = layer.self_attn.q_proj.output.save()  # self_attn is running after this
+                o = layer.self_attn.source.o_proj_0.output.save()
+        return q, o
+
+    with pytest.raises(RuntimeError, match=r"`model\.model\.layers\.0\.self_attn\.source` is "
+                                           r"named while `model\.model\.layers\.0\.self_attn` "
+                                           r"is watched already in this pass"):
+        late(lm, IDS)
+    assert_no_hooks(lm)
+    assert source_mod._LIVE == {}
+
+
 # -- reading, equal to a hand-written patch ---------------------------------------------------
 
 
@@ -315,7 +398,8 @@ def test_order_between_sites_their_module_and_other_modules():
         return a, q, w, o, d
 
     a, q, w, o, d = good(model, IDS)
-    assert q.shape == (1, 6, 32) and d.shape == (1, 6, 32)
+    assert q.shape == (1, 6, 32) and d.shape == (1, 6, 32) and a.shape == (1, 6, 32)
+    assert w.shape == (1, 6, 4, 8) and o.shape == (1, 6, 32)
 
     @intervene
     def late(model, ids):
@@ -332,11 +416,13 @@ def test_order_between_sites_their_module_and_other_modules():
         with model.trace(ids):
             g = model.model.layers[0].mlp.source.gate_proj_0.output.save()
             a = model.model.layers[0].mlp.source.act_fn_0.input.save()
+            u = model.model.layers[0].mlp.source.up_proj_0.output.save()
             dn = model.model.layers[0].mlp.source.down_proj_0.input.save()
-        return g, a, dn
+        return g, a, u, dn
 
-    g, a, dn = nested(model, IDS)
-    assert torch.equal(g, a)
+    g, a, u, dn = nested(model, IDS)
+    mlp = model.model.layers[0].mlp._module
+    assert torch.equal(g, a) and torch.equal(dn, mlp.act_fn(g) * u)
     assert_no_hooks(model)
 
 
@@ -442,7 +528,7 @@ def test_every_generation_step():
     @intervene
     def steps(model, ids):
         outs = []
-        with model.generate(ids, max_new_tokens=3, do_sample=False) as tracer:
+        with model.generate(ids, max_new_tokens=3, do_sample=False) as tracer:  # noqa: SIM117
             with tracer.all():
                 outs.append(model.model.layers[0].self_attn.source.o_proj_0.output[:, -1].save())
         return outs, tracer.result
@@ -481,7 +567,6 @@ def test_a_call_site_that_never_runs_and_an_error_leave_nothing():
     def fails(model, x):
         with model.trace(x):
             model.source.fc_0.output[99] = 0
-        return None
 
     with pytest.raises(IndexError):
         fails(model, x4())
