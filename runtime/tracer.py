@@ -21,7 +21,7 @@ from typing import Any, Self
 
 import torch
 
-from . import order
+from . import order, source
 from .cache import late_cache_hooks
 from .errors import OutOfOrderError
 from .interleave import OUT, PRE, Barrier, Interleaver, StepSelection, StopTrace, UserStopIteration
@@ -228,6 +228,8 @@ class Tracer:
                 learning = root._learn_order()
             if self._kind == "generate" or self._has_steps:
                 inter._ensure_step_hook()
+            if source.USED:  # `.source` named somewhere: its forwards go in first
+                source.install_static(inter, facts)
             inter.attach_static(facts)
             grad = torch.is_grad_enabled()
             for i, (fn, _spec, index) in enumerate(self._lanes):
