@@ -95,6 +95,9 @@ class Envoy:
         escaped = _ESCAPED.get(name)
         if escaped is not None and module._modules.get(escaped) is not None:
             return self._child(escaped)  # `layer.output_`: the child module named `output`
+        alias = _renamed(self, name)  # `rename=` of the wrapper: runtime/nnsight.py
+        if alias is not None:
+            return alias
         if name == "source":  # the calls inside its forward: runtime/source.py
             from .source import source_of
 
@@ -227,6 +230,28 @@ def _returning_self(name: str):
 for _name in _RETURNS_SELF:
     setattr(Envoy, _name, _returning_self(_name))
 del _name
+
+
+def _renamed(envoy: Envoy, name: str) -> Envoy | None:
+    """The module an alias of the wrapper's ``rename=`` names, cached as an attribute
+    (so the next access is a plain read); None when ``name`` is no alias here."""
+    root = envoy._root
+    try:  # never through __getattr__: a part whose wrapper is gone is its own root
+        renames = object.__getattribute__(root, "_renames")
+    except AttributeError:
+        return None
+    if not renames:
+        return None
+    target = renames.get((envoy._path, name))
+    if target is None:
+        child = renames.get(("*", name))  # {"self_attn": "attn"}: wherever it is a child
+        if child is None or envoy._module._modules.get(child) is None:
+            return None
+        env = envoy._child(child)
+    else:
+        env = root._resolve(target)
+    envoy.__dict__[name] = env
+    return env
 
 
 def _escape_note(children) -> str:

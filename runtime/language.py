@@ -23,7 +23,7 @@ import torch
 
 from .envoy import Envoy
 from .models import encode, load_causal_lm
-from .nnsight import NNsight, invoke_name, merge_keyword
+from .nnsight import NNsight, invoke_name, merge_keyword, unwrap
 
 # The inputs `encode` pads and checks; given as keywords (`model.trace(input_ids=...)`)
 # they are encoded like a dict input.
@@ -80,10 +80,25 @@ class LanguageModel(NNsight):
         device_map: Any = None,
         dispatch: bool = False,
         dtype: Any = None,
+        rename: dict[str, str] | None = None,
         **from_pretrained_kwargs: Any,
     ) -> None:
         from .lazy import can_defer, meta_causal_lm
         from .models import loading_keywords
+
+        if isinstance(source, LanguageModel):
+            # LanguageModel(LanguageModel(...)): the same model, tokenizer and lazy load.
+            if tokenizer is None:
+                tokenizer = source.tokenizer
+            pending, remote_name = source._pending, source._remote_name
+            if pending is not None and (dtype is not None or device_map is not None
+                                        or dispatch or from_pretrained_kwargs):
+                source._load()  # loading settings apply to loaded weights
+                pending = None
+            source = source._module
+        else:
+            pending = remote_name = None
+            source = unwrap(source)  # LanguageModel(NNsight(net)) / a part of a wrapper
 
         # nnsight's keywords: torch_dtype= is dtype=; device_map="auto"/"cpu" on a CPU-only
         # machine is no device map (the load stays lazy).
@@ -98,7 +113,11 @@ class LanguageModel(NNsight):
                 source, tokenizer=tokenizer, device_map=device_map, dtype=dtype,
                 **from_pretrained_kwargs,
             )
-        super().__init__(model)
+        super().__init__(model, rename=rename)
+        if pending is not None:
+            object.__setattr__(self, "_pending", pending)
+        if remote_name is not None:
+            object.__setattr__(self, "_remote_name", remote_name)
         if isinstance(source, (str, os.PathLike)):
             object.__setattr__(self, "_remote_name", str(source))  # what a server knows
             if not dispatch and can_defer(source, device_map, from_pretrained_kwargs):

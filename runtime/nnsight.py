@@ -9,6 +9,7 @@ checks learn about it.  Outside a trace they behave like the wrapped model.
 
 from __future__ import annotations
 
+import difflib
 from typing import Any
 
 import torch
@@ -27,15 +28,20 @@ class NNsight(Envoy):
         "_parent_map",
         "_paths",
         "_precedes_cache",
+        "_renames",
         "_repeated",
     )
 
     _generator = None  # LanguageModel: the envoy standing for the generation loop
 
-    def __init__(self, module: torch.nn.Module) -> None:
+    def __init__(self, module: torch.nn.Module, *, rename: dict[str, str] | None = None) -> None:
+        module = unwrap(module)
         if not isinstance(module, torch.nn.Module):
             raise TypeError(f"NNsight wraps a torch.nn.Module, got {type(module).__name__}")
         super().__init__(module, "model", None)
+        object.__setattr__(self, "_renames", None)
+        if rename:
+            object.__setattr__(self, "_renames", self._check_renames(rename))
         object.__setattr__(self, "_parent_map", None)
         object.__setattr__(self, "_order", {})
         object.__setattr__(self, "_order_complete", False)
@@ -49,6 +55,39 @@ class NNsight(Envoy):
             object.__setattr__(self, name, value)
         else:
             super().__setattr__(name, value)
+
+    def _check_renames(self, rename: dict[str, str]) -> dict:
+        """nnsight's ``rename=``: ``{"model.layers": "layers"}`` makes ``model.layers``
+        the module at ``model.model.layers`` (a dotted key is a path from the wrapped
+        module, as ``named_modules()`` names it; a dotted value mounts the alias under
+        that parent); ``{"self_attn": "attn"}`` (no dot) names every child ``self_attn``
+        also ``attn``.  The real names keep working; paths in messages are the real ones."""
+        renames: dict = {}
+        names = dict(self._module.named_modules())
+        for key, alias in rename.items():
+            if not (isinstance(key, str) and isinstance(alias, str) and key and alias):
+                raise TypeError(f"rename= maps module paths to names (str: str), got "
+                                f"{key!r}: {alias!r}")
+            mount, _, short = alias.rpartition(".")
+            if not short.isidentifier():
+                raise ValueError(f"rename={{{key!r}: {alias!r}}}: `{short}` is not a name")
+            if "." not in key:
+                if not any(key in m._modules for m in names.values()):
+                    raise ValueError(f"rename={{{key!r}: {alias!r}}}: no module has a child "
+                                     f"named `{key}`")
+                renames[("*", short)] = key
+                continue
+            if key not in names:
+                close = difflib.get_close_matches(key, list(names), n=1)
+                hint = f" (did you mean `{close[0]}`?)" if close else ""
+                raise ValueError(f"rename={{{key!r}: {alias!r}}}: the wrapped model has no "
+                                 f"module `{key}`{hint}")
+            if mount and mount not in names:
+                raise ValueError(f"rename={{{key!r}: {alias!r}}}: the wrapped model has no "
+                                 f"module `{mount}` to put `{short}` under")
+            parts = tuple(int(p) if p.isdigit() else p for p in key.split("."))
+            renames[(f"model.{mount}" if mount else "model", short)] = parts
+        return renames
 
     # -- blocks outside @intervene ---------------------------------------------
     def trace(self, *args, **kwargs):
@@ -213,6 +252,18 @@ class NNsight(Envoy):
                 return mode.from_tensor(x)
 
             return self._module(*tree_map(fake, args), **tree_map(fake, kwargs))
+
+
+def unwrap(module):
+    """The torch module under a wrapper given where a module is expected
+    (``NNsight(NNsight(net))``, ``NNsight(lm.model)``): wrapping a wrapper again wraps
+    its module (loaded first, if it is a LanguageModel's whose weights wait)."""
+    if isinstance(module, Envoy):
+        load = getattr(module._root, "_load", None)
+        if load is not None:
+            load()
+        return module._module
+    return module
 
 
 def invoke_name(index: int, lanes=None) -> str:

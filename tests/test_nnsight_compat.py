@@ -196,3 +196,97 @@ def test_hub_id_loads_from_the_hub_cache_offline(tmp_path):
     assert ("error: cannot load model 'intervene-tests/not-cached': it is not a local folder "
             "and not in the local Hugging Face cache") in out.stdout
     assert "downloading is off (HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE is set)" in out.stdout
+
+
+# -- wrapping twice ---------------------------------------------------------------------
+
+
+@intervene
+def _layer1(model, x):
+    with model.trace(x):
+        h = model.layers[1].output.save()
+    return h
+
+
+def test_nnsight_of_nnsight_wraps_the_module():
+    net = tiny_mlp()
+    x = torch.randn(2, 8)
+    twice = NNsight(NNsight(net))
+    assert twice._module is net
+    assert torch.equal(_layer1(twice, x), net.layers[1](torch.relu(net.layers[0](x))))
+    part = NNsight(NNsight(net).layers[1])  # a part of a wrapper
+    assert part._module is net.layers[1]
+
+
+@intervene
+def _lm_layer(model, ids):
+    with model.trace(ids):
+        h = model.model.layers[0].output.save()
+    return h
+
+
+def test_language_model_of_language_model_keeps_tokenizer_and_lazy_load(tmp_path):
+    _save_tiny(tmp_path)
+    inner = LanguageModel(str(tmp_path))
+    outer = LanguageModel(inner)
+    assert outer._module is inner._module and outer.tokenizer is inner.tokenizer
+    assert outer._pending is not None  # still not loaded
+    ids = torch.tensor([[5, 6, 7]])
+    want = _lm_layer(LanguageModel(tiny_llama(0)), ids)
+    assert torch.equal(_lm_layer(outer, ids), want)
+    assert torch.equal(_lm_layer(NNsight(outer), ids), want)  # NNsight of a LanguageModel
+
+
+def test_wrapping_something_else_is_a_clear_error():
+    with pytest.raises(TypeError, match="NNsight wraps a torch.nn.Module, got int"):
+        NNsight(3)
+
+
+# -- rename= ------------------------------------------------------------------------------
+
+
+@intervene
+def _renamed(model, ids):
+    with model.trace(ids):
+        a = model.layers[0].output.save()
+        b = model.model.layers[1].attn.output[0].save()
+        model.layers[1].mlp.output[:] = 0
+        d = model.model.layers[1].output.save()
+        c = model.model.final_norm.output.save()
+    return a, b, c, d
+
+
+def test_rename_aliases_module_paths_in_and_out_of_blocks():
+    net = tiny_llama(0)
+    lm = LanguageModel(net, rename={"model.layers": "layers", "self_attn": "attn",
+                                    "model.norm": "model.final_norm"})
+    assert lm.layers is lm.model.layers and lm.layers[0] is lm.model.layers[0]
+    assert lm.model.layers[1].attn is lm.model.layers[1].self_attn
+    assert lm.model.final_norm._path == "model.model.norm"  # messages name the real path
+    ids = torch.tensor([[5, 6, 7]])
+    a, b, c, d = _renamed(lm, ids)
+    got = {}
+    handles = [
+        net.model.layers[0].register_forward_hook(lambda m, i, o: got.__setitem__("a", o)),
+        net.model.layers[1].self_attn.register_forward_hook(
+            lambda m, i, o: got.__setitem__("b", o[0])),
+        net.model.layers[1].mlp.register_forward_hook(lambda m, i, o: torch.zeros_like(o)),
+        net.model.layers[1].register_forward_hook(lambda m, i, o: got.__setitem__("d", o)),
+        net.model.norm.register_forward_hook(lambda m, i, o: got.__setitem__("c", o)),
+    ]
+    try:
+        net(ids)
+    finally:
+        for h in handles:
+            h.remove()
+    for name, value in zip("abcd", (a, b, c, d)):
+        assert torch.equal(value, got[name]), name
+
+
+def test_rename_errors():
+    with pytest.raises(ValueError, match="has no module `model.layer` \\(did you mean `model.layers`"):
+        LanguageModel(tiny_llama(0), rename={"model.layer": "layers"})
+    with pytest.raises(ValueError, match="no module has a child named `attention`"):
+        NNsight(tiny_mlp(), rename={"attention": "attn"})
+    with pytest.raises(ValueError, match="`x-y` is not a name"):
+        NNsight(tiny_mlp(), rename={"layers": "x-y"})
