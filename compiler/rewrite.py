@@ -738,6 +738,19 @@ class Rewriter(cst.CSTTransformer):
         if self.lane is not None:
             self._mark_targets(node.target)
 
+    def leave_AnnAssign(self, original: cst.AnnAssign, updated: cst.AnnAssign):
+        # A name the lane shares with the function is `nonlocal` there, and Python
+        # refuses an annotation on it; a local annotation is never evaluated anyway.
+        if (
+            self.lane is not None
+            and isinstance(original.target, cst.Name)
+            and original.target.value in self.lane.nonlocal_names
+        ):
+            if updated.value is None:
+                return cst.Pass()
+            return cst.Assign([cst.AssignTarget(updated.target)], updated.value)
+        return updated
+
     def leave_AugAssign(self, original: cst.AugAssign, updated: cst.AugAssign):
         if self.lane is None or id(original.target) not in self.write_targets:
             return updated

@@ -463,6 +463,22 @@ def test_in_place_edit_inside_a_tuple_target(model):
     assert a == [1] and torch.all(hidden[:, 0] == 5.0)
 
 
+def test_annotated_variables_shared_between_invokes(model):
+    @intervene
+    def experiment(model, x):
+        with model.trace() as tracer:
+            with tracer.invoke(x):
+                first: torch.Tensor = model.layers[0].output
+                later: int
+            with tracer.invoke(x):
+                both: torch.Tensor = (model.layers[1].output + first).save()
+        return both
+
+    first, second = plain_outputs(model, torch.cat([x_input(), x_input()]),
+                                  model._module.layers[0], model._module.layers[1])
+    assert torch.equal(experiment(model, x_input()), second[3:] + first[:3])
+
+
 def test_module_values_inside_f_strings(model):
     @intervene
     def experiment(model, x):

@@ -196,6 +196,71 @@ def test_module_values_anywhere_compile_or_are_a_compile_error(lines):
     event("compiled")
 
 
+def _indent(lines: list[str], by: int = 4) -> list[str]:
+    return [" " * by + ln for stmt in lines for ln in stmt.split("\n")]
+
+
+def _structures():
+    """Invokes, step blocks, backward blocks, barriers, stop and cache around statements."""
+    simple = st.lists(_statements(), min_size=1, max_size=2)
+
+    def wrap(kind_and_body):
+        kind, body = kind_and_body
+        if kind == "steps":
+            return "\n".join(["with tracer.iter[1:3]:", *_indent(body)])
+        if kind == "step-loop":
+            return "\n".join(["for step in tracer.all():", *_indent(body)])
+        if kind == "backward":
+            return "\n".join(["with h.sum().backward(retain_graph=True):",
+                              *_indent(["g = h.grad", *body])])
+        if kind == "barrier":
+            return "\n".join(["b = tracer.barrier(1)", "b()", *body])
+        if kind == "stop":
+            return "\n".join([*body, "tracer.stop()"])
+        return "\n".join(["c = tracer.cache()", *body])
+
+    kinds = st.sampled_from(["steps", "step-loop", "backward", "barrier", "stop", "cache"])
+    return st.tuples(kinds, simple).map(wrap)
+
+
+@st.composite
+def _blocks(draw):
+    kind = draw(st.sampled_from(["trace", "generate", "scan"]))
+    parts = st.one_of(_statements(), _structures())
+    if draw(st.booleans()):  # invokes
+        lanes = draw(st.lists(st.lists(parts, min_size=1, max_size=3), min_size=1, max_size=3))
+        body = []
+        for i, lane in enumerate(lanes):
+            body += [f"with tracer.invoke(x{i}):", *_indent(lane)]
+        call = f"model.{kind}()"
+    else:
+        body = draw(st.lists(parts, min_size=1, max_size=4))
+        call = f"model.{kind}(x, max_new_tokens=3)" if kind == "generate" else f"model.{kind}(x)"
+    lines = "".join(f"{ln}\n" for ln in _indent([f"with {call} as tracer:", *_indent(body)]))
+    return f"def experiment(model, x, x0, x1, x2):\n    h = 1\n{lines}    return 1\n"
+
+
+@settings(max_examples=50, deadline=None, derandomize=True, database=None,
+          suppress_health_check=list(HealthCheck))
+@given(_blocks())
+def test_blocks_invokes_steps_compile_or_are_a_compile_error(text):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            compile(text, "<generated>", "exec", dont_inherit=True)
+        except SyntaxError:
+            event("refused by Python")
+            return
+        try:
+            compiled = compile_source(Source(text, "<generated>", 1, 0))
+        except CompileError as exc:
+            assert exc.filename == "<generated>" and exc.lineno and exc.message
+            event("CompileError")
+            return
+        compile(compiled.code, "<rewritten>", "exec", dont_inherit=True)
+    event("compiled")
+
+
 # --------------------------------------------------------------------------------------
 # 2. Differential: compiled vs plain Python
 # --------------------------------------------------------------------------------------
