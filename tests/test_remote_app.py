@@ -36,7 +36,8 @@ def wait_for(predicate, seconds: float = 60.0, step: float = 0.05):
 @pytest.fixture(scope="module")
 def engine():
     eng = Engine(["tiny-llama"], Limits(job_timeout=4.0, max_result=2**20, max_print=4096,
-                                        max_queued=3, max_memory=512 * 2**20))
+                                        max_queued=3, max_memory=512 * 2**20,
+                                        batch_max_jobs=1))  # queue positions: one at a time
     eng.start()
     try:
         wait_for(eng.ready, 120)

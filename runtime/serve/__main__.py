@@ -48,6 +48,13 @@ def main(argv: list[str] | None = None) -> int:
                              "models; off by default): a bigger allocation fails the job")
     parser.add_argument("--max-queued", type=int, default=8,
                         help="jobs waiting or running per API key (default 8)")
+    parser.add_argument("--batch-window-ms", type=float, default=5.0,
+                        help="how long the first waiting job waits for others to share its "
+                             "forward pass (default 5 ms)")
+    parser.add_argument("--batch-max-jobs", type=int, default=16,
+                        help="jobs per batch; 1 runs one job at a time (default 16)")
+    parser.add_argument("--batch-max-tokens", type=int, default=4096,
+                        help="rows x positions of one shared forward pass (default 4096)")
     args = parser.parse_args(argv)
 
     keys = read_keys(args.api_keys) if args.api_keys else None
@@ -58,6 +65,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.job_timeout <= 0:
         parser.error("--job-timeout must be positive")
+    if args.batch_max_jobs < 1 or args.batch_max_tokens < 1 or args.batch_window_ms < 0:
+        parser.error("--batch-max-jobs and --batch-max-tokens must be positive, "
+                     "--batch-window-ms at least 0")
 
     import uvicorn
 
@@ -65,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     from .engine import Engine
 
     limits = Limits(job_timeout=args.job_timeout, max_result=int(args.max_result_mb * 2**20),
-                    max_queued=args.max_queued,
+                    max_queued=args.max_queued, batch_window=args.batch_window_ms / 1000,
+                    batch_max_jobs=args.batch_max_jobs, batch_max_tokens=args.batch_max_tokens,
                     max_memory=int(args.max_memory_gb * 2**30) if args.max_memory_gb else None)
     engine = Engine(args.model, limits)
     app = create_app(engine, keys)

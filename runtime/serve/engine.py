@@ -34,10 +34,16 @@ class Limits:
     max_memory: int | None = None  # bytes a worker may map beyond its loaded model (Linux)
     max_queued: int = 8  # jobs queued or running per API key
     keep_finished: float = 600.0  # seconds a finished job (and its result) is kept
+    # Batching (runtime/serve/batch.py): jobs waiting for one model share a forward pass.
+    batch_window: float = 0.005  # seconds the first job of a batch waits for company
+    batch_max_jobs: int = 16  # jobs per batch (1: one job at a time)
+    batch_max_tokens: int = 4096  # rows x positions of one shared forward pass
 
     def public(self) -> dict:
         return {k: getattr(self, k) for k in ("job_timeout", "max_request", "max_result",
-                                              "max_print", "max_queued", "max_memory")}
+                                              "max_print", "max_queued", "max_memory",
+                                              "batch_window", "batch_max_jobs",
+                                              "batch_max_tokens")}
 
 
 @dataclass
@@ -55,6 +61,7 @@ class Job:
     detail: str = ""
     events: list = field(default_factory=list)  # (event name, payload)
     cancel_requested: bool = False
+    alone: bool = False  # run in a batch of its own (its shared batch failed or hung)
     waiters: list = field(default_factory=list)  # (event loop, asyncio.Event) of streams
 
     def push(self, name: str, payload: dict) -> None:
@@ -92,7 +99,7 @@ class ModelRunner(threading.Thread):
         self.queue: collections.deque[Job] = collections.deque()
         self.proc = None
         self.conn = None
-        self.current: Job | None = None
+        self.current: list[Job] | None = None
         self.stopping = False
         self.restarts = 0
 
@@ -154,78 +161,119 @@ class ModelRunner(threading.Thread):
                 while self.queue:
                     self.engine._finish_locked(self.queue.popleft(), "ERROR", error={
                         "type": "RuntimeError", "message": self.failure})
-                if self.current is not None:
-                    self.engine._finish_locked(self.current, "ERROR", error={
+                for job in self.current or ():
+                    self.engine._finish_locked(job, "ERROR", error={
                         "type": "RuntimeError", "message": self.failure})
             raise
 
     def _loop(self) -> None:
         self._spawn()
         while not self.stopping:
-            job = self.engine._next(self)
-            if job is None:
+            jobs = self.engine._next_batch(self)
+            if not jobs:
                 continue
             if not self._alive():
                 self.restarts += 1
                 self._spawn()
             if self.state != "ready":
-                self.engine._finish(job, "ERROR", error={
-                    "type": "RuntimeError",
-                    "message": f"the server could not load model {self.spec!r}: {self.failure}"})
+                for job in jobs:
+                    self.engine._finish(job, "ERROR", error={
+                        "type": "RuntimeError",
+                        "message": f"the server could not load model {self.spec!r}: "
+                                   f"{self.failure}"})
                 continue
-            self.current = job
+            self.current = jobs
             try:
-                self._run_job(job)
+                self._run_batch(jobs)
             finally:
                 self.current = None
 
-    def _run_job(self, job: Job) -> None:
+    def _run_batch(self, jobs: list[Job]) -> None:
+        """Send ``jobs`` to the worker as one batch and relay each job's outcome.  When
+        the worker has to be stopped (a cancel, the time limit, a crash), the jobs it
+        had not answered go back to the queue, to run alone when the batch had several
+        (so that the one at fault fails alone); a job that was alone gets the error."""
+        from .worker import pack_batch
+
         lim = self.engine.limits
-        self.engine._start(job)
+        for job in jobs:
+            self.engine._start(job)
+        jobs = [j for j in jobs if j.status == "RUNNING"]  # not those cancelled meanwhile
+        if not jobs:
+            return
+        waiting = {j.id: j for j in jobs}
+        conn = self.conn  # self.conn goes None when stop() kills the worker meanwhile
         try:
-            self.conn.send_bytes(job.data)
-        except (OSError, ValueError):
+            conn.send_bytes(pack_batch([(j.id, j.data, j.alone) for j in jobs],
+                                            lim.batch_max_jobs, lim.batch_max_tokens))
+        except (OSError, ValueError, AttributeError):
             self._kill()
-            self.engine._finish(job, "ERROR", error={
-                "type": "RuntimeError", "message": "the worker process was gone; it is restarted"})
+            for job in jobs:
+                self.engine._finish(job, "ERROR", error={
+                    "type": "RuntimeError",
+                    "message": "the worker process was gone; it is restarted"})
             return
         deadline = time.monotonic() + lim.job_timeout
         while True:
-            if job.cancel_requested:
+            cancelled = [j for j in waiting.values() if j.cancel_requested]
+            if cancelled:
                 self._kill()
-                self.engine._finish(job, "CANCELLED", detail="cancelled while running; the "
-                                    "worker was stopped and is restarted")
+                for job in cancelled:
+                    del waiting[job.id]
+                    self.engine._finish(job, "CANCELLED", detail="cancelled while running; "
+                                        "the worker was stopped and is restarted")
+                self.engine._requeue(self, list(waiting.values()), alone=False)
                 return
             if time.monotonic() > deadline:
                 self._kill()
-                self.engine._finish(job, "ERROR", error={
-                    "type": "TimeoutError",
-                    "message": f"the job ran longer than this server's limit of "
-                               f"{lim.job_timeout:g} s and was stopped (its worker process was "
-                               "killed and is restarted)"})
+                if len(waiting) == 1:
+                    self.engine._finish(next(iter(waiting.values())), "ERROR", error={
+                        "type": "TimeoutError",
+                        "message": f"the job ran longer than this server's limit of "
+                                   f"{lim.job_timeout:g} s and was stopped (its worker process "
+                                   "was killed and is restarted)"})
+                else:
+                    self.engine._requeue(self, list(waiting.values()), alone=True)
                 return
             try:
-                ready = self.conn.poll(0.05)
-                msg = self.conn.recv_bytes() if ready else None
+                ready = conn.poll(0.05)
+                msg = conn.recv_bytes() if ready else None
             except (EOFError, OSError):
-                code = self.proc.exitcode if self.proc is not None else None
+                proc = self.proc
+                if proc is not None:
+                    proc.join(5)  # ending on its own (exit code 3: it changed the model)
+                code = proc.exitcode if proc is not None else None
                 self._kill()
-                self.engine._finish(job, "ERROR", error={
-                    "type": "RuntimeError",
-                    "message": f"the worker process running the job died (exit code {code}; "
-                               "out of memory?); it is restarted"})
+                if len(jobs) == 1 or len(waiting) == 1 and code != 3:
+                    for job in waiting.values():
+                        self.engine._finish(job, "ERROR", error={
+                            "type": "RuntimeError",
+                            "message": f"the worker process running the job died (exit code "
+                                       f"{code}; out of memory?); it is restarted"})
+                else:
+                    # Exit code 3: a job changed the model and was failed; the rest did not run.
+                    self.engine._requeue(self, list(waiting.values()), alone=code != 3)
                 return
             if msg is None:
                 continue  # a dead worker shows as end-of-file on the next poll
-            tag, body = msg[:1], msg[1:]
+            tag = msg[:1]
+            if tag == b"D":
+                return
+            job = waiting.get(msg[1:33].decode("ascii", "replace"))
+            if job is None:
+                continue
+            body = msg[33:]
             if tag == b"P":
                 self.engine._event(job, "print", {"text": body.decode("utf-8", "replace")})
             elif tag == b"R":
+                del waiting[job.id]
                 self.engine._finish(job, "COMPLETED", result=bytes(body))
-                return
             elif tag == b"E":
+                del waiting[job.id]
                 self.engine._finish(job, "ERROR", error=json.loads(body))
-                return
+            elif tag == b"A":
+                del waiting[job.id]
+                self.engine._requeue(self, [job], alone=True)
 
     def stop(self) -> None:
         self.stopping = True
@@ -312,15 +360,41 @@ class Engine:
             elif job.status == "RUNNING":
                 job.cancel_requested = True
 
-    def _next(self, runner: ModelRunner) -> Job | None:
+    def _next_batch(self, runner: ModelRunner) -> list[Job]:
+        """The next jobs to run together: the first waiting job, and those that come
+        within ``batch_window`` seconds of it, up to ``batch_max_jobs`` (a job to run
+        alone goes on its own)."""
+        lim = self.limits
         with self.cond:
             if not runner.queue:
                 self.cond.wait(0.5)
             if not runner.queue or runner.stopping:
-                return None
-            job = runner.queue.popleft()
+                return []
+            batch = [runner.queue.popleft()]
+            if not batch[0].alone and lim.batch_max_jobs > 1:
+                deadline = time.monotonic() + lim.batch_window
+                while len(batch) < lim.batch_max_jobs:
+                    while (runner.queue and not runner.queue[0].alone
+                           and len(batch) < lim.batch_max_jobs):
+                        batch.append(runner.queue.popleft())
+                    left = deadline - time.monotonic()
+                    if len(batch) >= lim.batch_max_jobs or left <= 0 or runner.stopping:
+                        break
+                    self.cond.wait(left)
             self._positions(runner)
-            return job
+            return batch
+
+    def _requeue(self, runner: ModelRunner, jobs: list[Job], alone: bool) -> None:
+        """Jobs of a batch the worker did not finish: first in the queue again."""
+        with self.cond:
+            for job in reversed(jobs):
+                if job.status in FINAL:
+                    continue
+                job.status = "QUEUED"
+                job.started = None
+                job.alone = job.alone or alone
+                runner.queue.appendleft(job)
+            self._positions(runner)
 
     def _positions(self, runner) -> None:
         if runner is None:
@@ -329,12 +403,16 @@ class Engine:
             j.push("status", j.view(i + 1))
         self.cond.notify_all()
 
-    def _start(self, job: Job) -> None:
+    def _start(self, job: Job) -> bool:
+        """Mark ``job`` running; False when it ended meanwhile (cancelled)."""
         with self.cond:
+            if job.status in FINAL:
+                return False
             job.status = "RUNNING"
             job.started = time.time()
             job.push("status", job.view())
             self.cond.notify_all()
+            return True
 
     def _event(self, job: Job, name: str, payload: dict) -> None:
         with self.cond:

@@ -132,11 +132,21 @@ def _compile_block(header: dict, values: dict, root):
     return compile_source(Source(text, filename, first, 0)), block
 
 
-def run_job(root, header: dict, tensors: dict, print_fn, max_result: int) -> bytes:
-    """Run the job's block on ``root``; the reply message (or a JobError)."""
-    from compiler.errors import CompileError
+class Prepared:
+    """A job ready to run: its compiled block and the values sent."""
 
-    from ..tracer import Tracer
+    __slots__ = ("block", "compiled", "filename", "values")
+
+    def __init__(self, compiled, block, values: dict, filename: str) -> None:
+        self.compiled = compiled
+        self.block = block
+        self.values = values
+        self.filename = filename
+
+
+def prepare_job(root, header: dict, tensors: dict) -> Prepared:
+    """Decode the values, validate and compile the job's block (or a JobError)."""
+    from compiler.errors import CompileError
 
     filename = header["filename"]
     try:
@@ -161,19 +171,47 @@ def run_job(root, header: dict, tensors: dict, print_fn, max_result: int) -> byt
     except Exception as exc:  # noqa: BLE001 - the validator's ValidationError (line, construct)
         raise JobError(type(exc).__name__, str(exc), getattr(exc, "line", None) or None,
                        filename, construct=getattr(exc, "construct", None)) from None
+    return Prepared(compiled, block, values, filename)
 
+
+def build_function(job: Prepared, print_fn, handle=None):
+    """The job's block as a function ``(model, **values) -> its locals``; ``handle``:
+    the runtime handle it calls (default: this process runs its ``remote=True``)."""
     glb = {"__builtins__": _builtins(print_fn), "torch": __import__("torch"), "math": math,
            "__iv_locals": locals, "__name__": "__remote__"}
-    exec(compile("def remote_block(): pass", filename, "exec"), glb)  # noqa: S102 - a constant stub
+    exec(compile("def remote_block(): pass", job.filename, "exec"), glb)  # noqa: S102 - a constant stub
     original = glb.pop("remote_block")
-    fn = compiled.build(_ServerHandle(compiled.plan, compiled.source), original)
-    try:
-        scope = fn(root, **values)
-    except BaseException as exc:  # noqa: BLE001 - whatever the block raised is its error
-        raise JobError(type(exc).__name__, str(exc), _user_line(exc, filename), filename,
-                       module=getattr(exc, "module", None),
-                       traceback=_user_traceback(exc, filename)) from None
+    if handle is None:
+        handle = _ServerHandle(job.compiled.plan, job.compiled.source)
+    return job.compiled.build(handle, original)
 
+
+def job_error(exc: BaseException, filename: str) -> JobError:
+    """What the block raised, as the job's error (type, message, the user's line)."""
+    if isinstance(exc, JobError):
+        return exc
+    return JobError(type(exc).__name__, str(exc), _user_line(exc, filename), filename,
+                    module=getattr(exc, "module", None),
+                    traceback=_user_traceback(exc, filename))
+
+
+def run_job(root, header: dict, tensors: dict, print_fn, max_result: int) -> bytes:
+    """Run the job's block on ``root``; the reply message (or a JobError)."""
+    job = prepare_job(root, header, tensors)
+    fn = build_function(job, print_fn)
+    try:
+        scope = fn(root, **job.values)
+    except BaseException as exc:  # noqa: BLE001 - whatever the block raised is its error
+        raise job_error(exc, job.filename) from None
+    return encode_reply(job, scope, max_result)
+
+
+def encode_reply(job: Prepared, scope: dict, max_result: int) -> bytes:
+    """The reply message: the block's saved variables, the containers it changed and
+    (generate) ``tracer.result``; a JobError when they cannot be sent or are too big."""
+    from ..tracer import Tracer
+
+    compiled, block, values, filename = job.compiled, job.block, job.values, job.filename
     saved = compiled.plan.blocks[0].saved
     out: dict = {}
     labels: dict = {}

@@ -1,14 +1,17 @@
-"""The worker process: one served model, one job at a time.
+"""The worker process: one served model, one batch of jobs at a time.
 
 Started with ``multiprocessing`` (spawn) by the engine.  It loads the model,
-says it is ready, then runs the jobs it is sent (``execute.run_job``), one at
-a time.  Only bytes cross the pipe, never pickles: a job is the client's
-request message as received; each reply is one tag byte and a body:
+says it is ready, then runs the batches it is sent (``batch.run_batch``: jobs
+that can share a forward pass share one).  Only bytes cross the pipe, never
+pickles: a job is the client's request message as received; each reply is one
+tag byte, the job's id (in a batch) and a body:
 
 - ``Y`` ready (JSON: the model's names), ``F`` failed to load (JSON),
 - ``P`` print output of the running job (UTF-8 text),
 - ``R`` the job's result (the reply message for the client),
-- ``E`` the job's error (JSON: type, message, line, ...).
+- ``E`` the job's error (JSON: type, message, line, ...),
+- ``A`` run this job again, alone, on a fresh worker (a shared pass changed the model),
+- ``D`` the batch is done.
 
 After each job the model is checked (``ModelGuard``); a job that changed it
 fails, and the worker exits so the engine starts a fresh one with the model
@@ -56,29 +59,6 @@ def names_for(spec: str, model: Any = None) -> list[str]:
     return names
 
 
-class _Printer:
-    """``print`` inside a job: the text goes to the client, up to ``limit`` bytes."""
-
-    def __init__(self, send, limit: int) -> None:
-        self.send = send
-        self.limit = limit
-        self.used = 0
-        self.cut = False
-
-    def __call__(self, *args, sep=" ", end="\n", file=None, flush=False) -> None:
-        if self.cut:
-            return
-        text = (" " if sep is None else str(sep)).join(str(a) for a in args)
-        text += "\n" if end is None else str(end)
-        data = text.encode("utf-8", "replace")
-        if self.used + len(data) > self.limit:
-            data = data[: max(self.limit - self.used, 0)]
-            data += f"\n[intervene: print output over {self.limit} bytes; the rest is dropped]\n".encode()
-            self.cut = True
-        self.used += len(data)
-        self.send(b"P" + data)
-
-
 def _limit_memory(extra: int) -> None:
     """Let this process map at most ``extra`` more bytes than it holds now (the model
     loaded): a job's huge allocation then fails as a MemoryError / RuntimeError of
@@ -90,12 +70,36 @@ def _limit_memory(extra: int) -> None:
     resource.setrlimit(resource.RLIMIT_AS, (size + extra, size + extra))
 
 
+BATCH = b"BATCH\0"  # a batch message: BATCH, u32 header length, JSON header, the jobs
+
+
+def pack_batch(jobs: list[tuple[str, bytes, bool]], max_jobs: int, max_tokens: int) -> bytes:
+    """The engine's message for a batch of jobs ((id, job message, alone) each)."""
+    head = json.dumps({"jobs": [{"id": i, "size": len(d), "alone": a} for i, d, a in jobs],
+                       "max_jobs": max_jobs, "max_tokens": max_tokens}).encode()
+    return b"".join([BATCH, len(head).to_bytes(4, "little"), head, *(d for _, d, _ in jobs)])
+
+
+def unpack_batch(data: bytes) -> tuple[list[tuple[str, bytes, bool]], int, int]:
+    n = int.from_bytes(data[len(BATCH):len(BATCH) + 4], "little")
+    at = len(BATCH) + 4
+    head = json.loads(data[at:at + n])
+    at += n
+    jobs = []
+    for j in head["jobs"]:
+        jobs.append((str(j["id"]), data[at:at + j["size"]], bool(j["alone"])))
+        at += j["size"]
+    return jobs, int(head["max_jobs"]), int(head["max_tokens"])
+
+
 def main(conn, spec: str, max_result: int, max_print: int, max_memory: int | None = None,
          ) -> None:
-    """The worker's loop (the spawn target)."""
-    from runtime.remote import protocol
-
-    from .execute import JobError, ModelGuard, run_job
+    """The worker's loop (the spawn target).  A batch message (``pack_batch``) is
+    answered per job: a tag byte, the job's id (32 characters), the body; then ``D``
+    when the batch is done.  A plain job message (one job) is answered as a tag byte
+    and the body."""
+    from .batch import run_batch
+    from .execute import ModelGuard
 
     def send(data: bytes) -> None:
         conn.send_bytes(data)
@@ -117,27 +121,22 @@ def main(conn, spec: str, max_result: int, max_print: int, max_memory: int | Non
         except (EOFError, OSError):
             return  # the server went away
         grad = torch.is_grad_enabled()
+        if data.startswith(BATCH):
+            jobs, max_jobs, max_tokens = unpack_batch(data)
+
+            def reply(tag: bytes, job_id: str, body: bytes) -> None:
+                send(tag + job_id.encode("ascii") + body)
+        else:  # one job, answered without its id
+            jobs, max_jobs, max_tokens = [("", data, True)], 1, 0
+
+            def reply(tag: bytes, job_id: str, body: bytes) -> None:
+                send(tag + body)
         try:
-            header, tensors = protocol.unpack(data)
-            reply = run_job(model, header, tensors, _Printer(send, max_print), max_result)
-        except JobError as exc:
-            result = b"E" + json.dumps(exc.info, default=str).encode()
-        except protocol.ProtocolError as exc:
-            result = b"E" + json.dumps({"type": "ProtocolError", "message": str(exc)}).encode()
-        except BaseException as exc:  # noqa: BLE001 - a bug of ours, not the user's
-            result = b"E" + json.dumps({"type": type(exc).__name__,
-                                        "message": f"server error: {exc}"}).encode()
-        else:
-            result = b"R" + reply
+            changed = run_batch(model, guard, jobs, reply, max_result, max_print,
+                                max_jobs, max_tokens)
         finally:
             torch.set_grad_enabled(grad)
-        changes = guard.changes()
-        if changes:
-            message = (
-                "the job changed the served model (" + "; ".join(changes) + "); writes "
-                "through .output/.input are the only writes a job may make. The model is "
-                "being reloaded for the next job."
-            )
-            send(b"E" + json.dumps({"type": "RuntimeError", "message": message}).encode())
-            sys.exit(3)
-        send(result)
+        if changed:
+            sys.exit(3)  # the engine starts a fresh worker, with the model loaded again
+        if data.startswith(BATCH):
+            send(b"D")

@@ -1,0 +1,481 @@
+"""Several users' jobs in one forward pass (in the worker process).
+
+``run_batch(model, guard, jobs, send, ...)`` runs a list of jobs for one model and
+reports each job's result on its own; it is the whole interface an engine needs (the
+local worker process calls it; another engine can too).
+
+How a batch runs.  Each job's block is a compiled function; it runs in a thread of
+its own up to the end of its ``with`` block, where its tracer (``JobTracer``) hands
+itself to the batch instead of running the model.  Once every job has arrived (or
+ended early, e.g. a bad input), the jobs that can share a pass are grouped and each
+group runs as ONE forward pass (``MergedTracer``): every lane of every job becomes an
+invoke of that pass, so the invoke machinery gives each lane its own rows (reads
+narrowed, writes widened into those rows only).  Then each job's thread goes on, with
+its saved variables set, and its reply is encoded.
+
+What shares a pass (exact by construction, else the job runs alone):
+
+- ``trace`` blocks only (``generate``, ``scan``, backward blocks and step blocks run
+  alone), without ``tracer.stop()`` (a stop ends the forward pass: a job that has one
+  runs alone, so that it stops only its own pass), with only token inputs;
+- jobs whose inputs pad to the same length, with the same kinds of input (each job
+  then sees exactly the tensors it would see alone: no extra padding);
+- up to ``max_jobs`` jobs and ``max_tokens`` rows x positions per pass.
+
+Isolation.  Within a pass each job's lanes see only its rows: a lane of a trace
+without invokes, and ``tracer.invoke()`` without an input (alone: the whole batch),
+see the job's own rows; ``tracer.cache()`` records them.  Site numbers are offset per
+job, so no request of one job can name another's checkpoint.  If a shared pass fails
+for any reason (one job's error, a barrier that never releases, ...), it is dropped
+and each of its jobs runs again alone, from the start with fresh values (its output
+of the dropped pass discarded): the failing job gets exactly the error it gets alone,
+the others their results.  Print output of a job in a shared pass is sent once the
+pass has succeeded.  A changed model (``ModelGuard``) after a shared pass sends its
+jobs back to be run alone by a fresh worker (``A``), since the change cannot be
+attributed to one of them.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import replace
+from typing import Any, Callable
+
+from compiler.plan import Checkpoint, Marker
+
+from ..remote import protocol
+from ..tracer import InvokeSpec, Tracer, block_facts
+from .execute import JobError, build_function, encode_reply, job_error, prepare_job
+
+# Model inputs a shared pass can batch (left-padded like invokes' inputs).
+INPUT_KEYS = frozenset({"input_ids", "attention_mask", "position_ids", "token_type_ids"})
+# Plan items that make a job run alone.
+_ALONE_MARKERS = frozenset({"stop", "backward", "steps"})
+
+
+class _Retry(BaseException):
+    """Ends a job's thread whose shared pass failed: the job runs again, alone."""
+
+
+def _delegated(name: str) -> property:
+    """A tracer attribute that, while a shared pass runs, is the pass's own."""
+    own = "_own" + name
+
+    def get(self):
+        p = self._pass
+        return getattr(p, name) if p is not None else self.__dict__.get(own)
+
+    def set_(self, value) -> None:
+        p = self._pass
+        if p is not None:
+            setattr(p, name, value)
+        else:
+            self.__dict__[own] = value
+
+    return property(get, set_)
+
+
+class JobTracer(Tracer):
+    """A job's tracer: at the end of its block it waits for the batch to run it."""
+
+    _pass = None  # the MergedTracer while a shared pass runs this job's lanes
+    _inter = _delegated("_inter")  # tracer.stop() / tracer.cache() reach the pass
+    _rows = _delegated("_rows")
+    _caches = _delegated("_caches")  # the pass removes every cache's hooks
+
+    def __init__(self, item: _Item, *args) -> None:
+        super().__init__(*args)
+        self._item = item
+
+    def stop(self) -> None:
+        if self._pass is not None:  # not planned: a stop is seen by the plan (runs alone)
+            raise RuntimeError("tracer.stop() in a shared pass")
+        super().stop()
+
+    def _execute(self) -> None:
+        item = self._item
+        item.arrive(self)
+        item.go.wait()
+        mode = item.mode
+        if mode == "alone":
+            return super()._execute()
+        if mode == "retry":
+            raise _Retry
+        # "done": the shared pass ran this job's lanes.
+
+
+class _Item:
+    """One job of the batch in this worker."""
+
+    def __init__(self, batch: _Batch, job_id: str, data: bytes, alone: bool) -> None:
+        self.batch = batch
+        self.id = job_id
+        self.data = data
+        self.alone = alone  # run alone from the start (sent so, or its shared pass failed)
+        self.reset()
+
+    def reset(self) -> None:
+        self.tracer: JobTracer | None = None
+        self.go = threading.Event()
+        self.mode = ""
+        self.scope: dict | None = None
+        self.exc: BaseException | None = None
+        self.ended = False
+        self.thread: threading.Thread | None = None
+        self.prints: list[bytes] = []
+        self.printer = None
+        self.job = None
+
+    # called from the job's thread
+    def arrive(self, tracer: JobTracer) -> None:
+        with self.batch.cond:
+            self.tracer = tracer
+            self.batch.cond.notify_all()
+
+    def _run(self, fn, root) -> None:
+        try:
+            self.scope = fn(root, **self.job.values)
+        except _Retry:
+            pass
+        except BaseException as exc:  # noqa: BLE001 - the job's error
+            self.exc = exc
+        finally:
+            with self.batch.cond:
+                self.ended = True
+                self.batch.cond.notify_all()
+
+
+class _Printer:
+    """``print`` in a job: sent at once when it runs alone, kept until its shared pass
+    has succeeded otherwise; at most ``limit`` bytes."""
+
+    def __init__(self, item: _Item, send, limit: int) -> None:
+        self.item = item
+        self.send = send
+        self.limit = limit
+        self.used = 0
+        self.cut = False
+
+    def __call__(self, *args, sep=" ", end="\n", file=None, flush=False) -> None:
+        if self.cut:
+            return
+        text = (" " if sep is None else str(sep)).join(str(a) for a in args)
+        text += "\n" if end is None else str(end)
+        data = text.encode("utf-8", "replace")
+        if self.used + len(data) > self.limit:
+            data = data[: max(self.limit - self.used, 0)]
+            data += (f"\n[intervene: print output over {self.limit} bytes; the rest is "
+                     "dropped]\n").encode()
+            self.cut = True
+        self.used += len(data)
+        if self.item.alone or self.item.mode == "alone":
+            self.send(b"P", self.item.id, data)
+        else:
+            self.item.prints.append(data)
+
+
+def _handle(item: _Item, plan, source):
+    """The job's runtime handle: its blocks give ``JobTracer``s, and the site numbers
+    its code asks for are offset by the job's place in a shared pass."""
+    from ..api import Handle
+    from ..interleave import barrier, read, write
+    from .execute import _ServerHandle
+
+    handle = _ServerHandle(plan, source)
+    off = item.batch_offset = [0]
+
+    def block(model, kind, index, /, *args, **kwargs):
+        kwargs.pop("remote", None)
+        t = Handle.block(handle, model, kind, index, *args, **kwargs)
+        jt = JobTracer(item, t._root, t._kind, t._block, t._sites, t._args, t._kwargs)
+        jt._filename = t._filename
+        jt._has_steps = t._has_steps
+        jt._has_backward = t._has_backward
+        return jt
+
+    handle.read = lambda envoy, value, site: read(envoy, value, site + off[0])
+    handle.write = lambda envoy, value, site, new: write(envoy, value, site + off[0], new)
+    handle.barrier = lambda b, site: barrier(b, site + off[0])
+    handle.block = block
+    return handle
+
+
+class MergedTracer(Tracer):
+    """One forward pass for the lanes of several jobs (see the module docstring)."""
+
+    def __init__(self, root, block, sites, inputs, filename: str) -> None:
+        super().__init__(root, "trace", block, sites, (), {})
+        self._invoked = True
+        self._merged_inputs = inputs
+        self._filename = filename
+
+    def _inputs(self):
+        return self._merged_inputs
+
+
+def _mergeable(root, t: JobTracer):
+    """``(key, tokens, facts)`` when the job can share a pass, else None."""
+    block = t._block
+    if t._kind != "trace" or t._has_steps or t._has_backward:
+        return None
+    for lane in block.lanes:
+        for it in lane.items:
+            if isinstance(it, Marker) and it.kind in _ALONE_MARKERS:
+                return None
+            if isinstance(it, Checkpoint) and it.value == "grad":
+                return None
+    items = _job_inputs(t)
+    if items is None or all(i is None for i in items):
+        return None
+    try:
+        _, kw, _rows = root._batch(items, None)
+        facts = block_facts(root, block)
+    except Exception:  # noqa: BLE001 - alone, it raises the same error at its line
+        return None
+    if set(kw) - INPUT_KEYS or not all(hasattr(v, "shape") for v in kw.values()):
+        return None
+    ids = kw["input_ids"]
+    key = (ids.shape[1], tuple(sorted((k, str(v.dtype), str(v.device)) for k, v in kw.items())))
+    return key, ids.shape[0] * ids.shape[1], facts
+
+
+def _job_inputs(t: JobTracer) -> list | None:
+    """The job's entries for ``root._batch``: one per invoke (None: no input), or its
+    trace's own input."""
+    if t._invoked:
+        if t._args or t._kwargs:
+            return None
+        return [(spec.args, spec.kwargs) if spec is not None and (spec.args or spec.kwargs)
+                else None for _, spec, _ in t._lanes]
+    if len(t._lanes) > 1:
+        return None
+    return [(t._args, t._kwargs)]
+
+
+def _merge(root, members: list[_Item], facts: list):
+    """The MergedTracer of ``members`` (each with its tracer arrived)."""
+    from compiler.plan import Block
+
+    from ..tracer import BlockFacts
+
+    entries: list = []  # root._batch inputs
+    owner: list[int] = []  # member index of each entry
+    for k, m in enumerate(members):
+        got = _job_inputs(m.tracer)
+        entries += got
+        owner += [k] * len(got)
+    args, kwargs, rows_in = root._batch(entries, None)
+    span: list = []  # each member's rows of the batch
+    for k in range(len(members)):
+        mine = [r for r, o in zip(rows_in, owner) if o == k and r is not None]
+        span.append(slice(mine[0].start, mine[-1].stop))
+    lanes, sites, tracer_lanes, rows = [], {}, [], []
+    off = 0
+    g = 0
+    entry = 0
+    for k, m in enumerate(members):
+        t = m.tracer
+        m.batch_offset[0] = off
+        top = 0
+        for fn, spec, index in t._lanes:
+            lane = t._block.lanes[index]
+            items = tuple(replace(it, order=it.order + off) for it in lane.items)
+            for it in items:
+                sites[it.order] = it
+            lanes.append(replace(lane, index=g, items=items))
+            tracer_lanes.append((fn, spec if spec is not None else InvokeSpec((), {}), g))
+            if t._invoked:
+                r = rows_in[entry]
+                entry += 1
+                rows.append(r if r is not None else span[k])
+            else:
+                rows.append(span[k])
+            g += 1
+        if not t._invoked:
+            entry += 1
+        for lane in t._block.lanes:
+            for it in lane.items:
+                top = max(top, it.order + 1)
+        off += top
+    block = Block(0, "trace", members[0].tracer._block.model, "", members[0].tracer._block.line,
+                  tuple(lanes))
+    attach: dict = {}
+    for f in facts:
+        for module, phase in f.attach:
+            attach.setdefault((id(module), phase), (module, phase))
+    merged_facts = BlockFacts(list(attach.values()), all(f.static for f in facts))
+    tracer = MergedTracer(root, block, sites, (args, kwargs, rows),
+                          members[0].tracer._filename)
+    tracer._lanes = tracer_lanes
+    return tracer, merged_facts
+
+
+class _Batch:
+    def __init__(self, root, send, max_print: int) -> None:
+        self.root = root
+        self.send = send
+        self.max_print = max_print
+        self.cond = threading.Condition()
+
+    def start(self, item: _Item) -> None:
+        """Prepare the job (decode, validate, compile) and start its thread; a job
+        refused here is answered at once (returns False)."""
+        item.reset()
+        try:
+            header, tensors = protocol.unpack(item.data)
+            item.job = prepare_job(self.root, header, tensors)
+        except JobError as exc:
+            item.exc = exc
+            item.ended = True
+            return
+        except protocol.ProtocolError as exc:
+            item.exc = JobError("ProtocolError", str(exc))
+            item.ended = True
+            return
+        item.printer = _Printer(item, self.send, self.max_print)
+        fn = build_function(item.job, item.printer,
+                            _handle(item, item.job.compiled.plan, item.job.compiled.source))
+        item.thread = threading.Thread(target=item._run, args=(fn, self.root), daemon=True,
+                                       name=f"intervene-job-{item.id[:8]}")
+        item.thread.start()
+
+    def wait_arrived(self, items: list[_Item]) -> None:
+        with self.cond:
+            while not all(i.ended or i.tracer is not None for i in items):
+                self.cond.wait(1.0)
+
+    def release(self, item: _Item, mode: str) -> None:
+        item.mode = mode
+        item.go.set()
+        if item.thread is not None:
+            item.thread.join()
+
+
+def run_batch(root, guard, jobs: list[tuple[str, bytes, bool]],
+              send: Callable[[bytes, str, bytes], None], max_result: int, max_print: int,
+              max_jobs: int = 16, max_tokens: int = 4096) -> bool:
+    """Run ``jobs`` ((id, message, alone) each) on ``root``; each job's outcome goes
+    through ``send(tag, id, body)``: ``P`` print output, ``R`` result, ``E`` error
+    (JSON), ``A`` to be run again, alone, on a fresh model.  Returns True when the
+    served model was changed (the caller must reload it: end the worker)."""
+    import json
+
+    batch = _Batch(root, send, max_print)
+    items = [_Item(batch, i, d, a or max_jobs <= 1) for i, d, a in jobs]
+    for item in items:
+        batch.start(item)
+    batch.wait_arrived(items)
+
+    def finish(item: _Item) -> None:
+        for data in item.prints:
+            send(b"P", item.id, data)
+        item.prints.clear()
+        try:
+            if item.exc is not None:
+                raise job_error(item.exc, item.job.filename if item.job else "")
+            if item.scope is None:
+                raise JobError("RuntimeError", "server error: the job ended without a result")
+            body = b"R", encode_reply(item.job, item.scope, max_result)
+        except JobError as exc:
+            body = b"E", json.dumps(exc.info, default=str).encode()
+        except BaseException as exc:  # noqa: BLE001 - a bug of ours, not the user's
+            body = b"E", json.dumps({"type": type(exc).__name__,
+                                     "message": f"server error: {exc}"}).encode()
+        item.scope = item.exc = None
+        send(body[0], item.id, body[1])
+
+    def changed() -> list[str]:
+        return guard.changes() if guard is not None else []
+
+    def guard_error(item: _Item, changes: list[str]) -> None:
+        message = ("the job changed the served model (" + "; ".join(changes) + "); writes "
+                   "through .output/.input are the only writes a job may make. The model is "
+                   "being reloaded for the next job.")
+        send(b"E", item.id, json.dumps({"type": "RuntimeError", "message": message}).encode())
+
+    # Group the jobs that arrived at their block.
+    groups: list[list[_Item]] = []
+    facts_of: dict[int, Any] = {}
+    open_groups: dict = {}  # key -> (group, tokens)
+    for item in items:
+        if item.ended or item.alone:
+            groups.append([item])
+            continue
+        got = _mergeable(root, item.tracer)
+        if got is None:
+            groups.append([item])
+            continue
+        key, tokens, facts = got
+        facts_of[id(item)] = facts
+        group = open_groups.get(key)
+        if group is not None and len(group[0]) < max_jobs and group[1] + tokens <= max_tokens:
+            group[0].append(item)
+            open_groups[key] = (group[0], group[1] + tokens)
+        else:
+            groups.append([item])
+            open_groups[key] = (groups[-1], tokens)
+
+    for group in groups:
+        if len(group) == 1:
+            item = group[0]
+            if not item.ended:
+                batch.release(item, "alone")
+            changes = changed()
+            if changes:
+                guard_error(item, changes)
+                return True
+            finish(item)
+            continue
+        ok = _run_shared(root, group, [facts_of[id(i)] for i in group])
+        if ok:
+            changes = changed()
+            if changes:
+                for item in group:
+                    item.mode = "retry"
+                    send(b"A", item.id, b"")
+                return True
+            for item in group:
+                batch.release(item, "done")
+                finish(item)
+            continue
+        # The shared pass failed: each job runs again, alone, from the start.
+        for item in group:
+            batch.release(item, "retry")
+        if changed():
+            for item in group:
+                send(b"A", item.id, b"")
+            return True
+        for item in group:
+            item.alone = True
+            batch.start(item)
+            batch.wait_arrived([item])
+            if not item.ended:
+                batch.release(item, "alone")
+            changes = changed()
+            if changes:
+                guard_error(item, changes)
+                return True
+            finish(item)
+    return False
+
+
+def _run_shared(root, group: list[_Item], facts: list) -> bool:
+    """One forward pass for the lanes of ``group``; False when it failed."""
+    try:
+        tracer, merged_facts = _merge(root, group, facts)
+    except Exception:  # noqa: BLE001 - the jobs run alone
+        return False
+    checked = root._checked
+    checked[id(tracer._block)] = (tracer._block, merged_facts)
+    for item in group:
+        item.tracer._pass = tracer
+    try:
+        tracer._execute()
+    except BaseException:  # noqa: BLE001 - the jobs run alone, each gets its own outcome
+        return False
+    finally:
+        checked.pop(id(tracer._block), None)
+        for item in group:
+            item.tracer._pass = None
+        tracer._lanes.clear()
+    return True
