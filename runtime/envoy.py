@@ -26,8 +26,6 @@ _ESCAPED = {name + "_": name for name in _VALUE_NAMES}
 
 # nnsight names we do not have: a clear "not supported" instead of "no child module".
 _NOT_SUPPORTED = {
-    "skip": "skipping a module is not supported: the module runs; replace what it returns "
-    "with `m.output = value` instead",
     "next": "`.next()` is not supported: select generation steps with `with tracer.iter[k]:` "
     "or `with tracer.all():` in a generate block",
     "all": "`module.all()` is not supported: use `with tracer.all():` in a generate block",
@@ -38,8 +36,6 @@ _NOT_SUPPORTED = {
     "export_edits": "persistent edits are not supported",
     "import_edits": "persistent edits are not supported",
     "clear_edits": "persistent edits are not supported",
-    "session": "sessions are not supported: write several trace blocks in one @intervene "
-    "function (a later block can use what an earlier one saved)",
 }
 
 # Module methods that return the module itself: on an envoy they return the envoy, so
@@ -193,6 +189,14 @@ class Envoy:
     @property
     def inputs(self):
         raise self._not_in_trace("inputs")
+
+    # -- in a block ------------------------------------------------------------
+    def skip(self, value) -> None:
+        """In a trace block: this module's next call does not run; ``value`` is its
+        output (in an invoke: that invoke's rows of it).  See runtime/skip.py."""
+        from .skip import skip
+
+        skip(self, value)
 
     # -- plain use ----------------------------------------------------------
     def __call__(self, *args, **kwargs):

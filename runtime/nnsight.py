@@ -96,6 +96,12 @@ class NNsight(Envoy):
     def scan(self, *args, **kwargs):
         raise NotInTraceError(self._path, "scan")
 
+    def session(self, *, remote: bool = False, **kwargs):
+        """``with model.session():`` groups several trace blocks (runtime/session.py)."""
+        from .session import Session
+
+        return Session(self, remote, **kwargs)
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self._module!r})"
 

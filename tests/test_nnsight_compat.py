@@ -290,3 +290,142 @@ def test_rename_errors():
         NNsight(tiny_mlp(), rename={"attention": "attn"})
     with pytest.raises(ValueError, match="`x-y` is not a name"):
         NNsight(tiny_mlp(), rename={"layers": "x-y"})
+
+
+# -- sessions --------------------------------------------------------------------------------
+
+
+@intervene
+def _session(model, x):
+    with model.session() as session:
+        with model.trace(x):
+            a = model.layers[0].output.save()
+        with model.trace(x):
+            model.layers[0].output = a * 2  # a value of the first trace
+            b = model.layers[1].output.save()
+    return session, a, b
+
+
+def test_session_groups_traces_and_values_flow_between_them():
+    net = tiny_mlp()
+    model = NNsight(net)
+    x = torch.randn(3, 8)
+    session, a, b = _session(model, x)
+    assert repr(session) == "<Session of model>"
+    assert torch.equal(a, net.layers[0](x))
+    assert torch.equal(b, net.layers[1](torch.relu(2 * net.layers[0](x))))
+
+
+def test_session_errors():
+    model = NNsight(tiny_mlp())
+    with pytest.raises(NotImplementedError, match="one remote request for all of its traces"):
+        model.session(remote=True)
+    with pytest.raises(TypeError, match="takes no keywords but remote=; got foo"):
+        model.session(foo=1)
+
+
+# -- skip ------------------------------------------------------------------------------------
+
+
+def _plain(net, x, replace=None):
+    """The TinyMLP's forward by hand; ``replace``: {layer index: output}."""
+    replace = replace or {}
+    for i, layer in enumerate(net.layers):
+        x = torch.relu(replace[i] if i in replace else layer(x))
+    return net.head(x)
+
+
+@intervene
+def _skip_layer(model, x, v):
+    with model.trace(x):
+        model.layers[1].skip(v)
+        got = model.layers[1].output.save()
+        out = model.output.save()
+    return got, out
+
+
+@intervene
+def _skip_with_earlier_value(model, x):
+    with model.trace(x):
+        h = model.layers[0].output
+        model.layers[2].skip(h * 3)
+        out = model.output.save()
+    return out
+
+
+def test_skip_replaces_a_modules_output_without_running_it():
+    net = tiny_mlp()
+    model = NNsight(net)
+    x = torch.randn(3, 8)
+    v = torch.randn(3, 8)
+    calls = []
+    handle = net.layers[1].register_forward_pre_hook(lambda m, a: calls.append(1))
+    forward_calls = []
+    real = type(net.layers[1]).forward
+
+    def counting(self, inp):
+        forward_calls.append(1)
+        return real(self, inp)
+
+    net.layers[1].forward = counting.__get__(net.layers[1])
+    try:
+        got, out = _skip_layer(model, x, v)
+    finally:
+        handle.remove()
+        del net.layers[1].forward
+    assert torch.equal(got, v)
+    assert torch.equal(out, _plain(net, x, {1: v}))
+    assert calls == [1] and forward_calls == []  # hooks fire; the forward did not run
+    assert "forward" not in net.layers[1].__dict__  # nothing left on the module
+    # a value read earlier in the same pass works too
+    h = net.layers[0](x)
+    assert torch.equal(_skip_with_earlier_value(model, x), _plain(net, x, {2: h * 3}))
+    # and the next trace runs the module again
+    got, out = _layer1(model, x), _plain(net, x)
+    assert torch.equal(got, net.layers[1](torch.relu(net.layers[0](x))))
+
+
+@intervene
+def _skip_too_late(model, x, v):
+    with model.trace(x):
+        h = model.layers[2].output.save()
+        model.layers[1].skip(v)
+    return h
+
+
+def test_skip_after_the_module_ran_is_an_out_of_order_error():
+    from runtime import OutOfOrderError
+
+    model = NNsight(tiny_mlp())
+    x = torch.randn(3, 8)
+    _layer1(model, x)  # the model's order is known after a first trace
+    with pytest.raises(OutOfOrderError, match=r"`model.layers.1.skip\(value\)` is asked for at "
+                       r"line \d+, but the model is already past its start \(it is now at "
+                       r"`model.layers.2.output`\)"):
+        _skip_too_late(model, x, torch.zeros(3, 8))
+    assert "forward" not in model.layers[1]._module.__dict__
+
+
+def test_skip_outside_a_trace_is_an_error():
+    model = NNsight(tiny_mlp())
+    with pytest.raises(RuntimeError, match=r"works only inside a trace block of its model"):
+        model.layers[1].skip(torch.zeros(1))
+
+
+@intervene
+def _skip_in_invoke(model, x1, x2, v):
+    with model.trace() as tracer:
+        with tracer.invoke(x1):
+            model.layers[1].skip(v)
+            a = model.output.save()
+        with tracer.invoke(x2):
+            b = model.output.save()
+    return a, b
+
+
+def test_skip_in_an_invoke_replaces_its_rows_only():
+    net = tiny_mlp()
+    x1, x2, v = torch.randn(2, 8), torch.randn(3, 8), torch.randn(2, 8)
+    a, b = _skip_in_invoke(NNsight(net), x1, x2, v)
+    assert torch.allclose(a, _plain(net, x1, {1: v}), atol=1e-6)
+    assert torch.allclose(b, _plain(net, x2), atol=1e-6)
