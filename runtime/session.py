@@ -8,7 +8,7 @@ saved (ordinary variables of the function).  ``remote=True`` for the whole sessi
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Self
 
 
 class Session:
@@ -27,7 +27,7 @@ class Session:
                             f"{', '.join(sorted(kwargs))}")
         self.model = model
 
-    def __enter__(self) -> Session:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> bool:
