@@ -1,5 +1,6 @@
 """``python -m runtime.serve --model smollm2-135m [--model PATH ...] [--host 127.0.0.1]
-[--port 8765] [--api-keys FILE] [--job-timeout SECONDS]``.
+[--port 8765] [--api-keys FILE] [--job-timeout SECONDS] [--engine local|ray]
+[--replicas N] [--results-dir DIR]``.
 
 Binds to loopback by default and refuses any other address without API keys
 (a file with one key per line).
@@ -55,6 +56,26 @@ def main(argv: list[str] | None = None) -> int:
                         help="jobs per batch; 1 runs one job at a time (default 16)")
     parser.add_argument("--batch-max-tokens", type=int, default=4096,
                         help="rows x positions of one shared forward pass (default 4096)")
+    parser.add_argument("--engine", choices=("local", "ray"), default="local",
+                        help="local: a worker process per model on this machine (default); "
+                             "ray: each model in --replicas Ray actors (pip install "
+                             "'intervene[ray]')")
+    parser.add_argument("--replicas", type=int, default=1,
+                        help="Ray actors per model (--engine ray; default 1)")
+    parser.add_argument("--replica-cpus", type=float, default=1.0,
+                        help="CPUs Ray reserves for each replica (--engine ray; default 1)")
+    parser.add_argument("--replica-gpus", type=float, default=0.0,
+                        help="GPUs Ray reserves for each replica (--engine ray; default 0)")
+    parser.add_argument("--replica-threads", type=int, default=None,
+                        help="torch threads in each replica (--engine ray; default: its CPUs)")
+    parser.add_argument("--ray-address", default=None,
+                        help="join this Ray cluster ('auto' or HOST:PORT, after `ray start "
+                             "--head`); default: start a local Ray instance")
+    parser.add_argument("--results-dir", default=None,
+                        help="keep job records and results in this folder, so they can be "
+                             "fetched after a disconnect and a restart says what it ended")
+    parser.add_argument("--results-ttl", type=float, default=86400.0,
+                        help="seconds a finished job stays in --results-dir (default 86400)")
     args = parser.parse_args(argv)
 
     keys = read_keys(args.api_keys) if args.api_keys else None
@@ -68,20 +89,43 @@ def main(argv: list[str] | None = None) -> int:
     if args.batch_max_jobs < 1 or args.batch_max_tokens < 1 or args.batch_window_ms < 0:
         parser.error("--batch-max-jobs and --batch-max-tokens must be positive, "
                      "--batch-window-ms at least 0")
+    if args.replicas < 1:
+        parser.error("--replicas must be at least 1")
+    if args.engine != "ray" and (args.replicas != 1 or args.ray_address):
+        parser.error("--replicas and --ray-address need --engine ray")
+    if args.replica_cpus < 0 or args.replica_gpus < 0 or (args.replica_threads or 1) < 1:
+        parser.error("--replica-cpus/--replica-gpus/--replica-threads must be positive")
+    if args.results_ttl <= 0:
+        parser.error("--results-ttl must be positive")
 
     import uvicorn
 
     from .app import create_app
-    from .engine import Engine
+    from .results import LocalEngine, ResultStore
 
     limits = Limits(job_timeout=args.job_timeout, max_result=int(args.max_result_mb * 2**20),
                     max_queued=args.max_queued, batch_window=args.batch_window_ms / 1000,
                     batch_max_jobs=args.batch_max_jobs, batch_max_tokens=args.batch_max_tokens,
                     max_memory=int(args.max_memory_gb * 2**30) if args.max_memory_gb else None)
-    engine = Engine(args.model, limits)
+    if args.engine == "ray":
+        import importlib.util
+
+        if importlib.util.find_spec("ray") is None:
+            raise SystemExit("runtime.serve: --engine ray needs Ray: pip install -c "
+                             "constraints.txt 'intervene[ray]'")
+        from .ray_engine import RayEngine  # ray itself is imported when the engine starts
+
+        engine = RayEngine(args.model, limits, replicas=args.replicas, address=args.ray_address,
+                           replica_cpus=args.replica_cpus, replica_gpus=args.replica_gpus,
+                           replica_threads=args.replica_threads)
+    else:
+        engine = LocalEngine(args.model, limits)
+    if args.results_dir:
+        engine.store = ResultStore(args.results_dir, args.results_ttl)
     app = create_app(engine, keys)
     print(f"intervene server on http://{args.host}:{args.port} serving "
-          f"{', '.join(args.model)} (loading)", file=sys.stderr, flush=True)
+          f"{', '.join(args.model)} with the {args.engine} engine (loading)", file=sys.stderr,
+          flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
 

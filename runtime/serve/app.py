@@ -80,6 +80,8 @@ def create_app(engine: Engine, api_keys: set[str] | None = None, *,
 
     def job_of(job_id: str, key: str):
         job = engine.jobs.get(job_id)
+        if job is None and hasattr(engine, "recall"):  # forgotten here, kept on disk
+            job = engine.recall(job_id, key)
         if job is None or (keys is not None and not hmac.compare_digest(job.key, key)):
             raise HTTPException(404, f"no job {job_id}")
         return job
