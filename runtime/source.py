@@ -10,9 +10,10 @@ it attaches a module (a wrapped ``forward`` for its output, a pre-hook for its i
 
 The ``forward`` is rewritten once per class (cached): libcst finds and names the
 calls, and each named call ``f(args)`` becomes ``__intervene_site__(self, k, f)(args)``.
-That helper returns ``f`` itself unless the running trace waits on call site ``k`` of
-this very module; then the call goes through the site, which hands its input and
-output to the interleaver.  The rewritten function is compiled with the original's
+That helper returns ``f`` itself unless a trace has installed the rewritten forward on
+this very module; then the call goes through call site ``k``, which hands its input
+and output to the interleaver when a lane waits for them (decided as the call runs,
+after its arguments, so a request made while they run is still served).  The rewritten function is compiled with the original's
 file and line numbers (tracebacks show the real file and line), globals and closure
 cells, and put back inside the original's decorators (``deprecate_kwarg``, the
 gradient-checkpointing wrapper).  A trace installs it on the module instance only,
@@ -314,19 +315,32 @@ _Collect = _LazyCollect()
 
 # -- call sites at run time ------------------------------------------------------------
 
-# id(module) -> its CallSites (by index), while a trace has the rewritten forward installed.
-_LIVE: dict[int, list] = {}
+# id(module) -> (its CallSites by index, the trace's set of events that happened), while
+# a trace has the rewritten forward installed.
+_LIVE: dict[int, tuple] = {}
 
 
 def _report(owner, index: int, fn):
     """``__intervene_site__(self, k, f)``: ``f`` itself unless a trace waits on site k
     of ``self``; then a call through the site."""
-    sites = _LIVE.get(id(owner))
-    if sites is not None:
-        site = sites[index]
-        if site.__dict__ or site._forward_pre_hooks:  # attached by the interleaver
-            return functools.partial(site._call, fn)
-    return fn
+    live = _LIVE.get(id(owner))
+    if live is None:
+        return fn
+    # Whether the trace waits is decided as the call runs, after its arguments (which
+    # may run other call sites that a lane waits for, and then asks for this one).
+    return functools.partial(live[0][index]._call, live[1], fn)
+
+
+class _Given:
+    """A call's output, made once: handed to the interleaver's wrapped ``forward``."""
+
+    __slots__ = ("out",)
+
+    def __init__(self, out) -> None:
+        self.out = out
+
+    def __call__(self):
+        return self.out
 
 
 _HELPER_CELL = types.CellType(_report)
@@ -334,8 +348,9 @@ _HELPER_CELL = types.CellType(_report)
 
 class CallSite:
     """One call site of one module's ``forward``, attached by the interleaver like a
-    module: ``forward`` (the call itself, wrapped for its output) and the pre-hook
-    dicts (for its input).  ``__dict__`` is empty unless the output is attached."""
+    module: ``forward`` (handing out the call's output: wrapped for the trace when it is
+    waited for) and the pre-hook dicts (its input).  ``__dict__`` is empty unless the
+    output is attached."""
 
     __slots__ = (
         "__dict__",
@@ -343,9 +358,11 @@ class CallSite:
         "_forward_pre_hooks",
         "_forward_pre_hooks_with_kwargs",
         "info",
+        "out_key",
         "owner",
         "owner_source",
         "path",
+        "pre_key",
     )
 
     def __init__(self, owner: torch.nn.Module, info: SiteInfo, path: str) -> None:
@@ -353,20 +370,29 @@ class CallSite:
         self.info = info
         self.path = path
         self.owner_source = None  # the Source that named it (set when named)
+        self.pre_key, self.out_key = (id(self), "pre"), (id(self), "out")  # the interleaver's keys
         self._forward_pre_hooks: dict = {}
         self._forward_pre_hooks_with_kwargs: dict = {}
 
     def forward(self, fn, /, *args, **kwargs):
         return fn(*args, **kwargs)
 
-    def _call(self, fn, /, *args, **kwargs):
+    def _call(self, fired, fn, /, *args, **kwargs):
+        """The call, through the interleaver where it waits.  ``fired``: the trace's
+        set of events that happened (a request that comes after this point for this
+        call is out of order, not a call that "did not run")."""
         hooks = self._forward_pre_hooks
         if hooks:
             for hook in tuple(hooks.values()):
                 result = hook(self, args, kwargs)
                 if result is not None:
                     args, kwargs = result
-        return self.forward(fn, *args, **kwargs)
+        fired.add(self.pre_key)
+        out = fn(*args, **kwargs)
+        if self.__dict__:  # its output is waited for (perhaps asked for during the call)
+            return self.forward(_Given(out))
+        fired.add(self.out_key)
+        return out
 
     def __repr__(self) -> str:
         return f"<call site {self.path} (line {self.info.line})>"
@@ -375,18 +401,18 @@ class CallSite:
 class _Installed:
     """What cleanup undoes for one module whose rewritten forward a trace installed."""
 
-    __slots__ = ("bound", "module", "sites")
+    __slots__ = ("bound", "live", "module")
 
-    def __init__(self, module, sites, bound) -> None:
+    def __init__(self, module, live, bound) -> None:
         self.module = module
-        self.sites = sites
+        self.live = live
         self.bound = bound
 
     def remove(self) -> None:
         attrs = self.module.__dict__
         if attrs.get("forward") is self.bound:
             del attrs["forward"]
-        if _LIVE.get(id(self.module)) is self.sites:
+        if _LIVE.get(id(self.module)) is self.live:
             del _LIVE[id(self.module)]
 
 
@@ -414,8 +440,9 @@ def _install(inter, source: Source) -> None:
         raise SourceError(f"`{path}.source`: `{path}` has its own `forward` set on the "
                           "instance, which `.source` cannot rewrite")
     bound = types.MethodType(rw.forward, module)
-    undo = attached[key] = _Installed(module, source._sites, bound)  # recorded first
-    _LIVE[id(module)] = source._sites
+    live = (source._sites, inter.fired)
+    undo = attached[key] = _Installed(module, live, bound)  # recorded first
+    _LIVE[id(module)] = live
     module.__dict__["forward"] = undo.bound
 
 

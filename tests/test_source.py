@@ -448,6 +448,80 @@ def test_dynamic_paths_and_loops_over_layers():
     assert_no_hooks(model)
 
 
+def test_call_sites_out_of_order_found_while_running():
+    model = eager_llama()
+
+    @intervene
+    def wrong(model, ids):
+        with model.trace(ids):
+            for layer in model.model.layers[:1]:  # a variable path: known only while running
+                o = layer.self_attn.source.o_proj_0.output.save()
+                q = layer.self_attn.source.q_proj_0.output.save()
+        return o, q
+
+    with pytest.raises(OutOfOrderError, match=r"`model\.model\.layers\.0\.self_attn\.source\."
+                                              r"q_proj_0\.output` is asked for at line \d+, after "
+                                              r"the model had already run"):
+        wrong(model, IDS)
+    assert_no_hooks(model)
+
+
+def test_inputs_assigned_and_shapes_in_a_scan():
+    model = net()
+    x = x4()
+
+    @intervene
+    def inputs(model, x):
+        with model.trace(x):
+            args, kwargs = model.source.out_0.inputs
+            model.source.out_0.inputs = ((args[0] * 0,), kwargs)
+            out = model.output.save()
+        return out
+
+    assert torch.equal(inputs(model, x), model._module.out.bias.expand(3, 2))
+
+    @intervene
+    def shapes(model, x):
+        with model.scan(x):
+            shape = model.source.fc_1.output.shape.save()
+        return shape
+
+    assert tuple(shapes(model, x)) == (3, 4)
+    assert_no_hooks(model)
+
+
+def test_variable_paths_asked_for_during_the_call_that_holds_them():
+    model = eager_llama()
+
+    @intervene
+    def during(model, ids):
+        downs, attns = [], []
+        with model.trace(ids):
+            for layer in model.model.layers:
+                n = layer.source.input_layernorm_0.output  # the layer has not started yet
+                g = layer.mlp.source.gate_proj_0.output  # noqa: F841 - in down_proj_0's arguments
+                downs.append(layer.mlp.source.down_proj_0.input.save())
+        with model.trace(ids):
+            for layer in model.model.layers[:1]:
+                n = layer.source.input_layernorm_0.output  # noqa: F841
+                q = layer.self_attn.q_proj.output  # noqa: F841 - inside the layer's self_attn_0
+                attns.append(layer.source.self_attn_0.output[0].save())
+        return downs, attns
+
+    downs, attns = during(model, IDS)
+    kept = {"down": [], "attn": []}
+    handles = [layer.mlp.down_proj.register_forward_pre_hook(
+        lambda m, a: kept["down"].append(a[0])) for layer in model._module.model.layers]
+    handles.append(model._module.model.layers[0].self_attn.register_forward_hook(
+        lambda m, a, out: kept["attn"].append(out[0])))
+    model._module(IDS)
+    for h in handles:
+        h.remove()
+    assert len(downs) == 2 and all(torch.equal(a, b) for a, b in zip(downs, kept["down"]))
+    assert torch.equal(attns[0], kept["attn"][0])
+    assert_no_hooks(model)
+
+
 # -- invokes, gradients, generation ---------------------------------------------------------
 
 
@@ -541,6 +615,32 @@ def test_every_generation_step():
     h.remove()
     assert torch.equal(tokens, plain)
     assert len(outs) == 3 and all(torch.equal(a, b) for a, b in zip(outs, kept))
+
+    @intervene
+    def both(model, ids):  # a call's input, then its output, at every step
+        ins, outs = [], []
+        with model.generate(ids, max_new_tokens=3, do_sample=False) as tracer:  # noqa: SIM117
+            with tracer.all():
+                ins.append(model.model.layers[1].mlp.source.down_proj_0.input[:, -1].save())
+                model.model.layers[1].mlp.source.down_proj_0.output[:, -1] *= 2
+                outs.append(model.model.layers[1].mlp.source.down_proj_0.output[:, -1].save())
+        return ins, outs, tracer.result
+
+    ins, outs, tokens = both(model, IDS)
+    down = model.model.layers[1].mlp._module.down_proj
+    assert len(ins) == len(outs) == 3
+    assert all(torch.allclose(o, down(i) * 2, atol=1e-6) for i, o in zip(ins, outs))
+    seen = []
+
+    def double(m, a, out):
+        seen.append(a[0][:, -1])
+        out[:, -1] *= 2
+
+    h = down.register_forward_hook(double)
+    plain = model._module.generate(IDS, max_new_tokens=3, do_sample=False)
+    h.remove()
+    assert torch.equal(tokens, plain)
+    assert all(torch.equal(a, b) for a, b in zip(ins, seen))
     assert_no_hooks(model)
 
 
