@@ -100,6 +100,7 @@ class Encoder:
         self.tensors: dict = {}
         self._seen: dict[int, str] = {}
         self._keep: list = []  # keeps ids in _seen valid while encoding
+        self._storages: set[int] = set()  # safetensors refuses two tensors on one storage
 
     def encode(self, value: Any, where: str, lenient: bool = False, depth: int = 0) -> Any:
         if depth > _MAX_DEPTH:
@@ -164,8 +165,10 @@ class Encoder:
             if data.device.type != "cpu":
                 data = data.cpu()
             if (data._base is not None or data.storage_offset() or not data.is_contiguous()
-                    or data.untyped_storage().nbytes() != data.numel() * data.element_size()):
+                    or data.untyped_storage().nbytes() != data.numel() * data.element_size()
+                    or data.untyped_storage().data_ptr() in self._storages):
                 data = data.clone(memory_format=torch.contiguous_format)
+            self._storages.add(data.untyped_storage().data_ptr())
             key = str(len(self.tensors))
             self.tensors[key] = data
             self._seen[id(t)] = key

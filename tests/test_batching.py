@@ -1,0 +1,281 @@
+"""Several users' jobs in one forward pass (runtime/serve/batch.py): each job's result
+equals running it alone, jobs are isolated (rows, errors, stop, cache, a changed
+model), and the engine's window and caps.  In-process on the tiny Llama (run_batch
+straight), plus one engine with a real worker for the time limit."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import torch
+
+from runtime.remote import protocol
+from runtime.serve import Engine, Limits, execute
+from runtime.serve.batch import run_batch
+from runtime.serve.engine import Job
+from runtime.serve.worker import load_model, pack_batch, unpack_batch
+
+A = torch.tensor([[1, 5, 7, 9, 11]])
+B = torch.tensor([[2, 3, 4, 5, 6]])
+C = torch.tensor([[3, 3, 3, 3, 3], [8, 9, 10, 11, 12]])
+SHORT = torch.tensor([[4, 4, 4]])
+
+READ = '''def job(model, x):
+    with model.trace(x):
+        h = model.model.layers[0].output.save()
+        out = model.lm_head.output.save()
+'''
+WRITE = '''def job(model, x):
+    with model.trace(x):
+        model.model.layers[0].output[:] = 0
+        out = model.lm_head.output.save()
+'''
+INVOKES = '''def job(model, a, b):
+    with model.trace() as tracer:
+        with tracer.invoke(a):
+            x = model.lm_head.output.save()
+        with tracer.invoke(b):
+            model.model.layers[1].output[:] = model.model.layers[1].output * 2
+            y = model.lm_head.output.save()
+        with tracer.invoke():
+            everything = model.lm_head.output.save()
+'''
+CACHE = '''def job(model, x):
+    with model.trace(x) as tracer:
+        cache = tracer.cache()
+        out = model.lm_head.output.save()
+'''
+BARRIER = '''def job(model, a, b):
+    with model.trace() as tracer:
+        bar = tracer.barrier(2)
+        with tracer.invoke(a):
+            h = model.model.layers[0].output
+            bar()
+        with tracer.invoke(b):
+            bar()
+            model.model.layers[0].output[:] = h
+            y = model.lm_head.output.save()
+'''
+FAILS = '''def job(model, x):
+    with model.trace(x):
+        h = model.model.layers[0].output
+        bad = h[7].save()
+'''
+STOP = '''def job(model, x):
+    with model.trace(x) as tracer:
+        h = model.model.layers[0].output.save()
+        tracer.stop()
+'''
+def message(source: str, **values) -> bytes:
+    trees, tensors = protocol.encode_values(values)
+    head = {"protocol": protocol.PROTOCOL_VERSION, "compiler": "0", "model": "tiny-llama",
+            "function": "job", "source": source, "filename": "job.py", "first_line": 1,
+            "block": 0, "values": trees}
+    return protocol.pack(head, tensors)
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return load_model("tiny-llama")
+
+
+@pytest.fixture
+def forwards(lm):
+    """How many forward passes of the whole model ran."""
+    calls = []
+    handle = lm._module.register_forward_pre_hook(lambda *a: calls.append(1))
+    yield calls
+    handle.remove()
+
+
+def run(lm, jobs, max_jobs=16, max_tokens=4096, guard=None):
+    """{job id: (tag, header, tensors) or (tag, error dict)}, and the print output."""
+    out, prints = {}, {}
+
+    def send(tag, job_id, body):
+        if tag == b"P":
+            prints[job_id] = prints.get(job_id, "") + body.decode()
+        elif tag == b"R":
+            out[job_id] = (tag, *protocol.unpack(body))
+        else:
+            out[job_id] = (tag, json.loads(body) if body else None)
+
+    ids = [(f"{i:032d}", data, False) for i, data in enumerate(jobs)]
+    changed = run_batch(lm, guard, ids, send, 2**24, 4096, max_jobs, max_tokens)
+    return [out.get(i) for i, _, _ in ids], prints, changed
+
+
+def saved(got, name):
+    _, header, tensors = got
+    return tensors[header["saved"][name]["k"]]
+
+
+def same(got, alone):
+    assert got[0] == alone[0] == b"R", (got, alone)
+    assert got[2].keys() == alone[2].keys()
+    for k in got[2]:
+        assert got[2][k].shape == alone[2][k].shape
+        torch.testing.assert_close(got[2][k], alone[2][k], atol=1e-4, rtol=0)
+
+
+def test_shared_pass_equals_each_job_alone(lm, forwards):
+    jobs = [message(READ, x=A), message(WRITE, x=B), message(INVOKES, a=A, b=C),
+            message(CACHE, x=B), message(BARRIER, a=A, b=B), message(READ, x=C)]
+    batched, _, _ = run(lm, jobs)
+    assert len(forwards) == 1  # one forward pass for all six jobs
+    alone, _, _ = run(lm, jobs, max_jobs=1)
+    assert len(forwards) == 1 + len(jobs)
+    for got, ref in zip(batched, alone):
+        same(got, ref)
+    # And against plain transformers: the reading job's logits.
+    with torch.no_grad():
+        plain = lm._module(A).logits
+    torch.testing.assert_close(saved(batched[0], "out"), plain, atol=1e-4, rtol=0)
+
+
+def test_each_job_sees_only_its_rows(lm, forwards):
+    # `tracer.invoke()` without an input sees its job's rows (3), not the pass's (3 + 2 + 1).
+    jobs = [message(INVOKES, a=A, b=C), message(READ, x=C), message(READ, x=B)]
+    batched, _, _ = run(lm, jobs)
+    assert len(forwards) == 1
+    everything = saved(batched[0], "everything")
+    assert everything.shape[0] == 3
+    torch.testing.assert_close(everything, torch.cat([saved(batched[0], "x"),
+                                                      saved(batched[0], "y")]))
+    # A trace without invokes: its module values have its own rows only.
+    assert saved(batched[1], "h").shape[0] == 2 and saved(batched[2], "h").shape[0] == 1
+    # Reading a row it does not own fails that job alone (as alone: IndexError), the
+    # others complete.
+    jobs = [message(READ, x=A), message(FAILS, x=C), message(READ, x=B)]
+    batched, _, _ = run(lm, jobs)
+    alone, _, _ = run(lm, jobs, max_jobs=1)
+    assert batched[1][0] == b"E" and batched[1][1]["type"] == "IndexError"
+    assert batched[1][1] == alone[1][1]  # the same error, line and all
+    same(batched[0], alone[0])
+    same(batched[2], alone[2])
+
+
+def test_module_cache_records_only_the_jobs_rows(lm, forwards):
+    batched, _, _ = run(lm, [message(READ, x=C), message(CACHE, x=A), message(READ, x=B)])
+    assert len(forwards) == 1
+    _, header, tensors = batched[1]
+    entries = [v for k, v in tensors.items() if v.dim() == 3]
+    assert entries and all(t.shape[0] == 1 for t in entries)  # its one row of four
+
+
+def test_stop_runs_alone_and_prints_arrive_once(lm, forwards):
+    printing = READ.replace("        out = ", "        print('job', x.shape[0])\n        out = ")
+    jobs = [message(printing, x=A), message(STOP, x=B), message(printing, x=C)]
+    batched, prints, _ = run(lm, jobs)
+    assert len(forwards) == 2  # the two readers together; the stopping job on its own
+    alone, _, _ = run(lm, jobs, max_jobs=1)
+    for got, ref in zip(batched, alone):
+        same(got, ref)
+    assert prints == {f"{0:032d}": "job 1\n", f"{2:032d}": "job 2\n"}
+    # A failing job makes its shared pass run again alone: the others' output is not doubled.
+    jobs = [message(printing, x=A), message(FAILS, x=A)]
+    forwards.clear()
+    batched, prints, _ = run(lm, jobs)
+    assert batched[0][0] == b"R" and batched[1][0] == b"E"
+    assert prints == {f"{0:032d}": "job 1\n"}
+    assert len(forwards) == 3  # the failed shared pass, then each job alone
+
+
+def test_jobs_of_other_lengths_or_over_the_caps_get_passes_of_their_own(lm, forwards):
+    jobs = [message(READ, x=A), message(READ, x=SHORT), message(READ, x=B)]
+    batched, _, _ = run(lm, jobs)
+    assert len(forwards) == 2  # A and B (5 tokens) together; SHORT (3 tokens) alone
+    alone, _, _ = run(lm, jobs, max_jobs=1)
+    for got, ref in zip(batched, alone):
+        same(got, ref)
+    forwards.clear()
+    run(lm, [message(READ, x=A)] * 4, max_jobs=2)
+    assert len(forwards) == 2
+    forwards.clear()
+    run(lm, [message(READ, x=A)] * 4, max_tokens=10)  # 5 tokens each: two per pass
+    assert len(forwards) == 2
+
+
+def test_a_shared_pass_that_changed_the_model_sends_its_jobs_back(lm, monkeypatch):
+    monkeypatch.setattr(execute, "validate", lambda *a: None)
+    fresh = load_model("tiny-llama")
+    guard = execute.ModelGuard(fresh._module)
+    edit = '''def job(model, x):
+    with model.trace(x):
+        w = model.model.norm.weight.mul_(1)
+'''
+    got, _, changed = run(fresh, [message(READ, x=A), message(edit, x=B)], guard=guard)
+    assert changed
+    assert [g[0] for g in got] == [b"A", b"A"]  # to be run again alone, on a fresh model
+    guard = execute.ModelGuard(fresh._module)
+    got, _, changed = run(fresh, [message(edit, x=B)], guard=guard)
+    assert changed and got[0][0] == b"E"
+    assert "the job changed the served model" in got[0][1]["message"]
+
+
+def test_batch_message_round_trip():
+    jobs = [("a" * 32, b"one", False), ("b" * 32, b"", True), ("c" * 32, b"three", False)]
+    assert unpack_batch(pack_batch(jobs, 16, 4096)) == (jobs, 16, 4096)
+
+
+def test_window_and_cap():
+    eng = Engine(["tiny-llama"], Limits(batch_window=0.05, batch_max_jobs=3))
+    runner = eng.runners[0]  # not started: the queue alone
+    jobs = [Job(f"{i:032d}", "k", "tiny-llama", b"") for i in range(5)]
+    runner.queue.extend(jobs)
+    t = time.monotonic()
+    assert eng._next_batch(runner) == jobs[:3]  # the cap: no waiting once full
+    assert time.monotonic() - t < 0.04
+    t = time.monotonic()
+    assert eng._next_batch(runner) == jobs[3:]  # waits out the window for company
+    assert time.monotonic() - t >= 0.045
+    alone = Job("x" * 32, "k", "tiny-llama", b"", alone=True)
+    runner.queue.extend([jobs[0], alone, jobs[1]])
+    assert eng._next_batch(runner) == [jobs[0]]  # a job to run alone is not joined
+    assert eng._next_batch(runner) == [alone]
+    assert eng._next_batch(runner) == [jobs[1]]
+    one = Engine(["tiny-llama"], Limits(batch_max_jobs=1))
+    one.runners[0].queue.extend(jobs[:2])
+    assert one._next_batch(one.runners[0]) == [jobs[0]]
+    assert eng.limits.public()["batch_max_jobs"] == 3
+
+
+def test_cli_checks_the_batch_options():
+    from runtime.serve.__main__ import main
+
+    with pytest.raises(SystemExit):
+        main(["--model", "tiny-llama", "--batch-max-jobs", "0"])
+
+
+LOOP = '''def job(model, x):
+    with model.trace(x):
+        h = model.model.layers[0].output
+        while True:
+            h = h + 0
+'''
+
+
+def test_a_job_past_the_time_limit_fails_alone_in_a_batch():
+    eng = Engine(["tiny-llama"], Limits(job_timeout=3.0, batch_window=0.5))
+    eng.start()
+    try:
+        deadline = time.monotonic() + 120
+        while not eng.ready() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        jobs = [eng.submit("k", "tiny-llama", message(READ, x=A)),
+                eng.submit("k", "tiny-llama", message(LOOP, x=B)),
+                eng.submit("k", "tiny-llama", message(READ, x=B))]
+        deadline = time.monotonic() + 60
+        while any(j.status not in ("COMPLETED", "ERROR", "CANCELLED") for j in jobs):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert [j.status for j in jobs] == ["COMPLETED", "ERROR", "COMPLETED"]
+        assert jobs[1].error["type"] == "TimeoutError"
+        with torch.no_grad():
+            plain = load_model("tiny-llama")._module(A).logits
+        got = (b"R", *protocol.unpack(jobs[0].result))
+        torch.testing.assert_close(saved(got, "out"), plain, atol=1e-4, rtol=0)
+    finally:
+        eng.close()
