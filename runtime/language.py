@@ -37,12 +37,48 @@ _TOKEN_ALIGNED = frozenset({"token_type_ids"})
 _GENERIC = frozenset({"return_dict", "output_attentions", "output_hidden_states", "use_cache"})
 
 
+class _Streamer(torch.nn.Module):
+    """``model.generator.streamer``: called with the token ids ``generate`` picks at each
+    step (one per row), so ``model.generator.streamer.output`` in a step block is that
+    step's new tokens.  What a lane writes there is what a user's ``streamer=`` gets."""
+
+    def forward(self, ids):
+        return ids
+
+
 class _Generator(torch.nn.Module):
     """Stands for the generation loop: ``model.generator.output`` is the full
     sequence of token ids, available once generation has ended."""
 
+    def __init__(self) -> None:
+        super().__init__()
+        self.streamer = _Streamer()
+
     def forward(self, ids):  # pragma: no cover - never called
         return ids
+
+
+class _StreamTo:
+    """The streamer ``generate`` gets in a generate block: each step's new tokens go
+    through ``model.generator.streamer`` (the prompt, which generate hands a streamer
+    first, does not), then to the user's own ``streamer=`` if any (prompt included)."""
+
+    def __init__(self, module: torch.nn.Module, user: Any) -> None:
+        self.module = module
+        self.user = user
+        self.prompt = True
+
+    def put(self, value) -> None:
+        if self.prompt:
+            self.prompt = False
+        else:
+            value = self.module(value)
+        if self.user is not None:
+            self.user.put(value)
+
+    def end(self) -> None:
+        if self.user is not None:
+            self.user.end()
 
 
 class LanguageModel(NNsight):
@@ -338,6 +374,11 @@ class LanguageModel(NNsight):
         if kind == "generate":
             # generate derives positions from the mask itself, step by step.
             kwargs = {k: v for k, v in kwargs.items() if k != "position_ids"}
+            beams = kwargs.get("num_beams") or getattr(
+                getattr(self._module, "generation_config", None), "num_beams", None)
+            if beams in (None, 1):  # transformers refuses streamers with beam search
+                kwargs["streamer"] = _StreamTo(self._generator._module.streamer,
+                                               kwargs.get("streamer"))
             return self._module.generate(*args, **kwargs)
         return super()._run(kind, args, kwargs, tracer)
 

@@ -344,7 +344,7 @@ def _move_built(model: Any, device_map: Any) -> Any:
     if device_map is None or device_map == "auto":
         return model
     if isinstance(device_map, Mapping):
-        raise ValueError(
+        raise ValueError(  # noqa: TRY004 - a wrong value of device_map, as in transformers
             f"device_map={device_map!r}: an already built model cannot be split over "
             "devices; move it yourself first, or pass one device (\"cpu\", \"cuda:0\") or "
             "\"auto\" (it stays where it is)"

@@ -112,11 +112,20 @@ def _settle_order(root, first_pass_done: bool) -> None:
 
 
 class InvokeSpec:
-    __slots__ = ("args", "kwargs")
+    __slots__ = ("args", "kwargs", "root")
 
-    def __init__(self, args: tuple, kwargs: dict) -> None:
+    def __init__(self, args: tuple, kwargs: dict, root=None) -> None:
         self.args = args
         self.kwargs = kwargs
+        self.root = root
+
+    @property
+    def inputs(self) -> tuple[tuple, dict]:
+        """``invoker.inputs``: this invoke's input as the model gets it, alone
+        (``(args, kwargs)``; a LanguageModel's text encoded: input_ids, attention_mask...)."""
+        if self.root is None or not (self.args or self.kwargs):
+            return self.args, dict(self.kwargs)
+        return self.root._prepare(self.args, self.kwargs)
 
 
 class Tracer:
@@ -142,7 +151,7 @@ class Tracer:
 
     # -- user-facing -----------------------------------------------------------
     def invoke(self, *args, **kwargs) -> InvokeSpec:
-        return InvokeSpec(args, kwargs)
+        return InvokeSpec(args, kwargs, self._root)
 
     def stop(self) -> None:
         """The rest of the forward pass does not run; what was saved stays.  The code

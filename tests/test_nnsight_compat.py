@@ -429,3 +429,60 @@ def test_skip_in_an_invoke_replaces_its_rows_only():
     a, b = _skip_in_invoke(NNsight(net), x1, x2, v)
     assert torch.allclose(a, _plain(net, x1, {1: v}), atol=1e-6)
     assert torch.allclose(b, _plain(net, x2), atol=1e-6)
+
+
+# -- invoker.inputs ----------------------------------------------------------------------
+
+
+def test_invoker_inputs_is_the_encoded_input():
+    from runtime.tracer import InvokeSpec
+
+    lm = LanguageModel(tiny_llama(0), tokenizer=_tiny_tokenizer())
+    args, kwargs = InvokeSpec(("w1 w2",), {}, lm).inputs
+    assert args == ()
+    assert kwargs["input_ids"].tolist() == [[5, 6]]
+    assert kwargs["attention_mask"].tolist() == [[1, 1]]
+    x = torch.randn(2, 8)
+    args, kwargs = InvokeSpec((x,), {}, NNsight(tiny_mlp())).inputs
+    assert args[0] is x and kwargs == {}
+    assert InvokeSpec((), {}, lm).inputs == ((), {})  # an invoke without input
+
+
+# -- model.generator.streamer -----------------------------------------------------------------
+
+
+@intervene
+def _stream(model, ids, n, streamer):
+    with model.generate(ids, max_new_tokens=n, do_sample=False, streamer=streamer) as tracer:
+        steps = list().save()
+        with tracer.all():
+            steps.append(model.generator.streamer.output)
+        tokens = model.generator.output.save()
+    return steps, tokens
+
+
+def test_streamer_output_is_each_steps_new_tokens_and_a_users_streamer_gets_them():
+    net = tiny_llama(0)
+    lm = LanguageModel(net, tokenizer=_tiny_tokenizer())
+    ids = torch.tensor([[5, 6, 7], [8, 9, 10]])
+
+    class Collect:
+        def __init__(self):
+            self.got, self.ended = [], False
+
+        def put(self, value):
+            self.got.append(value.clone())
+
+        def end(self):
+            self.ended = True
+
+    mine = Collect()
+    steps, tokens = _stream(lm, ids, 4, mine)
+    want = net.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4,
+                        do_sample=False)
+    assert torch.equal(tokens, want)
+    assert len(steps) == 4
+    for k, step in enumerate(steps):
+        assert torch.equal(step, want[:, 3 + k])
+    assert mine.ended and torch.equal(mine.got[0], ids)  # the prompt first, as transformers
+    assert [t.tolist() for t in mine.got[1:]] == [s.tolist() for s in steps]
