@@ -416,9 +416,11 @@ class _Installed:
             del _LIVE[id(self.module)]
 
 
-def _install(inter, source: Source) -> None:
+def _install(inter, source: Source, strict: bool = True) -> None:
     """Put ``source``'s rewritten forward on its module for the trace ``inter`` runs
-    (once per trace; cleanup takes it away)."""
+    (once per trace; cleanup takes it away).  Not ``strict``: a ``source`` whose class
+    forward was replaced since is forgotten quietly (the block's code names the new
+    forward's calls when it runs)."""
     module = source._owner
     key = (id(module), "source")
     attached = inter.attached
@@ -427,8 +429,13 @@ def _install(inter, source: Source) -> None:
     path = source._owner_path
     rw = rewritten(type(module), path)
     if rw is not source._rewritten:
-        raise SourceError(f"`{path}.source`: the forward of {type(module).__name__} changed "
-                          "since its call sites were named: read `.source` again")
+        envoy = source._envoy()
+        if envoy is not None and envoy.__dict__.get("source") is source:
+            del envoy.__dict__["source"]  # the next `.source` names the new forward's calls
+        if not strict:
+            return
+        raise SourceError(f"`{path}.source`: the forward of {type(module).__name__} was "
+                          "replaced since its call sites were named: run the block again")
     if "forward" in module.__dict__:
         if (id(module), "out") in attached or (id(module), "pre") in attached:
             raise RuntimeError(
@@ -453,7 +460,7 @@ def install_static(inter, facts) -> None:
         if module.__class__ is CallSite:
             src = module.owner_source
             if src is not None:
-                _install(inter, src)
+                _install(inter, src, strict=False)
 
 
 def _active(root):
@@ -477,7 +484,7 @@ class Source(Envoy):
     ``.<name>`` is a call site, whose ``.output`` / ``.input`` / ``.inputs`` are
     checkpoints in a block."""
 
-    __slots__ = ("_owner", "_owner_path", "_rewritten", "_site_envoys", "_sites")
+    __slots__ = ("_envoy", "_owner", "_owner_path", "_rewritten", "_site_envoys", "_sites")
 
     def __init__(self, envoy: Envoy) -> None:
         module = envoy._module
@@ -486,6 +493,7 @@ class Source(Envoy):
         object.__setattr__(self, "_root_ref", weakref.ref(envoy._root))
         object.__setattr__(self, "_children", {})
         object.__setattr__(self, "_owner", module)
+        object.__setattr__(self, "_envoy", weakref.ref(envoy))  # it holds this one
         object.__setattr__(self, "_owner_path", envoy._path)
         object.__setattr__(self, "_rewritten", rw)
         object.__setattr__(self, "_sites", [

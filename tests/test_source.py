@@ -234,6 +234,36 @@ def test_a_forward_set_on_the_instance_or_a_module_already_running():
     assert source_mod._LIVE == {}
 
 
+class Swap(torch.nn.Module):
+    def forward(self, x):
+        return torch.relu(x)
+
+
+def test_a_class_forward_replaced_after_its_calls_were_named():
+    model = NNsight(Swap())
+    x = x4()
+
+    @intervene
+    def read(model, x):
+        with model.trace(x):
+            r = model.source.relu_0.output.save()
+        return r
+
+    assert torch.equal(read(model, x), torch.relu(x))
+    original = Swap.forward
+
+    def forward(self, x):
+        return torch.relu(x * 2)
+
+    Swap.forward = forward
+    try:
+        assert torch.equal(read(model, x), torch.relu(x * 2))  # the new forward's relu_0
+        assert "relu(x * 2)" in str(model.source)
+    finally:
+        Swap.forward = original
+    assert_no_hooks(model)
+
+
 # -- reading, equal to a hand-written patch ---------------------------------------------------
 
 
