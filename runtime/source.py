@@ -148,6 +148,9 @@ def _rewrite(cls: type, original, path: str) -> Rewritten:
     body = " " + new_text if cls_name else new_text.split("\n", 1)[1]
     tree = ast.parse(header + body)
     ast.increment_lineno(tree, first - 3 if cls_name else first - 2)
+    for node in ast.walk(tree):  # the wrappers' lines, for a forward on line 1 or 2 of its file
+        if getattr(node, "lineno", 1) < 1:
+            node.lineno = node.end_lineno = 1
     code = compile(tree, raw.__code__.co_filename, "exec", dont_inherit=True)
     inner = _find_code(code, raw.__name__, cls_name)
     cells = dict(zip(frees, raw.__closure__ or ()))
@@ -639,8 +642,9 @@ def render(rw: Rewritten, path: str) -> str:
     width = min(max((len(m) for m in margins.values()), default=0), 48)
     body = textwrap.dedent("".join(rw.lines)).rstrip("\n").split("\n")
     digits = len(str(rw.first_line + len(body)))
-    head = (f"{path}: {rw.qualname} ({rw.filename}:{rw.first_line}), {len(rw.sites)} call "
-            f"sites; in a block: {path}.<name>.output / .input / .inputs")
+    count = f"{len(rw.sites)} call site" + ("" if len(rw.sites) == 1 else "s")
+    head = (f"{path}: {rw.qualname} ({rw.filename}:{rw.first_line}), {count}; in a block: "
+            f"{path}.<name>.output / .input / .inputs")
     out = [head]
     for i, text in enumerate(body):
         line = rw.first_line + i

@@ -385,6 +385,10 @@ def test_only_the_named_module_gets_the_rewritten_forward_and_only_for_the_trace
     assert seen == [(0, False), (1, True)]
     assert_no_hooks(model)
     assert llama.LlamaAttention.forward is before
+    # Rewritten once per class: both layers' `.source` share it.
+    assert (model.model.layers[0].self_attn.source._rewritten
+            is model.model.layers[1].self_attn.source._rewritten
+            is source_mod.rewritten(llama.LlamaAttention, "x"))
     rewritten = source_mod.rewritten(llama.LlamaAttention, "x").forward
     assert inspect.unwrap(rewritten).__code__.co_filename == llama.__file__
     assert inspect.unwrap(rewritten).__code__.co_firstlineno == inspect.unwrap(before).__code__.co_firstlineno
