@@ -11,6 +11,7 @@ import functools
 import inspect
 import textwrap
 import traceback
+import types
 
 import pytest
 import torch
@@ -359,6 +360,41 @@ def test_attention_head_read_and_zeroed_equal_a_patch_of_the_attention_function(
     assert torch.equal(weights, seen["w"])
     assert torch.equal(logits, expected)
     assert not torch.equal(logits, model._module(IDS).logits)  # the write did change them
+    assert_no_hooks(model)
+
+
+def test_mlp_read_and_write_equal_a_monkeypatched_forward():
+    model = eager_llama()
+
+    @intervene
+    def edit(model, ids):
+        with model.trace(ids):
+            gate = model.model.layers[1].mlp.source.gate_proj_0.output.save()
+            model.model.layers[1].mlp.source.act_fn_0.output[..., :8] = 0
+            up = model.model.layers[1].mlp.source.up_proj_0.output.clone().save()
+            logits = model.lm_head.output.save()
+        return gate, up, logits
+
+    gate, up, logits = edit(model, IDS)
+    mlp = model.model.layers[1].mlp._module
+    kept = {}
+
+    def forward(self, x):  # LlamaMLP.forward, edited by hand
+        g = self.gate_proj(x)
+        kept["gate"] = g
+        a = self.act_fn(g)
+        a[..., :8] = 0
+        u = self.up_proj(x)
+        kept["up"] = u.clone()
+        return self.down_proj(a * u)
+
+    mlp.forward = types.MethodType(forward, mlp)
+    try:
+        expected = model._module(IDS).logits
+    finally:
+        del mlp.forward
+    assert torch.equal(gate, kept["gate"]) and torch.equal(up, kept["up"])
+    assert torch.equal(logits, expected)
     assert_no_hooks(model)
 
 
