@@ -86,7 +86,7 @@ class Handle:
         self.backward = backward
         self.end_backward = end_backward
         self.mark = mark
-        self.lane = Tracer._add_lane  # `__iv.lane(tracer, fn, spec, index)`
+        self.lane = _add_lane  # `__iv.lane(tracer, fn, spec, index)`
         self.has_backward = [
             any(getattr(i, "kind", None) == "backward" for lane in b.lanes for i in lane.items)
             for b in plan.blocks
@@ -108,6 +108,11 @@ class Handle:
             from .remote.client import remote_tracer
 
             return remote_tracer(self, model, kind, index, args, kwargs, sys._getframe(1))
+        if kind == "edit":  # `with model.edit() as edited:` (runtime/edit.py)
+            from .edit import EditBlock
+
+            return EditBlock(model, self.plan.blocks[index], self.sites[index],
+                             self.plan.filename, args, kwargs)
         tracer = Tracer(model, kind, self.plan.blocks[index], self.sites[index], args, kwargs)
         tracer._filename = self.plan.filename
         if self.has_steps[index]:
@@ -115,6 +120,12 @@ class Handle:
         if self.has_backward[index]:
             tracer._has_backward = True
         return tracer
+
+
+def _add_lane(tracer, fn, spec, index: int) -> None:
+    """``__iv.lane(tracer, fn, spec, index)``: a Tracer's, or an edited model's in an
+    edit block."""
+    tracer._add_lane(fn, spec, index)
 
 
 def handle_for(plan, source=None) -> Handle:

@@ -31,11 +31,10 @@ _NOT_SUPPORTED = {
     "all": "`module.all()` is not supported: use `with tracer.all():` in a generate block",
     "iter": "`module.iter[...]` is not supported: use `with tracer.iter[...]:` in a generate "
     "block",
-    "edit": "persistent edits (`.edit()`) are not supported: put the intervention in the "
-    "experiment, it runs on every call",
-    "export_edits": "persistent edits are not supported",
-    "import_edits": "persistent edits are not supported",
-    "clear_edits": "persistent edits are not supported",
+    "edit": "`.edit()` is a method of the whole model (`with model.edit() as edited:`), not "
+    "of one of its modules",
+    "export_edits": "exporting edits is not supported: run the edit block again where needed",
+    "import_edits": "importing edits is not supported: run the edit block again where needed",
 }
 
 # Module methods that return the module itself: on an envoy they return the envoy, so

@@ -23,11 +23,13 @@ class NNsight(Envoy):
 
     __slots__ = (
         "_checked",
+        "_edits",
         "_order",
         "_order_complete",
         "_parent_map",
         "_paths",
         "_precedes_cache",
+        "_recording",
         "_renames",
         "_repeated",
     )
@@ -40,6 +42,8 @@ class NNsight(Envoy):
             raise TypeError(f"NNsight wraps a torch.nn.Module, got {type(module).__name__}")
         super().__init__(module, "model", None)
         object.__setattr__(self, "_renames", None)
+        object.__setattr__(self, "_edits", None)  # model.edit(): runtime/edit.py
+        object.__setattr__(self, "_recording", None)
         if rename:
             object.__setattr__(self, "_renames", self._check_renames(rename))
         object.__setattr__(self, "_parent_map", None)
@@ -95,6 +99,18 @@ class NNsight(Envoy):
 
     def scan(self, *args, **kwargs):
         raise NotInTraceError(self._path, "scan")
+
+    def edit(self, *args, **kwargs):
+        raise NotInTraceError(self._path, "edit")
+
+    def clear_edits(self) -> None:
+        """Drop the interventions ``model.edit(inplace=True)`` put on this wrapper."""
+        self._edits = None
+
+    def _add_lane(self, fn, spec, index: int) -> None:
+        from .edit import add_lane  # `__iv.lane(edited, ...)` in an edit block
+
+        add_lane(self, fn, spec, index)
 
     def session(self, *, remote: bool = False, **kwargs):
         """``with model.session():`` groups several trace blocks (runtime/session.py)."""

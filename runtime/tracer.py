@@ -23,6 +23,7 @@ import torch
 
 from . import order, source
 from .cache import late_cache_hooks
+from .edit import cleanup_steps, finish_edits, start_edits
 from .errors import OutOfOrderError
 from .interleave import OUT, PRE, Barrier, Interleaver, StepSelection, StopTrace, UserStopIteration
 
@@ -221,11 +222,15 @@ class Tracer:
     def _execute_locked(self) -> None:
         root = self._root
         inter = learning = stop_iteration = None
+        edits = ()
         first_pass_done = False
         try:
             got = root._checked.get(id(self._block))
             facts = got[1] if got is not None and got[0] is self._block else block_facts(root, self._block)
             args, kwargs, rows = self._inputs()
+            if root._edits:  # `model.edit()`: its interventions go in first (runtime/edit.py)
+                edits = []  # filled as they start: cleanup undoes those that did
+                start_edits(root, torch.is_grad_enabled(), edits)
             inter = self._inter = Interleaver(root, self._block, self._sites, self._filename)
             inter.activate()
             self._rows = rows  # tracer.cache() in invoke i records rows[i]
@@ -249,6 +254,7 @@ class Tracer:
                 first_pass_done = None  # known once the run returns or raises
                 first_pass_done = self._run_model(inter, args, kwargs)
             inter.finish()
+            finish_edits(edits)
         except UserStopIteration as carrier:
             # The user's own StopIteration, kept as it was (a generator would have made
             # it "RuntimeError: generator raised StopIteration"); raised after cleanup,
@@ -260,7 +266,7 @@ class Tracer:
             pending = None
             for _attempt in range(3):  # an interrupt can arrive as a call begins: call again
                 try:
-                    pending = self._cleanup(inter, learning, first_pass_done) or pending
+                    pending = self._cleanup(inter, learning, first_pass_done, edits) or pending
                     break
                 except BaseException as exc:  # noqa: BLE001 - raised below
                     pending = pending or exc
@@ -302,7 +308,7 @@ class Tracer:
             inter.result = out
         return True
 
-    def _cleanup(self, inter, learning, first_pass_done: bool) -> BaseException | None:
+    def _cleanup(self, inter, learning, first_pass_done: bool, edits=()) -> BaseException | None:
         """Undo everything the run put on the model.  Every step runs even if an
         earlier one (or a KeyboardInterrupt arriving meanwhile) raises; each is
         idempotent, so one cut short is run again.  Returns the first error (the
@@ -310,6 +316,8 @@ class Tracer:
         root = self._root
         pending = None
         steps = [self._detach_caches]
+        if edits:  # after the trace's own interleaver: see runtime/edit.py
+            steps[:0] = cleanup_steps(edits)
         if inter is not None:
             steps.insert(0, inter.cleanup)
         if learning is not None:

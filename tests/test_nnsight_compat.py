@@ -486,3 +486,73 @@ def test_streamer_output_is_each_steps_new_tokens_and_a_users_streamer_gets_them
         assert torch.equal(step, want[:, 3 + k])
     assert mine.ended and torch.equal(mine.got[0], ids)  # the prompt first, as transformers
     assert [t.tolist() for t in mine.got[1:]] == [s.tolist() for s in steps]
+
+
+# -- model.edit() (the runtime side; the compiler emits this code for edit blocks) --------------
+
+
+@intervene
+def _edit_plan(model, x):
+    with model.trace(x):  # only its plan is used: the edit block's checkpoints
+        model.layers[0].output[:] = 0
+
+
+def _edit(model, inplace=False):
+    """What the compiler is to emit for ``with model.edit() as edited:
+    model.layers[0].output[:] = 0`` (see /work/notes/for-compiler-13.md)."""
+    from runtime.api import handle_for
+
+    iv = handle_for(_edit_plan.compiled.plan)
+    kwargs = {"inplace": True} if inplace else {}
+    with iv.block(model, "edit", 0, **kwargs) as edited:
+        def lane():
+            (yield iv.read(model.layers[0], "output", 0))[:] = 0
+
+        iv.lane(edited, lane, None, 0)
+    return edited
+
+
+def test_edit_applies_to_every_later_trace_of_the_edited_model_only():
+    net = tiny_mlp()
+    model = NNsight(net)
+    x = torch.randn(3, 8)
+    edited = _edit(model)
+    assert edited is not model and edited._module is net
+    zeroed = _plain(net, x, {0: torch.zeros(3, 8)})
+    for _ in range(2):  # every trace, and the edit's lanes are made afresh each time
+        assert torch.equal(_layer1(edited, x), net.layers[1](torch.zeros(3, 8)))
+        assert torch.equal(_skip_layer(edited, x, torch.ones(3, 8))[1],
+                           _plain(net, x, {0: torch.zeros(3, 8), 1: torch.ones(3, 8)}))
+    assert torch.equal(_layer1(model, x), net.layers[1](torch.relu(net.layers[0](x))))
+    assert torch.equal(net(x), _plain(net, x))  # plain calls: untouched
+    assert "forward" not in net.layers[0].__dict__
+    # an edit of the edited model keeps the first edit too
+    twice = _edit(edited)
+    assert len(twice._edits) == 2 and torch.equal(_session(twice, x)[2],
+                                                  net.layers[1](torch.zeros(3, 8)))
+    assert not torch.equal(zeroed, _plain(net, x))
+
+
+def test_edit_inplace_and_clear_edits():
+    net = tiny_mlp()
+    model = NNsight(net)
+    x = torch.randn(3, 8)
+    assert _edit(model, inplace=True) is model
+    assert torch.equal(_layer1(model, x), net.layers[1](torch.zeros(3, 8)))
+    model.clear_edits()
+    assert torch.equal(_layer1(model, x), net.layers[1](torch.relu(net.layers[0](x))))
+
+
+def test_edit_errors():
+    from runtime import NotInTraceError
+    from runtime.api import handle_for
+
+    model = NNsight(tiny_mlp())
+    with pytest.raises(NotInTraceError, match=r"`model.edit\(...\)` must be used as `with "
+                       r"model.edit\(...\):` inside a function decorated with @intervene"):
+        model.edit()
+    with pytest.raises(AttributeError, match="`.edit\\(\\)` is a method of the whole model"):
+        model.layers[0].edit  # noqa: B018
+    iv = handle_for(_edit_plan.compiled.plan)
+    with pytest.raises(TypeError, match="takes only inplace=True/False"):
+        iv.block(model, "edit", 0, torch.zeros(1))
