@@ -137,8 +137,8 @@ def _rewrite(cls: type, original, path: str) -> Rewritten:
         # below (a multi-line string inside it gains the indentation too).
         text, indent = textwrap.indent(textwrap.dedent(text), "    "), 4
     try:
-        sites, new_text = _name_and_rewrite(f"class {cls_name or '_C'}:\n" + text, self_name,
-                                            first - 2)
+        sites, new_text, changed = _name_and_rewrite(f"class {cls_name or '_C'}:\n" + text,
+                                                     self_name, first - 2)
     except Exception as exc:  # noqa: BLE001 - libcst cannot parse it: say so
         raise _unavailable(path, cls, f"could not be parsed ({type(exc).__name__}: {exc})") from None
     # Compiled inside a function taking the original's free variables (so they stay
@@ -148,9 +148,20 @@ def _rewrite(cls: type, original, path: str) -> Rewritten:
     body = " " + new_text if cls_name else new_text.split("\n", 1)[1]
     tree = ast.parse(header + body)
     ast.increment_lineno(tree, first - 3 if cls_name else first - 2)
-    for node in ast.walk(tree):  # the wrappers' lines, for a forward on line 1 or 2 of its file
-        if getattr(node, "lineno", 1) < 1:
+    for node in ast.walk(tree):
+        start = getattr(node, "lineno", None)
+        if start is None:
+            continue
+        if start < 1:  # the wrappers' lines, for a forward on line 1 or 2 of its file
             node.lineno = node.end_lineno = 1
+        elif start in changed or node.end_lineno in changed:
+            # A line with a rewritten call: its columns are those of the rewritten text,
+            # so the node is placed on the whole original line(s) (tracebacks then show
+            # the line without carets under the wrong characters).
+            i, j = start - first, node.end_lineno - first
+            if 0 <= i <= j < len(lines):
+                node.col_offset = len(lines[i].encode()) - len(lines[i].lstrip().encode())
+                node.end_col_offset = len(lines[j].rstrip("\r\n").encode())
     code = compile(tree, raw.__code__.co_filename, "exec", dont_inherit=True)
     inner = _find_code(code, raw.__name__, cls_name)
     cells = dict(zip(frees, raw.__closure__ or ()))
@@ -220,13 +231,14 @@ def _name_and_rewrite(text: str, self_name: str, line_offset: int):
     counts: dict[str, int] = {}
     sites = []
     index_of = {}
-    for k, (name, pos, end, cond, loop, node) in enumerate(found.calls):
+    for k, (name, pos, end, cond, loop, node, _lines) in enumerate(found.calls):
         n = counts.get(name, 0)
         counts[name] = n + 1
         late = any(exit_pos < pos for exit_pos in found.exits)
         sites.append(SiteInfo(f"{name}_{n}", k, pos[0] + line_offset,
                               (end[0] + line_offset, end[1]), cond or late, loop))
         index_of[id(node)] = k
+    changed = {line + line_offset for c in found.calls for line in c[6]}
 
     class Rewrite(cst.CSTTransformer):
         def leave_Call(self, original, updated):
@@ -237,7 +249,7 @@ def _name_and_rewrite(text: str, self_name: str, line_offset: int):
                 cst.Arg(cst.Name(self_name)), cst.Arg(cst.Integer(str(k))), cst.Arg(updated.func)])
             return updated.with_changes(func=helper)
 
-    return sites, wrapper.module.visit(Rewrite()).code
+    return sites, wrapper.module.visit(Rewrite()).code, changed
 
 
 def _make_collector():
@@ -250,7 +262,8 @@ def _make_collector():
 
     class Collect(cst.CSTVisitor):
         """The calls of the outermost function (not its decorators, parameters or
-        annotations): (name, name position, end position, conditional, repeated, node)."""
+        annotations): (name, name position, end position, conditional, repeated, node,
+        the lines the called expression starts and ends on)."""
 
         METADATA_DEPENDENCIES = (PositionProvider,)
 
@@ -286,9 +299,10 @@ def _make_collector():
                                                   func.value in _UNNAMED):
                     pos = self.get_metadata(PositionProvider, name_node).start
                     end = self.get_metadata(PositionProvider, node).end
+                    where = self.get_metadata(PositionProvider, func)  # text goes in there
                     self.calls.append((name_node.value, (pos.line, pos.column),
                                        (end.line, end.column), self.cond > 0, self.loop > 0,
-                                       node))
+                                       node, (where.start.line, where.end.line)))
             return True
 
         def on_leave(self, original) -> None:

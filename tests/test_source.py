@@ -744,11 +744,16 @@ def test_a_call_site_that_never_runs_and_an_error_leave_nothing():
     assert source_mod._LIVE == {}
 
 
+def _fail(y):
+    raise ValueError("boom")
+
+
 class Raises(torch.nn.Module):
     def forward(self, x):
         y = torch.relu(x)
-        raise ValueError("boom")  # the line a traceback must show
-        return y
+        if y.sum() > 1e9:
+            raise ValueError("huge")
+        return _fail(y)  # the line a traceback must show
 
 
 def test_traceback_points_at_the_real_file_and_line():
@@ -763,8 +768,15 @@ def test_traceback_points_at_the_real_file_and_line():
     with pytest.raises(ValueError, match="boom") as info:
         run(model, x4())
     frames = traceback.extract_tb(info.value.__traceback__)
-    last = frames[-1]
-    assert last.filename == __file__ and last.line.strip().startswith('raise ValueError("boom")')
+    assert frames[-1].name == "_fail"
+    forward = next(f for f in frames if f.name == "forward" and f.filename == __file__)
+    assert forward.filename == __file__ and forward.name == "forward"
+    assert forward.lineno == inspect.getsourcelines(Raises.forward)[1] + 4
+    assert forward.line == "return _fail(y)  # the line a traceback must show"
+    # The line holds a rewritten call: shown whole, without carets under wrong columns.
+    text = "".join(traceback.format_exception(info.value)).splitlines()
+    at = text.index("    return _fail(y)  # the line a traceback must show")
+    assert "^" not in text[at + 1]
     assert_no_hooks(model)
 
 
