@@ -4,6 +4,7 @@
 #   make model     fetch + convert the default model into the cache (no-op when cached)
 #   make test      run the test suite          (PYTEST_ARGS="-k encode" to select)
 #   make test-arch the full architecture matrix (about 40 tiny models; pytest -m arch_all)
+#   make test-load the full server load test: 16 clients x 100 jobs (pytest -m load)
 #   make test-compat  build .venv-tf4 (transformers 4.57, constraints-tf4.txt) and run
 #                  COMPAT_TESTS there; TF4_TORCH=shared reuses .venv's torch instead of
 #                  installing it a second time
@@ -40,7 +41,7 @@ COMPAT_TESTS ?= tests/test_hardening_inputs.py tests/test_architectures.py tests
 BENCH_INSTALLED := $(VENV)/.bench-installed-stamp
 
 .DELETE_ON_ERROR:
-.PHONY: install model test test-arch test-compat demo bench lint clean distclean
+.PHONY: install model test test-arch test-load test-compat demo bench lint clean distclean
 
 install: $(INSTALLED)
 
@@ -65,6 +66,9 @@ test: $(INSTALLED) model
 
 test-arch: $(INSTALLED)
 	$(PY) -m pytest -q -m arch_all tests/test_architectures.py $(PYTEST_ARGS)
+
+test-load: $(INSTALLED)
+	$(PY) -m pytest -q -s -m load tests/test_serve_load.py $(PYTEST_ARGS)
 
 $(PY_TF4):
 	$(PYTHON3) -m venv $(VENV_TF4)
