@@ -225,7 +225,7 @@ def _name_and_rewrite(text: str, self_name: str, line_offset: int):
     from libcst.metadata import MetadataWrapper
 
     wrapper = MetadataWrapper(cst.parse_module(text))
-    found = _Collect()
+    found = _collector()()
     wrapper.visit(found)
     found.calls.sort(key=lambda c: c[1])
     counts: dict[str, int] = {}
@@ -252,11 +252,14 @@ def _name_and_rewrite(text: str, self_name: str, line_offset: int):
     return sites, wrapper.module.visit(Rewrite()).code, changed
 
 
-def _make_collector():
+@functools.cache
+def _collector():
+    """The visitor class (made on first use: libcst is imported only where `.source` is)."""
     import libcst as cst
     from libcst.metadata import PositionProvider
 
-    cond_nodes = (cst.If, cst.Try, cst.TryStar, cst.Match, cst.IfExp, cst.BooleanOperation)
+    cond_nodes = (cst.If, cst.Try, cst.TryStar, cst.Match, cst.IfExp, cst.BooleanOperation,
+                  cst.Assert)
     loop_nodes = (cst.For, cst.While, cst.ListComp, cst.SetComp, cst.DictComp,
                   cst.GeneratorExp, cst.Lambda)
 
@@ -318,16 +321,6 @@ def _make_collector():
     return Collect
 
 
-class _LazyCollect:
-    cls = None
-
-    def __call__(self):
-        if self.cls is None:
-            self.cls = _make_collector()
-        return self.cls()
-
-
-_Collect = _LazyCollect()
 
 
 # -- call sites at run time ------------------------------------------------------------
@@ -338,8 +331,9 @@ _LIVE: dict[int, tuple] = {}
 
 
 def _report(owner, index: int, fn):
-    """``__intervene_site__(self, k, f)``: ``f`` itself unless a trace waits on site k
-    of ``self``; then a call through the site."""
+    """``__intervene_site__(self, k, f)``: ``f`` itself unless a trace installed the
+    rewritten forward on ``self``; then a call through site k, which hands its values to
+    the interleaver where a lane waits for them."""
     live = _LIVE.get(id(owner))
     if live is None:
         return fn
