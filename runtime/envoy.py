@@ -26,8 +26,9 @@ _ESCAPED = {name + "_": name for name in _VALUE_NAMES}
 
 # nnsight names we do not have: a clear "not supported" instead of "no child module".
 _NOT_SUPPORTED = {
-    "next": "`.next()` is not supported: select generation steps with `with tracer.iter[k]:` "
-    "or `with tracer.all():` in a generate block",
+    "next": "`.next()` is not supported yet: in one forward pass, a second request for a "
+    "module whose value was already served waits for its next call; generation steps are "
+    "selected with `with tracer.iter[k]:` or `with tracer.all():` in a generate block",
     "all": "`module.all()` is not supported: use `with tracer.all():` in a generate block",
     "iter": "`module.iter[...]` is not supported: use `with tracer.iter[...]:` in a generate "
     "block",

@@ -524,7 +524,7 @@ def test_invokes_with_different_keywords_are_named():
 # --------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["skip", "next", "edit", "session", "all", "iter"])
+@pytest.mark.parametrize("name", ["next", "all", "iter", "export_edits", "import_edits"])
 def test_missing_features_say_not_supported(name):
     net = NNsight(tiny_mlp())
     with pytest.raises(AttributeError) as info:
@@ -541,11 +541,14 @@ def skip_layer(model, x):
     return out
 
 
-def test_skip_inside_a_block_says_not_supported():
+def test_skip_inside_a_block_works():  # issue 13; more in tests/test_nnsight_compat.py
     net = NNsight(tiny_mlp())
-    with pytest.raises(AttributeError, match="`model.layers.0.skip`: skipping a module is not "
-                       "supported"):
-        skip_layer(net, torch.randn(1, 8))
+    x = torch.randn(1, 8)
+    out = skip_layer(net, x)
+    h = x
+    for i, layer in enumerate(net._module.layers):
+        h = torch.relu(x if i == 0 else layer(h))
+    assert torch.equal(out, net._module.head(h))
     assert_no_hooks(net._module)
 
 

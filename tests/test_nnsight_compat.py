@@ -64,7 +64,7 @@ def test_import_intervene_is_cheap_and_exports_the_api():
             assert save is runtime.save and NNsight is runtime.NNsight
             print("ok", sorted(dir(intervene)))
         """)],
-        capture_output=True, text=True, timeout=120, cwd=ROOT,
+        capture_output=True, text=True, timeout=120, cwd=ROOT, check=False,
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("ok")
@@ -90,14 +90,14 @@ def test_import_intervene_is_not_shadowed_by_a_users_runtime_py(tmp_path):
         print("equal", torch.equal(f(model, x), net.layers[0](x)))
     """))
     out = subprocess.run([sys.executable, "script.py"], cwd=tmp_path, capture_output=True,
-                         text=True, timeout=120)
+                         text=True, timeout=120, check=False)
     assert out.returncode == 0, out.stderr
     assert "equal True" in out.stdout
     assert "USER" not in out.stdout  # the user's files were never run by `import intervene`
     # `import runtime` itself finds the user's file first: `intervene` is the safe import.
     (tmp_path / "script.py").write_text("import runtime\nprint('mine', runtime.MINE)\n")
     out = subprocess.run([sys.executable, "script.py"], cwd=tmp_path, capture_output=True,
-                         text=True, timeout=120)
+                         text=True, timeout=120, check=False)
     assert "mine 1" in out.stdout
 
 
@@ -454,7 +454,7 @@ def test_invoker_inputs_is_the_encoded_input():
 @intervene
 def _stream(model, ids, n, streamer):
     with model.generate(ids, max_new_tokens=n, do_sample=False, streamer=streamer) as tracer:
-        steps = list().save()
+        steps = [].save()
         with tracer.all():
             steps.append(model.generator.streamer.output)
         tokens = model.generator.output.save()
