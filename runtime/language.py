@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import sys
 import typing
 from collections.abc import Mapping
 from typing import Any
@@ -98,6 +99,11 @@ class LanguageModel(NNsight):
         pending = self._pending
         if pending is None:
             return
+        first = next(self._module.parameters(), None)
+        if first is not None and not first.is_meta:
+            # Another wrapper of the same module loaded it (LanguageModel(lm), model.edit()).
+            object.__setattr__(self, "_pending", None)
+            return
         from .lazy import materialize
 
         real, _ = load_causal_lm(pending[0], tokenizer=self.tokenizer, dtype=pending[1])
@@ -177,7 +183,12 @@ class LanguageModel(NNsight):
         return self._module.config
 
     def generate(self, *args, **kwargs):
-        """Outside a trace: the wrapped model's own ``generate`` (text is encoded)."""
+        """``with model.generate(...):`` outside @intervene: compiled on entry
+        (runtime/direct.py); called plainly: the wrapped model's own ``generate``."""
+        from .direct import DirectTracer, opens_with
+
+        if opens_with(sys._getframe(1)):
+            return DirectTracer(self, "generate", args, kwargs)
         self._load()
         if args and not isinstance(args[0], torch.Tensor):
             enc = self._encode(args[0])

@@ -556,3 +556,29 @@ def test_edit_errors():
     iv = handle_for(_edit_plan.compiled.plan)
     with pytest.raises(TypeError, match="takes only inplace=True/False"):
         iv.block(model, "edit", 0, torch.zeros(1))
+
+
+def test_two_wrappers_of_a_model_not_loaded_yet_load_it_once(tmp_path, monkeypatch):
+    import runtime.language as language
+
+    _save_tiny(tmp_path)
+    inner = LanguageModel(str(tmp_path))
+    outer = LanguageModel(inner)
+    loads = []
+    real = language.load_causal_lm
+    monkeypatch.setattr(language, "load_causal_lm",
+                        lambda *a, **k: loads.append(1) or real(*a, **k))
+    ids = torch.tensor([[5, 6, 7]])
+    assert torch.equal(_lm_layer(outer, ids), _lm_layer(inner, ids))
+    assert loads == [1] and inner._pending is None and outer._pending is None
+
+
+@pytest.mark.slow
+def test_torch_dtype_is_honoured_for_the_default_model():
+    from runtime.models import DEFAULT_ALIAS
+
+    lm = LanguageModel(DEFAULT_ALIAS, torch_dtype=torch.bfloat16)
+    assert _param_dtype(lm) == torch.bfloat16  # the tree built without weights
+    lm._load()
+    assert {p.dtype for p in lm._module.parameters()} == {torch.bfloat16}
+    assert _param_dtype(LanguageModel(DEFAULT_ALIAS)) == torch.float32  # the default stays
