@@ -104,6 +104,12 @@ class Handle:
                 f"LanguageModel(...)), got {what}"
             )
         if kwargs and "remote" in kwargs and kwargs.pop("remote"):
+            if model._edits:  # never a remote run that silently leaves the edits out
+                raise NotImplementedError(
+                    "remote=True on an edited model (model.edit()) is not supported: the "
+                    "server runs its own copy of the model, without your edits; put the "
+                    "edit's interventions in the block"
+                )
             # Never silently local: the block runs on the server (runtime.remote).
             from .remote.client import remote_tracer
 

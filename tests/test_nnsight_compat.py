@@ -582,3 +582,16 @@ def test_torch_dtype_is_honoured_for_the_default_model():
     lm._load()
     assert {p.dtype for p in lm._module.parameters()} == {torch.bfloat16}
     assert _param_dtype(LanguageModel(DEFAULT_ALIAS)) == torch.float32  # the default stays
+
+
+@intervene
+def _remote_layer(model, x):
+    with model.trace(x, remote=True):
+        h = model.layers[1].output.save()
+    return h
+
+
+def test_an_edited_model_is_never_run_remotely_without_its_edits():
+    edited = _edit(NNsight(tiny_mlp()))
+    with pytest.raises(NotImplementedError, match="remote=True on an edited model"):
+        _remote_layer(edited, torch.randn(2, 8))
