@@ -802,6 +802,52 @@ def test_show_plan_lists_call_sites_like_modules(tmp_path, capsys):
                               "inplace"] for ln in lines), lines
 
 
+ARCHITECTURES = {
+    "gpt2": {"vocab_size": 128, "n_embd": 32, "n_layer": 2, "n_head": 4, "n_positions": 64},
+    "t5": {"vocab_size": 128, "d_model": 32, "d_kv": 8, "d_ff": 64, "num_layers": 2,
+           "num_decoder_layers": 2, "num_heads": 4, "decoder_start_token_id": 0,
+           "pad_token_id": 0, "eos_token_id": 1},
+    "bert": {"vocab_size": 128, "hidden_size": 32, "num_hidden_layers": 2,
+             "num_attention_heads": 4, "intermediate_size": 64, "max_position_embeddings": 64},
+}
+
+
+@pytest.mark.parametrize("model_type", sorted(ARCHITECTURES))
+def test_every_module_rewritten_at_once_changes_nothing(model_type):
+    """Every module's rewritten forward installed (no call site waited for): the same
+    output to the bit, and nothing left after."""
+    import transformers
+
+    config = transformers.AutoConfig.for_model(model_type, **ARCHITECTURES[model_type])
+    auto = {"gpt2": transformers.AutoModelForCausalLM, "t5": transformers.AutoModelForSeq2SeqLM,
+            "bert": transformers.AutoModel}[model_type]
+    torch.manual_seed(0)
+    hf = auto.from_config(config).eval()
+    kwargs = {"input_ids": IDS, **({"decoder_input_ids": IDS[:, :3]} if model_type == "t5" else {})}
+    expected = hf(**kwargs)[0]
+    model = NNsight(hf)
+
+    trace = types.SimpleNamespace(attached={}, fired=set())  # what `_install` needs of a trace
+
+    count = 0
+    for name, module in hf.named_modules():
+        env = model
+        for part in name.split(".") if name else ():
+            env = env[int(part)] if part.isdigit() else getattr(
+                env, part + "_" if part in ("output", "input", "inputs") else part)
+        source_mod._install(trace, env.source)
+        count += 1
+    assert count == len(list(hf.modules()))
+    assert all("forward" in m.__dict__ for m in hf.modules())
+    try:
+        assert torch.equal(hf(**kwargs)[0], expected)
+    finally:
+        for undo in reversed(list(trace.attached.values())):
+            undo.remove()
+    assert_no_hooks(model)
+    assert source_mod._LIVE == {}
+
+
 # -- the default model -------------------------------------------------------------------------
 
 
