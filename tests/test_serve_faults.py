@@ -259,3 +259,35 @@ def test_a_killed_server_restarts_and_says_what_it_ended(tmp_path, expected):
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(10)
+
+
+def test_records_written_from_many_threads_end_with_the_latest_state(tmp_path):
+    # The app's thread (queued) and the runner's (running, ended) write the same record at
+    # once: no write may fail, and the last state wins.
+    import threading
+
+    from runtime.serve.engine import Job
+
+    store = ResultStore(str(tmp_path))
+    job = Job("a" * 32, "anonymous", "tiny-llama", b"")
+    errors = []
+
+    def write():
+        try:
+            for _ in range(50):
+                store.record(job)
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=write) for _ in range(4)]
+    for t in threads:
+        t.start()
+    job.status, job.result, job.finished = "COMPLETED", b"reply", time.time()
+    store.record(job)
+    for t in threads:
+        t.join(30)
+    assert errors == []
+    again = store.load(job.id, "anonymous")
+    assert again.status == "COMPLETED" and again.result == b"reply"
+    assert store.load(job.id, "someone else") is None
+    assert not list(tmp_path.glob("*.tmp"))

@@ -155,6 +155,14 @@ def saved(reply: bytes) -> dict:
 
 
 def client(url: str, key: str, n: int, seed: int, reference, out: dict) -> None:
+    try:
+        _client(url, key, n, seed, reference, out)
+    except Exception as exc:  # noqa: BLE001 - a client that broke is a failure of the test
+        with LOCK:
+            out.setdefault("errors", []).append(f"client {seed}: {type(exc).__name__}: {exc}")
+
+
+def _client(url: str, key: str, n: int, seed: int, reference, out: dict) -> None:
     trace, gen = reference
     errors = out.setdefault("errors", [])
     counts = out.setdefault("counts", {})

@@ -23,6 +23,7 @@ import hmac
 import json
 import os
 import re
+import threading
 import time
 from typing import Any
 
@@ -53,6 +54,8 @@ class ResultStore:
         self.ttl = ttl
         os.makedirs(self.root, mode=0o700, exist_ok=True)
         self._swept = 0.0
+        self._lock = threading.Lock()  # one writer at a time: records are never stale
+        self._n = 0
 
     def _path(self, job_id: str, ext: str) -> str | None:
         if not _ID.match(job_id):  # never a path the caller chose
@@ -60,13 +63,20 @@ class ResultStore:
         return os.path.join(self.root, f"{job_id}.{ext}")
 
     def _write(self, path: str, data: bytes) -> None:
-        tmp = f"{path}.{os.getpid()}.tmp"
+        self._n += 1  # under self._lock or at startup
+        tmp = f"{path}.{os.getpid()}-{self._n}.tmp"
         with open(tmp, "wb") as f:
             f.write(data)
         os.replace(tmp, path)
 
     def record(self, job: Job) -> None:
-        """Write the job's record (and its result, once it has one)."""
+        """Write the job's record (and its result, once it has one) as it is now.  The
+        threads that queue, start and end jobs all write: each write reads the job under
+        the lock, so the last one written is the latest state."""
+        with self._lock:
+            self._record(job)
+
+    def _record(self, job: Job) -> None:
         if job.status == "COMPLETED" and job.result is not None:
             self._write(self._path(job.id, "result"), job.result)
         rec = {"id": job.id, "key": _key_hash(job.key), "model": job.model,
