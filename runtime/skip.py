@@ -84,7 +84,8 @@ def _started(inter, module) -> str | None:
     if cur is None:
         return None  # nothing has run yet
     if cur.module is module:
-        return "the module is running (its input is being handed out)"
+        return ("the module is running (its input is being handed out)" if cur.phase == interleave.PRE
+                else "the module has already run (its output is being handed out)")
     root = inter.root
     if order.precedes(root, module, interleave.PRE, cur.module, cur.phase) is True:
         return (f"the model is already past its start (it is now at "

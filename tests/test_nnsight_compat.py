@@ -595,3 +595,21 @@ def test_an_edited_model_is_never_run_remotely_without_its_edits():
     edited = _edit(NNsight(tiny_mlp()))
     with pytest.raises(NotImplementedError, match="remote=True on an edited model"):
         _remote_layer(edited, torch.randn(2, 8))
+
+
+@intervene
+def _skip_while_running(model, x, v):
+    with model.trace(x):
+        h = model.layers[1].output.save()
+        model.layers[1].skip(v)
+    return h
+
+
+def test_skip_of_the_module_being_served_is_an_error():
+    from runtime import OutOfOrderError
+
+    model = NNsight(tiny_mlp())
+    with pytest.raises(OutOfOrderError, match=r"line \d+, but the module has already run: ask "
+                       r"for a skip before the module runs"):
+        _skip_while_running(model, torch.randn(2, 8), torch.zeros(2, 8))
+    assert "forward" not in model.layers[1]._module.__dict__
