@@ -14,14 +14,16 @@ import os
 import sys
 from pathlib import Path
 
+from .block import DirectBlock, blocks_in_file, compile_block
 from .codegen import Compiled, compile_source
 from .errors import CompileError
 from .parse import Source, functions_in_file
 from .plan import Plan, location, render_function, to_jsonable
 
 SHOW_PLAN_HELP = """\
-Print the plan of every @intervene function in FILE, without running anything: for
-each trace block, the module values the code waits for, in the order it asks for them.
+Print the plan of every @intervene function in FILE, and of every trace block written
+outside one ("<block at line N>"), without running anything: for each trace block,
+the module values the code waits for, in the order it asks for them.
 FILE is read, never imported or run, and torch is not loaded."""
 
 SHOW_PLAN_EPILOG = """\
@@ -136,7 +138,10 @@ def _sources(path: str) -> tuple[list[Source], list[CompileError]]:
     """The @intervene functions of a file or notebook, and the errors of the parts
     (notebook cells) that do not parse.  OSError when it cannot be read."""
     if not path.endswith(".ipynb"):
-        return functions_in_file(path), []
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        found = functions_in_file(path, text)
+        return _with_blocks(found, path, text), []
     import libcst as cst
 
     from .parse import decorator_aliases
@@ -151,10 +156,21 @@ def _sources(path: str) -> tuple[list[Source], list[CompileError]]:
     sources, errors = [], []
     for where, text in cells:
         try:
-            sources.extend(functions_in_file(where, text, aliases))
+            sources.extend(_with_blocks(functions_in_file(where, text, aliases), where, text))
         except CompileError as exc:
             errors.append(exc)
     return sources, errors
+
+
+def _with_blocks(functions: list, filename: str, text: str) -> list:
+    """The file's @intervene functions and its blocks written outside them (top level,
+    plain functions), in the order of their lines."""
+    found = [*functions, *blocks_in_file(filename, text)]
+    return sorted(found, key=lambda s: s.line if isinstance(s, DirectBlock) else s.first_line)
+
+
+def _compile(src) -> Compiled:
+    return compile_block(src, ()) if isinstance(src, DirectBlock) else compile_source(src)
 
 
 def _error(exc: CompileError) -> str:
@@ -186,7 +202,7 @@ def show_plan(args: argparse.Namespace) -> int:
     compiled: list[Compiled] = []
     for src in sources:  # one bad function does not hide the others' plans
         try:
-            compiled.append(compile_source(src))
+            compiled.append(_compile(src))
         except CompileError as exc:
             errors.append(exc)
     for exc in errors:
@@ -215,8 +231,10 @@ def show_plan(args: argparse.Namespace) -> int:
     return status
 
 
-def _name_of(src: Source) -> str:
+def _name_of(src: Source | DirectBlock) -> str:
     """The function's name, read off its ``def`` line (cheaper than compiling it)."""
+    if isinstance(src, DirectBlock):
+        return f"<block at line {src.line}>"
     for line in src.text.splitlines():
         words = line.split()
         for i, word in enumerate(words[:-1]):

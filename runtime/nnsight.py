@@ -10,6 +10,7 @@ checks learn about it.  Outside a trace they behave like the wrapped model.
 from __future__ import annotations
 
 import difflib
+import sys
 from typing import Any
 
 import torch
@@ -95,10 +96,19 @@ class NNsight(Envoy):
 
     # -- blocks outside @intervene ---------------------------------------------
     def trace(self, *args, **kwargs):
-        raise NotInTraceError(self._path, "trace")
+        """``with model.trace(...):`` outside @intervene: compiled on entry (runtime/direct.py)."""
+        from .direct import DirectTracer, opens_with
+
+        if not opens_with(sys._getframe(1)):
+            raise NotInTraceError(self._path, "trace")
+        return DirectTracer(self, "trace", args, kwargs)
 
     def scan(self, *args, **kwargs):
-        raise NotInTraceError(self._path, "scan")
+        from .direct import DirectTracer, opens_with
+
+        if not opens_with(sys._getframe(1)):
+            raise NotInTraceError(self._path, "scan")
+        return DirectTracer(self, "scan", args, kwargs)
 
     def edit(self, *args, **kwargs):
         raise NotInTraceError(self._path, "edit")

@@ -543,11 +543,16 @@ def test_module_value_read_by_a_helper_called_from_a_block():
 
 
 def test_trace_outside_intervene():
+    # `with model.trace(x):` outside @intervene is compiled as it is entered
+    # (tests/test_undecorated.py); called without `with`, it is refused.
     model = NNsight(tiny_mlp())
-    with pytest.raises(NotInTraceError) as info, model.trace(x_input()):
-        pass
+    with pytest.raises(NotInTraceError) as info:
+        model.trace(x_input())
     assert isinstance(info.value, RuntimeError)
     assert "@intervene" in str(info.value)
+    with model.trace(x_input()):
+        out = model.output.save()
+    assert torch.equal(out, model._module(x_input()))
     assert_no_hooks(model)
 
 

@@ -1,0 +1,193 @@
+"""Trace blocks without a decorator: ``with model.trace(prompt):`` anywhere.
+
+``model.trace(...)`` (``generate``, ``scan``) called outside compiled code returns a
+``DirectTracer``.  Its ``__enter__`` finds the ``with`` statement's source (the
+caller's file and line, through ``linecache``: a script, a module, an IPython
+cell), compiles that one block with the compiler (``compiler/block.py``, cached by
+its text), runs it with the names it reads from the caller, binds the names the
+block assigns in the caller's namespace (module globals; a function's locals), and
+then skips the body: a trace function set on the caller's frame raises on the
+body's first line, and ``__exit__`` swallows that.  The ``as`` target is the
+block's tracer (``tracer.plan``, ``tracer.result``).
+
+Where there is no source (``python -c``, ``exec`` of a string, the plain REPL) the
+block cannot be compiled and ``__enter__`` says so.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dis
+import inspect
+import linecache
+import sys
+
+from compiler.errors import CompileError
+
+_CO_OPTIMIZED = inspect.CO_OPTIMIZED
+_opens: dict[tuple, bool] = {}
+
+
+class _SkipBody(Exception):
+    """Raised on the body's first line; ``DirectTracer.__exit__`` swallows it."""
+
+
+def opens_with(frame) -> bool:
+    """The call being made in ``frame`` is the context expression of a ``with``
+    (its next instruction enters it)."""
+    key = (frame.f_code, frame.f_lasti)
+    got = _opens.get(key)
+    if got is None:
+        got = False
+        for ins in dis.get_instructions(frame.f_code):
+            if ins.offset > frame.f_lasti:
+                got = ins.opname in ("BEFORE_WITH", "SETUP_WITH")
+                break
+        if len(_opens) > 4096:
+            _opens.clear()
+        _opens[key] = got
+    return got
+
+
+def _no_trace(frame, event, arg):
+    return None
+
+
+class DirectTracer:
+    """``with model.trace(...):`` outside compiled code (see the module docstring)."""
+
+    def __init__(self, model, kind: str, args: tuple, kwargs: dict) -> None:
+        self._model = model
+        self._kind = kind
+        self._args = args
+        self._kwargs = kwargs
+        self._frame = None
+        self._old = None
+        self.plan = None
+
+    def __repr__(self) -> str:
+        return f"<{self._kind} block of {self._model._path}, not entered>"
+
+    def __enter__(self):
+        from compiler.block import compile_block, find_block
+        from compiler.plan import Plan
+
+        frame = sys._getframe(1)
+        code = frame.f_code
+        filename, line = code.co_filename, frame.f_lineno
+        lines = linecache.getlines(filename, frame.f_globals)
+        if not lines:
+            raise CompileError(
+                f"`with {self._model._path}.{self._kind}(...)` outside an @intervene function "
+                f"is compiled from its source, and there is none for {filename} (`python -c`, "
+                "exec() of a string or the plain REPL keep no source): write the block in a "
+                ".py file or a notebook cell, or put it in a function decorated with "
+                "@intervene",
+                filename, line,
+            )
+        block = find_block(filename, "".join(lines), line)
+        optimized = bool(code.co_flags & _CO_OPTIMIZED)
+        local = frame.f_locals
+        if optimized:  # a function: the names it binds that the block reads
+            params = sorted(block.loads & local.keys())
+        else:  # module or class level: what the block reads and assigns (`n += 1`)
+            names = dict(frame.f_globals)
+            names.update(local)
+            params = sorted(block.loads & block.stores & names.keys())
+            if local is not frame.f_globals:  # a class body's own names
+                params = sorted(set(params) | (block.loads & local.keys()))
+        params = [p for p in params if p != block.target]
+        compiled = compile_block(block, tuple(params))
+        values = {p: (local[p] if p in local else frame.f_globals[p]) for p in params}
+        handle = _handle(compiled.plan, compiled.source, self)
+        fn = compiled.build(handle, _template(frame.f_globals))
+        del local
+        out = fn(**values)
+        self.plan = Plan((compiled.plan,))
+        tracer = out.pop(block.target, None) if block.target else None
+        if tracer is not None:
+            tracer.plan = self.plan
+        # As in a decorated function, what the block saved outlives it (nothing else).
+        bound = {k: out[k] for k in compiled.plan.blocks[0].saved if k in out and k != block.target}
+        _bind(frame, bound)
+        # Skip the body: raise on its first line (caught in __exit__).
+        self._frame = frame
+        self._old = sys.gettrace(), frame.f_trace
+        sys.settrace(_no_trace)
+        frame.f_trace = self._skip
+        frame.f_trace_lines = True
+        del frame
+        return tracer if tracer is not None else self
+
+    def _skip(self, frame, event, arg):
+        if event == "line":
+            raise _SkipBody
+        return self._skip
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        frame, self._frame = self._frame, None
+        if frame is not None:
+            old_global, old_local = self._old
+            frame.f_trace = old_local
+            sys.settrace(old_global)
+            self._old = None
+        return exc_type is _SkipBody
+
+
+_handle_class = None
+
+
+def _handle(plan, source, direct):
+    """The compiled block's runtime handle, whose ``block`` uses the inputs the user's
+    own call gave (evaluated once, by that call)."""
+    global _handle_class
+    if _handle_class is None:
+        from .api import Handle
+
+        class DirectHandle(Handle):
+            __slots__ = ("direct",)
+
+            def block(self, model, kind, index, /, *args, **kwargs):
+                d = self.direct
+                if index == 0 and model is d._model and kind == d._kind:
+                    args, kwargs = d._args, dict(d._kwargs)
+                return Handle.block(self, model, kind, index, *args, **kwargs)
+
+        _handle_class = DirectHandle
+    h = _handle_class(plan, source)
+    h.direct = direct
+    return h
+
+
+def _template(globals_: dict):
+    """A function object whose globals are the caller's (what ``Compiled.build``
+    takes its namespace from)."""
+    def block():
+        pass
+
+    import types
+
+    return types.FunctionType(block.__code__, globals_, "<block>")
+
+
+def _bind(frame, values: dict) -> None:
+    """Assign ``values`` in ``frame``'s namespace: module or class level, its dict;
+    a function, its local variables (Python < 3.13: through ``PyFrame_LocalsToFast``)
+    and, for names that are not local there, the module's globals."""
+    if not values:
+        return
+    code = frame.f_code
+    if not code.co_flags & _CO_OPTIMIZED:
+        frame.f_locals.update(values)
+        return
+    local_names = set(code.co_varnames) | set(code.co_cellvars) | set(code.co_freevars)
+    glob = {k: v for k, v in values.items() if k not in local_names}
+    loc = {k: v for k, v in values.items() if k in local_names}
+    frame.f_globals.update(glob)
+    if loc:
+        if sys.version_info >= (3, 13):
+            for k, v in loc.items():
+                frame.f_locals[k] = v
+        else:
+            frame.f_locals.update(loc)
+            ctypes.pythonapi.PyFrame_LocalsToFast(ctypes.py_object(frame), ctypes.c_int(0))
