@@ -1,7 +1,8 @@
 """The intervene server: ``python -m runtime.serve --model NAME``.
 
 ``app`` (FastAPI routes), ``engine`` (jobs, queues, worker processes),
-``worker`` (the process that holds one model and runs one job at a time),
+``worker`` (the process that holds one model and runs one batch of jobs at a time),
+``batch`` (jobs that can share a forward pass run as one),
 ``execute`` (recompile, validate, run one block, check the model after).
 """
 

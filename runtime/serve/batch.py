@@ -38,8 +38,9 @@ attributed to one of them.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import replace
-from typing import Any, Callable
+from typing import Any
 
 from compiler.plan import Checkpoint, Marker
 

@@ -2,12 +2,17 @@
 
 ``Engine`` holds every job and one ``ModelRunner`` per served model.  A
 runner is a thread that owns a worker process (``worker.main``, started with
-``spawn``) and feeds it one job at a time from its queue, relaying the
-worker's print output as job events.  A job that runs past the time limit,
-is cancelled while running, or whose worker dies takes the worker with it:
-the process is killed, the job ends (ERROR or CANCELLED, with a clear
-message) and a fresh worker is started for the next one.  Every accepted job
-ends COMPLETED, ERROR or CANCELLED.
+``spawn``) and feeds it one batch at a time from its queue: the first waiting
+job and those that arrive within ``Limits.batch_window``, up to
+``batch_max_jobs`` (the worker runs the ones that can share a forward pass as
+one, see ``batch.py``), relaying each job's print output and outcome.  A job
+that runs past the time limit, is cancelled while running, or whose worker
+dies takes the worker with it: the process is killed, the job ends (ERROR or
+CANCELLED, with a clear message) and a fresh worker is started.  The other
+jobs of that batch that had no answer yet go back to the head of the queue,
+each to run alone when the fault cannot be pinned on one job (a time limit, a
+crash), so that only the job at fault fails.  Every accepted job ends
+COMPLETED, ERROR or CANCELLED.
 """
 
 from __future__ import annotations
