@@ -559,7 +559,7 @@ def test_edit_errors():
 
 
 def test_two_wrappers_of_a_model_not_loaded_yet_load_it_once(tmp_path, monkeypatch):
-    import runtime.language as language
+    from runtime import language
 
     _save_tiny(tmp_path)
     inner = LanguageModel(str(tmp_path))
