@@ -39,7 +39,6 @@ def test_save_function_inside_a_block_keeps_the_value():
     def f(model, x):
         with model.trace(x):
             h = save(model.layers[0].output)
-            h.save()  # the compiler keeps a variable that `.save()` names (see for-compiler-13)
         return h
 
     x = torch.randn(3, 8)
@@ -613,3 +612,22 @@ def test_skip_of_the_module_being_served_is_an_error():
                        r"for a skip before the module runs"):
         _skip_while_running(model, torch.randn(2, 8), torch.zeros(2, 8))
     assert "forward" not in model.layers[1]._module.__dict__
+
+
+@intervene
+def _invokes_layer1(model, x1, x2):
+    with model.trace() as tracer:
+        with tracer.invoke(x1):
+            a = model.layers[1].output.save()
+        with tracer.invoke(x2):
+            b = model.layers[1].output.save()
+    return a, b
+
+
+def test_an_edit_applies_to_every_invoke_of_a_later_trace():
+    net = tiny_mlp()
+    edited = _edit(NNsight(net))
+    x1, x2 = torch.randn(2, 8), torch.randn(1, 8)
+    a, b = _invokes_layer1(edited, x1, x2)
+    assert torch.equal(a, net.layers[1](torch.zeros(2, 8)))
+    assert torch.equal(b, net.layers[1](torch.zeros(1, 8)))
