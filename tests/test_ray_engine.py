@@ -219,7 +219,9 @@ def test_replica_that_cannot_load_fails_the_jobs_not_hangs(engine):
 def test_command_line_errors():
     for args, message in ((["--replicas", "2"], "--replicas and --ray-address need --engine ray"),
                           (["--engine", "ray", "--replicas", "0"], "at least 1"),
-                          (["--engine", "gpu"], "invalid choice: 'gpu'")):
+                          (["--engine", "gpu"], "invalid choice: 'gpu'"),
+                          (["--engine", "ray", "--max-memory-gb", "1"],
+                           "--max-memory-gb applies to the local engine's workers only")):
         out = subprocess.run([sys.executable, "-m", "runtime.serve", "--model", "tiny-llama",
                               *args], cwd=ROOT, capture_output=True, text=True, timeout=60,
                              check=False)

@@ -93,6 +93,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--replicas must be at least 1")
     if args.engine != "ray" and (args.replicas != 1 or args.ray_address):
         parser.error("--replicas and --ray-address need --engine ray")
+    if args.engine == "ray" and args.max_memory_gb:
+        parser.error("--max-memory-gb applies to the local engine's workers only (with Ray, "
+                     "use Ray's memory monitor)")
     if args.replica_cpus < 0 or args.replica_gpus < 0 or (args.replica_threads or 1) < 1:
         parser.error("--replica-cpus/--replica-gpus/--replica-threads must be positive")
     if args.results_ttl <= 0:
