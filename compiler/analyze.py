@@ -34,6 +34,30 @@ def _is_block_call(item: cst.BaseExpression) -> bool:
     )
 
 
+SAVE_MODULES = frozenset({"nnsight", "intervene", "runtime"})
+
+
+def save_argument(call: cst.Call, shadowed: bool = False) -> cst.BaseExpression | None:
+    """``save(x)`` / ``nnsight.save(x)`` / ``intervene.save(x)`` / ``runtime.save(x)``
+    (one positional argument): ``x``, which is saved as by ``x.save()``.  None for
+    anything else, and for ``save(x)`` when the function binds ``save`` itself
+    (``shadowed``)."""
+    if len(call.args) != 1 or call.args[0].keyword is not None or call.args[0].star:
+        return None
+    func = call.func
+    if isinstance(func, cst.Name) and func.value == "save" and not shadowed:
+        return call.args[0].value
+    if (isinstance(func, cst.Attribute) and func.attr.value == "save"
+            and isinstance(func.value, cst.Name) and func.value.value in SAVE_MODULES):
+        return call.args[0].value
+    return None
+
+
+def binds_save(fn: cst.FunctionDef) -> bool:
+    """The function has a parameter called ``save`` (then ``save(x)`` is its own)."""
+    return "save" in _param_names(fn.params)
+
+
 def _is_invoke_call(item: cst.BaseExpression) -> bool:
     return m.matches(item, m.Call(func=m.Attribute(attr=m.Name("invoke"))))
 
@@ -562,7 +586,10 @@ class _Analyzer(cst.CSTVisitor):
             for name in self._assigned_names(node):
                 self.block.saved.add(name)
             return
-        if not (m.matches(node.func, m.Attribute(attr=m.Name("save"))) and not node.args):
+        argument = save_argument(node, binds_save(self.fn))
+        if argument is None and not (
+            m.matches(node.func, m.Attribute(attr=m.Name("save"))) and not node.args
+        ):
             return
         if self.block is None:
             raise self.error(
@@ -573,7 +600,7 @@ class _Analyzer(cst.CSTVisitor):
             )
         if self.lane is None:
             raise self.error(node, "`.save()` outside any invoke: save values inside an invoke")
-        receiver = node.func.value
+        receiver = node.func.value if argument is None else argument
         if isinstance(receiver, cst.Name):
             self.block.saved.add(receiver.value)
         for name in self._assigned_names(node):

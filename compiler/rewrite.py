@@ -36,10 +36,12 @@ from .analyze import (
     LaneInfo,
     _names_in_target,
     barrier_names,
+    binds_save,
     block_call,
     block_item,
     invoke_call,
     invoke_item,
+    save_argument,
 )
 from .errors import CompileError
 from .parse import Source
@@ -625,8 +627,14 @@ class Rewriter(cst.CSTTransformer):
             )
         return self._read(original, updated)
 
+    def _save_argument(self, node: cst.Call):
+        """``save(x)`` (``nnsight.save(x)`` ...): ``x``; see analyze.save_argument."""
+        return save_argument(node, binds_save(self.fn))
+
     def visit_Call(self, node: cst.Call) -> None:
-        if self.lane is not None and _is_attr(node.func, "save") and not node.args:
+        if self.lane is not None and (
+            (_is_attr(node.func, "save") and not node.args) or self._save_argument(node) is not None
+        ):
             self.save_depth += 1
         # `m.output[0].zero_()`, `m.output.mul_(2)`: in-place through a method.
         if self.lane is not None and isinstance(node.func, cst.Attribute):
@@ -655,6 +663,9 @@ class Rewriter(cst.CSTTransformer):
         if self.lane is not None and _is_attr(original.func, "save") and not original.args:
             self.save_depth -= 1
             return _call("save", updated.func.value)
+        if self.lane is not None and self._save_argument(original) is not None:
+            self.save_depth -= 1
+            return _call("save", updated.args[0].value)
         if (
             self.lane is not None
             and self.block is not None

@@ -245,3 +245,21 @@ def test_default_model_snippet(default_lm):
     with torch.no_grad():
         want = net(**ids).logits
     assert torch.allclose(logits, want, atol=1e-5)
+
+
+def test_generate_block_and_plain_generate_call():
+    model = LanguageModel(tiny_llama(0), tokenizer=None)
+    ids = torch.tensor([[1, 5, 9, 2]])
+    with model.generate(ids, max_new_tokens=3) as tracer:
+        logits = model.lm_head.output.save()
+    plain = model.generate(ids, max_new_tokens=3)  # not a `with`: transformers' generate
+    assert torch.equal(tracer.result, plain)
+
+    @intervene
+    def decorated(model, ids):
+        with model.generate(ids, max_new_tokens=3) as tracer:
+            logits = model.lm_head.output.save()
+        return logits, tracer.result
+
+    want, result = decorated(model, ids)
+    assert torch.equal(logits, want) and torch.equal(result, plain)
