@@ -287,6 +287,11 @@ def test_the_command_line_serves_with_ray_and_stops_it(engine, lm, monkeypatch):
     # session).
     left = subprocess.run(["pgrep", "-s", str(proc.pid)], capture_output=True, text=True,
                           check=False)
+    if left.stdout.strip():
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # not left behind for the next test
+        except ProcessLookupError:
+            pass
     assert left.stdout.strip() == "", left.stdout
 
 
