@@ -194,10 +194,11 @@ class Persistent:
             self.store.sweep()
         return job
 
-    def _start(self, job: Job) -> None:
-        super()._start(job)
-        if self.store is not None:
+    def _start(self, job: Job) -> bool:
+        started = super()._start(job)
+        if self.store is not None and started:
             self.store.record(job)
+        return started
 
     def _finish_locked(self, job: Job, status: str, **kw: Any) -> None:
         before = job.status
