@@ -598,8 +598,8 @@ class _Analyzer(cst.CSTVisitor):
                 "`with model.trace(...):` to be kept after it; outside a block every value "
                 "is already kept",
             )
-        if self.lane is None:
-            raise self.error(node, "`.save()` outside any invoke: save values inside an invoke")
+        # At the block's own level (a trace with invokes): code before the first invoke
+        # runs before the pass, code after the last one once every invoke is done.
         receiver = node.func.value if argument is None else argument
         if isinstance(receiver, cst.Name):
             self.block.saved.add(receiver.value)

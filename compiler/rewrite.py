@@ -137,6 +137,7 @@ class Rewriter(cst.CSTTransformer):
         self.write_targets: set[int] = set()  # id() of target attributes of writes
         self.inplace_roots: set[int] = set()  # id() of value attributes edited in place
         self.save_depth = 0
+        self.invoke_tail: cst.BaseStatement | None = None  # the last invoke's last statement
         self.saving_stmt = False
         self.scope: list[str] = []
         self.hoist: list[list[cst.BaseStatement]] = []  # per statement being rebuilt
@@ -221,11 +222,21 @@ class Rewriter(cst.CSTTransformer):
             out = self._lane(lane, body, tracer, invoke, line)
             self.lane = None
         if block is None:
+            self.invoke_tail = out[-1]  # the last invoke so far ends with this statement
             return cst.FlattenSentinel(out)
         # The block itself.
         call = block_call(updated)
         assert call is not None
         inner = out if lane is not None else list(updated.body.body)
+        # Code after the last invoke runs once every invoke is done: after the pass,
+        # so after the `with` (whose end runs the model).
+        after: list[cst.BaseStatement] = []
+        tail = self.invoke_tail
+        self.invoke_tail = None
+        if lane is None and tail is not None:
+            at_tail = next((i for i, st in enumerate(inner) if st is tail), None)
+            if at_tail is not None:
+                inner, after = inner[: at_tail + 1], inner[at_tail + 1 :]
         # `model.trace(x)` -> `__iv.block(model, 'trace', 0, x)`: outside a
         # compiled function `model.generate(...)` stays the model's own.
         opened = cst.Call(
@@ -246,7 +257,7 @@ class Rewriter(cst.CSTTransformer):
             body=updated.body.with_changes(body=inner),
         )
         new_with = self.remember(new_with, line)
-        result: list[cst.BaseStatement] = [new_with]
+        result: list[cst.BaseStatement] = [new_with, *after]
         if block.unsaved_shared:
             names = block.unsaved_shared
             targets = [cst.AssignTarget(cst.Name(n)) for n in names]
@@ -632,7 +643,7 @@ class Rewriter(cst.CSTTransformer):
         return save_argument(node, binds_save(self.fn))
 
     def visit_Call(self, node: cst.Call) -> None:
-        if self.lane is not None and (
+        if (self.lane is not None or self.block is not None) and (
             (_is_attr(node.func, "save") and not node.args) or self._save_argument(node) is not None
         ):
             self.save_depth += 1
@@ -660,10 +671,11 @@ class Rewriter(cst.CSTTransformer):
         return updated
 
     def leave_Call(self, original: cst.Call, updated: cst.Call):
-        if self.lane is not None and _is_attr(original.func, "save") and not original.args:
+        in_block = self.lane is not None or self.block is not None
+        if in_block and _is_attr(original.func, "save") and not original.args:
             self.save_depth -= 1
             return _call("save", updated.func.value)
-        if self.lane is not None and self._save_argument(original) is not None:
+        if in_block and self._save_argument(original) is not None:
             self.save_depth -= 1
             return _call("save", updated.args[0].value)
         if (

@@ -1,0 +1,78 @@
+"""Trace-level code outside invokes (issue 13): code before the first invoke runs
+before the pass, code after the last invoke once every invoke is done; several step
+blocks in one generate block each run at their own steps."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from compiler import CompileError, intervene
+from runtime import LanguageModel, NNsight
+from runtime.models import tiny_llama, tiny_mlp
+
+
+def _outputs(net, x) -> list:
+    seen = []
+    hooks = [layer.register_forward_hook(lambda m, i, o: seen.append(o.detach().clone()))
+             for layer in net.layers]
+    try:
+        net(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+def test_a_list_saved_before_the_invokes_and_a_sum_after_them():
+    net = tiny_mlp()
+    model = NNsight(net)
+    x1, x2 = torch.randn(2, 8), torch.randn(2, 8)
+
+    @intervene
+    def f(model, x1, x2):
+        with model.trace() as tracer:
+            outs = list().save()
+            with tracer.invoke(x1):
+                a = model.layers[1].output.save()
+                outs.append(a)
+            with tracer.invoke(x2):
+                b = model.layers[1].output.save()
+                outs.append(b)
+            total = (a + b).save()
+            n = len(outs)
+            outs.save()
+        return outs, total, n
+
+    outs, total, n = f(model, x1, x2)
+    w1, w2 = _outputs(net, x1)[1], _outputs(net, x2)[1]
+    assert n == 2 and torch.equal(outs[0], w1) and torch.equal(outs[1], w2)
+    assert torch.equal(total, w1 + w2)
+    assert f.plan.functions[0].blocks[0].saved == ("a", "b", "outs", "total")
+
+
+def test_the_same_without_a_decorator():
+    net = tiny_mlp()
+    model = NNsight(net)
+    x1, x2 = torch.randn(2, 8), torch.randn(2, 8)
+    with model.trace() as tracer:
+        outs = [].save()
+        with tracer.invoke(x1):
+            a = model.layers[0].output.save()
+        with tracer.invoke(x2):
+            b = model.layers[0].output.save()
+            outs.append(b)
+        total = (a * b).save()
+    assert torch.equal(total, _outputs(net, x1)[0] * _outputs(net, x2)[0])
+    assert len(outs) == 1
+
+
+def test_module_values_after_the_invokes_are_still_refused():
+    with pytest.raises(CompileError, match="outside any invoke"):
+        @intervene
+        def f(model, x):
+            with model.trace() as tracer:
+                with tracer.invoke(x):
+                    a = model.layers[0].output.save()
+                c = model.layers[1].output.save()
+            return a, c
