@@ -160,7 +160,7 @@ def test_each_job_sees_only_its_rows(lm, forwards):
 def test_module_cache_records_only_the_jobs_rows(lm, forwards):
     batched, _, _ = run(lm, [message(READ, x=C), message(CACHE, x=A), message(READ, x=B)])
     assert len(forwards) == 1
-    _, header, tensors = batched[1]
+    tensors = batched[1][2]
     entries = [v for k, v in tensors.items() if v.dim() == 3]
     assert entries and all(t.shape[0] == 1 for t in entries)  # its one row of four
 
@@ -257,7 +257,7 @@ LOOP = '''def job(model, x):
 '''
 
 
-def test_a_job_past_the_time_limit_fails_alone_in_a_batch():
+def test_a_job_past_the_time_limit_or_cancelled_fails_alone_in_a_batch():
     eng = Engine(["tiny-llama"], Limits(job_timeout=3.0, batch_window=0.5))
     eng.start()
     try:
@@ -271,11 +271,24 @@ def test_a_job_past_the_time_limit_fails_alone_in_a_batch():
         while any(j.status not in ("COMPLETED", "ERROR", "CANCELLED") for j in jobs):
             assert time.monotonic() < deadline
             time.sleep(0.05)
-        assert [j.status for j in jobs] == ["COMPLETED", "ERROR", "COMPLETED"]
+        assert [j.status for j in jobs] == ["COMPLETED", "ERROR", "COMPLETED"], [j.error for j in jobs]
         assert jobs[1].error["type"] == "TimeoutError"
         with torch.no_grad():
             plain = load_model("tiny-llama")._module(A).logits
         got = (b"R", *protocol.unpack(jobs[0].result))
+        torch.testing.assert_close(saved(got, "out"), plain, atol=1e-4, rtol=0)
+        # Cancelling the looping job of a running batch: it ends CANCELLED, the others run.
+        jobs = [eng.submit("k", "tiny-llama", message(LOOP, x=B)),
+                eng.submit("k", "tiny-llama", message(READ, x=A))]
+        while jobs[0].status != "RUNNING":
+            assert time.monotonic() < deadline + 60
+            time.sleep(0.02)
+        eng.cancel(jobs[0])
+        while any(j.status not in ("COMPLETED", "ERROR", "CANCELLED") for j in jobs):
+            assert time.monotonic() < deadline + 60
+            time.sleep(0.05)
+        assert [j.status for j in jobs] == ["CANCELLED", "COMPLETED"], [j.error for j in jobs]
+        got = (b"R", *protocol.unpack(jobs[1].result))
         torch.testing.assert_close(saved(got, "out"), plain, atol=1e-4, rtol=0)
     finally:
         eng.close()
