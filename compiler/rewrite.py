@@ -138,6 +138,8 @@ class Rewriter(cst.CSTTransformer):
         self.inplace_roots: set[int] = set()  # id() of value attributes edited in place
         self.save_depth = 0
         self.invoke_tail: cst.BaseStatement | None = None  # the last invoke's last statement
+        self.step_inits: set[int] = set()  # id() of each step block's first statement
+        self.step_ends: dict[int, cst.BaseStatement] = {}  # ... and of its `end_steps`
         self.saving_stmt = False
         self.scope: list[str] = []
         self.hoist: list[list[cst.BaseStatement]] = []  # per statement being rebuilt
@@ -439,7 +441,22 @@ class Rewriter(cst.CSTTransformer):
                                                  cst.Integer(str(t_end))))))
         line = self.pos(original)[0]
         init, loop, end = (self.remember(st, line) for st in (init, loop, end))
+        self.step_inits.add(id(init))
+        self.step_ends[id(end)] = end
         return cst.FlattenSentinel([init, loop, end])
+
+    def leave_IndentedBlock(self, original, updated):
+        """Step blocks one after another: each runs at its own steps, so only the last
+        one waits for the end of generation (``end_steps``); the code between two of
+        them runs once the first one's steps are done."""
+        if not self.step_ends:
+            return updated
+        body = list(updated.body)
+        inits = [i for i, st in enumerate(body) if id(st) in self.step_inits]
+        if not inits:
+            return updated
+        keep = [st for i, st in enumerate(body) if not (id(st) in self.step_ends and i < inits[-1])]
+        return updated if len(keep) == len(body) else updated.with_changes(body=keep)
 
     def visit_For_body(self, node):
         self._push("for", node)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from compiler import CompileError, intervene
-from runtime import LanguageModel, NNsight
+from runtime import LanguageModel, NNsight, save
 from runtime.models import tiny_llama, tiny_mlp
 
 
@@ -76,3 +76,41 @@ def test_module_values_after_the_invokes_are_still_refused():
                     a = model.layers[0].output.save()
                 c = model.layers[1].output.save()
             return a, c
+
+
+# -- several step blocks in one generate block ------------------------------------------
+
+
+def _steps_by_hooks(net, ids, n_new: int) -> list:
+    """lm_head's output at each generation step, by a plain PyTorch hook."""
+    seen = []
+    hook = net.lm_head.register_forward_hook(lambda m, i, o: seen.append(o.detach().clone()))
+    try:
+        out = net.generate(ids, max_new_tokens=n_new, do_sample=False)
+    finally:
+        hook.remove()
+    return seen, out
+
+
+def test_step_blocks_one_after_another_run_at_their_own_steps():
+    model = LanguageModel(tiny_llama(0), tokenizer=None)
+    ids = torch.tensor([[1, 5, 9, 2]])
+
+    @intervene
+    def f(model, ids):
+        with model.generate(ids, max_new_tokens=6) as tracer:
+            early = [].save()
+            with tracer.iter[0:2]:
+                early.append(model.lm_head.output)
+            between = save(len(early))  # runs once steps 0 and 1 are done
+            with tracer.iter[5]:
+                last = model.lm_head.output.save()
+        return early, last, between
+
+    early, last, n = f(model, ids)
+    seen, _ = _steps_by_hooks(model._module, ids, 6)
+    assert n == 2 and len(early) == 2
+    assert torch.equal(early[0], seen[0]) and torch.equal(early[1], seen[1])
+    assert torch.equal(last, seen[5])
+    kinds = [i.kind for i in f.plan.functions[0].blocks[0].lanes[0].items if hasattr(i, "kind")]
+    assert kinds.count("steps") == 2 and kinds.count("end-steps") == 1
