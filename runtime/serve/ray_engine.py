@@ -8,18 +8,20 @@ can kill and start again, which is exactly what a timeout, a cancel or a job
 that changed the model needs; Serve would add a second HTTP/routing layer and
 its own request queue in front of ours, with no way to kill one request.
 
-Only bytes travel, through Ray's object store: a job is the client's request
-message as received; a replica's method is a streaming generator that yields
-tagged messages (the worker's protocol, ``worker.py``): ``P`` print output,
-``R`` the reply message (safetensors + JSON), ``E`` an error (JSON), ``D`` an
-error after which the replica must be replaced (the job changed the model).
-Nothing the client receives is a pickle.
+Only bytes travel, through Ray's object store: a batch of jobs is the local
+worker's batch message (``worker.pack_batch``: the clients' request messages as
+received); a replica's ``run_batch`` is a streaming generator that yields the
+worker's tagged messages per job (``P`` print output, ``R`` the reply message,
+safetensors + JSON, ``E`` an error, JSON, ``A`` run it again alone), then ``D``
+or ``X`` (a job changed the model: replace the replica).  Nothing the client
+receives is a pickle.
 
-One thread per replica takes jobs from the model's queue (one job at a time per
-replica).  A job that runs past the time limit, is cancelled while running,
-or whose replica dies, takes the replica with it: the actor is killed, the job
-ends (ERROR or CANCELLED, with a clear message) and a fresh actor is started
-at once.  Ray is imported only here, and only when this engine is used.
+One thread per replica takes batches from the model's queue (``Engine._next_batch``:
+the same window and caps as the local engine; jobs share forward passes inside
+a replica, ``batch.run_batch``).  A job that runs past the time limit, is
+cancelled while running, or whose replica dies, takes the replica with it: the
+actor is killed, the job ends (ERROR or CANCELLED, with a clear message), the
+other jobs of its batch run again (alone), and a fresh actor is started at once.  Ray is imported only here, and only when this engine is used.
 """
 
 from __future__ import annotations
@@ -34,31 +36,6 @@ import time
 
 from .engine import FINAL, Engine, Job, Limits
 from .results import Persistent
-
-
-class Printer:
-    """``print`` inside a job: the text goes to the client (``P`` messages), up to
-    ``limit`` bytes."""
-
-    def __init__(self, send, limit: int) -> None:
-        self.send = send
-        self.limit = limit
-        self.used = 0
-        self.cut = False
-
-    def __call__(self, *args, sep=" ", end="\n", file=None, flush=False) -> None:
-        if self.cut:
-            return
-        text = (" " if sep is None else str(sep)).join(str(a) for a in args)
-        text += "\n" if end is None else str(end)
-        data = text.encode("utf-8", "replace")
-        if self.used + len(data) > self.limit:
-            data = data[: max(self.limit - self.used, 0)]
-            data += (f"\n[intervene: print output over {self.limit} bytes; the rest is "
-                     "dropped]\n").encode()
-            self.cut = True
-        self.used += len(data)
-        self.send(b"P" + data)
 
 
 class ReplicaActor:
@@ -89,48 +66,38 @@ class ReplicaActor:
             return b"F" + json.dumps({"message": self.failure}).encode()
         return b"Y" + json.dumps({"names": self.names, "pid": os.getpid()}).encode()
 
-    def run(self, data: bytes):
-        """Run one job; yields the tagged messages, the last one R, E or D."""
+    def run_batch(self, data: bytes):
+        """Run a batch message (``worker.pack_batch``): the jobs share forward passes where
+        they can (``batch.run_batch``).  Yields ``tag + job id + body`` per message (``P``,
+        ``R``, ``E``, ``A``: run it again alone), then ``D`` (done) or ``X`` (a job changed
+        the model: replace this replica; the jobs not answered run again)."""
         import torch
 
-        from runtime.remote import protocol
+        from .batch import run_batch
+        from .worker import unpack_batch
 
-        from .execute import JobError, run_job
-
+        jobs, max_jobs, max_tokens = unpack_batch(data)
         out: queue_mod.Queue = queue_mod.Queue()
+
+        def reply(tag: bytes, job_id: str, body: bytes) -> None:
+            out.put(tag + job_id.encode("ascii") + body)
 
         def work() -> None:
             grad = torch.is_grad_enabled()
+            changed = True  # a bug of ours below: replace the replica to be safe
             try:
-                header, tensors = protocol.unpack(data)
-                reply = run_job(self.model, header, tensors, Printer(out.put, self.max_print),
-                                self.max_result)
-            except JobError as exc:
-                result = b"E" + json.dumps(exc.info, default=str).encode()
-            except protocol.ProtocolError as exc:
-                result = b"E" + json.dumps({"type": "ProtocolError",
-                                            "message": str(exc)}).encode()
-            except BaseException as exc:  # noqa: BLE001 - a bug of ours, not the user's
-                result = b"E" + json.dumps({"type": type(exc).__name__,
-                                            "message": f"server error: {exc}"}).encode()
-            else:
-                result = b"R" + reply
+                changed = run_batch(self.model, self.guard, jobs, reply, self.max_result,
+                                    self.max_print, max_jobs, max_tokens)
             finally:
                 torch.set_grad_enabled(grad)
-            changes = self.guard.changes()
-            if changes:
-                message = ("the job changed the served model (" + "; ".join(changes) + "); "
-                           "writes through .output/.input are the only writes a job may make. "
-                           "The replica is being replaced for the next job.")
-                result = b"D" + json.dumps({"type": "RuntimeError", "message": message}).encode()
-            out.put(result)
+                out.put(b"X" if changed else b"D")
 
-        thread = threading.Thread(target=work, name="intervene-job", daemon=True)
+        thread = threading.Thread(target=work, name="intervene-batch", daemon=True)
         thread.start()
         while True:
             msg = out.get()
             yield msg
-            if msg[:1] != b"P":
+            if msg[:1] in (b"D", b"X"):
                 break
         thread.join()
 
@@ -211,8 +178,8 @@ class Replica(threading.Thread):
             self.state = "failed"
             self.failure = f"the replica stopped: {type(exc).__name__}: {exc}"
             self._kill()
-            if self.current is not None:
-                self.engine._finish(self.current, "ERROR", error={
+            for job in self.current or ():
+                self.engine._finish(job, "ERROR", error={
                     "type": "RuntimeError", "message": self.failure})
             self.model.replica_failed()
             raise
@@ -223,42 +190,62 @@ class Replica(threading.Thread):
             if self.state == "failed":
                 self.model.replica_failed()
                 return
-            job = self.engine._take(self.model)
-            if job is None:
+            jobs = self.engine._next_batch(self.model)
+            if not jobs:
                 continue
-            self.current = job
+            self.current = jobs
             try:
-                self._run_job(job)
+                self._run_batch(jobs)
             finally:
                 self.current = None
 
-    def _run_job(self, job: Job) -> None:
+    def _run_batch(self, jobs: list[Job]) -> None:
+        """Send ``jobs`` to the actor as one batch and relay each job's outcome, as the
+        local engine does with its worker: when the replica has to go (a cancel, the time
+        limit, its death), the jobs it had not answered run again (alone, when the batch
+        had several, so that the one at fault fails alone); a job that was alone gets the
+        error."""
         import ray
+
+        from .worker import pack_batch
 
         eng = self.engine
         lim = eng.limits
-        eng._start(job)
+        jobs = [j for j in jobs if eng._start(j)]  # not those cancelled meanwhile
+        if not jobs:
+            return
+        waiting = {j.id: j for j in jobs}
+
+        def fail_or_retry(message: str, type_name: str = "RuntimeError") -> None:
+            if len(jobs) == 1 or len(waiting) == 1:
+                for job in waiting.values():
+                    eng._finish(job, "ERROR", error={"type": type_name, "message": message})
+            else:
+                eng._requeue(self.model, list(waiting.values()), alone=True)
+
         try:
-            stream = self.actor.run.remote(job.data)
+            stream = self.actor.run_batch.remote(pack_batch(
+                [(j.id, j.data, j.alone) for j in jobs], lim.batch_max_jobs,
+                lim.batch_max_tokens))
         except Exception as exc:  # noqa: BLE001
-            eng._finish(job, "ERROR", error={
-                "type": "RuntimeError",
-                "message": f"the Ray replica was gone ({type(exc).__name__}); it is restarted"})
+            fail_or_retry(f"the Ray replica was gone ({type(exc).__name__}); it is restarted")
             self._replace()
             return
         deadline = time.monotonic() + lim.job_timeout
         while True:
-            if job.cancel_requested:
-                eng._finish(job, "CANCELLED", detail="cancelled while running; the Ray "
-                            "replica was stopped and is restarted")
+            cancelled = [j for j in waiting.values() if j.cancel_requested]
+            if cancelled:
+                for job in cancelled:
+                    del waiting[job.id]
+                    eng._finish(job, "CANCELLED", detail="cancelled while running; the Ray "
+                                "replica was stopped and is restarted")
+                eng._requeue(self.model, list(waiting.values()), alone=False)
                 self._replace()
                 return
             if time.monotonic() > deadline:
-                eng._finish(job, "ERROR", error={
-                    "type": "TimeoutError",
-                    "message": f"the job ran longer than this server's limit of "
-                               f"{lim.job_timeout:g} s and was stopped (its Ray replica was "
-                               "killed and is restarted)"})
+                fail_or_retry(f"the job ran longer than this server's limit of "
+                              f"{lim.job_timeout:g} s and was stopped (its Ray replica was "
+                              "killed and is restarted)", "TimeoutError")
                 self._replace()
                 return
             try:
@@ -267,42 +254,39 @@ class Replica(threading.Thread):
                     continue
                 msg = ray.get(next(stream))
             except StopIteration:
-                msg = None
+                msg = b"X"  # ended without saying so: start afresh
             except ray.exceptions.RayTaskError as exc:  # our code in the replica raised
-                eng._finish(job, "ERROR", error={
-                    "type": "RuntimeError",
-                    "message": f"server error in the Ray replica: {exc.cause!r}; the replica "
-                               "is restarted"})
+                fail_or_retry(f"server error in the Ray replica: {exc.cause!r}; the replica "
+                              "is restarted")
                 self._replace()
                 return
             except Exception as exc:  # noqa: BLE001 - ActorDiedError & co.
-                eng._finish(job, "ERROR", error={
-                    "type": "RuntimeError",
-                    "message": f"the Ray replica running the job died ({type(exc).__name__}; "
-                               "out of memory, or its node went away?); it is restarted"})
+                fail_or_retry(f"the Ray replica running the job died ({type(exc).__name__}; "
+                              "out of memory, or its node went away?); it is restarted")
                 self._replace()
                 return
-            if msg is None:
-                eng._finish(job, "ERROR", error={
-                    "type": "RuntimeError",
-                    "message": "the Ray replica ended the job without a result; it is "
-                               "restarted"})
-                self._replace()
+            tag = msg[:1]
+            if tag in (b"D", b"X"):
+                # X: a job changed the model (it was failed); the rest did not run.
+                eng._requeue(self.model, list(waiting.values()), alone=False)
+                if tag == b"X":
+                    self._replace()
                 return
-            tag, body = msg[:1], msg[1:]
+            job = waiting.get(msg[1:33].decode("ascii", "replace"))
+            if job is None:
+                continue
+            body = msg[33:]
             if tag == b"P":
                 eng._event(job, "print", {"text": body.decode("utf-8", "replace")})
             elif tag == b"R":
+                del waiting[job.id]
                 eng._finish(job, "COMPLETED", result=bytes(body))
-                return
             elif tag == b"E":
+                del waiting[job.id]
                 eng._finish(job, "ERROR", error=json.loads(body))
-                return
-            elif tag == b"D":
-                eng._finish(job, "ERROR", error=json.loads(body))
-                self._replace()
-                return
-
+            elif tag == b"A":
+                del waiting[job.id]
+                eng._requeue(self.model, [job], alone=True)
 
 class RayModel:
     """One served model: its queue and its replicas (what ``Engine`` calls a runner)."""
@@ -413,19 +397,5 @@ class RayEngine(Persistent, Engine):
             out[r.spec]["replicas"] = [{"state": p.state, "restarts": p.restarts,
                                         "busy": p.current is not None} for p in r.replicas]
         return out
-
-    def _take(self, model: RayModel) -> Job | None:
-        """The next queued job of ``model`` (None after a short wait without one)."""
-        with self.cond:
-            if not model.queue:
-                self.cond.wait(0.5)
-            if not model.queue or model.stopping:
-                return None
-            job = model.queue.popleft()
-            for i, j in enumerate(model.queue):
-                j.push("status", j.view(i + 1))
-            self.cond.notify_all()
-            return job
-
 
 __all__ = ["FINAL", "RayEngine", "ReplicaActor"]
