@@ -215,12 +215,11 @@ class NNsight(Envoy):
                 rows.append(None)
                 continue
             args, kwargs = prepare(item[0], item[1])
-            name = invoke_name(index, lanes)
             n = None
             for i, a in enumerate(args):
                 if not isinstance(a, torch.Tensor) or a.dim() == 0:
                     raise TypeError(
-                        f"{name}: input {i} is a {type(a).__name__}; to batch invokes of a "
+                        f"{invoke_name(index, lanes)}: input {i} is a {type(a).__name__}; to batch invokes of a "
                         "plain module every positional input must be a tensor with a batch "
                         "dimension"
                     )
@@ -232,10 +231,9 @@ class NNsight(Envoy):
         if not given:
             raise ValueError("a trace needs at least one invoke with an input")
         first_index, first_args, first_kwargs, _ = given[0]
-        first = invoke_name(first_index, lanes)
         for index, args, kwargs, _ in given[1:]:
-            name = invoke_name(index, lanes)
             if len(args) != len(first_args) or kwargs.keys() != first_kwargs.keys():
+                name, first = invoke_name(index, lanes), invoke_name(first_index, lanes)
                 raise ValueError(
                     f"{name}: its inputs differ from {first}'s ({len(args)} positional inputs "
                     f"and keywords {sorted(kwargs)}, against {len(first_args)} and "
@@ -243,6 +241,7 @@ class NNsight(Envoy):
                 )
             for i, (a, b) in enumerate(zip(args, first_args)):
                 if a.shape[1:] != b.shape[1:]:
+                    name, first = invoke_name(index, lanes), invoke_name(first_index, lanes)
                     raise ValueError(
                         f"{name}: input {i} has shape {tuple(a.shape)} but {first}'s has "
                         f"{tuple(b.shape)}: invokes are batched along dim 0, so every other "
