@@ -200,7 +200,12 @@ class Envoy:
 
     # -- plain use ----------------------------------------------------------
     def __call__(self, *args, **kwargs):
-        return self._module(*args, **kwargs)
+        # A plain call waits for a trace of the same model running in another thread
+        # (its modules are wrapped for that trace); the same thread may call freely.
+        from .tracer import model_lock
+
+        with model_lock(self._root._module):
+            return self._module(*args, **kwargs)
 
     def __repr__(self) -> str:
         return f"Envoy({self._path}): {self._module!r}"

@@ -232,6 +232,24 @@ def test_another_thread_waits_for_the_running_trace(mlp):
     assert log == ["outer in", "outer out", "other"]
 
 
+def test_a_plain_call_from_another_thread_waits_for_the_running_trace(mlp):
+    # Without the lock the plain call would run through the trace's wrapped forwards
+    # and be served to (or overwritten by) the other thread's lanes.
+    model, _ = mlp
+    expected = model._module(x_input(seed=5))
+    log: list = []
+    started = threading.Event()
+    outer = threading.Thread(target=slow_reader, args=(model, x_input(), log, started))
+    outer.start()
+    assert started.wait(10)
+    got = model(x_input(seed=5))
+    log.append("plain")
+    outer.join(10)
+    assert log == ["outer in", "outer out", "plain"]
+    assert torch.equal(got, expected)
+    assert_no_hooks(model)
+
+
 # --------------------------------------------------------------------------------------
 # 3. A trace inside a trace of the same model
 # --------------------------------------------------------------------------------------
