@@ -111,8 +111,11 @@ class LanguageModel(NNsight):
         object.__setattr__(self, "_pending", None)
 
     def __call__(self, *args, **kwargs):
+        from .tracer import model_lock
+
         self._load()
-        return self._module(*args, **kwargs)
+        with model_lock(self._module):  # waits for another thread's trace of this model
+            return self._module(*args, **kwargs)
 
     def __init__(
         self,
@@ -189,12 +192,15 @@ class LanguageModel(NNsight):
 
         if opens_with(sys._getframe(1)):
             return DirectTracer(self, "generate", args, kwargs)
+        from .tracer import model_lock
+
         self._load()
-        if args and not isinstance(args[0], torch.Tensor):
-            enc = self._encode(args[0])
-            enc.pop("position_ids", None)
-            return self._module.generate(**enc, **kwargs)
-        return self._module.generate(*args, **kwargs)
+        with model_lock(self._module):  # waits for another thread's trace of this model
+            if args and not isinstance(args[0], torch.Tensor):
+                enc = self._encode(args[0])
+                enc.pop("position_ids", None)
+                return self._module.generate(**enc, **kwargs)
+            return self._module.generate(*args, **kwargs)
 
     # -- what the forward takes ------------------------------------------------------
     def _forward_inputs(self) -> tuple[tuple, frozenset]:
