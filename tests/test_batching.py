@@ -149,7 +149,10 @@ def test_each_job_sees_only_its_rows(lm, forwards):
     # Reading a row it does not own fails that job alone (as alone: IndexError), the
     # others complete.
     jobs = [message(READ, x=A), message(FAILS, x=C), message(READ, x=B)]
+    forwards.clear()
     batched, _, _ = run(lm, jobs)
+    # The failed shared pass, the failing job alone, the other two together again.
+    assert len(forwards) == 3
     alone, _, _ = run(lm, jobs, max_jobs=1)
     assert batched[1][0] == b"E" and batched[1][1]["type"] == "IndexError"
     assert batched[1][1] == alone[1][1]  # the same error, line and all

@@ -27,9 +27,9 @@ without invokes, and ``tracer.invoke()`` without an input (alone: the whole batc
 see the job's own rows; ``tracer.cache()`` records them.  Site numbers are offset per
 job, so no request of one job can name another's checkpoint.  If a shared pass fails
 for any reason (one job's error, a barrier that never releases, ...), it is dropped
-and each of its jobs runs again alone, from the start with fresh values (its output
-of the dropped pass discarded): the failing job gets exactly the error it gets alone,
-the others their results.  Print output of a job in a shared pass is sent once the
+and its jobs start again with fresh values (their output of the dropped pass
+discarded): the jobs whose lanes raised run alone, so each gets exactly the error it
+gets alone, and the others share a pass once more (alone if that fails too).  Print output of a job in a shared pass is sent once the
 pass has succeeded.  A changed model (``ModelGuard``) after a shared pass sends its
 jobs back to be run alone by a fresh worker (``A``), since the change cannot be
 attributed to one of them.
@@ -37,6 +37,7 @@ attributed to one of them.
 
 from __future__ import annotations
 
+import inspect
 import threading
 from collections.abc import Callable
 from dataclasses import replace
@@ -253,7 +254,7 @@ def _job_inputs(t: JobTracer) -> list | None:
     return [(t._args, t._kwargs)]
 
 
-def _merge(root, members: list[_Item], facts: list):
+def _merge(root, members: list[_Item], facts: list, faulty: list):
     """The MergedTracer of ``members`` (each with its tracer arrived)."""
     from compiler.plan import Block
 
@@ -284,7 +285,8 @@ def _merge(root, members: list[_Item], facts: list):
             for it in items:
                 sites[it.order] = it
             lanes.append(replace(lane, index=g, items=items))
-            tracer_lanes.append((fn, spec if spec is not None else InvokeSpec((), {}), g))
+            tracer_lanes.append((_noting(fn, m, faulty),
+                                 spec if spec is not None else InvokeSpec((), {}), g))
             if t._invoked:
                 r = rows_in[entry]
                 entry += 1
@@ -416,18 +418,38 @@ def run_batch(root, guard, jobs: list[tuple[str, bytes, bool]],
             groups.append([item])
             open_groups[key] = (groups[-1], tokens)
 
-    for group in groups:
-        if len(group) == 1:
-            item = group[0]
-            if not item.ended:
-                batch.release(item, "alone")
-            changes = changed()
-            if changes:
-                guard_error(item, changes)
-                return True
-            finish(item)
-            continue
-        ok = _run_shared(root, group, [facts_of[id(i)] for i in group])
+    def alone(item: _Item, again: bool) -> bool:
+        """Run ``item`` in a pass of its own (``again``: from the start); True when
+        it changed the model."""
+        if again:
+            item.alone = True
+            batch.start(item)
+            batch.wait_arrived([item])
+        if not item.ended:
+            batch.release(item, "alone")
+        changes = changed()
+        if changes:
+            guard_error(item, changes)
+            return True
+        finish(item)
+        return False
+
+    def shared(group: list[_Item], again: bool) -> bool:
+        """Run ``group`` in one pass (``again``: from the start); True when the model
+        changed.  If the pass fails, the jobs whose lanes raised run again alone
+        (each gets its error exactly as alone), the rest once more together (and
+        alone if that fails too)."""
+        if again:
+            for item in group:
+                batch.start(item)
+            batch.wait_arrived(group)
+            early = [i for i in group if i.ended]
+            for item in early:  # ended before their block this time: their own outcome
+                finish(item)
+            group = [i for i in group if not i.ended]
+            if len(group) < 2:
+                return any(alone(i, False) for i in group)
+        ok, faulty = _run_shared(root, group, [facts_of[id(i)] for i in group])
         if ok:
             changes = changed()
             if changes:
@@ -438,45 +460,73 @@ def run_batch(root, guard, jobs: list[tuple[str, bytes, bool]],
             for item in group:
                 batch.release(item, "done")
                 finish(item)
-            continue
-        # The shared pass failed: each job runs again, alone, from the start.
-        for item in group:
+            return False
+        for item in group:  # the failed pass is dropped: each job starts again
             batch.release(item, "retry")
         if changed():
             for item in group:
                 send(b"A", item.id, b"")
             return True
+        rest = [i for i in group if i not in faulty] if not again and faulty else []
         for item in group:
-            item.alone = True
-            batch.start(item)
-            batch.wait_arrived([item])
-            if not item.ended:
-                batch.release(item, "alone")
-            changes = changed()
-            if changes:
-                guard_error(item, changes)
+            if item not in rest and alone(item, True):
                 return True
-            finish(item)
+        if len(rest) > 1:
+            return shared(rest, True)
+        return any(alone(i, True) for i in rest)
+
+    for group in groups:
+        if len(group) == 1:
+            if alone(group[0], False):
+                return True
+        elif shared(group, False):
+            return True
     return False
 
 
-def _run_shared(root, group: list[_Item], facts: list) -> bool:
-    """One forward pass for the lanes of ``group``; False when it failed."""
+def _run_shared(root, group: list[_Item], facts: list) -> tuple[bool, list]:
+    """One forward pass for the lanes of ``group``: (True, []) when it ran, else
+    (False, the jobs whose lanes raised)."""
+    faulty: list[_Item] = []
     try:
-        tracer, merged_facts = _merge(root, group, facts)
+        tracer, merged_facts = _merge(root, group, facts, faulty)
     except Exception:  # noqa: BLE001 - the jobs run alone
-        return False
+        return False, []
     checked = root._checked
     checked[id(tracer._block)] = (tracer._block, merged_facts)
     for item in group:
         item.tracer._pass = tracer
     try:
         tracer._execute()
-    except BaseException:  # noqa: BLE001 - the jobs run alone, each gets its own outcome
-        return False
+    except BaseException:  # noqa: BLE001 - the jobs run again, each gets its own outcome
+        return False, faulty
     finally:
         checked.pop(id(tracer._block), None)
         for item in group:
             item.tracer._pass = None
         tracer._lanes.clear()
-    return True
+    return True, []
+
+
+def _noting(fn, item: _Item, faulty: list):
+    """Lane ``fn`` of ``item``, noting ``item`` in ``faulty`` when it raises."""
+    code = getattr(fn, "__code__", None)
+    if code is None:
+        return fn
+    if code.co_flags & inspect.CO_GENERATOR:
+        def lane():
+            try:
+                return (yield from fn())
+            except GeneratorExit:  # closed by the cleanup: not its fault
+                raise
+            except BaseException:
+                faulty.append(item)
+                raise
+    else:  # a lane without checkpoints runs whole when it is called
+        def lane():
+            try:
+                return fn()
+            except BaseException:
+                faulty.append(item)
+                raise
+    return lane
