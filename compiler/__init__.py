@@ -26,7 +26,16 @@ F = TypeVar("F", bound=Callable)
 def compile_function(fn) -> Compiled:
     """Compile a live function (its source, file and line) without building it."""
     fn = _unwrap(fn)
-    return compile_source(source_of(fn), fn.__code__.co_freevars)
+    src = source_of(fn)
+    return compile_source(src, fn.__code__.co_freevars, _helpers_of(src.filename, fn))
+
+
+def _helpers_of(filename: str, fn) -> frozenset[str]:
+    """The helpers a function's blocks may call (those of its file: see block.py)."""
+    from .block import helper_names
+
+    lines = linecache.getlines(filename, getattr(fn, "__globals__", None))
+    return helper_names(filename, "".join(lines)) if lines else frozenset()
 
 
 def _unwrap(fn):
@@ -64,6 +73,8 @@ def intervene(fn: F) -> F:
         built = functools.update_wrapper(
             compiled.build(handle_for(compiled.plan, compiled.source), inner), inner
         )
+        if compiled.helper:
+            built = _helper(built, compiled)
         for decorator in reversed(below):
             built = decorator(built)
         return built
@@ -82,6 +93,14 @@ def intervene(fn: F) -> F:
             built = build()
         return built(*args, **kwargs)
 
+    if compiled.helper:
+        def built_helper():  # what a block calling this helper runs (runtime/api.py)
+            nonlocal built
+            if built is None:
+                built = build()
+            return built
+
+        run.built_helper = built_helper
     return _with_plan(run, compiled)
 
 
@@ -149,6 +168,34 @@ def _decorators_below(compiled: Compiled, fn, inner, frame) -> tuple:
                 filename, line,
             ) from None
     return tuple(out)
+
+
+def _helper(generator_fn, compiled: Compiled):
+    """A helper as a callable: called from a block's lane it runs as part of the lane
+    (``yield from``, through ``helper_generator``); called anywhere else, it runs
+    when it needs no module value, and says where to call it from when it does."""
+    lane = compiled.plan.blocks[0].lanes[0]
+    sites = {compiled.site_offset + item.order: item for item in lane.items}
+
+    @functools.wraps(generator_fn)
+    def call(*args, **kwargs):
+        gen = generator_fn(*args, **kwargs)
+        try:
+            request = gen.send(None)
+        except StopIteration as done:
+            return done.value
+        gen.close()
+        item = sites.get(request[2]) if isinstance(request, tuple) and len(request) > 2 else None
+        where = f" (line {item.line})" if item is not None else ""
+        raise RuntimeError(
+            f"`{compiled.name}` is an @intervene helper that reads module values{where}: it "
+            "runs as part of a trace block, so call it from inside `with model.trace(...):` "
+            "(in an @intervene function or a block of this file), where the model is running"
+        )
+
+    call.helper_generator = generator_fn
+    call.helper_sites = sites
+    return call
 
 
 def _with_plan(fn, compiled: Compiled):

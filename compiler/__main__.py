@@ -14,7 +14,7 @@ import os
 import sys
 from pathlib import Path
 
-from .block import DirectBlock, blocks_in_file, compile_block
+from .block import DirectBlock, blocks_in_file, compile_block, helper_names
 from .codegen import Compiled, compile_source
 from .errors import CompileError
 from .parse import Source, functions_in_file
@@ -165,12 +165,20 @@ def _sources(path: str) -> tuple[list[Source], list[CompileError]]:
 def _with_blocks(functions: list, filename: str, text: str) -> list:
     """The file's @intervene functions and its blocks written outside them (top level,
     plain functions), in the order of their lines."""
+    names = helper_names(filename, text)
+    if names:
+        _HELPERS[filename] = names
     found = [*functions, *blocks_in_file(filename, text)]
     return sorted(found, key=lambda s: s.line if isinstance(s, DirectBlock) else s.first_line)
 
 
+_HELPERS: dict[str, frozenset[str]] = {}  # file -> its @intervene helpers
+
+
 def _compile(src) -> Compiled:
-    return compile_block(src, ()) if isinstance(src, DirectBlock) else compile_source(src)
+    if isinstance(src, DirectBlock):
+        return compile_block(src, ())
+    return compile_source(src, (), _HELPERS.get(src.filename, frozenset()))
 
 
 def _error(exc: CompileError) -> str:

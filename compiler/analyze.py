@@ -171,8 +171,10 @@ class Analysis:
 
 
 class _Analyzer(cst.CSTVisitor):
-    def __init__(self, src: Source, fn: cst.FunctionDef, positions: dict) -> None:
+    def __init__(self, src: Source, fn: cst.FunctionDef, positions: dict,
+                 helper: bool = False) -> None:
         super().__init__()
+        self.helper = helper
         self.src = src
         self.positions = positions  # node -> (line, column, end line, end column)
         self.fn = fn
@@ -321,6 +323,15 @@ class _Analyzer(cst.CSTVisitor):
         if node is self.fn:
             for p in _param_names(node.params):
                 self._ref(node, p, True)
+            if self.helper:  # the whole body is one lane of a block of its caller
+                line, _ = self.where(node)
+                block = BlockInfo(index=0, node=node, kind="trace", model="(helper)", args="",
+                                  line=line, end_line=self.src.position(self.positions[node][2], 0)[0],
+                                  tracer=None, has_input=True, has_invokes=False)
+                self.blocks.append(block)
+                self.block_of[id(node)] = block
+                self.block = block
+                self._open_lane(node, None)
             return None
         self._ref(node, node.name.value, True)
         self._enter_scope()
@@ -538,7 +549,8 @@ class _Analyzer(cst.CSTVisitor):
         self._forbid(node, "`nonlocal`", "assign to a variable and copy it after the block")
 
     def visit_Return(self, node: cst.Return) -> None:
-        self._forbid(node, "`return`", "save the value and return it after the block")
+        if not self.helper:  # a helper's body is its lane: it returns what it computed
+            self._forbid(node, "`return`", "save the value and return it after the block")
 
     def _loop_jump(self, node: cst.CSTNode, word: str) -> None:
         if self.lane is not None and self.nested == 0 and self.lane_loops == 0:
@@ -731,11 +743,12 @@ def _check_invoke_flow(src: Source, block: BlockInfo, refs: list[NameRef], outer
             earlier.setdefault(name, (lane.index, line))
 
 
-def analyze(src: Source, module: cst.Module, positions: dict) -> Analysis:
-    """What ``module``'s one function does: its blocks, lanes and names."""
+def analyze(src: Source, module: cst.Module, positions: dict, helper: bool = False) -> Analysis:
+    """What ``module``'s one function does: its blocks, lanes and names.  ``helper``:
+    the function has no block of its own; its body is one lane (see codegen)."""
     fn = module.body[0]
     assert isinstance(fn, cst.FunctionDef)
-    visitor = _Analyzer(src, fn, positions)
+    visitor = _Analyzer(src, fn, positions, helper)
     walk.visit(visitor, module)
     refs = visitor.refs
     blocks = visitor.blocks

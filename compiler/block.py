@@ -47,6 +47,7 @@ class DirectBlock:
     # (name, line, column) of the first read of each name after the block, in the
     # scope around it (the function, or the module)
     later: tuple[tuple[str, int, int], ...] = ()
+    helpers: frozenset[str] = frozenset()  # the file's @intervene helpers
 
 
 class _Blocks(cst.CSTVisitor):
@@ -185,13 +186,14 @@ def find_block(filename: str, text: str, line: int) -> DirectBlock:
         )
     node, first, col, last = best
     block = _wrap(node, filename, first, col, last)
-    return dataclasses.replace(block, later=_reads_after(tree, first, last))
+    return dataclasses.replace(block, later=_reads_after(tree, first, last),
+                               helpers=helper_names(filename, text))
 
 
 def compile_block(block: DirectBlock, params: tuple[str, ...]) -> Compiled:
     """The block compiled as a function taking ``params`` (names the caller binds);
     cached by the block's text, file, line and parameters."""
-    key = (block.source.text, block.source.filename, block.line, params)
+    key = (block.source.text, block.source.filename, block.line, params, block.helpers)
     with _lock:
         got = _compiled.get(key)
     if got is not None:
@@ -201,7 +203,7 @@ def compile_block(block: DirectBlock, params: tuple[str, ...]) -> Compiled:
         head = f"def {NAME}():"
         assert src.text.startswith(head)
         src = dataclasses.replace(src, text=f"def {NAME}({', '.join(params)}):" + src.text[len(head):])
-    compiled = compile_source(src)
+    compiled = compile_source(src, (), block.helpers)
     saved = set(compiled.plan.blocks[0].saved) if compiled.plan.blocks else set()
     for name, line, col in block.later:
         if name in block.stores and name not in saved and name != block.target:
@@ -228,5 +230,52 @@ def blocks_in_file(filename: str, text: str) -> list[DirectBlock]:
     out = []
     for node in found:
         first, col, last, _ = positions[node]
-        out.append(_wrap(node, filename, first, col, last))
+        block = _wrap(node, filename, first, col, last)
+        out.append(dataclasses.replace(block, helpers=helper_names(filename, text)))
     return out
+
+
+class _Helpers(cst.CSTVisitor):
+    """Names of the ``@intervene`` functions without a trace block of their own."""
+
+    def __init__(self, aliases: frozenset[str]) -> None:
+        super().__init__()
+        self.aliases = aliases
+        self.names: set[str] = set()
+        self._stack: list[list] = []
+
+    def visit_FunctionDef(self, node: cst.FunctionDef) -> None:
+        self._stack.append([node, is_intervene(node, self.aliases), False])
+
+    def leave_FunctionDef(self, node: cst.FunctionDef) -> None:
+        _node, decorated, has_block = self._stack.pop()
+        if decorated and not has_block:
+            self.names.add(node.name.value)
+
+    def visit_With(self, node: cst.With) -> None:
+        if block_item(node) is not None and self._stack:
+            self._stack[-1][2] = True
+
+
+_helper_cache: dict[str, tuple[str, frozenset[str]]] = {}
+
+
+def helper_names(filename: str, text: str) -> frozenset[str]:
+    """The names of a file's helpers (``@intervene`` functions with no block): a call
+    of one inside a block runs it as part of the calling lane."""
+    with _lock:
+        got = _helper_cache.get(filename)
+    if got is not None and got[0] == text:
+        return got[1]
+    try:
+        module = cst.parse_module(text)
+    except cst.ParserSyntaxError:
+        return frozenset()
+    finder = _Helpers(decorator_aliases(module))
+    walk.visit(finder, module)
+    names = frozenset(finder.names)
+    with _lock:
+        if len(_helper_cache) >= 64:
+            del _helper_cache[next(iter(_helper_cache))]
+        _helper_cache[filename] = (text, names)
+    return names

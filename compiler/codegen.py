@@ -12,6 +12,7 @@ in by whoever builds.
 from __future__ import annotations
 
 import ast
+import itertools
 import re
 import types
 from dataclasses import dataclass
@@ -48,6 +49,11 @@ class Compiled:
     source: Source | None = None  # what was compiled (a remote block sends its text)
     # The function's decorators, top to bottom: (expression as written, line, last name).
     decorators: tuple[tuple[str, int, str | None], ...] = ()
+    # A helper (an @intervene function with no block that reads module values): its
+    # body is one lane run by its caller's (``yield from``); its site numbers start at
+    # ``site_offset`` so that they never meet the caller's.
+    helper: bool = False
+    site_offset: int = 0
 
     def build(self, runtime_handle: object, original: types.FunctionType) -> types.FunctionType:
         """A live function: the rewritten code with ``original``'s globals,
@@ -95,7 +101,23 @@ def _declare(fn: cst.FunctionDef, names: list[str], line: int) -> cst.FunctionDe
     return fn.with_changes(body=fn.body.with_changes(body=body[:at] + decls + body[at:]))
 
 
-def compile_source(src: Source, freevars: tuple[str, ...] = ()) -> Compiled:
+_helper_ids = itertools.count(1)
+
+
+def compile_source(src: Source, freevars: tuple[str, ...] = (),
+                   helpers: frozenset[str] = frozenset()) -> Compiled:
+    """``helpers``: names of the file's @intervene helpers (a call of one in a lane
+    runs it as part of the lane)."""
+    compiled = _compile(src, freevars, helpers, False)
+    if not compiled.plan.blocks:
+        helper = _compile(src, freevars, helpers, True)
+        if any(lane.items for b in helper.plan.blocks for lane in b.lanes):
+            return helper
+    return compiled
+
+
+def _compile(src: Source, freevars: tuple[str, ...], helpers: frozenset[str],
+             helper: bool) -> Compiled:
     try:
         module = cst.parse_module(src.text)
     except cst.ParserSyntaxError as exc:
@@ -110,8 +132,9 @@ def compile_source(src: Source, freevars: tuple[str, ...] = ()) -> Compiled:
             src.filename, src.first_line,
         )
     positions = walk.positions(module)
-    info = analyze(src, module, positions)
+    info = analyze(src, module, positions, helper)
     rewriter = Rewriter(src, fn, info, positions)
+    rewriter.helpers = helpers
     new_fn = walk.transform(rewriter, module).body[0]
     assert isinstance(new_fn, cst.FunctionDef)
     fn_line = src.position(positions[fn][0], 0)[0]
@@ -130,8 +153,10 @@ def compile_source(src: Source, freevars: tuple[str, ...] = ()) -> Compiled:
     tree = ast.parse(text)
     sites = evaluation_order(tree)
     final, lanes = number_checkpoints([c.value for c in sites], rewriter.pending, rewriter.markers)
+    offset = next(_helper_ids) * 1_000_000 if helper else 0
     for const in sites:
-        const.value = final.get(const.value, const.value)
+        if const.value in final:
+            const.value = final[const.value] + offset
     _relocate(tree, _line_map(text), fn_line)
     code = compile(_in_factory(tree, fn.name.value, freevars, fn_line), src.filename, "exec",
                    dont_inherit=True)
@@ -160,7 +185,8 @@ def compile_source(src: Source, freevars: tuple[str, ...] = ()) -> Compiled:
         for d in fn.decorators
     )
     return Compiled(plan=plan, code=_MARK_RE.sub("", shown), factory_code=code,
-                    name=fn.name.value, source=src, decorators=decorators)
+                    name=fn.name.value, source=src, decorators=decorators, helper=helper,
+                    site_offset=offset)
 
 
 def _in_factory(tree: ast.Module, name: str, freevars: tuple[str, ...], line: int) -> ast.Module:

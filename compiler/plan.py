@@ -253,7 +253,10 @@ def render_function(f: FunctionPlan) -> str:
     if not f.blocks:
         out.append("  (no trace blocks)")
     for b in f.blocks:
-        out.append(f"  block {b.index}: {b.model}.{b.kind}({b.args})  line {b.line}")
+        if b.model == "(helper)":  # an @intervene helper: its body runs in its caller's lane
+            out.append(f"  helper body (runs in the calling block's lane)  line {b.line}")
+        else:
+            out.append(f"  block {b.index}: {b.model}.{b.kind}({b.args})  line {b.line}")
         out.extend(line.rstrip() for line in _block_rows(b))
         if b.saved:
             out.append(f"    saved after the block: {', '.join(b.saved)}")

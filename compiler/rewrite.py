@@ -138,6 +138,7 @@ class Rewriter(cst.CSTTransformer):
         self.inplace_roots: set[int] = set()  # id() of value attributes edited in place
         self.save_depth = 0
         self.invoke_tail: cst.BaseStatement | None = None  # the last invoke's last statement
+        self.helpers: frozenset[str] = frozenset()  # names of this file's @intervene helpers
         self.step_inits: set[int] = set()  # id() of each step block's first statement
         self.step_ends: dict[int, cst.BaseStatement] = {}  # ... and of its `end_steps`
         self.saving_stmt = False
@@ -568,6 +569,10 @@ class Rewriter(cst.CSTTransformer):
     def visit_FunctionDef(self, node):
         if node is not self.fn:
             self._visit_statement(node)
+        elif self.info.blocks and self.info.blocks[0].node is node:  # a helper: one lane
+            self.block = self.info.blocks[0]
+            self.lane = self.block.lanes[0]
+            self.scope = []
 
     def leave_FunctionDef(self, original, updated):
         if original is self.fn:
@@ -655,6 +660,14 @@ class Rewriter(cst.CSTTransformer):
             )
         return self._read(original, updated)
 
+    def _helper_call(self, node: cst.Call) -> str | None:
+        """``h(...)`` in a lane, ``h`` an @intervene helper of this file (a function with no
+        block of its own): its name.  It runs as part of the lane (``yield from``)."""
+        if (self.lane is not None and isinstance(node.func, cst.Name)
+                and node.func.value in self.helpers and node.func.value != self.fn.name.value):
+            return node.func.value
+        return None
+
     def _save_argument(self, node: cst.Call):
         """``save(x)`` (``nnsight.save(x)`` ...): ``x``; see analyze.save_argument."""
         return save_argument(node, binds_save(self.fn))
@@ -689,6 +702,12 @@ class Rewriter(cst.CSTTransformer):
 
     def leave_Call(self, original: cst.Call, updated: cst.Call):
         in_block = self.lane is not None or self.block is not None
+        helper = self._helper_call(original)
+        if helper is not None:
+            tmp = self._marker("helper", original, helper)
+            return _paren(cst.Yield(cst.From(cst.Call(_rt("helper"), [
+                cst.Arg(cst.Integer(str(tmp))), cst.Arg(cst.Integer(str(self.block.index))),
+                cst.Arg(updated.func), *updated.args]))))
         if in_block and _is_attr(original.func, "save") and not original.args:
             self.save_depth -= 1
             return _call("save", updated.func.value)
@@ -947,7 +966,7 @@ def _value_root(node: cst.BaseExpression, values=VALUE_ATTRS) -> cst.Attribute |
 
 
 _SITE_ARG = {"read": 2, "write": 2, "next_step": 1, "end_steps": 1, "barrier": 1,
-             "backward": 1, "end_backward": 0, "mark": 0}
+             "backward": 1, "end_backward": 0, "mark": 0, "helper": 0}
 
 
 def evaluation_order(tree: ast.AST) -> list[ast.Constant]:

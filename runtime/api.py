@@ -58,6 +58,7 @@ class Handle:
         "end_steps",
         "has_backward",
         "has_steps",
+        "helper",
         "lane",
         "mark",
         "next_step",
@@ -87,6 +88,7 @@ class Handle:
         self.end_backward = end_backward
         self.mark = mark
         self.lane = _add_lane  # `__iv.lane(tracer, fn, spec, index)`
+        self.helper = self._helper  # `yield from __iv.helper(site, block, fn, ...)`
         self.has_backward = [
             any(getattr(i, "kind", None) == "backward" for lane in b.lanes for i in lane.items)
             for b in plan.blocks
@@ -95,6 +97,21 @@ class Handle:
             any(getattr(i, "kind", None) == "steps" for lane in b.lanes for i in lane.items)
             for b in plan.blocks
         ]
+
+    def _helper(self, site: int, index: int, fn, /, *args, **kwargs):
+        """``h(...)`` in a lane, ``h`` an @intervene helper: its body as a generator
+        run by the lane (its checkpoints join this block's, for messages); anything else
+        that name holds now is called plainly."""
+        gen_fn = getattr(fn, "helper_generator", None)
+        if gen_fn is None and hasattr(fn, "built_helper"):
+            fn = fn.built_helper()
+            gen_fn = getattr(fn, "helper_generator", None)
+        if gen_fn is None:
+            return _returns(fn(*args, **kwargs))
+        sites = self.sites[index]
+        for key, item in fn.helper_sites.items():
+            sites.setdefault(key, item)
+        return gen_fn(*args, **kwargs)
 
     def block(self, model, kind: str, index: int, /, *args, **kwargs) -> Tracer:
         if not isinstance(model, NNsight):
@@ -126,6 +143,13 @@ class Handle:
         if self.has_backward[index]:
             tracer._has_backward = True
         return tracer
+
+
+def _returns(value):
+    """A generator that yields nothing and returns ``value`` (a plain function called
+    where a helper was expected)."""
+    return value
+    yield  # noqa: B901 - makes this a generator
 
 
 def _add_lane(tracer, fn, spec, index: int) -> None:

@@ -33,8 +33,10 @@ class NotInTraceError(RuntimeError):
             message = (
                 f"`{path}.{what}` exists only while the model runs: read it inside a "
                 f"`with model.trace(...):` block of a function decorated with @intervene "
-                "(only the block's own code is compiled: a helper function called from the "
-                "block cannot read module values; read them in the block and pass them in)"
+                "(only the block's own code is compiled: a function called from the block "
+                "reads module values only if you decorate it with @intervene, which makes it a "
+                "helper that runs as part of the block; or read them in the block and pass "
+                "them in)"
             )
         else:
             message = (

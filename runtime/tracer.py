@@ -386,6 +386,8 @@ def check_block(root, block) -> tuple[BlockFacts, bool]:
     in_model = root._parents()
     for lane in block.lanes:
         static = []
+        if any(getattr(i, "kind", None) == "helper" for i in lane.items):
+            static_only = False  # a helper's checkpoints are asked for as it runs
         for cp in lane.checkpoints:
             if cp.value == "grad":
                 continue

@@ -75,3 +75,111 @@ def test_save_function_in_an_undecorated_block():
     with model.trace(x):
         out = save(model.output)
     assert torch.equal(out, net(x))
+
+
+# -- helpers -------------------------------------------------------------------------
+
+
+@intervene
+def layer_output(model, k):
+    """A helper: reads a module value, no block of its own."""
+    return model.layers[k].output
+
+
+@intervene
+def scaled(model, k, factor):
+    h = layer_output(model, k)  # a helper calling a helper
+    model.layers[k].output[:] = h * factor
+    return h
+
+
+def test_a_helper_runs_as_part_of_the_calling_lane():
+    net, model, x = _net_and_x()
+
+    @intervene
+    def f(model, x):
+        with model.trace(x):
+            a = layer_output(model, 0).save()
+            b = layer_output(model, 2).save()
+        return a, b
+
+    a, b = f(model, x)
+    want = _outputs(net, x)
+    assert torch.equal(a, want[0]) and torch.equal(b, want[2])
+    items = f.plan.functions[0].blocks[0].lanes[0].items
+    assert [(i.kind, i.detail) for i in items] == [("helper", "layer_output")] * 2
+    assert "-- helper layer_output" in str(f.plan)
+    assert "layers[k]" in str(layer_output.plan)
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in net.modules())
+
+
+def test_a_helper_that_writes_and_calls_a_helper_equals_hooks():
+    net, model, x = _net_and_x()
+
+    @intervene
+    def f(model, x):
+        with model.trace(x):
+            h = scaled(model, 1, 3.0).save()
+            out = model.output.save()
+        return h, out
+
+    h, out = f(model, x)
+    hook = net.layers[1].register_forward_hook(lambda m, i, o: o * 3.0)
+    try:
+        want = net(x)
+    finally:
+        hook.remove()
+    # `h` is the layer's output itself, changed in place (as in plain PyTorch)
+    assert torch.equal(out, want) and torch.equal(h, _outputs(net, x)[1] * 3.0)
+
+
+def test_a_helper_in_an_undecorated_block():
+    net, model, x = _net_and_x()
+    with model.trace(x):
+        a = layer_output(model, 3).save()
+    assert torch.equal(a, _outputs(net, x)[3])
+
+
+def test_a_helper_called_outside_a_block_says_where_to_call_it():
+    _net, model, _x = _net_and_x()
+    with pytest.raises(RuntimeError, match=r"`layer_output` is an @intervene helper that reads "
+                                           r"module values \(line \d+\): it runs as part of a trace block"):
+        layer_output(model, 0)
+
+
+def _plain_reader(model):
+    return model.layers[0].output
+
+
+def test_an_undecorated_function_reading_module_values_suggests_the_decorator():
+    from runtime import NotInTraceError
+
+    _net, model, x = _net_and_x()
+
+    @intervene
+    def f(model, x):
+        with model.trace(x):
+            a = _plain_reader(model).save()
+        return a
+
+    with pytest.raises(NotInTraceError, match="decorate it with @intervene"):
+        f(model, x)
+
+
+def test_a_lambda_reading_module_values_is_refused_clearly():
+    with pytest.raises(CompileError, match=r"inside a lambda or nested function in a trace block"):
+        @intervene
+        def f(model, x):
+            with model.trace(x):
+                get = lambda: model.layers[0].output  # noqa: E731
+                a = get().save()
+            return a
+
+    with pytest.raises(CompileError, match=r"inside a lambda or nested function in a trace block"):
+        @intervene
+        def g(model, x):
+            with model.trace(x):
+                def get():
+                    return model.layers[0].output
+                a = get().save()
+            return a
