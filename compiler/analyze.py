@@ -168,6 +168,14 @@ class Analysis:
     outer_bound: set[str]
     saved_anywhere: set[str]
     model_names: set[str]
+    invokers: frozenset[str] = frozenset()  # `as` names of invokes
+
+
+def is_invoker_inputs(node: cst.Attribute, invokers) -> bool:
+    """``invoker.inputs`` of ``with tracer.invoke(x) as invoker:``: the invoke's input,
+    a plain attribute (not a module value)."""
+    return (node.attr.value == "inputs" and isinstance(node.value, cst.Name)
+            and node.value.value in invokers)
 
 
 class _Analyzer(cst.CSTVisitor):
@@ -192,6 +200,7 @@ class _Analyzer(cst.CSTVisitor):
         self.stores: set[int] = set()  # id() of Name nodes that bind a name
         self.not_expressions: set[int] = set()  # def/class names: recorded by hand
         self.assigning: list[list[str]] = []  # names the value being visited is assigned to
+        self.invokers: set[str] = set()  # `with tracer.invoke(x) as NAME:` names
 
     # -- helpers ---------------------------------------------------------
     def where(self, node: cst.CSTNode) -> tuple[int, int]:
@@ -283,6 +292,9 @@ class _Analyzer(cst.CSTVisitor):
                     f"{self.lane.line}) before opening the next; each invoke is one input",
                 )
             self._check_items(node, invoke_item(node))
+            asname = node.items[invoke_item(node)].asname
+            if asname is not None and isinstance(asname.name, cst.Name):
+                self.invokers.add(asname.name.value)  # `as invoker`: `invoker.inputs` is plain
             self._open_lane(node, ", ".join(self.code(a).rstrip(", ") for a in inv.args) or None)
 
     def _check_items(self, node: cst.With, at: int | None) -> None:
@@ -487,7 +499,7 @@ class _Analyzer(cst.CSTVisitor):
 
     def visit_Attribute(self, node: cst.Attribute) -> bool:
         attr = node.attr.value
-        if attr in VALUE_ATTRS:
+        if attr in VALUE_ATTRS and not is_invoker_inputs(node, self.invokers):
             self._check_value_access(node)
         walk.visit(self, node.value)  # never the attribute's own name
         return False
@@ -799,4 +811,5 @@ def analyze(src: Source, module: cst.Module, positions: dict, helper: bool = Fal
         outer_bound=outer_bound,
         saved_anywhere=saved_anywhere,
         model_names={b.model for b in blocks},
+        invokers=frozenset(visitor.invokers),
     )

@@ -41,6 +41,7 @@ from .analyze import (
     block_item,
     invoke_call,
     invoke_item,
+    is_invoker_inputs,
     save_argument,
 )
 from .errors import CompileError
@@ -222,7 +223,12 @@ class Rewriter(cst.CSTTransformer):
                     body=cst.IndentedBlock(body),
                 )
                 body = [self.remember(inner_with, line)]
-            out = self._lane(lane, body, tracer, invoke, line)
+            target = None
+            if invoke is not None:
+                asname = updated.items[invoke_item(updated)].asname
+                if asname is not None and isinstance(asname.name, cst.Name):
+                    target = asname.name.value
+            out = self._lane(lane, body, tracer, invoke, line, target)
             self.lane = None
         if block is None:
             self.invoke_tail = out[-1]  # the last invoke so far ends with this statement
@@ -274,7 +280,7 @@ class Rewriter(cst.CSTTransformer):
         self.block = None
         return cst.FlattenSentinel(result)
 
-    def _lane(self, lane: LaneInfo, body, tracer: str, invoke, line: int):
+    def _lane(self, lane: LaneInfo, body, tracer: str, invoke, line: int, target=None):
         assert self.block is not None
         name = f"{RT}_lane{self.block.index}_{lane.index}"
         stmts = list(body)
@@ -298,6 +304,12 @@ class Rewriter(cst.CSTTransformer):
             )
         )
         reg = self.remember(reg, line)
+        if target is not None:  # `as invoker`: bound to the invoke before its lane runs
+            bind = self.remember(_stmt(cst.Assign([cst.AssignTarget(cst.Name(target))], spec)), line)
+            reg = reg.with_changes(body=[reg.body[0].with_changes(value=_call(
+                "lane", cst.Name(tracer), cst.Name(name), cst.Name(target),
+                cst.Integer(str(lane.index))))])
+            return [bind, fdef, reg]
         return [fdef, reg]
 
     # -- statements: line memory and hoisting ------------------------------
@@ -650,6 +662,8 @@ class Rewriter(cst.CSTTransformer):
         ):
             return updated.value  # seed style: `saved.value` is the saved value itself
         if self.lane is None or attr not in self._values() or id(original) in self.write_targets:
+            return updated
+        if is_invoker_inputs(original, self.info.invokers):
             return updated
         if self.backward_depth and attr in VALUE_ATTRS:
             raise self.error(

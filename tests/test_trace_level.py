@@ -114,3 +114,30 @@ def test_step_blocks_one_after_another_run_at_their_own_steps():
     assert torch.equal(last, seen[5])
     kinds = [i.kind for i in f.plan.functions[0].blocks[0].lanes[0].items if hasattr(i, "kind")]
     assert kinds.count("steps") == 2 and kinds.count("end-steps") == 1
+
+
+# -- `with tracer.invoke(x) as invoker:` -------------------------------------------------
+
+
+def test_invoker_inputs_in_a_compiled_block():
+    net = tiny_mlp()
+    model = NNsight(net)
+    x1, x2 = torch.randn(2, 8), torch.randn(3, 8)
+
+    @intervene
+    def f(model, x1, x2):
+        with model.trace() as tracer:
+            with tracer.invoke(x1) as first:
+                seen = save(first.inputs)
+                a = model.layers[0].output.save()
+            with tracer.invoke(x2) as second:
+                b = model.layers[0].output.save()
+                later = save(second.inputs)
+        return seen, later, a, b
+
+    seen, later, a, b = f(model, x1, x2)
+    assert torch.equal(seen[0][0], x1) and torch.equal(later[0][0], x2)
+    assert torch.equal(a, net.layers[0](x1)) and torch.equal(b, net.layers[0](x2))
+    # `.inputs` of an invoker is not a module value: not in the plan
+    assert [cp.path for lane in f.plan.functions[0].blocks[0].lanes
+            for cp in lane.checkpoints] == ["layers[0]", "layers[0]"]
