@@ -295,3 +295,23 @@ def test_a_job_past_the_time_limit_or_cancelled_fails_alone_in_a_batch():
         torch.testing.assert_close(saved(got, "out"), plain, atol=1e-4, rtol=0)
     finally:
         eng.close()
+
+
+INPUTS = '''def job(model, x):
+    with model.trace(x):
+        args, kwargs = model.model.layers[0].inputs
+        first = args[0].save()
+        out = model.lm_head.output.save()
+'''
+
+
+def test_a_job_reading_inputs_runs_alone(lm, forwards):
+    # `.inputs` may hold keywords without the batch dimension first (cache_position,
+    # position_ids of one row): rows of them would not be what the job sees alone.
+    jobs = [message(READ, x=C), message(INPUTS, x=B), message(READ, x=A)]
+    batched, _, _ = run(lm, jobs)
+    assert len(forwards) == 2  # the readers together, the `.inputs` job alone
+    alone, _, _ = run(lm, jobs, max_jobs=1)
+    for got, ref in zip(batched, alone):
+        same(got, ref)
+    assert saved(batched[1], "first").shape[0] == 1

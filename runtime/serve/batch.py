@@ -16,11 +16,15 @@ its saved variables set, and its reply is encoded.
 What shares a pass (exact by construction, else the job runs alone):
 
 - ``trace`` blocks only (``generate``, ``scan``, backward blocks and step blocks run
-  alone), without ``tracer.stop()`` (a stop ends the forward pass: a job that has one
+  alone), without ``.inputs`` (its keywords need not have the batch dimension
+  first), without ``tracer.stop()`` (a stop ends the forward pass: a job that has one
   runs alone, so that it stops only its own pass), with only token inputs;
 - jobs whose inputs pad to the same length, with the same kinds of input (each job
   then sees exactly the tensors it would see alone: no extra padding);
 - up to ``max_jobs`` jobs and ``max_tokens`` rows x positions per pass.
+
+A value handed to a lane of a shared pass that does not have the lane's rows first
+(a tensor without the batch dimension) fails the pass, and that job runs alone.
 
 Isolation.  Within a pass each job's lanes see only its rows: a lane of a trace
 without invokes, and ``tracer.invoke()`` without an input (alone: the whole batch),
@@ -42,6 +46,8 @@ import threading
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
+
+import torch
 
 from compiler.plan import Checkpoint, Marker
 
@@ -224,7 +230,9 @@ def _mergeable(root, t: JobTracer):
         for it in lane.items:
             if isinstance(it, Marker) and it.kind in _ALONE_MARKERS:
                 return None
-            if isinstance(it, Checkpoint) and it.value == "grad":
+            if isinstance(it, Checkpoint) and it.value in ("grad", "inputs"):
+                # `.inputs` holds keywords without the batch dimension first
+                # (`cache_position`): rows of them would not be what it sees alone.
                 return None
     items = _job_inputs(t)
     if items is None or all(i is None for i in items):
@@ -285,14 +293,14 @@ def _merge(root, members: list[_Item], facts: list, faulty: list):
             for it in items:
                 sites[it.order] = it
             lanes.append(replace(lane, index=g, items=items))
-            tracer_lanes.append((_noting(fn, m, faulty),
-                                 spec if spec is not None else InvokeSpec((), {}), g))
             if t._invoked:
                 r = rows_in[entry]
                 entry += 1
                 rows.append(r if r is not None else span[k])
             else:
                 rows.append(span[k])
+            tracer_lanes.append((_noting(fn, m, faulty, rows[-1].stop - rows[-1].start),
+                                 spec if spec is not None else InvokeSpec((), {}), g))
             g += 1
         if not t._invoked:
             entry += 1
@@ -508,16 +516,50 @@ def _run_shared(root, group: list[_Item], facts: list) -> tuple[bool, list]:
     return True, []
 
 
-def _noting(fn, item: _Item, faulty: list):
-    """Lane ``fn`` of ``item``, noting ``item`` in ``faulty`` when it raises."""
+class _NotBatchMajor(Exception):
+    """A lane of a shared pass was handed a value whose rows are not the job's rows (a
+    tensor without the batch dimension first, e.g. a broadcast [1, ...] position
+    embedding): what it sees would differ from running alone, so the job runs alone."""
+
+
+def _check_rows(value, n: int) -> None:
+    if isinstance(value, torch.Tensor):
+        if value.dim() and value.shape[0] != n:
+            raise _NotBatchMajor
+    elif isinstance(value, (tuple, list)):
+        for v in value:
+            _check_rows(v, n)
+    elif isinstance(value, dict):
+        for v in value.values():
+            _check_rows(v, n)
+
+
+def _noting(fn, item: _Item, faulty: list, n: int):
+    """Lane ``fn`` of ``item`` (``n`` rows of the pass): notes ``item`` in ``faulty``
+    when it raises, and checks that every value it is handed has its ``n`` rows."""
     code = getattr(fn, "__code__", None)
     if code is None:
         return fn
     if code.co_flags & inspect.CO_GENERATOR:
         def lane():
+            gen = fn()
             try:
-                return (yield from fn())
-            except GeneratorExit:  # closed by the cleanup: not its fault
+                req = gen.send(None)
+                while True:
+                    try:
+                        value = yield req
+                    except GeneratorExit:  # closed by the cleanup: not its fault
+                        gen.close()
+                        raise
+                    except BaseException as exc:  # noqa: BLE001 - thrown in at its line
+                        req = gen.throw(exc)
+                        continue
+                    if value is not None:
+                        _check_rows(value, n)
+                    req = gen.send(value)
+            except StopIteration as stop:
+                return stop.value
+            except GeneratorExit:
                 raise
             except BaseException:
                 faulty.append(item)
