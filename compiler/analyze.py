@@ -21,7 +21,7 @@ from .errors import CompileError
 from .parse import Source
 
 VALUE_ATTRS = frozenset({"output", "input", "inputs"})
-BLOCK_KINDS = frozenset({"trace", "generate", "scan"})
+BLOCK_KINDS = frozenset({"trace", "generate", "scan", "edit"})
 RESERVED_PREFIX = "__iv"
 
 _COMPS = (cst.ListComp, cst.SetComp, cst.DictComp, cst.GeneratorExp)
@@ -252,6 +252,17 @@ class _Analyzer(cst.CSTVisitor):
                 ),
                 has_invokes=_contains_invoke(node),
             )
+            if block.kind == "edit":
+                # `with model.edit() as edited:`: its keywords are the edit's own
+                # (`inplace=True`); nothing runs at its end.
+                block.has_input = True
+                if block.has_invokes:
+                    raise self.error(
+                        node,
+                        "`tracer.invoke(...)` in an edit block: an edit applies to every row "
+                        "of every later trace of the edited model; write the interventions "
+                        "directly in the edit block",
+                    )
             if block.has_invokes and block.has_input:
                 raise self.error(
                     node,
@@ -624,6 +635,12 @@ class _Analyzer(cst.CSTVisitor):
             )
         # At the block's own level (a trace with invokes): code before the first invoke
         # runs before the pass, code after the last one once every invoke is done.
+        if self.block.kind == "edit":
+            raise self.error(
+                node,
+                "`.save()` in an edit block: nothing runs in an edit block (its interventions "
+                "run in later traces of the edited model); save values in those traces",
+            )
         receiver = node.func.value if argument is None else argument
         if isinstance(receiver, cst.Name):
             self.block.saved.add(receiver.value)

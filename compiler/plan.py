@@ -15,7 +15,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
-BlockKind = Literal["trace", "generate", "scan"]
+BlockKind = Literal["trace", "generate", "scan", "edit"]
 Value = Literal["output", "input", "inputs", "grad"]
 Access = Literal["read", "write", "inplace"]
 

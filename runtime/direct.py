@@ -105,7 +105,9 @@ class DirectTracer:
         out = fn(**values)
         self.plan = Plan((compiled.plan,))
         tracer = out.pop(block.target, None) if block.target else None
-        if tracer is not None:
+        from .tracer import Tracer
+
+        if isinstance(tracer, Tracer):
             tracer.plan = self.plan
         # As in a decorated function, what the block saved outlives it (nothing else).
         bound = {k: out[k] for k in compiled.plan.blocks[0].saved if k in out and k != block.target}

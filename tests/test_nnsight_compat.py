@@ -496,18 +496,15 @@ def _edit_plan(model, x):
         model.layers[0].output[:] = 0
 
 
+@intervene
 def _edit(model, inplace=False):
-    """What the compiler is to emit for ``with model.edit() as edited:
-    model.layers[0].output[:] = 0`` (see /work/notes/for-compiler-13.md)."""
-    from runtime.api import handle_for
-
-    iv = handle_for(_edit_plan.compiled.plan)
-    kwargs = {"inplace": True} if inplace else {}
-    with iv.block(model, "edit", 0, **kwargs) as edited:
-        def lane():
-            (yield iv.read(model.layers[0], "output", 0))[:] = 0
-
-        iv.lane(edited, lane, None, 0)
+    """``with model.edit() as edited:`` compiled (an edit block)."""
+    if inplace:
+        with model.edit(inplace=True) as edited:
+            model.layers[0].output[:] = 0
+    else:
+        with model.edit() as edited:
+            model.layers[0].output[:] = 0
     return edited
 
 

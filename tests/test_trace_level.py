@@ -141,3 +141,37 @@ def test_invoker_inputs_in_a_compiled_block():
     # `.inputs` of an invoker is not a module value: not in the plan
     assert [cp.path for lane in f.plan.functions[0].blocks[0].lanes
             for cp in lane.checkpoints] == ["layers[0]", "layers[0]"]
+
+
+# -- edit blocks ---------------------------------------------------------------------------
+
+
+def test_edit_block_compiled_and_undecorated():
+    net = tiny_mlp()
+    model = NNsight(net)
+    x = torch.randn(3, 8)
+    with model.edit() as edited:
+        model.layers[0].output[:] = 0
+    with edited.trace(x):
+        out = edited.layers[1].output.save()
+    assert torch.equal(out, net.layers[1](torch.zeros(3, 8)))
+    with model.trace(x):  # the original stays untouched
+        plain = model.layers[1].output.save()
+    assert torch.equal(plain, _outputs(net, x)[1])
+
+
+def test_edit_block_errors():
+    with pytest.raises(CompileError, match=r"`.save\(\)` in an edit block: nothing runs"):
+        @intervene
+        def f(model):
+            with model.edit() as edited:
+                h = model.layers[0].output.save()
+            return edited, h
+
+    with pytest.raises(CompileError, match=r"`tracer.invoke\(...\)` in an edit block"):
+        @intervene
+        def g(model, x):
+            with model.edit() as edited:
+                with edited.invoke(x):
+                    model.layers[0].output[:] = 0
+            return edited
