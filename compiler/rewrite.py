@@ -741,6 +741,21 @@ class Rewriter(cst.CSTTransformer):
             detail = cst.Module([]).code_for_node(original)
             tmp = self._marker(kind, original, detail if kind == "cache" else "")
             return _call("mark", cst.Integer(str(tmp)), updated)
+        if (
+            self.lane is not None
+            and _is_attr(original.func, "skip")
+            and len(original.args) == 1
+            and original.args[0].keyword is None
+            and not original.args[0].star
+        ):
+            # `m.skip(value)`: the module's next call does not run (runtime/skip.py);
+            # shown in the plan as `-- skip m`.
+            path = cst.Module([]).code_for_node(original.func.value)
+            model = self.block.model if self.block is not None else ""
+            if model and path.startswith(model + "."):
+                path = path[len(model) + 1 :]
+            tmp = self._marker("skip", original, path)
+            return _call("mark", cst.Integer(str(tmp)), updated)
         return updated
 
     # -- writes ------------------------------------------------------------------

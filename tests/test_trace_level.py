@@ -175,3 +175,31 @@ def test_edit_block_errors():
                 with edited.invoke(x):
                     model.layers[0].output[:] = 0
             return edited
+
+
+def test_skip_is_a_marker_in_the_plan_and_runs():
+    net = tiny_mlp()
+    model = NNsight(net)
+    x = torch.randn(3, 8)
+
+    @intervene
+    def f(model, x, v):
+        with model.trace(x):
+            model.layers[1].skip(v)
+            out = model.layers[2].output.save()
+        return out
+
+    v = torch.ones(3, 8)
+    out = f(model, x, v)
+    hook = net.layers[1].register_forward_hook(lambda m, i, o: v)
+    try:
+        seen = []
+        h2 = net.layers[2].register_forward_hook(lambda m, i, o: seen.append(o))
+        net(x)
+        h2.remove()
+    finally:
+        hook.remove()
+    assert torch.equal(out, seen[0])
+    items = f.plan.functions[0].blocks[0].lanes[0].items
+    assert (items[0].kind, items[0].detail) == ("skip", "layers[1]")
+    assert "-- skip layers[1]" in str(f.plan)
