@@ -147,6 +147,7 @@ class BlockInfo:
     saved: set[str] = field(default_factory=set)
     unsaved_shared: tuple[str, ...] = ()  # shared with the function, not saved: unbound after
     free: tuple[tuple[str, int], ...] = ()  # (name, first line) read from around the block
+    session: int | None = None  # id() of the `with model.session():` around it
 
 
 @dataclass(frozen=True)
@@ -201,6 +202,7 @@ class _Analyzer(cst.CSTVisitor):
         self.not_expressions: set[int] = set()  # def/class names: recorded by hand
         self.assigning: list[list[str]] = []  # names the value being visited is assigned to
         self.invokers: set[str] = set()  # `with tracer.invoke(x) as NAME:` names
+        self.sessions: list[int] = []  # id() of the `with model.session():` statements open
 
     # -- helpers ---------------------------------------------------------
     def where(self, node: cst.CSTNode) -> tuple[int, int]:
@@ -216,6 +218,7 @@ class _Analyzer(cst.CSTVisitor):
 
     # -- blocks and lanes --------------------------------------------------
     def visit_With(self, node: cst.With) -> None:
+        self._session_enter(node)
         call = block_call(node)
         if call is not None and self.nested == 0:
             if self.block is not None:
@@ -285,6 +288,7 @@ class _Analyzer(cst.CSTVisitor):
                     f"run after this `with` statement's body, so `{extra}` would not cover "
                     f"them; write `with {extra}:` inside each invoke instead",
                 )
+            block.session = self.sessions[-1] if self.sessions else None
             self.blocks.append(block)
             self.block_of[id(node)] = block
             self.barriers = barrier_names(node.body)
@@ -328,7 +332,16 @@ class _Analyzer(cst.CSTVisitor):
         self.lane = lane
         self.lane_loops = 0
 
+    def _session_enter(self, node: cst.With) -> None:
+        if self.block is None and self.nested == 0 and any(
+            m.matches(it.item, m.Call(func=m.Attribute(attr=m.Name("session"))))
+            for it in node.items
+        ):
+            self.sessions.append(id(node))
+
     def leave_With(self, node: cst.With) -> None:
+        if self.sessions and self.sessions[-1] == id(node):
+            self.sessions.pop()
         if self.lane is not None and self.lane.node is node:
             self.lane = None
         if self.block is not None and self.block.node is node:
@@ -784,6 +797,16 @@ def analyze(src: Source, module: cst.Module, positions: dict, helper: bool = Fal
 
     outer_bound = {r.name for r in refs if r.store and r.lane is None and not r.nested}
     for block in blocks:
+        if block.session is not None:
+            # In a session, what a later trace of it reads from this one flows without
+            # `.save()` (as in nnsight).
+            bound = {n for lane in block.lanes for n in lane.bound}
+            block.saved |= {
+                r.name for r in refs
+                if r.name in bound and not r.store and r.block is not None
+                and r.block is not block and r.block.session == block.session
+                and r.line > block.end_line
+            }
         block_refs = [r for r in refs if r.block is block]
         bound_here: dict[str, int] = {}
         for lane in block.lanes:

@@ -203,3 +203,43 @@ def test_skip_is_a_marker_in_the_plan_and_runs():
     items = f.plan.functions[0].blocks[0].lanes[0].items
     assert (items[0].kind, items[0].detail) == ("skip", "layers[1]")
     assert "-- skip layers[1]" in str(f.plan)
+
+
+# -- sessions ------------------------------------------------------------------------------
+
+
+def test_in_a_session_a_later_trace_reads_an_earlier_ones_values_without_save():
+    net = tiny_mlp()
+    model = NNsight(net)
+    x1, x2 = torch.randn(3, 8), torch.randn(3, 8)
+
+    @intervene
+    def f(model, x1, x2):
+        with model.session():
+            with model.trace(x1):
+                h = model.layers[0].output  # not saved: the next trace of the session reads it
+            with model.trace(x2):
+                model.layers[0].output[:] = h
+                out = model.output.save()
+        return out
+
+    out = f(model, x1, x2)
+    hook = net.layers[0].register_forward_hook(lambda m, i, o: _outputs(net_copy, x1)[0])
+    net_copy = tiny_mlp()
+    try:
+        want = net(x2)
+    finally:
+        hook.remove()
+    assert torch.equal(out, want)
+    assert f.plan.functions[0].blocks[0].saved == ("h",)
+
+
+def test_outside_a_session_the_unsaved_value_is_still_an_error():
+    with pytest.raises(CompileError, match="without being saved"):
+        @intervene
+        def f(model, x1, x2):
+            with model.trace(x1):
+                h = model.layers[0].output
+            with model.trace(x2):
+                model.layers[0].output[:] = h
+            return 0
