@@ -35,7 +35,17 @@ def _helpers_of(filename: str, fn) -> frozenset[str]:
     from .block import helper_names
 
     lines = linecache.getlines(filename, getattr(fn, "__globals__", None))
-    return helper_names(filename, "".join(lines)) if lines else frozenset()
+    names = helper_names(filename, "".join(lines)) if lines else frozenset()
+    return names | imported_helpers(getattr(fn, "__globals__", {}))
+
+
+def imported_helpers(namespace: dict) -> frozenset[str]:
+    """Names in ``namespace`` (a module's globals) bound to @intervene helpers now:
+    helpers imported from other files."""
+    return frozenset(
+        k for k, v in list(namespace.items())
+        if isinstance(getattr(v, "compiled", None), Compiled) and v.compiled.helper
+    )
 
 
 def _unwrap(fn):

@@ -17,6 +17,7 @@ block cannot be compiled and ``__enter__`` says so.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import dis
 import inspect
 import linecache
@@ -97,6 +98,11 @@ class DirectTracer:
             if local is not frame.f_globals:  # a class body's own names
                 params = sorted(set(params) | (block.loads & local.keys()))
         params = [p for p in params if p != block.target]
+        from compiler import imported_helpers
+
+        extra = imported_helpers(frame.f_globals) - block.helpers
+        if extra:  # helpers imported from other files
+            block = dataclasses.replace(block, helpers=block.helpers | extra)
         compiled = compile_block(block, tuple(params))
         values = {p: (local[p] if p in local else frame.f_globals[p]) for p in params}
         handle = _handle(compiled.plan, compiled.source, self)

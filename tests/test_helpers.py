@@ -183,3 +183,44 @@ def test_a_lambda_reading_module_values_is_refused_clearly():
                     return model.layers[0].output
                 a = get().save()
             return a
+
+
+def test_a_helper_imported_from_another_file(tmp_path):
+    import subprocess
+    import sys
+    import textwrap
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    (tmp_path / "myhelpers.py").write_text(textwrap.dedent("""
+        from compiler import intervene
+
+        @intervene
+        def first_out(model):
+            return model.layers[0].output
+    """))
+    (tmp_path / "use.py").write_text(textwrap.dedent("""
+        import torch
+        from compiler import intervene
+        from runtime import NNsight
+        from runtime.models import tiny_mlp
+        from myhelpers import first_out
+
+        net = tiny_mlp()
+        model = NNsight(net)
+        x = torch.randn(2, 8)
+
+        @intervene
+        def f(model, x):
+            with model.trace(x):
+                a = first_out(model).save()
+            return a
+
+        with model.trace(x):
+            b = first_out(model).save()
+        print(torch.equal(f(model, x), net.layers[0](x)), torch.equal(b, net.layers[0](x)))
+    """))
+    out = subprocess.run([sys.executable, "use.py"], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=120, env={"PYTHONPATH": f"{root}:{tmp_path}"})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["True", "True"]
