@@ -114,9 +114,9 @@ def _reads_after(tree: ast.Module, line: int, end_line: int) -> tuple[tuple[str,
         scope = inner[0]
     first: dict[str, tuple[int, int]] = {}
     for n in ast.walk(scope):
-        if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load) and n.lineno > end_line:
-            if n.id not in first or (n.lineno, n.col_offset) < first[n.id]:
-                first[n.id] = (n.lineno, n.col_offset)
+        if (isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load) and n.lineno > end_line
+                and (n.id not in first or (n.lineno, n.col_offset) < first[n.id])):
+            first[n.id] = (n.lineno, n.col_offset)
     return tuple((k, ln, col) for k, (ln, col) in sorted(first.items()))
 
 

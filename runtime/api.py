@@ -149,7 +149,7 @@ def _returns(value):
     """A generator that yields nothing and returns ``value`` (a plain function called
     where a helper was expected)."""
     return value
-    yield  # noqa: B901 - makes this a generator
+    yield  # makes this a generator
 
 
 def _add_lane(tracer, fn, spec, index: int) -> None:

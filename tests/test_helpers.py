@@ -171,7 +171,7 @@ def test_a_lambda_reading_module_values_is_refused_clearly():
         @intervene
         def f(model, x):
             with model.trace(x):
-                get = lambda: model.layers[0].output  # noqa: E731
+                get = lambda: model.layers[0].output
                 a = get().save()
             return a
 
@@ -221,6 +221,6 @@ def test_a_helper_imported_from_another_file(tmp_path):
         print(torch.equal(f(model, x), net.layers[0](x)), torch.equal(b, net.layers[0](x)))
     """))
     out = subprocess.run([sys.executable, "use.py"], cwd=tmp_path, capture_output=True, text=True,
-                         timeout=120, env={"PYTHONPATH": f"{root}:{tmp_path}"})
+                         timeout=120, check=False, env={"PYTHONPATH": f"{root}:{tmp_path}"})
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["True", "True"]

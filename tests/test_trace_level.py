@@ -32,7 +32,7 @@ def test_a_list_saved_before_the_invokes_and_a_sum_after_them():
     @intervene
     def f(model, x1, x2):
         with model.trace() as tracer:
-            outs = list().save()
+            outs = list().save()  # noqa: C408 - as nnsight users write it
             with tracer.invoke(x1):
                 a = model.layers[1].output.save()
                 outs.append(a)
@@ -171,7 +171,7 @@ def test_edit_block_errors():
     with pytest.raises(CompileError, match=r"`tracer.invoke\(...\)` in an edit block"):
         @intervene
         def g(model, x):
-            with model.edit() as edited:
+            with model.edit() as edited:  # noqa: SIM117
                 with edited.invoke(x):
                     model.layers[0].output[:] = 0
             return edited
