@@ -265,6 +265,7 @@ class Interleaver:
     a trace of one saved value sets five attributes."""
 
     step = -1  # forward passes begun (generation steps)
+    batch = None  # rows of the batch when lanes see rows of it (invokes); else None
     ended = False
     result = None
     track = False  # remember served tensors (for backward blocks)
@@ -300,6 +301,8 @@ class Interleaver:
     # -- lanes -----------------------------------------------------------------
     def start(self, fn, index: int, rows, grad: bool) -> None:
         """Run lane ``fn`` to its first request; ``grad``: the grad mode it starts in."""
+        if rows is not None and (self.batch is None or rows.stop > self.batch):
+            self.batch = rows.stop  # invokes' rows tile the batch from row 0
         gen = fn()
         lane = Lane(gen, index, rows, grad)
         self.lanes.append(lane)
@@ -351,7 +354,7 @@ class Interleaver:
                                     mode = _grad_enabled()
                                     _set_grad_enabled(outer)
                                     try:
-                                        new = widen(cur.get(what), req[3], rows)
+                                        new = widen(cur.get(what), req[3], rows, self.batch)
                                     finally:
                                         _set_grad_enabled(mode)
                                 cur.set(what, new)
@@ -531,7 +534,7 @@ class Interleaver:
     def _narrow(self, value, rows, phase: str):
         """An invoke's rows of ``value``; module values are remembered when the trace
         has backward blocks (their gradients are asked for by the rows' tensor)."""
-        out = value if rows is None else narrow(value, rows)
+        out = value if rows is None else narrow(value, rows, self.batch)
         if self.track and phase != GRAD and isinstance(out, torch.Tensor):
             if self.served is None:
                 self.served = {}
@@ -554,9 +557,9 @@ class Interleaver:
         cur = self.current
         if cur is not None and cur.phase == GRAD and cur.module is base:
             if len(req) == 4:
-                cur.set(GRAD, req[3] if rows is None else widen(cur.value, req[3], rows))
+                cur.set(GRAD, req[3] if rows is None else widen(cur.value, req[3], rows, self.batch))
                 return None
-            return cur.value if rows is None else narrow(cur.value, rows)
+            return cur.value if rows is None else narrow(cur.value, rows, self.batch)
         key = id(base)
         if session.state == "done" or key in session.fired:
             cp = self.sites.get(req[2])
@@ -748,12 +751,13 @@ class Interleaver:
         ``waiters``: (lane, request, rows of the batch the lane sees)."""
         prev = self.current
         self.current = ev
+        batch = self.batch
         try:
             for lane, req, rows in waiters:
                 lane.parked = None
                 self.current_site = req[2]
                 if len(req) == 4:
-                    new = req[3] if rows is None else widen(ev.get(req[1]), req[3], rows)
+                    new = req[3] if rows is None else widen(ev.get(req[1]), req[3], rows, batch)
                     ev.set(req[1], new)
                     self.advance(lane, None)
                 else:
@@ -761,13 +765,15 @@ class Interleaver:
                     if self.track:
                         value = self._narrow(value, rows, ev.phase)
                     elif rows is not None:  # an invoke's rows; a plain tensor first
-                        if value.__class__ is _Tensor and value.dim():
-                            view = value[rows]
-                            if value.requires_grad:
-                                _link_rows(view, value, rows)
-                            value = view
+                        if value.__class__ is _Tensor:
+                            # Only a tensor with the batch's rows first is sliced.
+                            if value.dim() and value.shape[0] == batch:
+                                view = value[rows]
+                                if value.requires_grad:
+                                    _link_rows(view, value, rows)
+                                value = view
                         else:
-                            value = narrow(value, rows)
+                            value = narrow(value, rows, batch)
                     self.advance(lane, value)
         finally:
             self.current = prev
@@ -930,32 +936,35 @@ class Interleaver:
 # -- batches: an invoke's rows ------------------------------------------------------
 
 
-def narrow(value, rows: slice):
+def narrow(value, rows: slice, batch: int | None = None):
     """The rows of ``value`` (tensors, nested in tuples/lists/dicts) an invoke sees.
-    Slices are views, so in-place edits reach the batch."""
+    Slices are views, so in-place edits reach the batch.  Only tensors whose first
+    dimension is ``batch`` (the batch's rows; None: every tensor) are sliced: one
+    without the batch dimension first (a ``[1, seq, ...]`` broadcast of position
+    embeddings, a ``[seq]`` cache position) is not the invoke's rows, and is seen whole."""
     if isinstance(value, torch.Tensor):
-        if value.dim() == 0:
+        if value.dim() == 0 or (batch is not None and value.shape[0] != batch):
             return value
         view = value[rows]
         if value.requires_grad:
             _link_rows(view, value, rows)
         return view
     if isinstance(value, tuple):
-        items = [narrow(v, rows) for v in value]
+        items = [narrow(v, rows, batch) for v in value]
         return type(value)(*items) if hasattr(value, "_fields") else tuple(items)
     if isinstance(value, list):
-        return [narrow(v, rows) for v in value]
+        return [narrow(v, rows, batch) for v in value]
     if type(value) is dict:
-        return {k: narrow(v, rows) for k, v in value.items()}
+        return {k: narrow(v, rows, batch) for k, v in value.items()}
     if isinstance(value, dict):
-        return _narrow_mapping(value, rows)
+        return _narrow_mapping(value, rows, batch)
     return value
 
 
-def _narrow_mapping(value, rows):
+def _narrow_mapping(value, rows, batch):
     # Keep the mapping's type where it can be rebuilt from keywords (transformers'
     # ModelOutput dataclasses), so `.last_hidden_state` still works on an invoke's rows.
-    items = {k: narrow(v, rows) for k, v in value.items()}
+    items = {k: narrow(v, rows, batch) for k, v in value.items()}
     try:
         return type(value)(**items)
     except TypeError:
@@ -1077,17 +1086,21 @@ def _from_lane(exc: BaseException, gen) -> bool:
             and str(exc) == "generator raised StopIteration")
 
 
-def widen(current, new, rows: slice):
-    """Write ``new`` (one invoke's rows) into a copy of the batch value."""
+def widen(current, new, rows: slice, batch: int | None = None):
+    """Write ``new`` (one invoke's rows) into a copy of the batch value.  A tensor
+    ``narrow`` handed out whole (its first dimension is not ``batch``) is replaced
+    whole: what an invoke writes there, every invoke sees."""
     if isinstance(current, torch.Tensor) and isinstance(new, torch.Tensor):
+        if batch is not None and (current.dim() == 0 or current.shape[0] != batch):
+            return new
         if current.dim() and _rows_view(current, new, rows):
             return current
         out = current.clone()
         out[rows] = new
         return out
     if isinstance(current, (tuple, list)) and isinstance(new, (tuple, list)):
-        items = [widen(c, n, rows) for c, n in zip(current, new)]
+        items = [widen(c, n, rows, batch) for c, n in zip(current, new)]
         return type(current)(*items) if hasattr(current, "_fields") else type(current)(items)
     if isinstance(current, dict) and isinstance(new, dict):
-        return {k: widen(current[k], new[k], rows) if k in current else new[k] for k in new}
+        return {k: widen(current[k], new[k], rows, batch) if k in current else new[k] for k in new}
     return new

@@ -62,7 +62,7 @@ def skip(envoy, value) -> None:
         used = True
         if rows is None:
             return value
-        return interleave.widen(inner(*args, **kwargs), value, rows)
+        return interleave.widen(inner(*args, **kwargs), value, rows, inter.batch)
 
     forward.__wrapped__ = inner  # inspect.signature sees the real one
     attached[(id(module), "skip", next(_SERIAL))] = (interleave._FORWARD, module, prev)
