@@ -40,6 +40,7 @@ class DirectBlock:
 
     source: Source  # the wrapper: `def __block__(...):` on the line above the `with`
     line: int  # the `with` statement's first line
+    body_line: int  # its body's first line
     end_line: int
     target: str | None  # `as NAME`: the tracer's name, if one is given
     loads: frozenset[str]  # names the block reads
@@ -120,7 +121,8 @@ def _reads_after(tree: ast.Module, line: int, end_line: int) -> tuple[tuple[str,
     return tuple((k, ln, col) for k, (ln, col) in sorted(first.items()))
 
 
-def _wrap(node: cst.With, filename: str, line: int, col: int, end_line: int) -> DirectBlock:
+def _wrap(node: cst.With, filename: str, line: int, col: int, end_line: int,
+          body_line: int = 0) -> DirectBlock:
     """``def __block__(): <node>; return locals()`` whose ``with`` keeps its lines."""
     body = node.body
     if not isinstance(body, cst.IndentedBlock):
@@ -163,7 +165,8 @@ def _wrap(node: cst.With, filename: str, line: int, col: int, end_line: int) -> 
     # The wrapper's `def` sits on the line above the `with`; its body is indented
     # 4 columns where the user's `with` is at `col`.
     src = Source(text, filename, line - 1, col - 4)
-    return DirectBlock(src, line, end_line, target, frozenset(loads), frozenset(stores))
+    return DirectBlock(src, line, body_line or line + 1, end_line, target, frozenset(loads),
+                       frozenset(stores))
 
 
 def find_block(filename: str, text: str, line: int) -> DirectBlock:
@@ -185,7 +188,9 @@ def find_block(filename: str, text: str, line: int) -> DirectBlock:
             filename, line,
         )
     node, first, col, last = best
-    block = _wrap(node, filename, first, col, last)
+    body = node.body
+    body_line = positions[body.body[0]][0] if isinstance(body, cst.IndentedBlock) else 0
+    block = _wrap(node, filename, first, col, last, body_line)
     return dataclasses.replace(block, later=_reads_after(tree, first, last),
                                helpers=helper_names(filename, text))
 

@@ -120,6 +120,7 @@ class DirectTracer:
         _bind(frame, bound)
         # Skip the body: raise on its first line (caught in __exit__).
         self._frame = frame
+        self._body_line = block.body_line
         self._old = sys.gettrace(), frame.f_trace
         sys.settrace(_no_trace)
         frame.f_trace = self._skip
@@ -128,7 +129,7 @@ class DirectTracer:
         return tracer if tracer is not None else self
 
     def _skip(self, frame, event, arg):
-        if event == "line":
+        if event == "line" and frame.f_lineno >= self._body_line:  # not the header's lines
             raise _SkipBody
         return self._skip
 

@@ -263,3 +263,19 @@ def test_generate_block_and_plain_generate_call():
 
     want, result = decorated(model, ids)
     assert torch.equal(logits, want) and torch.equal(result, plain)
+
+
+def test_a_header_over_several_lines_and_other_items():
+    net = tiny_mlp()
+    model = NNsight(net)
+    x = torch.randn(2, 8)
+    with model.trace(
+        x
+    ) as tracer:
+        out = model.output.save()
+    assert torch.equal(out, net(x)) and tracer.plan is not None
+    with torch.no_grad(), model.trace(
+            x) as t:
+        h = model.layers[0].output.save()
+    assert torch.equal(h, net.layers[0](x)) and not h.requires_grad
+    assert t.plan.functions[0].blocks[0].saved == ("h",)
