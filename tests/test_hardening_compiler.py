@@ -469,7 +469,7 @@ def test_annotated_variables_shared_between_invokes(model):
         with model.trace() as tracer:
             with tracer.invoke(x):
                 first: torch.Tensor = model.layers[0].output
-                later: int
+                later: int  # noqa: F842  (an annotation alone, on purpose)
             with tracer.invoke(x):
                 both: torch.Tensor = (model.layers[1].output + first).save()
         return both
