@@ -77,3 +77,16 @@ def forward_hooks(out=None, pre=None):
         for h in handles:
             h.remove()
 
+
+
+def layer_outputs(net, x) -> list:
+    """Each of ``net.layers``' outputs for ``net(x)`` (a tiny MLP), by plain PyTorch hooks."""
+    seen = []
+    hooks = [layer.register_forward_hook(lambda m, i, o: seen.append(o.detach().clone()))
+             for layer in net.layers]
+    try:
+        net(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen

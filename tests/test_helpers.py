@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from support import layer_outputs
 
 import runtime
 from compiler import CompileError, intervene
@@ -15,19 +16,6 @@ from runtime.models import tiny_mlp
 def _net_and_x():
     net = tiny_mlp()
     return net, NNsight(net), torch.randn(3, 8)
-
-
-def _outputs(net, x) -> list:
-    """Each layer's output, by plain PyTorch hooks."""
-    seen = []
-    hooks = [layer.register_forward_hook(lambda m, i, o: seen.append(o.detach().clone()))
-             for layer in net.layers]
-    try:
-        net(x)
-    finally:
-        for h in hooks:
-            h.remove()
-    return seen
 
 
 # -- save(x) -------------------------------------------------------------------------
@@ -46,7 +34,7 @@ def test_save_function_forms_save_like_the_method():
         return a, b, c
 
     a, b, c = f(model, x)
-    want = _outputs(net, x)
+    want = layer_outputs(net, x)
     assert torch.equal(a, want[0]) and torch.equal(b, want[1]) and torch.equal(c, want[2])
     block = f.plan.functions[0].blocks[0]
     assert block.saved == ("a", "b", "c")
@@ -104,7 +92,7 @@ def test_a_helper_runs_as_part_of_the_calling_lane():
         return a, b
 
     a, b = f(model, x)
-    want = _outputs(net, x)
+    want = layer_outputs(net, x)
     assert torch.equal(a, want[0]) and torch.equal(b, want[2])
     items = f.plan.functions[0].blocks[0].lanes[0].items
     assert [(i.kind, i.detail) for i in items] == [("helper", "layer_output")] * 2
@@ -130,14 +118,14 @@ def test_a_helper_that_writes_and_calls_a_helper_equals_hooks():
     finally:
         hook.remove()
     # `h` is the layer's output itself, changed in place (as in plain PyTorch)
-    assert torch.equal(out, want) and torch.equal(h, _outputs(net, x)[1] * 3.0)
+    assert torch.equal(out, want) and torch.equal(h, layer_outputs(net, x)[1] * 3.0)
 
 
 def test_a_helper_in_an_undecorated_block():
     net, model, x = _net_and_x()
     with model.trace(x):
         a = layer_output(model, 3).save()
-    assert torch.equal(a, _outputs(net, x)[3])
+    assert torch.equal(a, layer_outputs(net, x)[3])
 
 
 def test_a_helper_called_outside_a_block_says_where_to_call_it():

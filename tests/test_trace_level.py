@@ -6,22 +6,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from support import layer_outputs
 
 from compiler import CompileError, intervene
 from runtime import LanguageModel, NNsight, save
 from runtime.models import tiny_llama, tiny_mlp
-
-
-def _outputs(net, x) -> list:
-    seen = []
-    hooks = [layer.register_forward_hook(lambda m, i, o: seen.append(o.detach().clone()))
-             for layer in net.layers]
-    try:
-        net(x)
-    finally:
-        for h in hooks:
-            h.remove()
-    return seen
 
 
 def test_a_list_saved_before_the_invokes_and_a_sum_after_them():
@@ -45,7 +34,7 @@ def test_a_list_saved_before_the_invokes_and_a_sum_after_them():
         return outs, total, n
 
     outs, total, n = f(model, x1, x2)
-    w1, w2 = _outputs(net, x1)[1], _outputs(net, x2)[1]
+    w1, w2 = layer_outputs(net, x1)[1], layer_outputs(net, x2)[1]
     assert n == 2 and torch.equal(outs[0], w1) and torch.equal(outs[1], w2)
     assert torch.equal(total, w1 + w2)
     assert f.plan.functions[0].blocks[0].saved == ("a", "b", "outs", "total")
@@ -63,7 +52,7 @@ def test_the_same_without_a_decorator():
             b = model.layers[0].output.save()
             outs.append(b)
         total = (a * b).save()
-    assert torch.equal(total, _outputs(net, x1)[0] * _outputs(net, x2)[0])
+    assert torch.equal(total, layer_outputs(net, x1)[0] * layer_outputs(net, x2)[0])
     assert len(outs) == 1
 
 
@@ -157,7 +146,7 @@ def test_edit_block_compiled_and_undecorated():
     assert torch.equal(out, net.layers[1](torch.zeros(3, 8)))
     with model.trace(x):  # the original stays untouched
         plain = model.layers[1].output.save()
-    assert torch.equal(plain, _outputs(net, x)[1])
+    assert torch.equal(plain, layer_outputs(net, x)[1])
 
 
 def test_edit_block_errors():
@@ -224,7 +213,7 @@ def test_in_a_session_a_later_trace_reads_an_earlier_ones_values_without_save():
         return out
 
     out = f(model, x1, x2)
-    hook = net.layers[0].register_forward_hook(lambda m, i, o: _outputs(net_copy, x1)[0])
+    hook = net.layers[0].register_forward_hook(lambda m, i, o: layer_outputs(net_copy, x1)[0])
     net_copy = tiny_mlp()
     try:
         want = net(x2)
