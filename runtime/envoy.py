@@ -26,9 +26,6 @@ _ESCAPED = {name + "_": name for name in _VALUE_NAMES}
 
 # nnsight names we do not have: a clear "not supported" instead of "no child module".
 _NOT_SUPPORTED = {
-    "next": "`.next()` is not supported yet: in one forward pass, a second request for a "
-    "module whose value was already served waits for its next call; generation steps are "
-    "selected with `with tracer.iter[k]:` or `with tracer.all():` in a generate block",
     "all": "`module.all()` is not supported: use `with tracer.all():` in a generate block",
     "iter": "`module.iter[...]` is not supported: use `with tracer.iter[...]:` in a generate "
     "block",
@@ -198,6 +195,18 @@ class Envoy:
 
         skip(self, value)
 
+    def next(self, step: int = 1) -> Envoy:
+        """``module.next().output``: the module's call after the one ``module.output``
+        would give at that line (``next(n)``, or ``.next()`` n times: n calls later), for a
+        module called several times in one forward pass.  See runtime/interleave.py."""
+        if step.__class__ is not int or step < 1:
+            raise ValueError(f"`{self._path}.next(n)` takes a positive int, got {step!r}")
+        later = object.__new__(_Later)
+        for name in ("_module", "_path", "_root_ref", "_children"):
+            object.__setattr__(later, name, object.__getattribute__(self, name))
+        later.__dict__["_calls_later"] = self.__dict__.get("_calls_later", 0) + step
+        return later
+
     # -- plain use ----------------------------------------------------------
     def __call__(self, *args, **kwargs):
         # A plain call waits for a trace of the same model running in another thread
@@ -213,6 +222,16 @@ class Envoy:
     def __dir__(self):
         children = {k + "_" if k in _VALUE_NAMES else k for k in self._module._modules}
         return sorted(set(super().__dir__()) | children | set(dir(self._module)))
+
+
+class _Later(Envoy):
+    """What ``module.next(n)`` returns: the module, ``n`` calls later (its requests are
+    served by a later call; see ``Interleaver.advance``)."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return f"Envoy({self._path}.next({self.__dict__['_calls_later']})): {self._module!r}"
 
 
 # Of those, the ones that read or move the weights: a model whose weights are not loaded

@@ -209,6 +209,7 @@ class Lane:
     parked = None  # (module, phase, request) while waiting
     backward = None  # the open BackwardSession
     grad_site = None  # the last gradient this lane waited for
+    later = 0  # calls of the module it waits for still to let pass (`module.next()`)
 
     def __init__(self, gen, index: int, rows, grad: bool) -> None:
         self.gen = gen
@@ -342,8 +343,20 @@ class Interleaver:
                     what = req[1]
                     phase = _PHASE[what]
                     cur = self.current
+                    # `module.next(n)`: served n calls after the one a plain request gets.
+                    later = 0 if envoy.__class__ is Envoy else envoy.__dict__.get("_calls_later", 0)
                     if cur is not None:
-                        if cur.module is module and cur.phase == phase:
+                        if later and cur.module is module:
+                            if len(req) == 4 and cur.phase == phase and self.current_site == req[2]:
+                                # `m.next().output = v` is compiled as a read, then a
+                                # write at the same site: the write goes to the call read.
+                                later = -1
+                            elif cur.phase == phase or phase == PRE:
+                                # The call being handed out is the one a plain request
+                                # gets (its input: the next call's is the first later).
+                                later -= 1
+                        if cur.module is module and cur.phase == phase and later <= 0 and (
+                                later or envoy.__class__ is Envoy):
                             rows = lane.rows
                             if len(req) == 4:
                                 if rows is None:
@@ -376,9 +389,11 @@ class Interleaver:
                         error = self._stopped_error(envoy, what, req[2])
                         value = None
                         continue
-                    # Park until the module hands its value out.
+                    # Park until the module hands its value out (`later` calls on).
                     key = (id(module), phase)
                     lane.parked = (module, phase, req)
+                    if later:
+                        lane.later = later
                     waiters = self.waiting.get(key)
                     if waiters is None:
                         self.waiting[key] = [(lane, req, lane.rows)]
@@ -753,7 +768,17 @@ class Interleaver:
         self.current = ev
         batch = self.batch
         try:
-            for lane, req, rows in waiters:
+            for entry in waiters:
+                lane, req, rows = entry
+                if lane.later:  # `module.next()`: a later call
+                    lane.later -= 1
+                    key = (id(ev.module), ev.phase)
+                    again = self.waiting.get(key)
+                    if again is None:
+                        self.waiting[key] = [entry]
+                    else:
+                        _add_waiter(again, entry)
+                    continue
                 lane.parked = None
                 self.current_site = req[2]
                 if len(req) == 4:
@@ -868,7 +893,17 @@ class Interleaver:
             cp = self.sites.get(site)
             line = cp.line if cp is not None else None
             ran = self.root._ran(module) or (id(module), phase) in self.fired
-            if self.stopped:
+            later = envoy.__dict__.get("_calls_later", 0) if envoy.__class__ is not Envoy else 0
+            lane.later = 0
+            if later and not self.stopped:
+                err = MissedCheckpointError(
+                    f"`{envoy._path}.next({later}).{what}` is asked for at line {line}, but "
+                    f"`{envoy._path}` was not called {later} more time(s) in this forward pass "
+                    "after the call a plain request would get",
+                    envoy._path,
+                    line,
+                )
+            elif self.stopped:
                 err = MissedCheckpointError(
                     f"`{envoy._path}.{what}` is asked for at line {line}, but tracer.stop() "
                     "ended the forward pass before it ran",

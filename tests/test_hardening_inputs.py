@@ -524,7 +524,7 @@ def test_invokes_with_different_keywords_are_named():
 # --------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["next", "all", "iter", "export_edits", "import_edits"])
+@pytest.mark.parametrize("name", ["all", "iter", "export_edits", "import_edits"])  # .next(): tests/test_next_calls.py
 def test_missing_features_say_not_supported(name):
     net = NNsight(tiny_mlp())
     with pytest.raises(AttributeError) as info:
