@@ -11,44 +11,18 @@ the default model shows it against real compute (target: at most 1.05x local).
 from __future__ import annotations
 
 import argparse
-import os
-import socket
 import statistics
 import subprocess
-import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from .serve_proc import start_server
 
 
 def _start(models: list[str]) -> tuple[subprocess.Popen, str]:
-    import httpx
-
-    port = _free_port()
-    cmd = [sys.executable, "-m", "runtime.serve", "--port", str(port)]
+    args: list[str] = []
     for m in models:
-        cmd += ["--model", m]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(900):
-        if proc.poll() is not None:
-            raise SystemExit("the server did not start")
-        try:
-            if httpx.get(f"{url}/v1/health", timeout=2).json()["ready"]:
-                return proc, url
-        except (httpx.HTTPError, ValueError):
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    raise SystemExit("the server did not become ready")
+        args += ["--model", m]
+    return start_server(args)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,7 +22,7 @@ import threading
 import time
 from pathlib import Path
 
-from .remote import ROOT
+from .serve_proc import ROOT, start_server
 
 PROMPT = "The capital of France is"  # 5 tokens
 SOURCE = '''def job(model, prompt):
@@ -32,31 +32,7 @@ SOURCE = '''def job(model, prompt):
 
 
 def _start(extra: list[str]):
-    import subprocess
-    import sys
-
-    import httpx
-
-    from .remote import _free_port
-
-    port = _free_port()
-    cmd = [sys.executable, "-m", "runtime.serve", "--port", str(port), "--model",
-           "smollm2-135m", "--max-queued", "64", *extra]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(900):
-        if proc.poll() is not None:
-            raise SystemExit("the server did not start")
-        try:
-            if httpx.get(f"{url}/v1/health", timeout=2).json()["ready"]:
-                return proc, url
-        except (httpx.HTTPError, ValueError):
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    raise SystemExit("the server did not become ready")
+    return start_server(["--model", "smollm2-135m", "--max-queued", "64", *extra])
 
 
 def _message(prompt: str) -> bytes:
