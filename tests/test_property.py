@@ -78,6 +78,28 @@ def _as_experiment(generated: str) -> str | None:
         return None
 
 
+def _compile_checked(text: str, python_refuses=(SyntaxError,), with_line: bool = True):
+    """The property: ``text`` that Python compiles either compiles with @intervene's
+    compiler to code Python compiles again, or is a CompileError naming the file (and a
+    line, ``with_line``).  The compiled function, or None (refused; an event says by whom)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            compile(text, "<generated>", "exec", dont_inherit=True)
+        except python_refuses:
+            event("refused by Python")
+            return None
+        try:
+            compiled = compile_source(Source(text, "<generated>", 1, 0))
+        except CompileError as exc:
+            assert exc.filename == "<generated>" and exc.message
+            assert exc.lineno or not with_line
+            event("CompileError")
+            return None
+        compile(compiled.code, "<rewritten>", "exec", dont_inherit=True)
+    return compiled
+
+
 @settings(max_examples=100, deadline=None, derandomize=True, database=None,
           suppress_health_check=list(HealthCheck))
 @given(st.one_of(hypothesmith.from_grammar(), hypothesmith.from_node()))
@@ -86,20 +108,11 @@ def test_random_python_compiles_or_is_a_compile_error(generated):
     if text is None:
         event("libcst cannot read it")
         return
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            compile(text, "<generated>", "exec", dont_inherit=True)
-        except (SyntaxError, ValueError, MemoryError, RecursionError):
-            event("refused by Python")
-            return  # Python itself refuses it: @intervene never sees such a function
-        try:
-            compiled = compile_source(Source(text, "<generated>", 1, 0))
-        except CompileError as exc:
-            assert exc.filename == "<generated>" and exc.message
-            event("CompileError")
-            return
-        compile(compiled.code, "<rewritten>", "exec", dont_inherit=True)
+    # Python itself may refuse it: @intervene never sees such a function.
+    compiled = _compile_checked(text, (SyntaxError, ValueError, MemoryError, RecursionError),
+                                with_line=False)
+    if compiled is None:
+        return
     items = len(compiled.plan.blocks[0].lanes[0].items)
     event("compiled, " + ("more checkpoints" if items > 2 else "the two around it"))
     assert compiled.plan.blocks and compiled.plan.blocks[0].lanes
@@ -179,21 +192,8 @@ def _block(lines: list[str]) -> str:
 @given(st.lists(_statements(), min_size=1, max_size=4))
 def test_module_values_anywhere_compile_or_are_a_compile_error(lines):
     text = _block(lines)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            compile(text, "<generated>", "exec", dont_inherit=True)
-        except SyntaxError:
-            event("refused by Python")
-            return
-        try:
-            compiled = compile_source(Source(text, "<generated>", 1, 0))
-        except CompileError as exc:
-            assert exc.filename == "<generated>" and exc.lineno and exc.message
-            event("CompileError")
-            return
-        compile(compiled.code, "<rewritten>", "exec", dont_inherit=True)
-    event("compiled")
+    if _compile_checked(text) is not None:
+        event("compiled")
 
 
 def _indent(lines: list[str], by: int = 4) -> list[str]:
@@ -244,21 +244,8 @@ def _blocks(draw):
           suppress_health_check=list(HealthCheck))
 @given(_blocks())
 def test_blocks_invokes_steps_compile_or_are_a_compile_error(text):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            compile(text, "<generated>", "exec", dont_inherit=True)
-        except SyntaxError:
-            event("refused by Python")
-            return
-        try:
-            compiled = compile_source(Source(text, "<generated>", 1, 0))
-        except CompileError as exc:
-            assert exc.filename == "<generated>" and exc.lineno and exc.message
-            event("CompileError")
-            return
-        compile(compiled.code, "<rewritten>", "exec", dont_inherit=True)
-    event("compiled")
+    if _compile_checked(text) is not None:
+        event("compiled")
 
 
 # --------------------------------------------------------------------------------------
