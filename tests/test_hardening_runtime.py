@@ -793,47 +793,40 @@ def test_interrupt_as_any_runtime_call_begins_leaves_nothing():
         assert n > 20  # the loop did reach many lines
 
 
+def _interrupted_at(monkeypatch, model, owner, name: str, at: int) -> None:
+    """``owner.name`` raises KeyboardInterrupt at its ``at``-th call during a trace of
+    ``model``; the trace raises it and leaves no hook behind."""
+    real = getattr(owner, name)
+    calls = [0]
+
+    def flaky(*args):
+        calls[0] += 1
+        if calls[0] == at:
+            raise KeyboardInterrupt
+        real(*args)
+
+    monkeypatch.setattr(owner, name, flaky)
+    with pytest.raises(KeyboardInterrupt):
+        read_all(model, x_input())
+    monkeypatch.setattr(owner, name, real)
+    assert_no_hooks(model)
+
+
 def test_interrupt_during_cleanup_still_removes_everything(mlp, monkeypatch):
     from runtime import interleave
 
     model, ref = mlp
-    real = interleave._undo
     for at in range(1, 7):
-        calls = [0]
-
-        def flaky(undo, at=at, calls=calls):
-            calls[0] += 1
-            if calls[0] == at:
-                raise KeyboardInterrupt
-            real(undo)
-
-        monkeypatch.setattr(interleave, "_undo", flaky)
-        with pytest.raises(KeyboardInterrupt):
-            read_all(model, x_input())
-        monkeypatch.setattr(interleave, "_undo", real)
-        assert_no_hooks(model)
+        _interrupted_at(monkeypatch, model, interleave, "_undo", at)
     assert torch.equal(read_all(model, x_input())[1], ref(x_input()))
 
 
 def test_interrupt_while_removing_order_hooks(monkeypatch):
     from torch.utils.hooks import RemovableHandle
 
-    real = RemovableHandle.remove
     for at in (1, 3, 7):
         model = NNsight(tiny_mlp(n_layers=4, hidden=8, seed=0))
-        calls = [0]
-
-        def flaky(self, at=at, calls=calls):
-            calls[0] += 1
-            if calls[0] == at:
-                raise KeyboardInterrupt
-            real(self)
-
-        monkeypatch.setattr(RemovableHandle, "remove", flaky)
-        with pytest.raises(KeyboardInterrupt):
-            read_all(model, x_input())
-        monkeypatch.setattr(RemovableHandle, "remove", real)
-        assert_no_hooks(model)
+        _interrupted_at(monkeypatch, model, RemovableHandle, "remove", at)
 
 
 def test_checked_blocks_stay_bounded(mlp, monkeypatch):
