@@ -88,28 +88,21 @@ def source_cost(cfg: Config) -> Outcome:
     ids = torch.randint(3, 128, (1, 16), generator=torch.Generator().manual_seed(0))
     str(model.model.layers[0].self_attn.source)  # `.source` used in this process
     out = Outcome()
-    timed = measure(
-        {
-            "ours": _ours(ours_last_layer, model, ids),
-            "plain": functools.partial(plain_last_layer, hf, ids),
-            "nnsight": None,
-        },
-        cfg,
-        shared=hf,
-        errors={"nnsight": "not measured for this case"},
-    )
-    out.rows.append(timed.row(CASE, "trace naming no .source, after .source was used",
-                              target=1.05))
-    timed = measure(
-        {
-            "ours": _ours(ours_attention, model, ids),
-            "plain": functools.partial(plain_attention, hf, ids),
-            "nnsight": None,
-        },
-        cfg,
-        shared=hf,
-        errors={"nnsight": "not measured for this case"},
-    )
-    out.rows.append(timed.row(CASE, "one call site of layer 0's attention, vs a patch",
-                              target=1.10))
+    for ours, plain, what, target in (
+        (ours_last_layer, plain_last_layer,
+         "trace naming no .source, after .source was used", 1.05),
+        (ours_attention, plain_attention,
+         "one call site of layer 0's attention, vs a patch", 1.10),
+    ):
+        timed = measure(
+            {
+                "ours": _ours(ours, model, ids),
+                "plain": functools.partial(plain, hf, ids),
+                "nnsight": None,
+            },
+            cfg,
+            shared=hf,
+            errors={"nnsight": "not measured for this case"},
+        )
+        out.rows.append(timed.row(CASE, what, target=target))
     return out
