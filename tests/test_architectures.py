@@ -252,6 +252,16 @@ def captured(module: torch.nn.Module, edit=None):
     return seen, module.register_forward_hook(hook)
 
 
+def plain_call(wrapped, layer, x):
+    """The model's output on ``x`` and ``layer``'s, by plain PyTorch (a forward hook)."""
+    seen, handle = captured(layer._module)
+    try:
+        out = call(wrapped, x)
+    finally:
+        handle.remove()
+    return out, seen["out"]
+
+
 # --------------------------------------------------------------------------------------
 # Experiments, written once for every architecture
 # --------------------------------------------------------------------------------------
@@ -338,13 +348,9 @@ def last_logits(model, x):
 def test_save(arch, wrapped):
     x = input_of(arch, A)
     layer = layer_envoy(wrapped, arch)
-    seen, handle = captured(layer._module)
-    try:
-        expected = call(wrapped, x)
-    finally:
-        handle.remove()
+    expected, plain = plain_call(wrapped, layer, x)
     hidden, out = save_layer(wrapped, layer, x)
-    assert torch.equal(first(hidden), first(seen["out"]))
+    assert torch.equal(first(hidden), first(plain))
     assert torch.equal(main(out), main(expected))
 
 
@@ -391,12 +397,8 @@ def test_backward(arch, wrapped):
     layer = layer_envoy(wrapped, arch)
     torch.set_grad_enabled(True)
     grad = grad_of_layer(wrapped, layer, x)
-    seen, handle = captured(layer._module)
-    try:
-        out = call(wrapped, x)
-    finally:
-        handle.remove()
-    (expected,) = torch.autograd.grad(main(out).sum(), first(seen["out"]))
+    out, plain = plain_call(wrapped, layer, x)
+    (expected,) = torch.autograd.grad(main(out).sum(), first(plain))
     assert torch.allclose(grad, expected, atol=1e-6)
     assert grad.abs().sum() > 0
 
@@ -404,13 +406,9 @@ def test_backward(arch, wrapped):
 def test_cache(arch, wrapped):
     x = input_of(arch, A)
     layer = layer_envoy(wrapped, arch)
-    seen, handle = captured(layer._module)
-    try:
-        call(wrapped, x)
-    finally:
-        handle.remove()
+    _, plain = plain_call(wrapped, layer, x)
     cache = cache_layer(wrapped, layer, x)
-    assert torch.equal(first(cache[layer._path].output), first(seen["out"]))
+    assert torch.equal(first(cache[layer._path].output), first(plain))
 
 
 def test_scan(arch, wrapped, request):
@@ -419,12 +417,8 @@ def test_scan(arch, wrapped, request):
         request.applymarker(pytest.mark.xfail(reason=reason, strict=True))
     x = input_of(arch, A)
     layer = layer_envoy(wrapped, arch)
-    seen, handle = captured(layer._module)
-    try:
-        call(wrapped, x)
-    finally:
-        handle.remove()
-    assert scan_layer(wrapped, layer, x) == tuple(first(seen["out"]).shape)
+    _, plain = plain_call(wrapped, layer, x)
+    assert scan_layer(wrapped, layer, x) == tuple(first(plain).shape)
 
 
 def test_attention_inputs(arch, wrapped):
