@@ -206,3 +206,32 @@ def test_next_outside_a_trace(net):
     with pytest.raises(NotInTraceError):
         model.lin.next().output  # noqa: B018
     assert "next(1)" in repr(model.lin.next())
+
+
+@intervene
+def next_in_generate(lm, ids):
+    with lm.generate(ids, max_new_tokens=3) as tracer:
+        with tracer.iter[0]:
+            later = lm.model.layers[0].next().output.save()
+    return later
+
+
+def test_next_in_a_generate_block_counts_calls_across_steps():
+    from runtime import LanguageModel
+    from runtime.models import tiny_llama
+
+    lm = LanguageModel(tiny_llama(0), tokenizer=None)
+    ids = torch.tensor([[5, 6, 7]])
+    seen = []
+    layer = lm._module.model.layers[0]
+    h = layer.register_forward_hook(lambda mod, args, out: seen.append(out))
+    try:
+        with torch.no_grad():
+            lm._module.generate(ids, max_new_tokens=3, do_sample=False)
+    finally:
+        h.remove()
+    with torch.no_grad():
+        later = next_in_generate(lm, ids)
+    assert later.shape[1] == 1  # step 1's call (one new token), not the prompt's
+    assert torch.equal(later, seen[1])
+    assert_no_hooks(lm._module)
