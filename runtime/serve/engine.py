@@ -264,21 +264,7 @@ class ModelRunner(threading.Thread):
             tag = msg[:1]
             if tag == b"D":
                 return
-            job = waiting.get(msg[1:33].decode("ascii", "replace"))
-            if job is None:
-                continue
-            body = msg[33:]
-            if tag == b"P":
-                self.engine._event(job, "print", {"text": body.decode("utf-8", "replace")})
-            elif tag == b"R":
-                del waiting[job.id]
-                self.engine._finish(job, "COMPLETED", result=bytes(body))
-            elif tag == b"E":
-                del waiting[job.id]
-                self.engine._finish(job, "ERROR", error=json.loads(body))
-            elif tag == b"A":
-                del waiting[job.id]
-                self.engine._requeue(self, [job], alone=True)
+            self.engine._relay(self, waiting, msg)
 
     def stop(self) -> None:
         self.stopping = True
@@ -418,6 +404,27 @@ class Engine:
             job.push("status", job.view())
             self.cond.notify_all()
             return True
+
+    def _relay(self, runner, waiting: dict[str, Job], msg: bytes) -> None:
+        """One message about one job of a running batch (tag, 32-character job id, body;
+        from a local worker or a Ray replica): a print, its result, its error, or "run me
+        again alone" (requeued on ``runner``).  A job that ended leaves ``waiting``."""
+        tag = msg[:1]
+        job = waiting.get(msg[1:33].decode("ascii", "replace"))
+        if job is None:
+            return
+        body = msg[33:]
+        if tag == b"P":
+            self._event(job, "print", {"text": body.decode("utf-8", "replace")})
+        elif tag == b"R":
+            del waiting[job.id]
+            self._finish(job, "COMPLETED", result=bytes(body))
+        elif tag == b"E":
+            del waiting[job.id]
+            self._finish(job, "ERROR", error=json.loads(body))
+        elif tag == b"A":
+            del waiting[job.id]
+            self._requeue(runner, [job], alone=True)
 
     def _event(self, job: Job, name: str, payload: dict) -> None:
         with self.cond:

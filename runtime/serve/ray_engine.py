@@ -272,21 +272,8 @@ class Replica(threading.Thread):
                 if tag == b"X":
                     self._replace()
                 return
-            job = waiting.get(msg[1:33].decode("ascii", "replace"))
-            if job is None:
-                continue
-            body = msg[33:]
-            if tag == b"P":
-                eng._event(job, "print", {"text": body.decode("utf-8", "replace")})
-            elif tag == b"R":
-                del waiting[job.id]
-                eng._finish(job, "COMPLETED", result=bytes(body))
-            elif tag == b"E":
-                del waiting[job.id]
-                eng._finish(job, "ERROR", error=json.loads(body))
-            elif tag == b"A":
-                del waiting[job.id]
-                eng._requeue(self.model, [job], alone=True)
+            eng._relay(self.model, waiting, msg)
+
 
 class RayModel:
     """One served model: its queue and its replicas (what ``Engine`` calls a runner)."""
