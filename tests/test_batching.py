@@ -10,11 +10,13 @@ import time
 
 import pytest
 import torch
+from serve_support import running, wait_for
+from test_remote_app import job_message
 
 from runtime.remote import protocol
 from runtime.serve import Engine, Limits, execute
 from runtime.serve.batch import run_batch
-from runtime.serve.engine import Job
+from runtime.serve.engine import FINAL, Job
 from runtime.serve.worker import load_model, pack_batch, unpack_batch
 
 A = torch.tensor([[1, 5, 7, 9, 11]])
@@ -69,11 +71,7 @@ STOP = '''def job(model, x):
         tracer.stop()
 '''
 def message(source: str, **values) -> bytes:
-    trees, tensors = protocol.encode_values(values)
-    head = {"protocol": protocol.PROTOCOL_VERSION, "compiler": "0", "model": "tiny-llama",
-            "function": "job", "source": source, "filename": "job.py", "first_line": 1,
-            "block": 0, "values": trees}
-    return protocol.pack(head, tensors)
+    return job_message(source, values=values)
 
 
 @pytest.fixture(scope="module")
@@ -262,18 +260,11 @@ LOOP = '''def job(model, x):
 
 def test_a_job_past_the_time_limit_or_cancelled_fails_alone_in_a_batch():
     eng = Engine(["tiny-llama"], Limits(job_timeout=3.0, batch_window=0.5))
-    eng.start()
-    try:
-        deadline = time.monotonic() + 120
-        while not eng.ready() and time.monotonic() < deadline:
-            time.sleep(0.1)
+    with running(eng):
         jobs = [eng.submit("k", "tiny-llama", message(READ, x=A)),
                 eng.submit("k", "tiny-llama", message(LOOP, x=B)),
                 eng.submit("k", "tiny-llama", message(READ, x=B))]
-        deadline = time.monotonic() + 60
-        while any(j.status not in ("COMPLETED", "ERROR", "CANCELLED") for j in jobs):
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        wait_for(lambda: all(j.status in FINAL for j in jobs), 60)
         assert [j.status for j in jobs] == ["COMPLETED", "ERROR", "COMPLETED"], [j.error for j in jobs]
         assert jobs[1].error["type"] == "TimeoutError"
         with torch.no_grad():
@@ -283,18 +274,12 @@ def test_a_job_past_the_time_limit_or_cancelled_fails_alone_in_a_batch():
         # Cancelling the looping job of a running batch: it ends CANCELLED, the others run.
         jobs = [eng.submit("k", "tiny-llama", message(LOOP, x=B)),
                 eng.submit("k", "tiny-llama", message(READ, x=A))]
-        while jobs[0].status != "RUNNING":
-            assert time.monotonic() < deadline + 60
-            time.sleep(0.02)
+        wait_for(lambda: jobs[0].status == "RUNNING", 60, step=0.02)
         eng.cancel(jobs[0])
-        while any(j.status not in ("COMPLETED", "ERROR", "CANCELLED") for j in jobs):
-            assert time.monotonic() < deadline + 60
-            time.sleep(0.05)
+        wait_for(lambda: all(j.status in FINAL for j in jobs), 60)
         assert [j.status for j in jobs] == ["CANCELLED", "COMPLETED"], [j.error for j in jobs]
         got = (b"R", *protocol.unpack(jobs[1].result))
         torch.testing.assert_close(saved(got, "out"), plain, atol=1e-4, rtol=0)
-    finally:
-        eng.close()
 
 
 INPUTS = '''def job(model, x):

@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from fastapi.testclient import TestClient
+from serve_support import app_client, free_port, stop_server, tiny_lm
 from test_remote_app import (  # the local engine's integration checks, run here as well
     HARMLESS,
     IDS,
@@ -42,10 +42,8 @@ from test_remote_app import (  # the local engine's integration checks, run here
 )
 from test_serve_faults import same_result
 
-from runtime import LanguageModel
-from runtime.models import tiny_llama
 from runtime.remote import client as remote_client
-from runtime.serve import Limits, create_app
+from runtime.serve import Limits
 
 ray = pytest.importorskip("ray")
 from runtime.serve.ray_engine import RayEngine, ReplicaActor
@@ -90,7 +88,7 @@ def replicas_back(request):
 
 @pytest.fixture(scope="module")
 def http(engine):
-    with TestClient(create_app(engine, manage_engine=False)) as tc:
+    with app_client(engine) as tc:
         yield tc
 
 
@@ -102,9 +100,18 @@ def remote(http, monkeypatch):
 
 @pytest.fixture(scope="module")
 def lm():
-    model = LanguageModel(tiny_llama(0))
-    model._module.config._name_or_path = "tiny-llama"
-    return model
+    return tiny_lm()
+
+
+def looping_job(http, engine) -> tuple[bytes, int, str]:
+    """A harmless job's result, the replicas' restarts so far, and the id of a job that
+    loops, once it runs (on one replica)."""
+    baseline = run_raw(http, job_message(HARMLESS, values={"x": IDS}))
+    expected = http.get(f"/v1/jobs/{baseline['id']}/result").content
+    restarts = engine.models()["tiny-llama"]["restarts"]
+    looping = http.post("/v1/jobs", content=job_message(LOOP, values={"x": IDS})).json()["id"]
+    wait_for(lambda: http.get(f"/v1/jobs/{looping}").json()["status"] == "RUNNING", 10)
+    return expected, restarts, looping
 
 
 def test_ray_is_not_imported_by_the_local_server():
@@ -123,11 +130,7 @@ def test_env_shows_the_replicas(http, engine):
 
 
 def test_two_replicas_run_two_jobs_at_once_and_cancel_replaces_one(http, engine):
-    baseline = run_raw(http, job_message(HARMLESS, values={"x": IDS}))
-    expected = http.get(f"/v1/jobs/{baseline['id']}/result").content
-    restarts = engine.models()["tiny-llama"]["restarts"]
-    looping = http.post("/v1/jobs", content=job_message(LOOP, values={"x": IDS})).json()["id"]
-    wait_for(lambda: http.get(f"/v1/jobs/{looping}").json()["status"] == "RUNNING", 10)
+    expected, restarts, looping = looping_job(http, engine)
     # The other replica serves while the first one is busy.
     done = run_raw(http, job_message(HARMLESS, values={"x": IDS}))
     assert done["status"] == "COMPLETED"
@@ -142,11 +145,7 @@ def test_two_replicas_run_two_jobs_at_once_and_cancel_replaces_one(http, engine)
 
 
 def test_a_killed_replica_fails_its_job_clearly_and_comes_back(http, engine):
-    baseline = run_raw(http, job_message(HARMLESS, values={"x": IDS}))
-    expected = http.get(f"/v1/jobs/{baseline['id']}/result").content
-    restarts = engine.models()["tiny-llama"]["restarts"]
-    looping = http.post("/v1/jobs", content=job_message(LOOP, values={"x": IDS})).json()["id"]
-    wait_for(lambda: http.get(f"/v1/jobs/{looping}").json()["status"] == "RUNNING", 10)
+    expected, restarts, looping = looping_job(http, engine)
     others = [http.post("/v1/jobs", content=job_message(HARMLESS, values={"x": IDS})).json()
               ["id"] for _ in range(2)]
     replica = next(p for p in engine.runners[0].replicas
@@ -248,12 +247,8 @@ def test_command_line_errors():
 
 # Kept last: a second Ray instance, so the module's one (engine fixture) is closed first.
 def test_the_command_line_serves_with_ray_and_stops_it(engine, lm, monkeypatch):
-    import socket
-
     engine.close()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)  # noqa: SIM115
     proc = subprocess.Popen(
         [sys.executable, "-m", "runtime.serve", "--model", "tiny-llama", "--port", str(port),
@@ -289,12 +284,7 @@ def test_the_command_line_serves_with_ray_and_stops_it(engine, lm, monkeypatch):
         finally:
             CONFIG.set_default_host(None)
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            code = proc.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            code = proc.wait(10)
+        code = stop_server(proc, 60)
         log.seek(0)
         text = log.read()
         log.close()

@@ -4,15 +4,12 @@ refusals, auth, limits, cancel and timeout (the worker killed and back)."""
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 from fastapi.testclient import TestClient
+from serve_support import app_client, running, tiny_lm, wait_for
 
 from compiler import intervene
-from runtime import LanguageModel
-from runtime.models import tiny_llama
 from runtime.remote import client as remote_client
 from runtime.remote import protocol
 from runtime.serve import Engine, Limits, create_app
@@ -21,35 +18,18 @@ IDS = torch.tensor([[1, 5, 7, 9, 11]])
 KEYS = {"key-a", "key-b"}
 
 
-def wait_for(predicate, seconds: float = 60.0, step: float = 0.05):
-    deadline = time.monotonic() + seconds
-    for _ in range(int(seconds / step) + 1):
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            break
-        time.sleep(step)
-    raise AssertionError("timed out waiting")
-
-
 @pytest.fixture(scope="module")
 def engine():
     eng = Engine(["tiny-llama"], Limits(job_timeout=4.0, max_result=2**20, max_print=4096,
                                         max_queued=3, max_memory=512 * 2**20,
                                         batch_max_jobs=1))  # queue positions: one at a time
-    eng.start()
-    try:
-        wait_for(eng.ready, 120)
-        assert eng.models()["tiny-llama"]["state"] == "ready"
+    with running(eng):
         yield eng
-    finally:
-        eng.close()
 
 
 @pytest.fixture(scope="module")
 def http(engine):
-    with TestClient(create_app(engine, manage_engine=False)) as tc:
+    with app_client(engine) as tc:
         yield tc
 
 
@@ -61,9 +41,7 @@ def remote(http, monkeypatch):
 
 @pytest.fixture(scope="module")
 def lm():
-    model = LanguageModel(tiny_llama(0))
-    model._module.config._name_or_path = "tiny-llama"
-    return model
+    return tiny_lm()
 
 
 def job_message(source: str, block: int = 0, values: dict | None = None, **header) -> bytes:
@@ -92,6 +70,17 @@ HARMLESS = '''def job(model, x):
     with model.trace(x, remote=True):
         h = model.model.layers[1].output.save()
 '''
+
+
+
+@intervene
+def forever(model, x):
+    """A remote block that never ends (the server's time limit or a cancel stops it)."""
+    with model.trace(x, remote=True):
+        n = 0
+        while True:
+            n += 1
+    return x
 
 
 # -- the client against the app -------------------------------------------------------------
@@ -276,14 +265,6 @@ def test_cancel_timeout_queue_limit_and_the_worker_comes_back(http, engine):
 
 
 def test_client_raises_a_remote_timeout(remote, lm):
-    @intervene
-    def forever(model, x):
-        with model.trace(x, remote=True):
-            n = 0
-            while True:
-                n += 1
-        return x
-
     with pytest.raises(TimeoutError, match="the job ran longer than this server's limit of 4 s"):
         forever(lm, IDS)
 
@@ -347,14 +328,6 @@ def test_ctrl_c_while_waiting_cancels_the_job(remote, lm, engine, monkeypatch):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(remote_client.Client, "_follow", interrupted)
-
-    @intervene
-    def forever(model, x):
-        with model.trace(x, remote=True):
-            n = 0
-            while True:
-                n += 1
-        return x
 
     with pytest.raises(KeyboardInterrupt):
         forever(lm, IDS)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -20,6 +19,7 @@ import httpx
 import pytest
 import torch
 from fastapi.testclient import TestClient
+from serve_support import app_client, free_port, running, stop_server, wait_healthy
 from test_remote_app import HARMLESS, IDS, LOOP, job_message, run_raw, wait_for
 
 from runtime.remote import protocol
@@ -47,18 +47,13 @@ def engine(results_dir):
     eng = LocalEngine(["tiny-llama"], Limits(job_timeout=20.0, max_queued=8,
                                              keep_finished=3600.0))
     eng.store = ResultStore(results_dir, ttl=3600.0)
-    eng.start()
-    try:
-        wait_for(eng.ready, 120)
-        assert eng.models()["tiny-llama"]["state"] == "ready"
+    with running(eng):
         yield eng
-    finally:
-        eng.close()
 
 
 @pytest.fixture(scope="module")
 def http(engine):
-    with TestClient(create_app(engine, manage_engine=False)) as tc:
+    with app_client(engine) as tc:
         yield tc
 
 
@@ -188,27 +183,13 @@ def test_a_stopping_server_fails_in_flight_jobs_saying_why(results_dir):
     assert again.status == "ERROR" and again.error == running.error
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_server(port: int, results: str, log) -> subprocess.Popen:
     proc = subprocess.Popen(
         [sys.executable, "-m", "runtime.serve", "--model", "tiny-llama", "--port", str(port),
          "--job-timeout", "60", "--results-dir", results, "--results-ttl", "600"],
         cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(400):  # about 2 minutes at most
-        if proc.poll() is not None:
-            break
-        try:
-            if httpx.get(f"{url}/v1/health", timeout=2).json()["ready"]:
-                return proc
-        except (httpx.HTTPError, ValueError):
-            pass
-        time.sleep(0.3)
+    if wait_healthy(proc, f"http://127.0.0.1:{port}"):  # about 2 minutes at most
+        return proc
     log.seek(0)
     os.killpg(proc.pid, signal.SIGKILL)
     pytest.fail(f"the server did not come up:\n{log.read()[-3000:]}")
@@ -253,12 +234,7 @@ def test_a_killed_server_restarts_and_says_what_it_ended(tmp_path, expected):
                 assert final(c, again)["status"] == "COMPLETED"
                 assert same_result(c.get(f"/v1/jobs/{again}/result").content, expected)
         finally:
-            proc.terminate()
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(10)
+            stop_server(proc, 20)
 
 
 def test_records_written_from_many_threads_end_with_the_latest_state(tmp_path):

@@ -10,9 +10,6 @@ Every loop is bounded in count and time."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -23,6 +20,7 @@ import httpx
 import psutil
 import pytest
 import torch
+from serve_support import free_port, stop_server, wait_healthy
 from test_remote_app import job_message
 
 from runtime.models import tiny_llama
@@ -78,12 +76,6 @@ def reference():
     return trace, gen
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def rss(proc: psutil.Process) -> dict:
     """Resident memory (MiB) of the server and of its worker processes."""
     workers = sum(c.memory_info().rss for c in proc.children(recursive=True))
@@ -105,28 +97,12 @@ def server(tmp_path_factory):
         cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(400):  # about 2 minutes at most
-            if proc.poll() is not None:
-                break
-            try:
-                if httpx.get(f"{url}/v1/health", timeout=2).json()["ready"]:
-                    break
-            except (httpx.HTTPError, ValueError):
-                pass
-            time.sleep(0.3)
-        else:
-            proc.poll()
-        if proc.returncode is not None or not httpx.get(f"{url}/v1/health").json()["ready"]:
+        if not wait_healthy(proc, url):  # about 2 minutes at most
             log.seek(0)
             pytest.fail(f"the server did not come up:\n{log.read()[-3000:]}")
         yield url, keys, psutil.Process(proc.pid)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
+        stop_server(proc, 30)
         log.close()
 
 
