@@ -267,6 +267,7 @@ class Interleaver:
 
     step = -1  # forward passes begun (generation steps)
     batch = None  # rows of the batch when lanes see rows of it (invokes); else None
+    starting_rows = None  # the rows of the lane being started (while `fn()` runs)
     ended = False
     result = None
     track = False  # remember served tensors (for backward blocks)
@@ -304,7 +305,11 @@ class Interleaver:
         """Run lane ``fn`` to its first request; ``grad``: the grad mode it starts in."""
         if rows is not None and (self.batch is None or rows.stop > self.batch):
             self.batch = rows.stop  # invokes' rows tile the batch from row 0
-        gen = fn()
+        self.starting_rows = rows  # a lane without checkpoints runs whole in fn() (skip.py)
+        try:
+            gen = fn()
+        finally:
+            self.starting_rows = None
         lane = Lane(gen, index, rows, grad)
         self.lanes.append(lane)
         if gen.__class__ is not GeneratorType:  # a lane without checkpoints has already run

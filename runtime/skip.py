@@ -98,4 +98,5 @@ def _rows_of_running_lane(inter):
         gen = lane.gen
         if getattr(gen, "gi_running", False):
             return lane.rows
-    return None
+    # A lane without checkpoints is no generator: it runs whole while being started.
+    return inter.starting_rows

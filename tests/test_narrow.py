@@ -245,3 +245,30 @@ def test_widen_writes_rows_of_batch_major_and_replaces_others():
     assert torch.equal(got[0][2], torch.ones(4)) and torch.equal(got[0][:2], torch.zeros(2, 4))
     assert got[1] is new_whole
     assert torch.equal(batch_major, torch.zeros(3, 4))  # a copy was written, not the batch
+
+
+@intervene
+def _skip_only(model, a, b, value):
+    with model.trace() as tracer:
+        with tracer.invoke(a):
+            model.transformer.h[0].mlp.skip(value)  # the invoke's only statement
+        with tracer.invoke(b):
+            pass
+        with tracer.invoke():
+            everything = model.lm_head.output.save()
+    return everything
+
+
+def test_skip_in_an_invoke_without_checkpoints_keeps_to_its_rows(gpt2):
+    # Its lane runs whole as it starts (no checkpoint to wait at): the skip still takes
+    # only that invoke's rows (it used to take the whole batch's).
+    mlp = gpt2._module.transformer.h[0].mlp
+    value = torch.full((1, 4, 32), 0.25)
+
+    def rows_0(mod, args, out):
+        out = out.clone()
+        out[0:1] = value
+        return out
+
+    want = _batched(gpt2._module, torch.cat([A, B]), {mlp: rows_0}).logits
+    assert torch.equal(_skip_only(gpt2, A, B, value), want)
