@@ -351,17 +351,19 @@ class Interleaver:
                     # `module.next(n)`: served n calls after the one a plain request gets.
                     later = 0 if envoy.__class__ is Envoy else envoy.__dict__.get("_calls_later", 0)
                     if cur is not None:
-                        if later and cur.module is module:
+                        here = cur.module is module
+                        if later and here:
                             if len(req) == 4 and cur.phase == phase and self.current_site == req[2]:
                                 # `m.next().output = v` is compiled as a read, then a
                                 # write at the same site: the write goes to the call read.
-                                later = -1
-                            elif cur.phase == phase or phase == PRE:
-                                # The call being handed out is the one a plain request
-                                # gets (its input: the next call's is the first later).
-                                later -= 1
-                        if cur.module is module and cur.phase == phase and later <= 0 and (
-                                later or envoy.__class__ is Envoy):
+                                later = 0
+                            else:
+                                here = False  # a later call: wait for it
+                                if cur.phase == phase or phase == PRE:
+                                    # The call being handed out is the one a plain request
+                                    # gets (its input: the next call's is the first later).
+                                    later -= 1
+                        if here and cur.phase == phase:
                             rows = lane.rows
                             if len(req) == 4:
                                 if rows is None:
