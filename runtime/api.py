@@ -59,6 +59,7 @@ class Handle:
         "has_backward",
         "has_steps",
         "helper",
+        "late_cache",
         "lane",
         "mark",
         "next_step",
@@ -95,6 +96,12 @@ class Handle:
         ]
         self.has_steps = [
             any(getattr(i, "kind", None) == "steps" for lane in b.lanes for i in lane.items)
+            for b in plan.blocks
+        ]
+        # `tracer.cache()` after anything else in a lane: see runtime/cache.late_cache_hooks.
+        self.late_cache = [
+            any(i and getattr(item, "kind", None) == "cache"
+                for lane in b.lanes for i, item in enumerate(lane.items))
             for b in plan.blocks
         ]
 
@@ -142,6 +149,8 @@ class Handle:
             tracer._has_steps = True
         if self.has_backward[index]:
             tracer._has_backward = True
+        if not self.late_cache[index]:
+            tracer._late_cache = False
         return tracer
 
 

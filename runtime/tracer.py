@@ -137,6 +137,7 @@ class Tracer:
     _filename = "<unknown>"
     _has_steps = False
     _has_backward = False
+    _late_cache = True  # may a lane call tracer.cache() late? (Handle.block knows: False)
     _invoked = False
     _inter = None
     _caches: list | None = None
@@ -211,7 +212,10 @@ class Tracer:
         # One trace at a time per model (see README "Guarantees"): another thread waits
         # here; this thread coming back (a trace started from inside a running one) is
         # refused, since the model's forward is in progress and its modules are wrapped.
-        state = _state_of(self._root._module)
+        root = self._root
+        state = root.__dict__.get("_iv_state")  # the module's state, found once per wrapper
+        if state is None:
+            state = root.__dict__["_iv_state"] = _state_of(root._module)
         lock = state.lock
         if lock._is_owned():  # this thread holds it: a trace of this model is running here
             raise _nested_error(state.running(), self)
@@ -234,7 +238,8 @@ class Tracer:
             inter = self._inter = Interleaver(root, self._block, self._sites, self._filename)
             inter.activate()
             self._rows = rows  # tracer.cache() in invoke i records rows[i]
-            late_cache_hooks(self)  # see runtime/cache.py
+            if self._late_cache:
+                late_cache_hooks(self)  # see runtime/cache.py
             if self._has_backward:
                 inter.track = True
             if not root._order_complete:
@@ -313,8 +318,18 @@ class Tracer:
         earlier one (or a KeyboardInterrupt arriving meanwhile) raises; each is
         idempotent, so one cut short is run again.  Returns the first error (the
         caller raises it), so that calling this again is harmless."""
-        root = self._root
         pending = None
+        if learning is None and not edits and not self._caches and inter is not None:
+            # The common case, one step: undo what the interleaver put on the model.  Its
+            # cleanup is idempotent, so one cut short runs again in the loop below (and
+            # what cut it short is still returned).
+            try:
+                inter.cleanup()
+                self._inter = None
+                return None
+            except BaseException as exc:  # noqa: BLE001 - returned below
+                pending = exc
+        root = self._root
         steps = [self._detach_caches]
         if edits:  # after the trace's own interleaver: see runtime/edit.py
             steps[:0] = cleanup_steps(edits)
