@@ -28,7 +28,7 @@ CONSTRAINTS := constraints.txt
 TORCH_SPEC := $(shell grep -E '^torch==' $(CONSTRAINTS))
 TORCH_PIP_ARGS ?=
 PYTEST_ARGS ?=
-LINT_PATHS := $(wildcard compiler runtime tests samples bench)
+LINT_PATHS := $(wildcard compiler runtime tests samples bench intervene)
 
 INSTALLED := $(VENV)/.installed-stamp
 VENV_TF4 := .venv-tf4

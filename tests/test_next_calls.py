@@ -210,7 +210,7 @@ def test_next_outside_a_trace(net):
 
 @intervene
 def next_in_generate(lm, ids):
-    with lm.generate(ids, max_new_tokens=3) as tracer:
+    with lm.generate(ids, max_new_tokens=3) as tracer:  # noqa: SIM117 - a step block inside the generate block
         with tracer.iter[0]:
             later = lm.model.layers[0].next().output.save()
     return later
