@@ -211,9 +211,9 @@ class Envoy:
     def __call__(self, *args, **kwargs):
         # A plain call waits for a trace of the same model running in another thread
         # (its modules are wrapped for that trace); the same thread may call freely.
-        from .tracer import model_lock
+        from .tracer import root_state
 
-        with model_lock(self._root._module):
+        with root_state(self._root).lock:
             return self._module(*args, **kwargs)
 
     def __repr__(self) -> str:

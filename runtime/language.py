@@ -111,10 +111,10 @@ class LanguageModel(NNsight):
         object.__setattr__(self, "_pending", None)
 
     def __call__(self, *args, **kwargs):
-        from .tracer import model_lock
+        from .tracer import root_state
 
         self._load()
-        with model_lock(self._module):  # waits for another thread's trace of this model
+        with root_state(self).lock:  # waits for another thread's trace of this model
             return self._module(*args, **kwargs)
 
     def __init__(
@@ -192,10 +192,10 @@ class LanguageModel(NNsight):
 
         if opens_with(sys._getframe(1)):
             return DirectTracer(self, "generate", args, kwargs)
-        from .tracer import model_lock
+        from .tracer import root_state
 
         self._load()
-        with model_lock(self._module):  # waits for another thread's trace of this model
+        with root_state(self).lock:  # waits for another thread's trace of this model
             if args and not isinstance(args[0], torch.Tensor):
                 enc = self._encode(args[0])
                 enc.pop("position_ids", None)

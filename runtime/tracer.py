@@ -53,6 +53,15 @@ def _state_of(module) -> _ModelState:
     return state
 
 
+def root_state(root) -> _ModelState:
+    """``_state_of(root._module)``, found once per wrapper and kept on it (every trace
+    and every plain call through the wrapper asks)."""
+    state = root.__dict__.get("_iv_state")
+    if state is None:
+        state = root.__dict__["_iv_state"] = _state_of(root._module)
+    return state
+
+
 def model_lock(module) -> threading.RLock:
     """The lock a trace of ``module`` holds while it runs.  A plain call of the model
     made ``with model_lock(module):`` waits for a trace running in another thread
@@ -212,10 +221,7 @@ class Tracer:
         # One trace at a time per model (see README "Guarantees"): another thread waits
         # here; this thread coming back (a trace started from inside a running one) is
         # refused, since the model's forward is in progress and its modules are wrapped.
-        root = self._root
-        state = root.__dict__.get("_iv_state")  # the module's state, found once per wrapper
-        if state is None:
-            state = root.__dict__["_iv_state"] = _state_of(root._module)
+        state = root_state(self._root)
         lock = state.lock
         if lock._is_owned():  # this thread holds it: a trace of this model is running here
             raise _nested_error(state.running(), self)
