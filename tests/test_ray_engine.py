@@ -293,8 +293,14 @@ def test_the_command_line_serves_with_ray_and_stops_it(engine, lm, monkeypatch):
     assert code in (0, -signal.SIGTERM) and "Traceback" not in text, text[-3000:]
     # Nothing of that Ray instance is left running (its processes were in the server's
     # session).
-    left = subprocess.run(["pgrep", "-s", str(proc.pid)], capture_output=True, text=True,
-                          check=False)
+    # Ray's helper processes exit on their own once the server has gone: give them a
+    # bounded while (10 s) before counting what is left.
+    for _ in range(50):
+        left = subprocess.run(["pgrep", "-s", str(proc.pid)], capture_output=True, text=True,
+                              check=False)
+        if not left.stdout.strip():
+            break
+        time.sleep(0.2)
     if left.stdout.strip():
         try:
             os.killpg(proc.pid, signal.SIGKILL)  # not left behind for the next test
