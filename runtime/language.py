@@ -2,11 +2,12 @@
 such as BERT and T5 too), ready for traces and generation.
 
 Inputs (text, lists of prompts, token ids, dicts) are encoded by
-``runtime.models.encode``: left-padded, masked and with matching position
+``runtime.inputs.encode``: left-padded, masked and with matching position
 ids, so every row gives what its prompt gives alone.  Several invokes are
-merged into one left-padded batch; each invoke sees its own rows.  Every other
-input (dict keys, keywords) goes to the model if its ``forward`` takes it and is
-refused by name otherwise; position ids go only to a forward that names them.
+merged into one batch by the same left padding (``runtime.inputs.left_pad``);
+each invoke sees its own rows.  Every other input (dict keys, keywords) goes
+to the model if its ``forward`` takes it and is refused by name otherwise;
+position ids go only to a forward that names them.
 ``generate`` blocks run the model's own ``generate``: step k is its k-th
 forward call.
 """
@@ -23,12 +24,10 @@ from typing import Any
 import torch
 
 from .envoy import Envoy
-from .models import encode, load_causal_lm
+from .inputs import ENCODED_KEYS, encode, left_pad, pad_id
+from .loading import load_causal_lm, loading_keywords
 from .nnsight import NNsight, invoke_name, merge_keyword, unwrap
 
-# The inputs `encode` pads and checks; given as keywords (`model.trace(input_ids=...)`)
-# they are encoded like a dict input.
-_ENCODED = ("input_ids", "attention_mask", "position_ids")
 # Inputs that stand for the tokens: given without input_ids, they pass as given.
 _OTHER_INPUTS = ("inputs_embeds", "pixel_values", "input_features", "input_values",
                  "encoder_outputs")
@@ -129,7 +128,6 @@ class LanguageModel(NNsight):
         **from_pretrained_kwargs: Any,
     ) -> None:
         from .lazy import can_defer, meta_causal_lm
-        from .models import loading_keywords
 
         if isinstance(source, LanguageModel):
             # LanguageModel(LanguageModel(...)): the same model, tokenizer and lazy load.
@@ -270,7 +268,9 @@ class LanguageModel(NNsight):
                 f"ids or a dict with input_ids); got {len(args)} positional arguments"
             )
         kwargs = dict(kwargs)
-        given = {k: kwargs.pop(k) for k in _ENCODED if k in kwargs}
+        # The inputs `encode` pads and checks, given as keywords (`model.trace(input_ids=...)`),
+        # are encoded like a dict input.
+        given = {k: kwargs.pop(k) for k in ENCODED_KEYS if k in kwargs}
         if args:
             if given:
                 raise TypeError(
@@ -334,8 +334,6 @@ class LanguageModel(NNsight):
                     f"{invoke_name(first_index, lanes)}'s {sorted(first)} (in {extra}): every "
                     "invoke with an input gives the same kinds of input"
                 )
-        width = max(enc["input_ids"].shape[1] for _, enc in given)
-        pad_id = self._pad_id()
         rows: list = []
         start = 0
         for item in encoded:
@@ -347,9 +345,7 @@ class LanguageModel(NNsight):
             start += n
         batch: dict = {}
         for key in first:
-            if key in _ENCODED or key in _TOKEN_ALIGNED:
-                fill = pad_id if key == "input_ids" else 0
-                parts = []
+            if key in ENCODED_KEYS or key in _TOKEN_ALIGNED:
                 for index, enc in given:
                     value = enc[key]
                     if value.shape[:2] != enc["input_ids"].shape:
@@ -358,21 +354,13 @@ class LanguageModel(NNsight):
                             f"{tuple(value.shape)} but its input_ids have "
                             f"{tuple(enc['input_ids'].shape)}"
                         )
-                    pad = width - value.shape[1]
-                    parts.append(torch.nn.functional.pad(value, (pad, 0), value=fill))
-                batch[key] = torch.cat(parts)
+                fill = pad_id(self.tokenizer) if key == "input_ids" else 0
+                batch[key] = left_pad([enc[key] for _, enc in given], fill)
             else:
                 batch[key] = merge_keyword(
                     key, [(i, enc[key], enc["input_ids"].shape[0]) for i, enc in given], lanes
                 )
         return (), batch, rows
-
-    def _pad_id(self) -> int:
-        tok = self.tokenizer
-        pad = getattr(tok, "pad_token_id", None) if tok is not None else None
-        if pad is None and tok is not None:
-            pad = getattr(tok, "eos_token_id", None)
-        return 0 if pad is None else int(pad)
 
     # -- running ------------------------------------------------------------------------
     def _run(self, kind: str, args: tuple, kwargs: dict, tracer) -> Any:

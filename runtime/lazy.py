@@ -11,7 +11,6 @@ every envoy, cached path and order fact of the wrapper stays valid.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,16 +18,6 @@ import torch
 # Instance attributes of a module that stay the meta module's own: its children
 # (their identity is what envoys and caches hold) and any hooks on it.
 _KEEP = frozenset({"_modules"})
-
-
-def _location(source: Any) -> tuple[str, Any]:
-    """(folder or hub id, default dtype) for a name, as ``load_causal_lm`` resolves it."""
-    from .models import DEFAULT_ALIAS, ensure_default_model
-
-    if str(source) == DEFAULT_ALIAS:
-        return str(ensure_default_model()), torch.float32
-    path = Path(source).expanduser()
-    return (str(path) if path.is_dir() else str(source)), None
 
 
 def can_defer(source: Any, device_map: Any, from_pretrained_kwargs: dict) -> bool:
@@ -41,9 +30,10 @@ def meta_causal_lm(source: Any, tokenizer: Any, dtype: Any) -> tuple[Any, Any]:
     """The model's module tree on the meta device, and its tokenizer (loaded)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from .models import (
+    from .loading import (
         _is_local,
         _load_tokenizer,
+        _location,
         _missing_model_error,
         _prepare_tokenizer,
         _resolve_dtype,

