@@ -27,17 +27,15 @@ from .parse import Source, decorator_name, parse_error_position
 from .rewrite import (
     LINE_MARK,
     RT,
-    TMP_BASE,
     Rewriter,
     evaluation_order,
     number_checkpoints,
     tag_lines,
 )
 
-_TMP_RE = re.compile(r"\b777\d{7}\b")
 _MARK_RE = re.compile(r"[ \t]*" + re.escape(LINE_MARK) + r"\d+:\d+(?=\n|$)", re.MULTILINE)
 _MARK_LINE_RE = re.compile(re.escape(LINE_MARK) + r"(\d+):(\d+)\s*$")
-assert str(TMP_BASE).startswith("777") and len(str(TMP_BASE)) == 10
+_NEWLINE_RE = re.compile(rb"\r\n|\r|\n")  # line ends as Python's tokenizer counts them
 
 
 @dataclass(frozen=True)
@@ -101,6 +99,29 @@ def _declare(fn: cst.FunctionDef, names: list[str], line: int) -> cst.FunctionDe
     return fn.with_changes(body=fn.body.with_changes(body=body[:at] + decls + body[at:]))
 
 
+def _renumbered(text: str, sites: list[ast.Constant], final: dict[int, int]) -> str:
+    """``text`` (the rewritten function) with each checkpoint's provisional number
+    replaced by its final one.  Only the spans of the constants ``evaluation_order``
+    found on the ``ast`` (the number argument of each ``__iv.<site>(...)`` call) are
+    rewritten: any other literal, even one of the same value, is left as written."""
+    data = text.encode("utf-8")  # ast columns count UTF-8 bytes
+    starts = [0] + [m.end() for m in _NEWLINE_RE.finditer(data)]
+    spans = []
+    for const in sites:
+        number = final.get(const.value)
+        if number is not None:
+            first = starts[const.lineno - 1] + const.col_offset
+            end = starts[const.end_lineno - 1] + const.end_col_offset
+            assert data[first:end] == str(const.value).encode(), (data[first:end], const.value)
+            spans.append((first, end, number))
+    out, done = [], 0
+    for first, end, number in sorted(spans):
+        out += [data[done:first], str(number).encode()]
+        done = end
+    out.append(data[done:])
+    return b"".join(out).decode("utf-8")
+
+
 _helper_ids = itertools.count(1)
 
 
@@ -153,6 +174,7 @@ def _compile(src: Source, freevars: tuple[str, ...], helpers: frozenset[str],
     tree = ast.parse(text)
     sites = evaluation_order(tree)
     final, lanes = number_checkpoints([c.value for c in sites], rewriter.pending, rewriter.markers)
+    shown = _renumbered(text, sites, final)
     offset = next(_helper_ids) * 1_000_000 if helper else 0
     for const in sites:
         if const.value in final:
@@ -178,7 +200,6 @@ def _compile(src: Source, freevars: tuple[str, ...], helpers: frozenset[str],
         for b in info.blocks
     )
     plan = P.FunctionPlan(fn.name.value, src.filename, fn_line, blocks)
-    shown = _TMP_RE.sub(lambda mt: str(final.get(int(mt.group()), mt.group())), text)
     decorators = tuple(
         (cst.Module([]).code_for_node(d.decorator), src.position(positions[d][0], 0)[0],
          decorator_name(d))
