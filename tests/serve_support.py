@@ -87,3 +87,32 @@ def stop_server(proc: subprocess.Popen, seconds: float) -> int:
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         return proc.wait(10)
+
+
+def serve(port: int, log, *args: str) -> subprocess.Popen:
+    """``python -m runtime.serve --model tiny-llama --port PORT *args`` in a session of its
+    own (so that ``os.killpg`` ends it and its worker), once healthy; a server that does not
+    come up fails the test with its log (``log``: a file open for writing and reading)."""
+    import sys
+    from pathlib import Path
+
+    import pytest
+
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.Popen([sys.executable, "-m", "runtime.serve", "--model", "tiny-llama",
+                             "--port", str(port), *args], cwd=root, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    if wait_healthy(proc, f"http://127.0.0.1:{port}"):  # about 2 minutes at most
+        return proc
+    log.seek(0)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(10)
+    pytest.fail(f"the server did not come up:\n{log.read()[-3000:]}")
+
+
+def kill_server(proc: subprocess.Popen) -> None:
+    """SIGKILL to the server and its worker (no goodbye), as a crash or the OOM killer."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(10)

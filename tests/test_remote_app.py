@@ -4,6 +4,8 @@ refusals, auth, limits, cancel and timeout (the worker killed and back)."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from fastapi.testclient import TestClient
@@ -46,7 +48,8 @@ def lm():
 
 def job_message(source: str, block: int = 0, values: dict | None = None, **header) -> bytes:
     trees, tensors = protocol.encode_values(values or {})
-    head = {"protocol": protocol.PROTOCOL_VERSION, "compiler": "0", "model": "tiny-llama",
+    head = {"protocol": protocol.PROTOCOL_VERSION, "compiler": remote_client.compiler_version(),
+            "model": "tiny-llama",
             "function": "job", "source": source, "filename": "job.py", "first_line": 1,
             "block": block, "values": trees, **header}
     return protocol.pack(head, tensors)
@@ -322,15 +325,88 @@ def test_memory_limit_fails_the_job_not_the_machine(http):
 def test_ctrl_c_while_waiting_cancels_the_job(remote, lm, engine, monkeypatch):
     seen = {}
 
-    def interrupted(self, http, job):
+    def interrupted(self, http, resp):  # Ctrl-C once the job runs
+        tag, body = next(protocol.read_frames(resp.iter_bytes()))
+        assert tag == b"S"
+        job = self.job_id = json.loads(body)["id"]
         wait_for(lambda: engine.jobs[job].status == "RUNNING", 10)
         seen["job"] = job
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(remote_client.Client, "_follow", interrupted)
+    monkeypatch.setattr(remote_client.Client, "_frames", interrupted)
 
     with pytest.raises(KeyboardInterrupt):
         forever(lm, IDS)
     job = engine.jobs[seen["job"]]
     wait_for(lambda: job.status != "RUNNING", 10)
     assert job.status == "CANCELLED" and "cancelled while running" in job.detail
+
+
+# -- one request per job (POST /v1/run) and jobs an earlier run lost ---------------------------
+PRINTS = '''def job(model, x):
+    with model.trace(x, remote=True):
+        print("first")
+        h = model.model.layers[1].output.save()
+        print("second")
+'''
+
+
+def test_run_streams_status_prints_and_the_result_in_one_response(http, engine):
+    with http.stream("POST", "/v1/run", content=job_message(PRINTS, values={"x": IDS})) as resp:
+        assert resp.status_code == 200
+        assert resp.headers["content-type"] == protocol.STREAM_TYPE
+        frames = list(protocol.read_frames(resp.iter_bytes()))
+    tags = [t for t, _ in frames]
+    assert tags[0] == b"S" and tags[-1] == b"R" and tags.count(b"R") == 1
+    first = json.loads(frames[0][1])
+    assert first["status"] == "QUEUED" and first["id"].startswith(engine.boot)
+    assert [json.loads(b)["text"] for t, b in frames if t == b"P"] == ["first\n", "second\n"]
+    # The result inline is the one kept for a later GET (a client that lost the stream).
+    job = first["id"]
+    assert http.get(f"/v1/jobs/{job}").json()["status"] == "COMPLETED"
+    assert frames[-1][1] == http.get(f"/v1/jobs/{job}/result").content
+    header, tensors = protocol.unpack(frames[-1][1])
+    assert protocol.decode_values(header["saved"], tensors)["h"].shape == (1, 5, 32)
+
+
+def test_run_ends_with_the_final_status_of_a_failed_job(http):
+    bad = '''def job(model, x):
+    with model.trace(x, remote=True):
+        h = model.model.layers[1].output.save()
+        y = x[99]
+'''
+    with http.stream("POST", "/v1/run", content=job_message(bad, values={"x": IDS})) as resp:
+        frames = list(protocol.read_frames(resp.iter_bytes()))
+    end = json.loads(frames[-1][1])
+    assert frames[-1][0] == b"S" and end["status"] == "ERROR"
+    assert end["error"]["type"] == "IndexError" and end["error"]["line"] == 4
+    # Refused before queueing: the same 400 with the error as POST /v1/jobs.
+    resp = http.post("/v1/run", content=job_message(HARMLESS, values={"x": IDS}, protocol=0))
+    assert resp.status_code == 400 and resp.json()["error"]["type"] == "ProtocolError"
+
+
+def test_a_job_of_an_earlier_run_of_the_server_is_lost_not_unknown(http, engine, remote, lm):
+    other = ("0" if engine.boot[0] != "0" else "1") + engine.boot[1:] + "a" * 24
+    resp = http.get(f"/v1/jobs/{other}")
+    assert resp.status_code == 410
+    assert resp.json()["detail"] == {
+        "type": "JobLost",
+        "message": f"the server restarted; job {other} was lost while running or waiting in "
+                   "the queue (it did not finish), resubmit it"}
+    for path in ("/result", "/events"):
+        assert http.get(f"/v1/jobs/{other}{path}").status_code == 410
+    # An id this run could have given but did not: plainly unknown.
+    assert http.get(f"/v1/jobs/{engine.boot}{'b' * 24}").status_code == 404
+    assert http.get("/v1/jobs/not-an-id").status_code == 404
+    # The client asking about such a job raises a RemoteError with the server's text.
+    with pytest.raises(remote_client.RemoteError, match=f"job {other} was lost") as info:
+        remote_client.Client("http://test", None)._recover(http, other, None)
+    assert info.value.type_name == "JobLost"
+
+
+def test_frames_round_trip_and_a_cut_stream_is_an_error():
+    data = protocol.frame(b"S", b'{"id": "x"}') + protocol.frame(b"R", b"\0" * 70_000)
+    chunks = [data[i:i + 1000] for i in range(0, len(data), 1000)]
+    assert list(protocol.read_frames(chunks)) == [(b"S", b'{"id": "x"}'), (b"R", b"\0" * 70_000)]
+    with pytest.raises(protocol.ProtocolError, match="ended inside a frame"):
+        list(protocol.read_frames([data[:-1]]))

@@ -27,9 +27,10 @@ import types
 from typing import Any
 
 from ..tracer import Tracer
-from . import protocol
+from . import phases, protocol
 from .protocol import PROTOCOL_VERSION, UnsendableError
 
+FINAL = ("COMPLETED", "ERROR", "CANCELLED")
 # Names the server provides itself: a block may read these without sending them.
 SERVER_MODULES = ("torch", "math")
 
@@ -163,10 +164,13 @@ def request_for(tracer: RemoteTracer) -> bytes:
 def run_block(tracer: RemoteTracer) -> None:
     from ..config import CONFIG
 
+    t0 = time.perf_counter()
     data = request_for(tracer)
+    t1 = time.perf_counter()
     block = tracer._block
     client = Client(CONFIG.host, CONFIG.api_key)
     reply = client.run(data, filename=tracer._filename, line=block.line)
+    t2 = time.perf_counter()
     header, tensors = protocol.unpack(reply)
     saved = protocol.decode_values(header.get("saved", {}), tensors, tracer._root)
     cells: dict[str, types.CellType] = {}
@@ -191,6 +195,10 @@ def run_block(tracer: RemoteTracer) -> None:
         elif isinstance(target, dict) and isinstance(value, dict):
             target.clear()
             target.update(value)
+    if phases.PATH is not None:
+        for name, at in (("c0 start", t0), ("c1 encoded", t1), *client.stamps,
+                         ("c8 replied", t2), ("c9 bound", time.perf_counter())):
+            phases.stamp(client.job_id, name, at)
 
 
 # -- HTTP ---------------------------------------------------------------------------------
@@ -199,11 +207,17 @@ class Client:
 
     # Tests set this to an httpx.Client of their own (e.g. FastAPI's TestClient).
     http_override: Any = None
+    # After a job's stream broke: how long to keep trying to reach the server (seconds
+    # without an answer), and how many times to reopen the stream of one job.
+    reconnect_s = 10.0
+    max_reconnects = 20
 
     def __init__(self, host: str, api_key: str | None, *, status_stream: Any = None) -> None:
         self.host = host
         self.api_key = api_key
         self.status = _StatusLine(status_stream if status_stream is not None else sys.stderr)
+        self.job_id = ""
+        self.stamps: list[tuple[str, float]] = []  # (phase, time) for runtime.remote.phases
 
     def _http(self):
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
@@ -213,82 +227,172 @@ class Client:
         return contextlib.nullcontext(_pooled(self.host, self.api_key))
 
     def run(self, data: bytes, filename: str = "<remote>", line: int = 0) -> bytes:
+        """Send one job message; its reply message, or the job's error raised."""
         import httpx
 
         try:
             with self._http() as http:
-                job = self._submit(http, data)
                 try:
-                    final = self._follow(http, job)
+                    final, result = self._run(http, data)
                 except KeyboardInterrupt:
-                    self._cancel(http, job)
+                    if self.job_id:
+                        self._cancel(http, self.job_id)
                     raise
                 finally:
                     self.status.clear()
-                if final["status"] == "COMPLETED":
-                    resp = http.get(f"/v1/jobs/{job}/result")
-                    _check(resp)
-                    return resp.content
-        except httpx.TransportError as exc:
+        except httpx.TransportError as exc:  # before the server had the job
             raise ConnectionError(
                 f"cannot reach the intervene server at {self.host} ({exc}); start one with "
                 "`python -m runtime.serve --model NAME` or set INTERVENE_HOST / "
                 "CONFIG.set_default_host(...)"
             ) from None
+        if result is not None:
+            return result
         if final["status"] == "CANCELLED":
             raise RemoteError(f"the job was cancelled on the server: {final.get('detail', '')}",
                               "Cancelled")
         raise error_from(final.get("error") or {}, filename, line)
 
+    def _run(self, http, data: bytes) -> tuple[dict, bytes | None]:
+        """One request (``POST /v1/run``) submits the job and streams its status, print
+        output and result; ``(final status, result or None)``.  When that stream
+        breaks after the server took the job, ask for the job again (``_recover``)."""
+        import httpx
+
+        old_server = False
+        try:
+            with http.stream("POST", "/v1/run", content=data,
+                             headers={"Content-Type": "application/octet-stream"}) as resp:
+                if resp.status_code in (404, 405):  # a server without /v1/run
+                    old_server = True
+                else:
+                    if resp.status_code == 400:
+                        resp.read()
+                        _refused(resp)
+                    _check(resp)
+                    got = self._frames(http, resp)
+                    if got is not None:
+                        return got
+                broke: BaseException | None = None
+        except (httpx.TransportError, protocol.ProtocolError) as exc:
+            if not self.job_id:
+                raise
+            broke = exc
+        if old_server:
+            self.job_id = self._submit(http, data)
+        elif not self.job_id:
+            raise RemoteError("the intervene server ended the stream before it took the job",
+                              "Disconnected")
+        return self._recover(http, self.job_id, broke)
+
+    def _frames(self, http, resp) -> tuple[dict, bytes | None] | None:
+        """Read a ``/v1/run`` stream; None when it ended before the job did."""
+        for tag, body in protocol.read_frames(resp.iter_bytes()):
+            if tag == b"R":
+                self.stamps.append(("c3 result read", time.perf_counter()))
+                return {"id": self.job_id, "status": "COMPLETED"}, body
+            payload = json.loads(body)
+            if tag == b"P":
+                self.status.clear()
+                sys.stdout.write(payload.get("text", ""))
+                sys.stdout.flush()
+            elif tag == b"S":
+                if not self.job_id:
+                    self.job_id = str(payload["id"])
+                    self.stamps.append(("c2 submitted", time.perf_counter()))
+                if payload["status"] in FINAL:
+                    if payload["status"] == "COMPLETED":
+                        return payload, self._result(http, self.job_id)
+                    return payload, None
+                self.status.show(payload)
+        return None
+
+    def _recover(self, http, job: str, cause: BaseException | None) -> tuple[dict, bytes | None]:
+        """The job's outcome after its stream broke (or ended early): ask the server
+        about it, follow its events again while it runs.  The server may be restarting:
+        keep trying for ``reconnect_s`` seconds from the last answer, and reopen the
+        stream at most ``max_reconnects`` times; a restarted server that lost the job
+        says so (a ``RemoteError``)."""
+        import httpx
+
+        deadline = time.monotonic() + self.reconnect_s
+        delay = 0.05
+        reopened = 0
+        while True:
+            try:
+                resp = http.get(f"/v1/jobs/{job}")
+                if resp.status_code == 410:
+                    detail = _detail(resp)
+                    raise RemoteError(detail.get("message", str(detail))
+                                      if isinstance(detail, dict) else str(detail), "JobLost")
+                _check(resp)
+                final = resp.json()
+                if final["status"] not in FINAL:  # still there, queued or running
+                    reopened += 1
+                    if reopened > self.max_reconnects:
+                        raise RemoteError(
+                            f"the event stream of job {job} broke {reopened - 1} times; it is "
+                            f"still {final['status']} on the server: ask for it later "
+                            f"(GET {self.host}/v1/jobs/{job}, then /result)", "Disconnected")
+                    final = self._follow(http, job)
+                if final is not None:
+                    if final["status"] == "COMPLETED":
+                        return final, self._result(http, job)
+                    return final, None
+                deadline = time.monotonic() + self.reconnect_s  # it answered: a new window
+                delay = 0.05
+                continue
+            except (httpx.TransportError, protocol.ProtocolError) as exc:
+                cause = exc
+            if time.monotonic() + delay > deadline:
+                raise ConnectionError(
+                    f"lost the connection to the intervene server at {self.host} while job "
+                    f"{job} ran ({cause}) and could not reach it again within "
+                    f"{self.reconnect_s:g} s; the job may still finish on the server: ask for "
+                    f"it later (GET {self.host}/v1/jobs/{job}, then /result)") from None
+            time.sleep(delay)  # only here, after a failure: the server is away
+            delay = min(delay * 2, 0.5)
+
+    def _result(self, http, job: str) -> bytes:
+        resp = http.get(f"/v1/jobs/{job}/result")
+        _check(resp)
+        return resp.content
+
     def _submit(self, http, data: bytes) -> str:
+        """``POST /v1/jobs`` (a server without ``/v1/run``): the job's id."""
         resp = http.post("/v1/jobs", content=data,
                          headers={"Content-Type": "application/octet-stream"})
         if resp.status_code == 400:
-            try:
-                error = resp.json().get("error")
-            except ValueError:
-                error = None
-            if isinstance(error, dict):
-                raise error_from(error, "<remote>", 0)
+            _refused(resp)
         _check(resp)
         return resp.json()["id"]
 
-    def _follow(self, http, job: str) -> dict:
-        """Stream the job's events until it ends; returns its final status."""
+    def _follow(self, http, job: str) -> dict | None:
+        """Stream the job's events (server-sent) until it ends: its final status; None
+        when the stream ended (or went quiet) before that."""
         import httpx
 
-        deadline_events = 0
-        while True:
-            try:
-                with http.stream("GET", f"/v1/jobs/{job}/events") as resp:
-                    _check(resp)
-                    event = None
-                    for line in resp.iter_lines():
-                        if line.startswith("event:"):
-                            event = line[6:].strip()
-                        elif line.startswith("data:") and event:
-                            payload = json.loads(line[5:].strip())
-                            if event == "print":
-                                self.status.clear()
-                                sys.stdout.write(payload.get("text", ""))
-                                sys.stdout.flush()
-                            elif event == "status":
-                                if payload["status"] in ("COMPLETED", "ERROR", "CANCELLED"):
-                                    return payload
-                                self.status.show(payload)
-                            event = None
-            except httpx.ReadTimeout:
-                pass
-            # The stream ended without a final status (a proxy cut it): ask once, then resume.
-            deadline_events += 1
-            resp = http.get(f"/v1/jobs/{job}")
-            _check(resp)
-            payload = resp.json()
-            if payload["status"] in ("COMPLETED", "ERROR", "CANCELLED"):
-                return payload
-            if deadline_events > 1000:
-                raise RemoteError(f"lost track of job {job} on the server")
-            time.sleep(0.2)
+        try:
+            with http.stream("GET", f"/v1/jobs/{job}/events") as resp:
+                _check(resp)
+                event = None
+                for line in resp.iter_lines():
+                    if line.startswith("event:"):
+                        event = line[6:].strip()
+                    elif line.startswith("data:") and event:
+                        payload = json.loads(line[5:].strip())
+                        if event == "print":
+                            self.status.clear()
+                            sys.stdout.write(payload.get("text", ""))
+                            sys.stdout.flush()
+                        elif event == "status":
+                            if payload["status"] in FINAL:
+                                return payload
+                            self.status.show(payload)
+                        event = None
+        except httpx.ReadTimeout:
+            pass
+        return None
 
     def _cancel(self, http, job: str) -> None:
         try:
@@ -305,6 +409,24 @@ def _pooled(host: str, api_key: str | None):
 
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     return httpx.Client(base_url=host, headers=headers, timeout=httpx.Timeout(60.0, connect=10.0))
+
+
+def _detail(resp) -> Any:
+    try:
+        body = resp.json()
+    except ValueError:
+        return resp.text[:200]
+    return body.get("detail") or body.get("error") or body if isinstance(body, dict) else body
+
+
+def _refused(resp) -> None:
+    """A job the server refused before queueing it (HTTP 400 with an error): raised."""
+    try:
+        error = resp.json().get("error")
+    except (ValueError, AttributeError):
+        error = None
+    if isinstance(error, dict):
+        raise error_from(error, "<remote>", 0)
 
 
 def _check(resp) -> None:
@@ -349,6 +471,8 @@ def error_from(error: dict, filename: str, line: int) -> BaseException:
 
         exc = ValidationError(message)
         exc.line, exc.construct = at, str(error.get("construct") or "")
+    elif type_name == "JobLost":  # the server restarted or shut down with the job in flight
+        exc = RemoteError(message, type_name, at)
     elif type_name in ("OutOfOrderError", "MissedCheckpointError"):
         from .. import errors
 

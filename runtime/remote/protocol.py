@@ -88,6 +88,40 @@ def unpack(data: bytes) -> tuple[dict, dict]:
     return header, tensors
 
 
+# -- the stream of one job (POST /v1/run) ------------------------------------------------
+# The response of ``POST /v1/run`` is a sequence of frames: a tag byte, the body's length
+# (8 bytes, little endian), the body.  ``S`` a status (JSON; the first one carries the
+# job's id), ``P`` print output (JSON ``{"text": ...}``), ``R`` the result (a message as
+# made by ``pack``), which ends the stream like a final ``S`` (ERROR, CANCELLED) does.
+STREAM_TYPE = "application/x-intervene-frames"
+_FRAME = struct.Struct("<cQ")
+
+
+def frame_head(tag: bytes, size: int) -> bytes:
+    return _FRAME.pack(tag, size)
+
+
+def frame(tag: bytes, body: bytes) -> bytes:
+    return _FRAME.pack(tag, len(body)) + body
+
+
+def read_frames(chunks):
+    """``(tag, body)`` for each whole frame in an iterable of byte chunks; a stream that
+    ends inside a frame raises ``ProtocolError``."""
+    buf = bytearray()
+    for chunk in chunks:
+        buf += chunk
+        while len(buf) >= _FRAME.size:
+            tag, n = _FRAME.unpack_from(buf)
+            end = _FRAME.size + n
+            if len(buf) < end:
+                break
+            yield tag, bytes(memoryview(buf)[_FRAME.size:end])
+            del buf[:end]
+    if buf:
+        raise ProtocolError("the server's stream ended inside a frame")
+
+
 # -- values -------------------------------------------------------------------------------
 class Encoder:
     """Turns values into the tagged tree, collecting tensors into ``self.tensors``.

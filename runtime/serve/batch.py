@@ -51,14 +51,15 @@ import torch
 
 from compiler.plan import Checkpoint, Marker
 
-from ..remote import protocol
+from ..remote import phases, protocol
 from ..tracer import InvokeSpec, Tracer, block_facts
 from .execute import JobError, build_function, encode_reply, job_error, prepare_job
 
 # Model inputs a shared pass can batch (left-padded like invokes' inputs).
 INPUT_KEYS = frozenset({"input_ids", "attention_mask", "position_ids", "token_type_ids"})
 # Plan items that make a job run alone.
-_ALONE_MARKERS = frozenset({"stop", "backward", "steps"})
+# A helper's reads go through its own handle, not the job's offset one: alone.
+_ALONE_MARKERS = frozenset({"stop", "backward", "steps", "helper"})
 
 
 class _Retry(BaseException):
@@ -328,9 +329,10 @@ class _Batch:
         self.max_print = max_print
         self.cond = threading.Condition()
 
-    def start(self, item: _Item) -> None:
+    def start(self, item: _Item, inline: bool = False) -> None:
         """Prepare the job (decode, validate, compile) and start its thread; a job
-        refused here is answered at once (returns False)."""
+        refused here is answered at once (returns False).  ``inline``: the batch's only
+        job, run alone in this thread now (no thread to start and hand over to)."""
         item.reset()
         try:
             header, tensors = protocol.unpack(item.data)
@@ -346,6 +348,12 @@ class _Batch:
         item.printer = _Printer(item, self.send, self.max_print)
         fn = build_function(item.job, item.printer,
                             _handle(item, item.job.compiled.plan, item.job.compiled.source))
+        phases.stamp(item.id, "w1 prepared")
+        if inline:
+            item.mode = "alone"
+            item.go.set()
+            item._run(fn, self.root)
+            return
         item.thread = threading.Thread(target=item._run, args=(fn, self.root), daemon=True,
                                        name=f"intervene-job-{item.id[:8]}")
         item.thread.start()
@@ -374,10 +382,12 @@ def run_batch(root, guard, jobs: list[tuple[str, bytes, bool]],
     batch = _Batch(root, send, max_print)
     items = [_Item(batch, i, d, a or max_jobs <= 1) for i, d, a in jobs]
     for item in items:
-        batch.start(item)
+        phases.stamp(item.id, "w0 worker got it")
+        batch.start(item, inline=len(items) == 1)
     batch.wait_arrived(items)
 
     def finish(item: _Item) -> None:
+        phases.stamp(item.id, "w3 ran")
         for data in item.prints:
             send(b"P", item.id, data)
         item.prints.clear()
@@ -393,6 +403,7 @@ def run_batch(root, guard, jobs: list[tuple[str, bytes, bool]],
             body = b"E", json.dumps({"type": type(exc).__name__,
                                      "message": f"server error: {exc}"}).encode()
         item.scope = item.exc = None
+        phases.stamp(item.id, "w4 reply encoded")
         send(body[0], item.id, body[1])
 
     def changed() -> list[str]:

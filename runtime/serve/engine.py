@@ -26,7 +26,13 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..remote import phases
+
 FINAL = ("COMPLETED", "ERROR", "CANCELLED")
+# A job waits for company (Limits.batch_window) only while its model is busy: when another
+# job was queued or running at a submit in the last BUSY_MEMORY seconds.  A lone client's
+# job starts at once.
+BUSY_MEMORY = 1.0
 
 
 @dataclass
@@ -107,6 +113,7 @@ class ModelRunner(threading.Thread):
         self.current: list[Job] | None = None
         self.stopping = False
         self.restarts = 0
+        self.busy_at = -1e9  # time.monotonic() of the last submit that found company
 
     # -- the worker process ----------------------------------------------------------
     def _spawn(self) -> None:
@@ -177,6 +184,8 @@ class ModelRunner(threading.Thread):
             jobs = self.engine._next_batch(self)
             if not jobs:
                 continue
+            for job in jobs:
+                phases.stamp(job.id, "e0 batch taken")
             if not self._alive():
                 self.restarts += 1
                 self._spawn()
@@ -218,6 +227,8 @@ class ModelRunner(threading.Thread):
                     "type": "RuntimeError",
                     "message": "the worker process was gone; it is restarted"})
             return
+        for job in jobs:
+            phases.stamp(job.id, "e1 sent to worker")
         deadline = time.monotonic() + lim.job_timeout
         while True:
             cancelled = [j for j in waiting.values() if j.cancel_requested]
@@ -279,6 +290,9 @@ class Engine:
     def __init__(self, specs: list[str], limits: Limits | None = None) -> None:
         self.limits = limits or Limits()
         self.jobs: dict[str, Job] = {}
+        # This run of the server: the first 8 characters of every job id it gives, so that
+        # after a restart it can tell a job an earlier run lost from one that never was.
+        self.boot = uuid.uuid4().hex[:8]
         self.cond = threading.Condition()
         self.runners = [ModelRunner(self, spec) for spec in specs]
 
@@ -317,6 +331,12 @@ class Engine:
                 return i + 1
         return None
 
+    def lost(self, job_id: str) -> bool:
+        """Whether ``job_id`` is a job id an earlier run of this server gave (one this run
+        cannot know: it was lost when that run stopped)."""
+        return (len(job_id) == 32 and all(c in "0123456789abcdef" for c in job_id)
+                and not job_id.startswith(self.boot))
+
     def view(self, job: Job) -> dict:
         with self.cond:
             return job.view(self.position(job))
@@ -330,10 +350,16 @@ class Engine:
             raise LookupError(model)
         with self.cond:
             self._forget_old()
-            waiting = sum(1 for j in self.jobs.values() if j.key == key and j.status not in FINAL)
+            waiting = busy = 0
+            for j in self.jobs.values():
+                if j.status not in FINAL:
+                    waiting += j.key == key
+                    busy += j.model == model or j.model in runner.names
             if waiting >= self.limits.max_queued:
                 raise OverflowError(waiting)
-            job = Job(uuid.uuid4().hex, key, model, data)
+            if busy or runner.queue:
+                runner.busy_at = time.monotonic()
+            job = Job(self.boot + uuid.uuid4().hex[8:], key, model, data)
             self.jobs[job.id] = job
             runner.queue.append(job)
             job.push("status", job.view(len(runner.queue)))
@@ -354,7 +380,8 @@ class Engine:
     def _next_batch(self, runner: ModelRunner) -> list[Job]:
         """The next jobs to run together: the first waiting job, and those that come
         within ``batch_window`` seconds of it, up to ``batch_max_jobs`` (a job to run
-        alone goes on its own)."""
+        alone goes on its own).  The window is waited only while the model is busy (see
+        ``BUSY_MEMORY``)."""
         lim = self.limits
         with self.cond:
             if not runner.queue:
@@ -362,7 +389,9 @@ class Engine:
             if not runner.queue or runner.stopping:
                 return []
             batch = [runner.queue.popleft()]
-            if not batch[0].alone and lim.batch_max_jobs > 1:
+            busy = (runner.queue
+                    or time.monotonic() - getattr(runner, "busy_at", -1e9) < BUSY_MEMORY)
+            if not batch[0].alone and lim.batch_max_jobs > 1 and busy:
                 deadline = time.monotonic() + lim.batch_window
                 while len(batch) < lim.batch_max_jobs:
                     while (runner.queue and not runner.queue[0].alone
@@ -417,8 +446,10 @@ class Engine:
         if tag == b"P":
             self._event(job, "print", {"text": body.decode("utf-8", "replace")})
         elif tag == b"R":
+            phases.stamp(job.id, "e2 result received")
             del waiting[job.id]
             self._finish(job, "COMPLETED", result=bytes(body))
+            phases.stamp(job.id, "e3 finished, recorded")
         elif tag == b"E":
             del waiting[job.id]
             self._finish(job, "ERROR", error=json.loads(body))

@@ -128,7 +128,7 @@ class ResultStore:
                 continue
             ran = rec.get("status") == "RUNNING"
             rec.update(status="ERROR", finished=now, error={
-                "type": "RuntimeError",
+                "type": "JobLost",
                 "message": RESTARTED_RUNNING if ran else RESTARTED_QUEUED})
             self._write(os.path.join(self.root, name), json.dumps(rec).encode())
             count += 1
@@ -183,7 +183,7 @@ class Persistent:
                 if job.status not in FINAL:
                     ran = job.status == "RUNNING"
                     self._finish_locked(job, "ERROR", error={
-                        "type": "RuntimeError", "message": SHUTDOWN_RUNNING if ran
+                        "type": "JobLost", "message": SHUTDOWN_RUNNING if ran
                         else SHUTDOWN_QUEUED})
         super().close()
 
