@@ -36,10 +36,12 @@ def _start(extra: list[str]):
 
 
 def _message(prompt: str) -> bytes:
+    from compiler.version import compiler_version
     from runtime.remote import protocol
 
     trees, tensors = protocol.encode_values({"prompt": prompt})
-    head = {"protocol": protocol.PROTOCOL_VERSION, "compiler": "0", "model": "smollm2-135m",
+    head = {"protocol": protocol.PROTOCOL_VERSION, "compiler": compiler_version(),
+            "model": "smollm2-135m",
             "function": "job", "source": SOURCE, "filename": "bench.py", "first_line": 1,
             "block": 0, "values": trees}
     return protocol.pack(head, tensors)

@@ -90,7 +90,8 @@ import ast
 import keyword
 import re
 import unicodedata
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Mapping
+from typing import NamedTuple
 
 import libcst as cst
 
@@ -323,6 +324,7 @@ _WHY_ENVOY = ("a module of the model can only be navigated (`.mlp`, `[0]`), iter
 
 # Expression kinds.
 VALUE, ENVOY, TRACER, FUNC, CLASS = "value", "envoy", "tracer", "func", "class"
+HELPER = "helper"  # an @intervene helper shipped with the job: called only
 _NS = "ns:"  # + dotted namespace, e.g. "ns:torch.nn"
 
 # envoy-friendly builtins: their result holds the envoys they were given
@@ -334,6 +336,8 @@ class ValidationError(Exception):
     the client sent its first line, else in the text sent), ``col`` (from 0),
     ``construct`` (the refused source text or name) and a plain reason."""
 
+    filename: str | None = None  # set for a line in a helper's file (not the block's)
+
     def __init__(self, reason: str, line: int = 0, col: int = 0, construct: str = "") -> None:
         self.reason = reason
         self.line = line
@@ -342,6 +346,17 @@ class ValidationError(Exception):
         where = f"line {line}: " if line else ""
         what = f"`{construct}`: " if construct else ""
         super().__init__(f"{where}{what}{reason}")
+
+
+class HelperSource(NamedTuple):
+    """A helper shipped with a job: its source text (one function), the line of its
+    first line in its file, the file's name (for messages) and the names of the values
+    sent for it (the module constants and closure variables its body reads)."""
+
+    source: str
+    first_line: int = 1
+    filename: str = ""
+    free_names: frozenset[str] = frozenset()
 
 
 def module_names_of(module) -> frozenset[str]:
@@ -362,6 +377,7 @@ def validate_block(
     free_names: Collection[str] | None = None,
     module_names: Collection[str] | None = None,
     first_line: int = 1,
+    helpers: Mapping[str, HelperSource] | None = None,
 ) -> None:
     """Refuse block ``block_index`` of the function in ``source`` unless every part
     of it is allowed (see the module's docstring); return None when it is.
@@ -371,16 +387,50 @@ def validate_block(
     served model's submodule names (``module_names_of(model)``); without them a
     navigation is refused only for known non-module attributes.  ``first_line``:
     the line of ``source``'s first line in the user's file, for the messages.
+    ``helpers``: the ``@intervene`` helpers shipped with the job, by the name the
+    block calls them (see "Helpers" in the module's docstring); each is checked too.
     """
     if not isinstance(source, str) or not isinstance(block_index, int):
         raise ValidationError("a job needs its source text and a block number", first_line, 0,
                               "source")
-    for name in free_names or ():
+    helpers = dict(helpers or {})
+    _check_names(free_names or (), first_line, "a value was sent")
+    _check_names(helpers, first_line, "a helper was sent")
+    both = sorted(set(helpers) & set(free_names or ()))
+    if both:
+        raise ValidationError(f"`{both[0]}` was sent both as a value and as a helper",
+                              first_line, 0, both[0])
+    module, fn, positions = _parse_function(source, first_line)
+    blocks = [s for s in statements(fn) if isinstance(s, cst.With) and block_call(s) is not None]
+    if not 0 <= block_index < len(blocks):
+        raise ValidationError(
+            f"block {block_index} does not exist: `{fn.name.value}` has {len(blocks)} "
+            "trace block(s)", first_line, 0, "block index",
+        )
+    block = blocks[block_index]
+    inside = _bound_names(block)
+    if free_names is None:
+        free_names = _params(fn) | (_bound_names(fn) - inside)
+    names = None if module_names is None else frozenset(module_names)
+    checker = _Checker(positions, first_line, block, inside, frozenset(free_names), names,
+                       frozenset(helpers) - inside)
+    checker.run()
+    _check_compiles(source, module, positions, first_line, block_index, positions[block][0])
+    if helpers:
+        _check_helpers(helpers, checker.calls, names)
+
+
+def _check_names(names: Iterable, first_line: int, what: str) -> None:
+    for name in names:
         # The server writes these names into a function's parameters: plain names only.
         if not (isinstance(name, str) and name.isidentifier() and not keyword.iskeyword(name)
                 and unicodedata.normalize("NFKC", name) == name and not name.startswith("__")):
-            raise ValidationError(f"a value was sent under the name {name!r}, which is not a "
+            raise ValidationError(f"{what} under the name {name!r}, which is not a "
                                   "plain variable name", first_line, 0, str(name)[:60])
+
+
+def _parse_function(source: str, first_line: int) -> tuple[cst.Module, cst.FunctionDef, dict]:
+    """The checks before and while parsing; the one function the text must be."""
     size = len(source.encode("utf-8", "surrogatepass"))
     if size > MAX_SOURCE_BYTES:
         raise ValidationError(
@@ -407,20 +457,7 @@ def validate_block(
     if fn.asynchronous is not None:
         raise ValidationError("an `async def` cannot run remotely (the model runs "
                               "synchronously)", first_line, 0, "async def")
-    blocks = [s for s in statements(fn) if isinstance(s, cst.With) and block_call(s) is not None]
-    if not 0 <= block_index < len(blocks):
-        raise ValidationError(
-            f"block {block_index} does not exist: `{fn.name.value}` has {len(blocks)} "
-            "trace block(s)", first_line, 0, "block index",
-        )
-    block = blocks[block_index]
-    inside = _bound_names(block)
-    if free_names is None:
-        free_names = _params(fn) | (_bound_names(fn) - inside)
-    checker = _Checker(positions, first_line, block, inside, frozenset(free_names),
-                       None if module_names is None else frozenset(module_names))
-    checker.run()
-    _check_compiles(source, module, positions, first_line, block_index, positions[block][0])
+    return module, fn, positions
 
 
 # -- before parsing ------------------------------------------------------------
@@ -631,7 +668,8 @@ class _Checker:
     may hold envoys: a fixpoint over the block's bindings, errors ignored), then
     the block is walked once more and the first refused construct raises."""
 
-    def __init__(self, positions, first_line, block, inside, free, module_names) -> None:
+    def __init__(self, positions, first_line, block, inside, free, module_names,
+                 helpers: frozenset[str] = frozenset()) -> None:
         self.positions = positions
         self.first_line = first_line
         self.block = block
@@ -645,6 +683,9 @@ class _Checker:
         self.tracer = asname.name.value if asname is not None and isinstance(asname.name, cst.Name) else None
         self.envoy_names: set[str] = set()
         self.strict = False
+        self.helpers = helpers  # names of the helpers shipped with the job
+        self.calls: list = []  # (helper, [(keyword, star, kind) per argument], node)
+        self.recording = False  # note the helper calls (in the last pass)
 
     # -- reporting ---------------------------------------------------------
     def refuse(self, node: cst.CSTNode, construct: str, reason: str) -> None:
@@ -677,6 +718,7 @@ class _Checker:
                         f"variables (over {_MAX_PASSES} in a chain) to be checked: use the "
                         "module's path")
         self.strict = True
+        self.recording = True
         self.with_stmt(self.block, header=True)
 
     def _walk_with_recovery(self, node: cst.CSTNode) -> None:
@@ -1001,6 +1043,9 @@ class _Checker:
         if kind == TRACER and not owner:
             self.refuse(node, _text(node), "the tracer can only be used through its methods "
                         f"({', '.join(sorted(TRACER_ATTRS))})")
+        if kind == HELPER and not owner:
+            self.refuse(node, _text(node), "an @intervene helper can only be called in remote "
+                        "blocks (`helper(model, ...)`), not passed on or bound to a variable")
         if kind == CLASS and not (owner or class_ok):
             self.refuse(node, _text(node), "a class can only be used in isinstance() in "
                         "remote blocks")
@@ -1014,7 +1059,7 @@ class _Checker:
         if isinstance(node, cst.Subscript):
             owner = self.expr(node.value, owner=True)
             self.slices(node)
-            if owner.startswith(_NS) or owner == TRACER:
+            if owner.startswith(_NS) or owner in (TRACER, HELPER):
                 self.refuse(node, _text(node), "this cannot be indexed in remote blocks")
             return ENVOY if owner == ENVOY else VALUE
         if isinstance(node, cst.Call):
@@ -1136,13 +1181,16 @@ class _Checker:
             # before the values sent: a value sent under a builtin's name is plain data,
             # which can do less than the builtin
             return FUNC
+        if name in self.helpers:
+            return HELPER
         if name in self.free:
             return VALUE
         if quiet:
             return VALUE
         self.refuse(node, name, f"`{name}` is not defined in the block and its value was not "
                     "sent with the job; a remote block can use its own variables, the values "
-                    f"sent, `{self.model}`, `torch`, `math` and common builtins (len, range, "
+                    f"sent, {f'`{self.model}`, ' if self.model else 'the helpers sent, '}"
+                    "`torch`, `math` and common builtins (len, range, "
                     "zip, print...)")
         return VALUE
 
@@ -1161,7 +1209,7 @@ class _Checker:
                         f"blocks (allowed: {', '.join(sorted(TRACER_ATTRS))})")
         if owner.startswith(_NS):
             return self.namespace_attribute(node, owner[len(_NS):], attr)
-        if owner in (FUNC, CLASS):
+        if owner in (FUNC, CLASS, HELPER):
             self.refuse(node.attr, attr, f"attributes of `{_text(node.value)}` are not "
                         "allowed in remote blocks")
         if attr in VALUE_ATTRS:
@@ -1183,6 +1231,10 @@ class _Checker:
             return ENVOY
         if attr in _STATE_NAMES:
             self.refuse(node.attr, attr, _WHY_STATE)
+        if attr == "source" and (self.module_names is None or attr not in self.module_names):
+            self.refuse(node.attr, attr, "`.source` (a module's forward operations) is not "
+                        "available in remote blocks yet: read the module's own `.output` / "
+                        "`.input`, or run this block locally")
         if self.module_names is not None:
             if attr in self.module_names:
                 return ENVOY
@@ -1197,7 +1249,7 @@ class _Checker:
     def save_call(self, node: cst.Call, func: cst.Attribute) -> str:
         """``x.save()``: the compiler's own marker (rewritten, never a method call)."""
         owner = self.expr(func.value, owner=True)
-        if owner.startswith(_NS) or owner in (TRACER, FUNC, CLASS):
+        if owner.startswith(_NS) or owner in (TRACER, FUNC, CLASS, HELPER):
             self.attribute(func)  # `torch.save(...)`: refused as the attribute it is
         if node.args:
             self.refuse(node, _text(node), "`.save()` takes no arguments (it keeps the value "
@@ -1235,6 +1287,8 @@ class _Checker:
                         "torch.tensor")
         elif fkind.startswith(_NS) or fkind == TRACER:
             self.refuse(node, _text(node), "this cannot be called in remote blocks")
+        elif fkind == HELPER:
+            envoy_args = True  # the helper is checked with what each parameter gets
         elif fkind == FUNC and isinstance(func, cst.Name):
             if func.value == "len":
                 envoy_args = True
@@ -1248,6 +1302,193 @@ class _Checker:
                     self.generate_arg(arg)
         kinds = [self.expr(arg.value, envoy_ok=envoy_args, class_ok=class_args and i == 1)
                  for i, arg in enumerate(node.args)]
+        if fkind == HELPER and self.recording:
+            self.calls.append((func.value, [
+                (a.keyword.value if a.keyword is not None else None, a.star, k)
+                for a, k in zip(node.args, kinds)], node))
         if result is None:
             result = ENVOY if ENVOY in kinds else VALUE
         return result
+
+
+# -- helpers ---------------------------------------------------------------------
+
+
+def _check_helpers(helpers: dict[str, HelperSource], calls: list,
+                   module_names: frozenset[str] | None) -> None:
+    """Check every helper shipped with a job.  Which parameters may hold modules
+    comes from the calls (the block's and the helpers' own): a parameter given a
+    module anywhere is a module in the helper's check, every other one a value.
+    A helper is checked again when one of its parameters newly gets a module,
+    until nothing changes (parameters only ever gain modules, so this ends)."""
+    parsed = {}
+    for name, spec in helpers.items():
+        if not isinstance(spec, HelperSource):
+            spec = HelperSource(*spec)
+        try:
+            _module, fn, positions = _parse_function(spec.source, spec.first_line)
+            if _has_block(fn):
+                raise ValidationError(
+                    "a helper shipped with a remote block cannot have a block of its own",
+                    spec.first_line, 0, f"def {fn.name.value}")
+            _check_names(spec.free_names, spec.first_line, "a value was sent")
+            if name in _PROVIDED:
+                raise ValidationError(f"`{name}` is provided by the server: a helper cannot "
+                                      "be called so in a remote block", spec.first_line, 0,
+                                      name)
+        except ValidationError as exc:
+            raise _in_helper(exc, name, spec) from None
+        parsed[name] = (spec, fn, positions)
+    envoys: dict[str, set[str]] = {name: set() for name in parsed}
+
+    def apply(found: list) -> set[str]:
+        """Mark the parameters given modules by ``found`` calls; the helpers changed."""
+        changed = set()
+        for callee, args, _node in found:
+            if callee not in parsed:
+                continue
+            got = _params_given_modules(parsed[callee][1], args)
+            if not got <= envoys[callee]:
+                envoys[callee] |= got
+                changed.add(callee)
+        return changed
+
+    def checker(name: str) -> _HelperChecker:
+        spec, fn, positions = parsed[name]
+        return _HelperChecker(positions, spec.first_line, fn, frozenset(spec.free_names),
+                              module_names, frozenset(parsed) - frozenset(spec.free_names),
+                              envoys[name])
+
+    apply(calls)
+    # First what each parameter gets (no error yet: a refusal may only mean that a
+    # parameter's module is not known yet), then each helper's strict check.
+    todo = list(parsed)
+    for _ in range(sum(len(_params(f)) for _s, f, _p in parsed.values()) + len(parsed) + 1):
+        if not todo:
+            break
+        name = todo.pop()
+        found = checker(name)
+        found.run(strict=False)
+        todo.extend(h for h in apply(found.calls) if h not in todo)
+    for name, (spec, _fn, _positions) in parsed.items():
+        found = checker(name)
+        try:
+            found.run(strict=True)
+        except ValidationError as exc:
+            raise _in_helper(exc, name, spec) from None
+        if apply(found.calls):  # pragma: no cover - the first loop saw these calls
+            raise ValidationError("the helpers pass modules to each other in ways that "
+                                  "cannot be checked", spec.first_line, 0, name)
+
+
+_PROVIDED = frozenset({"torch", "math", "save"}) | SAFE_BUILTINS | FORBIDDEN_NAMES | CONSTANT_NAMES
+
+
+def _has_block(fn: cst.FunctionDef) -> bool:
+    return any(isinstance(s, cst.With) and block_call(s) is not None for s in statements(fn))
+
+
+def _in_helper(exc: ValidationError, name: str, spec: HelperSource) -> ValidationError:
+    """``exc`` as an error of the helper ``name`` (its own file and line)."""
+    out = ValidationError(f"{exc.reason} (in the helper `{name}`"
+                          f"{f', {spec.filename}' if spec.filename else ''})",
+                          exc.line, exc.col, exc.construct)
+    out.filename = spec.filename or None
+    return out
+
+
+def _params_given_modules(fn: cst.FunctionDef, args: list) -> set[str]:
+    """The parameters of ``fn`` that a call with ``args`` ((keyword, star, kind) each)
+    may give a module (conservatively, for ``*``/``**`` arguments)."""
+    p = fn.params
+    positional = [x.name.value for x in (*p.posonly_params, *p.params)]
+    keywords = {x.name.value for x in (*p.params, *p.kwonly_params)}
+    star = p.star_arg.name.value if isinstance(p.star_arg, cst.Param) else None
+    star_kw = p.star_kwarg.name.value if isinstance(p.star_kwarg, cst.Param) else None
+    out: set[str] = set()
+    at, unsure = 0, False  # after a `*` argument, positions are not known
+    for kw, st, kind in args:
+        envoy = kind == ENVOY
+        if st == "*":
+            unsure = True
+            if envoy:
+                out.update(positional[at:])
+                out.update([star] if star else ())
+        elif st == "**":
+            if envoy:
+                out.update(positional, keywords, [star_kw] if star_kw else ())
+        elif kw is None:
+            if envoy:
+                if unsure:
+                    out.update(positional[at:])
+                    out.update([star] if star else ())
+                elif at < len(positional):
+                    out.add(positional[at])
+                elif star:
+                    out.add(star)
+            at += 1
+        elif envoy:
+            out.add(kw if kw in keywords else star_kw or kw)
+    return out
+
+
+class _HelperChecker(_Checker):
+    """Walks a helper's body with the block's rules, plus ``return`` of values; its
+    parameters are values, or modules where ``envoy_params`` says a call gives one.
+    Its decorators, defaults and annotations are not checked: the server never
+    evaluates them (it builds the function from the compiled code alone, with the
+    defaults sent as values)."""
+
+    def __init__(self, positions, first_line, fn, free, module_names, helpers,
+                 envoy_params) -> None:
+        self.positions = positions
+        self.first_line = first_line
+        self.block = fn
+        self.call = None
+        self.params = _params(fn)
+        self.inside = self.params | {n for st in fn.body.body for n in _bound_names(st)}
+        self.free = free
+        self.module_names = module_names
+        self.model = None
+        self.tracer = None
+        self.item_index = None
+        self.envoy_names = set(envoy_params)
+        self.strict = False
+        self.helpers = helpers - self.inside
+        self.calls = []
+        self.recording = False
+
+    def run(self, strict: bool = True) -> None:
+        """``strict``: refuse the first construct not allowed; else only find the
+        calls of helpers (with what each argument is), refusing nothing."""
+        self.strict = strict
+        p = self.block.params
+        for param in (*p.posonly_params, *p.params, *p.kwonly_params, p.star_arg, p.star_kwarg):
+            if isinstance(param, cst.Param) and strict:
+                self.bind_name(param.name, VALUE)  # not a name the server provides
+        self.strict = False
+        for _ in range(_MAX_PASSES):
+            before = set(self.envoy_names)
+            self._walk_with_recovery(self.block)
+            if self.envoy_names == before:
+                break
+        else:
+            self.strict = True
+            self.refuse(self.block, "aliases", "the helper passes modules through too many "
+                        f"variables (over {_MAX_PASSES} in a chain) to be checked: use the "
+                        "module's path")
+        self.calls = []
+        self.recording = True
+        if strict:
+            self.strict = True
+            self.body(self.block.body)
+        else:
+            self._walk_with_recovery(self.block)
+
+    def small(self, node: cst.BaseSmallStatement) -> None:
+        if not isinstance(node, cst.Return):
+            super().small(node)
+        elif node.value is not None and self.expr(node.value, envoy_ok=True) == ENVOY:
+            self.refuse(node.value, _text(node.value), "a helper called from a remote block "
+                        "returns values, not modules: return the module's `.output` (or "
+                        "navigate to the module in the block)")

@@ -12,6 +12,7 @@ import torch
 from fastapi.testclient import TestClient
 from security.corpus import ENTRIES, HARMLESS, job
 
+from compiler.version import compiler_version
 from runtime.remote import protocol
 from runtime.serve import Engine, Limits, create_app
 
@@ -25,7 +26,8 @@ ERROR_WITH_TENSOR_PROMPT = {"fstring_spec": "TypeError"}
 def message(entry: dict, **override) -> bytes:
     values = {k: (IDS if k == "prompt" else v) for k, v in entry["free"].items()}
     trees, tensors = protocol.encode_values(values)
-    head = {"protocol": protocol.PROTOCOL_VERSION, "compiler": "0", "model": "tiny-llama",
+    head = {"protocol": protocol.PROTOCOL_VERSION, "compiler": compiler_version(),
+            "model": "tiny-llama",
             "function": "job", "source": entry["source"], "filename": "job.py",
             "first_line": 1, "block": entry["block"], "values": trees}
     head.update({k: v for k, v in override.items() if k != "api_key"})

@@ -35,7 +35,10 @@ ANONYMOUS = "anonymous"
 def _versions() -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
-    out = {"python": platform.python_version(), "protocol": protocol.PROTOCOL_VERSION}
+    from compiler.version import compiler_version
+
+    out = {"python": platform.python_version(), "protocol": protocol.PROTOCOL_VERSION,
+           "compiler": compiler_version()}  # a job must have been compiled by this version
     for pkg in ("intervene", "torch", "transformers"):
         try:
             out[pkg] = version(pkg)

@@ -20,10 +20,13 @@ import math
 import traceback
 from typing import Any
 
+from compiler.version import compiler_version
+
 from ..remote import protocol
 from ..remote.protocol import PROTOCOL_VERSION
 
-MAX_SOURCE = 64 * 1024
+MAX_SOURCE = 64 * 1024  # the block's function and its helpers, together
+MAX_HELPERS = 64
 
 _SAFE_BUILTINS = ["abs", "all", "any", "bool", "bytes", "callable", "chr", "complex", "dict", "divmod", "enumerate", "filter", "float", "frozenset", "hash", "hex", "int", "isinstance", "issubclass", "iter", "len", "list", "map", "max", "min", "next", "oct", "ord", "pow", "range", "repr", "reversed", "round", "set", "slice", "sorted", "str", "sum", "tuple", "zip", "True", "False", "None", "Ellipsis", "NotImplemented"]
 
@@ -47,13 +50,32 @@ def _builtins(print_fn) -> dict:
     return out
 
 
-def validate(source: str, index: int, free_names, module, first_line: int) -> None:
+def validate(source: str, index: int, free_names, module, first_line: int,
+             helpers: dict | None = None) -> None:
     """The server's allowlist check (``compiler.validate``), against the names sent
-    and the served model's module names."""
+    and the served model's module names; ``helpers``: ``{name: HelperSource}``."""
     from compiler.validate import module_names_of, validate_block
 
     validate_block(source, index, free_names=free_names, module_names=module_names_of(module),
-                   first_line=first_line)
+                   first_line=first_line, helpers=helpers)
+
+
+def check_compiler(client: Any) -> None:
+    """The job's compiler version must be this server's: the block's index, its free
+    names and its helper calls are the client's compiler's reading of the source, and
+    the server recompiles it with its own (a different version may read it otherwise)."""
+    ours = compiler_version()
+    if client == ours:
+        return
+    theirs = "an unknown version" if not isinstance(client, str) or not client else (
+        f"version {client[:40]}")
+    raise JobError(
+        "VersionError",
+        f"the client's intervene compiler is {theirs} and this server's is version {ours}: "
+        "the server recompiles every block with its own compiler, so both must be the same "
+        f"version; install intervene {ours} on the client (`pip install intervene=={ours}`), "
+        "or ask the server's operator to run the client's version",
+    )
 
 
 def check_header(header: dict, models: dict | None = None) -> None:
@@ -64,12 +86,26 @@ def check_header(header: dict, models: dict | None = None) -> None:
             f"the client speaks protocol {header.get('protocol')!r} and this server "
             f"{PROTOCOL_VERSION}: use the same intervene version on both sides",
         )
+    check_compiler(header.get("compiler"))
     source = header.get("source")
     if not isinstance(source, str) or not source.strip():
         raise JobError("ProtocolError", "the job has no source text")
-    if len(source.encode("utf-8")) > MAX_SOURCE:
+    size = len(source.encode("utf-8", "surrogatepass"))
+    helpers = header.get("helpers", {})
+    if not isinstance(helpers, dict) or len(helpers) > MAX_HELPERS:
+        raise JobError("ProtocolError", f"the job's helpers are not a list of at most "
+                       f"{MAX_HELPERS} functions")
+    for name, h in helpers.items():
+        if not (isinstance(h, dict) and isinstance(h.get("source"), str)
+                and isinstance(h.get("filename"), str) and isinstance(h.get("first_line"), int)
+                and h["first_line"] >= 1 and isinstance(h.get("values", {}), dict)):
+            raise JobError("ProtocolError", f"the helper {str(name)[:60]!r} has no source, "
+                           "file, first line or values")
+        size += len(h["source"].encode("utf-8", "surrogatepass"))
+    if size > MAX_SOURCE:
         raise JobError("ValueError", f"the source is over {MAX_SOURCE // 1024} KiB; send a "
-                       "smaller function (only the function with the block is sent)")
+                       "smaller function (only the function with the block, and the "
+                       "helpers it calls, are sent)")
     if not isinstance(header.get("block"), int) or header["block"] < 0:
         raise JobError("ProtocolError", "the job has no block index")
     for key in ("filename", "function", "model"):
@@ -107,16 +143,25 @@ def _block_function(source, block) -> tuple[str, int]:
 _COMPILED: dict = {}
 
 
-def _compile_block(header: dict, values: dict, root):
-    """Validate the job's block, then compile it alone: ``(Compiled, plan Block)``."""
+def _compile_block(header: dict, values: dict, root, helper_values: dict):
+    """Validate the job's block and its helpers, then compile the block alone and each
+    helper: ``(Compiled, plan Block, {helper: Compiled})``."""
     from compiler.codegen import compile_source
     from compiler.parse import Source
+    from compiler.validate import HelperSource
 
     filename = header["filename"]
     index = header["block"]
     src = Source(header["source"], filename, header["first_line"], 0)
+    shipped = header.get("helpers") or {}
+    specs = {name: HelperSource(h["source"], h["first_line"], h["filename"],
+                                frozenset(helper_values[name][0]))
+             for name, h in shipped.items()}
     # The allowlist first: nothing else (not even our compiler) sees a refused source.
-    validate(header["source"], index, frozenset(values), root._module, src.first_line)
+    validate(header["source"], index, frozenset(values), root._module, src.first_line, specs)
+    names = frozenset(specs)  # a call of one of these in a lane runs it in the lane
+    helpers = {name: compile_source(Source(h.source, h.filename, h.first_line, 0), (), names)
+               for name, h in specs.items()}
     plan = compile_source(src).plan
     if index >= len(plan.blocks):
         raise JobError("ValueError", f"the function has no block {index}")
@@ -129,19 +174,41 @@ def _compile_block(header: dict, values: dict, root):
         raise JobError("ValueError", f"`{block.model}` is the served model; it cannot be sent")
     names = [block.model, *sorted(values)]
     text = f"def remote_block({', '.join(names)}):\n{body}    return __iv_locals()\n"
-    return compile_source(Source(text, filename, first, 0)), block
+    return compile_source(Source(text, filename, first, 0), (), frozenset(specs)), block, helpers
 
 
 class Prepared:
-    """A job ready to run: its compiled block and the values sent."""
+    """A job ready to run: its compiled block, the values sent and its helpers
+    (``{name: (Compiled, values, defaults, kwdefaults)}``)."""
 
-    __slots__ = ("block", "compiled", "filename", "values")
+    __slots__ = ("block", "compiled", "filename", "helpers", "values")
 
-    def __init__(self, compiled, block, values: dict, filename: str) -> None:
+    def __init__(self, compiled, block, values: dict, filename: str,
+                 helpers: dict | None = None) -> None:
         self.compiled = compiled
         self.block = block
         self.values = values
         self.filename = filename
+        self.helpers = helpers or {}
+
+
+def _helper_values(header: dict, tensors: dict) -> dict:
+    """``{helper: (values, defaults, kwdefaults)}`` decoded from the job."""
+    out = {}
+    for name, h in (header.get("helpers") or {}).items():
+        values = protocol.decode_values(h.get("values", {}), tensors)
+        defaults = kwdefaults = None
+        if h.get("defaults") is not None:
+            defaults = protocol.decode(h["defaults"], tensors)
+            if not isinstance(defaults, tuple):
+                raise protocol.ProtocolError(f"the defaults of helper {name!r} are not a tuple")
+        if h.get("kwdefaults") is not None:
+            kwdefaults = protocol.decode(h["kwdefaults"], tensors)
+            if not (isinstance(kwdefaults, dict) and all(isinstance(k, str) for k in kwdefaults)):
+                raise protocol.ProtocolError(f"the keyword defaults of helper {name!r} are not "
+                                             "a dict of names")
+        out[name] = (values, defaults, kwdefaults)
+    return out
 
 
 def prepare_job(root, header: dict, tensors: dict) -> Prepared:
@@ -151,15 +218,19 @@ def prepare_job(root, header: dict, tensors: dict) -> Prepared:
     filename = header["filename"]
     try:
         values = protocol.decode_values(header.get("values", {}), tensors)
+        helper_values = _helper_values(header, tensors)
         key = (header["source"], header["block"], header["first_line"], filename,
-               tuple(sorted(values)))
+               tuple(sorted(values)),
+               tuple(sorted((n, h["source"], h["filename"], h["first_line"],
+                             tuple(sorted(helper_values[n][0])))
+                            for n, h in (header.get("helpers") or {}).items())))
         got = _COMPILED.get(key)
         if got is None:
-            got = _compile_block(header, values, root)
+            got = _compile_block(header, values, root, helper_values)
             _COMPILED[key] = got
             while len(_COMPILED) > 64:
                 _COMPILED.pop(next(iter(_COMPILED)))
-        compiled, block = got
+        compiled, block, helpers = got
     except CompileError as exc:
         raise JobError("CompileError", str(exc.msg), exc.lineno, exc.filename) from None
     except protocol.ProtocolError as exc:
@@ -170,8 +241,10 @@ def prepare_job(root, header: dict, tensors: dict) -> Prepared:
         raise
     except Exception as exc:  # noqa: BLE001 - the validator's ValidationError (line, construct)
         raise JobError(type(exc).__name__, str(exc), getattr(exc, "line", None) or None,
-                       filename, construct=getattr(exc, "construct", None)) from None
-    return Prepared(compiled, block, values, filename)
+                       getattr(exc, "filename", None) or filename,
+                       construct=getattr(exc, "construct", None)) from None
+    return Prepared(compiled, block, values, filename,
+                    {n: (c, *helper_values[n]) for n, c in helpers.items()})
 
 
 def build_function(job: Prepared, print_fn, handle=None):
@@ -181,9 +254,35 @@ def build_function(job: Prepared, print_fn, handle=None):
            "__iv_locals": locals, "__name__": "__remote__"}
     exec(compile("def remote_block(): pass", job.filename, "exec"), glb)  # noqa: S102 - a constant stub
     original = glb.pop("remote_block")
+    if job.helpers:
+        glb.update(_build_helpers(job, glb))
     if handle is None:
         handle = _ServerHandle(job.compiled.plan, job.compiled.source)
     return job.compiled.build(handle, original)
+
+
+def _build_helpers(job: Prepared, base: dict) -> dict:
+    """The job's helpers as the block calls them: each compiled by this server, built
+    with globals of its own (the server's builtins, ``torch``, ``math``, the values
+    sent for it, the other helpers) and the defaults sent, never evaluated here."""
+    from compiler import _helper
+
+    built: dict = {}
+    spaces = []
+    for name, (compiled, values, defaults, kwdefaults) in job.helpers.items():
+        glb = {**base, "__name__": "__remote_helper__"}
+        exec(compile("def remote_helper(): pass", compiled.source.filename, "exec"), glb)  # noqa: S102 - a constant stub
+        stub = glb.pop("remote_helper")
+        stub.__defaults__ = defaults
+        stub.__kwdefaults__ = kwdefaults
+        fn = compiled.build(_ServerHandle(compiled.plan, compiled.source), stub)
+        fn.__name__ = fn.__qualname__ = compiled.name
+        built[name] = _helper(fn, compiled) if compiled.helper else fn
+        spaces.append((glb, values))
+    for glb, values in spaces:
+        glb.update(built)
+        glb.update(values)  # its own module's values first, as in its file
+    return built
 
 
 def job_error(exc: BaseException, filename: str) -> JobError:
