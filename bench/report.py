@@ -84,6 +84,11 @@ METHOD = """\
   unlike `tracemalloc` (tensor storage is allocated outside Python's allocator).
   Python's own heap (lanes, frames, bookkeeping) is reported beside it, from
   `tracemalloc`, for information. Median of 3 measurements.
+- **Remote** (case 8, `bench/remote.py`) starts `python -m runtime.serve` on 127.0.0.1
+  (tiny Llama and the default model, one torch thread) and times a trace block saving one
+  layer output through it, against the same block run locally with intervene (the
+  plain-hooks column of those rows), interleaved round by round; ratio and added
+  milliseconds are paired per round. Skipped, with a note, without the serve extra.
 """
 
 

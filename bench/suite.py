@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="fewer repetitions and 8 generated tokens (about a minute)")
     parser.add_argument("--only", default="",
                         help="comma-separated cases: fixed, scaling, model, generate, "
-                             "compile, memory, source")
+                             "compile, memory, source, remote")
     parser.add_argument("--write", action="store_true", help="write RESULTS.md even if quick")
     parser.add_argument("--no-write", action="store_true", help="print only")
     args = parser.parse_args(argv)
@@ -53,6 +53,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from . import report, timing
     from .cases import CASES, Config
+    from .remote import remote_case
+
+    CASES = {**CASES, "remote": remote_case}  # the case table, and the remote case
 
     names = [n.strip() for n in args.only.split(",") if n.strip()] or list(CASES)
     unknown = [n for n in names if n not in CASES]
