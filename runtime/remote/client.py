@@ -26,8 +26,11 @@ import time
 import types
 from typing import Any
 
+from compiler.version import compiler_version  # sent; the server checks it
+
 from ..tracer import Tracer
 from . import phases, protocol
+from .helpers import encode_job_values
 from .protocol import PROTOCOL_VERSION, UnsendableError
 
 FINAL = ("COMPLETED", "ERROR", "CANCELLED")
@@ -42,16 +45,6 @@ class RemoteError(RuntimeError):
         super().__init__(message)
         self.type_name = type_name
         self.line = line
-
-
-@functools.cache
-def compiler_version() -> str:
-    try:
-        from importlib.metadata import version
-
-        return version("intervene")
-    except Exception:  # noqa: BLE001 # pragma: no cover - not installed as a package
-        return "0"
 
 
 def remote_tracer(handle, model, kind: str, index: int, args: tuple, kwargs: dict, frame):
@@ -140,8 +133,8 @@ def request_for(tracer: RemoteTracer) -> bytes:
             f"(`model.{block.kind}(...)`), not `{block.model}`"
         )
     values, labels = free_values(tracer)
-    try:
-        trees, tensors = protocol.encode_values(values, labels)
+    try:  # @intervene helpers the block calls travel as source (runtime/remote/helpers.py)
+        trees, tensors, helpers = encode_job_values(values, labels)
     except UnsendableError as exc:
         raise UnsendableError(
             f"line {block.line}: the remote block cannot send {exc}; compute it inside the "
@@ -157,10 +150,9 @@ def request_for(tracer: RemoteTracer) -> bytes:
         "first_line": src.first_line,
         "block": block.index,
         "values": trees,
-        # what the client binds after the block: its saves, and in a session the values a
-        # later trace reads (the server, compiling the block alone, cannot know those)
-        "saved": list(block.saved),
     }
+    if helpers:
+        header["helpers"] = helpers
     return protocol.pack(header, tensors)
 
 
