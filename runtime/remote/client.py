@@ -150,6 +150,9 @@ def request_for(tracer: RemoteTracer) -> bytes:
         "first_line": src.first_line,
         "block": block.index,
         "values": trees,
+        # what the client binds after the block: its saves, and in a session the values a
+        # later trace reads (the server, compiling the block alone, cannot know those)
+        "saved": list(block.saved),
     }
     if helpers:
         header["helpers"] = helpers

@@ -118,9 +118,9 @@ def check_header(header: dict, models: dict | None = None) -> None:
                        f"it serves: {', '.join(sorted(models)) or 'none'}")
 
 
-def _block_function(source, block) -> tuple[str, int]:
+def _block_function(source, block, pad: str = "    ") -> tuple[str, int]:
     """The block alone, as the body of ``remote_block(model, <free>...)``: its text and
-    the first line (in the user's file) of that text."""
+    the first line (in the user's file) of that text; ``pad``: its indentation."""
     lines = source.text.splitlines(keepends=True)
     first = block.line - source.first_line  # 0-based in the text
     last = block.end_line - source.first_line
@@ -133,7 +133,7 @@ def _block_function(source, block) -> tuple[str, int]:
             ln = ln[len(indent):]
         elif ln.strip():
             ln = ln.lstrip()
-        out.append("    " + ln if ln.strip() else ln)
+        out.append(pad + ln if ln.strip() else ln)
     if not out[-1].endswith("\n"):
         out[-1] += "\n"
     return "".join(out), block.line - 1
@@ -143,7 +143,8 @@ def _block_function(source, block) -> tuple[str, int]:
 _COMPILED: dict = {}
 
 
-def _compile_block(header: dict, values: dict, root, helper_values: dict):
+def _compile_block(header: dict, values: dict, root, helper_values: dict,
+                   wanted: tuple[str, ...] = ()):
     """Validate the job's block and its helpers, then compile the block alone and each
     helper: ``(Compiled, plan Block, {helper: Compiled})``."""
     from compiler.codegen import compile_source
@@ -174,22 +175,45 @@ def _compile_block(header: dict, values: dict, root, helper_values: dict):
         raise JobError("ValueError", f"`{block.model}` is the served model; it cannot be sent")
     names = [block.model, *sorted(values)]
     text = f"def remote_block({', '.join(names)}):\n{body}    return __iv_locals()\n"
-    return compile_source(Source(text, filename, first, 0), (), frozenset(specs)), block, helpers
+    compiled = compile_source(Source(text, filename, first, 0), (), frozenset(specs))
+    flows = [n for n in wanted if n not in compiled.plan.blocks[0].saved and n not in values
+             and n != block.model]
+    if flows and block.line >= 3:
+        # In a session a later trace reads this block's variables without `.save()`; the
+        # block alone would keep them local to its lanes.  The same session, with a later
+        # trace reading them (never run), keeps them, as the client's compiler did.
+        body, first = _block_function(src, block, " " * 8)
+        reads = ", ".join(flows)
+        text = (f"def remote_block({', '.join(names)}):\n"
+                f"    with {block.model}.session():\n{body}"
+                f"        if False:\n            with {block.model}.trace(None):\n"
+                f"                ({reads},)\n    return __iv_locals()\n")
+        compiled = compile_source(Source(text, filename, first - 1, 0), (), frozenset(specs))
+    return compiled, block, helpers
 
 
 class Prepared:
     """A job ready to run: its compiled block, the values sent and its helpers
     (``{name: (Compiled, values, defaults, kwdefaults)}``)."""
 
-    __slots__ = ("block", "compiled", "filename", "helpers", "values")
+    __slots__ = ("block", "compiled", "filename", "helpers", "values", "wanted")
 
     def __init__(self, compiled, block, values: dict, filename: str,
-                 helpers: dict | None = None) -> None:
+                 helpers: dict | None = None, wanted: tuple = ()) -> None:
         self.compiled = compiled
         self.block = block
         self.values = values
         self.filename = filename
         self.helpers = helpers or {}
+        self.wanted = wanted  # the variables the client binds after the block
+
+
+def _wanted(header: dict) -> tuple[str, ...]:
+    names = header.get("saved", [])
+    if not (isinstance(names, list) and len(names) <= 4096 and all(
+            isinstance(n, str) and n.isidentifier() and not n.startswith("__") for n in names)):
+        raise protocol.ProtocolError("the job's saved names are not a list of variable names")
+    return tuple(names)
 
 
 def _helper_values(header: dict, tensors: dict) -> dict:
@@ -219,14 +243,15 @@ def prepare_job(root, header: dict, tensors: dict) -> Prepared:
     try:
         values = protocol.decode_values(header.get("values", {}), tensors)
         helper_values = _helper_values(header, tensors)
+        wanted = _wanted(header)
         key = (header["source"], header["block"], header["first_line"], filename,
-               tuple(sorted(values)),
+               tuple(sorted(values)), wanted,
                tuple(sorted((n, h["source"], h["filename"], h["first_line"],
                              tuple(sorted(helper_values[n][0])))
                             for n, h in (header.get("helpers") or {}).items())))
         got = _COMPILED.get(key)
         if got is None:
-            got = _compile_block(header, values, root, helper_values)
+            got = _compile_block(header, values, root, helper_values, wanted)
             _COMPILED[key] = got
             while len(_COMPILED) > 64:
                 _COMPILED.pop(next(iter(_COMPILED)))
@@ -244,7 +269,7 @@ def prepare_job(root, header: dict, tensors: dict) -> Prepared:
                        getattr(exc, "filename", None) or filename,
                        construct=getattr(exc, "construct", None)) from None
     return Prepared(compiled, block, values, filename,
-                    {n: (c, *helper_values[n]) for n, c in helpers.items()})
+                    {n: (c, *helper_values[n]) for n, c in helpers.items()}, wanted)
 
 
 def build_function(job: Prepared, print_fn, handle=None):
@@ -311,7 +336,10 @@ def encode_reply(job: Prepared, scope: dict, max_result: int) -> bytes:
     from ..tracer import Tracer
 
     compiled, block, values, filename = job.compiled, job.block, job.values, job.filename
-    saved = compiled.plan.blocks[0].saved
+    # The block's saves, and what the client's compiler says it binds after the block (in
+    # a session, a later trace's reads of this one's variables): the block's own variables.
+    saved = [*compiled.plan.blocks[0].saved,
+             *(n for n in job.wanted if n not in values and n != block.model)]
     out: dict = {}
     labels: dict = {}
     for name in saved:
