@@ -553,10 +553,10 @@ def compile_cost(cfg: Config) -> Outcome:
     except Exception as exc:  # noqa: BLE001
         error = _describe(exc)
     row = Row(case, f"decoration: intervene(fn), median of {reps}", unit="ms",
-              target="< 30 ms")
+              target="< 60 ms")
     if times:
         row.ours = timing.median(times)
-        row.status = "PASS" if row.ours < 30 else "MISS"
+        row.status = "PASS" if row.ours < 60 else "MISS"
         row.note = f"min {min(times):.1f} ms, max {max(times):.1f} ms; plain hooks compile nothing"
     else:
         row.status, row.note = "n/a", f"ours: {error}"

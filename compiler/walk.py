@@ -26,11 +26,24 @@ def transform(transformer: cst.CSTTransformer, node: cst.CSTNode):
     return node.visit(transformer)
 
 
+class _Wrapper(meta.MetadataWrapper):
+    """``resolve`` runs a batched traversal for the batchable providers it resolves,
+    even when there is none (``PositionProvider`` is not batchable, it generates the
+    code once): that traversal visits nothing and costs as much as the positions
+    themselves, so it is skipped.  Should libcst stop calling ``visit_batched`` there,
+    this override is merely unused."""
+
+    def visit_batched(self, visitors, before_visit=None, after_leave=None):
+        if not visitors and before_visit is None and after_leave is None:
+            return self.module
+        return super().visit_batched(visitors, before_visit, after_leave)
+
+
 def positions(module: cst.Module) -> dict[cst.CSTNode, Span]:
     """``node -> (first line, first column, last line, end column)`` for every node
     of ``module`` (lines from 1, columns from 0), from ``PositionProvider``.  The
     nodes are ``module``'s own (no copy is made)."""
-    ranges = meta.MetadataWrapper(module, unsafe_skip_copy=True).resolve(meta.PositionProvider)
+    ranges = _Wrapper(module, unsafe_skip_copy=True).resolve(meta.PositionProvider)
     return {node: (r.start.line, r.start.column, r.end.line, r.end.column)
             for node, r in ranges.items()}
 
