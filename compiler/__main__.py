@@ -30,12 +30,14 @@ SHOW_PLAN_EPILOG = """\
 columns of the text form:
   order       the checkpoint's place in its block (the order the code asks in)
   line        the source line that asks
-  module      the module path as written, relative to the traced model;
-              "(dynamic)" when it depends on a variable (a loop variable, an index)
+  module      the module path as written (model.model.layers[5]), the spelling
+              errors and cache keys use too; "(dynamic)" when it depends on a
+              variable (a loop variable, an index)
   value       output, input, inputs (args and kwargs) or grad
   access      read, write (assigned) or inplace (changed in place), and "save"
               when the value is kept after the block
-  steps       which generation steps (only in blocks that select steps)
+  steps       which generation steps (only in blocks that select steps); in a
+              trace "calls [0:3]": which calls of each module
   repeats in  the loops around it, as kind@line (for@12, while@3, comp@7 for a
               comprehension): it runs once per iteration
 Rows starting with "--" are events that are not module values (barrier, steps,

@@ -19,8 +19,9 @@ BlockKind = Literal["trace", "generate", "scan", "edit"]
 Value = Literal["output", "input", "inputs", "grad"]
 Access = Literal["read", "write", "inplace"]
 
-# Bumped whenever the JSON form changes shape.
-JSON_VERSION = 1
+# Bumped whenever the JSON form changes shape or meaning (2: ``path`` is the path as
+# written, rooted at the model's variable, no longer relative to it).
+JSON_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -29,9 +30,11 @@ class Checkpoint:
 
     ``order`` is the checkpoint's position in its block (source order), and the
     ``site`` number the rewritten code passes to the runtime.  ``path`` is the
-    module path as written, relative to the traced model (``transformer.h[5]``);
-    ``parts`` is that path parsed (attribute names and integer indices), or
-    ``None`` when it is ``dynamic`` (a variable index, a loop variable, ...).
+    module path exactly as written (``model.transformer.h[5]``, ``layer`` for a loop
+    variable): the spelling runtime errors and cache keys use too (runtime/paths.py);
+    ``parts`` is that path parsed, relative to the traced model (attribute names and
+    integer indices: ``("transformer", "h", 5)``), or ``None`` when it is ``dynamic``
+    (a variable index, a loop variable, ...).
     ``scope`` names the enclosing control flow (``if@12``, ``for@3``...) inside
     the lane; two checkpoints with the same scope surely both run, in order.
     """

@@ -113,15 +113,10 @@ def path_parts(expr: cst.BaseExpression, model: str) -> tuple | None:
     return None
 
 
-def written_path(expr: cst.BaseExpression, model: str) -> str:
-    code = cst.Module([]).code_for_node(expr)
-    if code == model:
-        return "<model>"
-    if code.startswith(model + "."):
-        return code[len(model) + 1 :]
-    if code.startswith(model + "["):
-        return code[len(model) :]
-    return code
+def written_path(expr: cst.BaseExpression) -> str:
+    """The module path as the user wrote it (``model.transformer.h[5]``, ``layer``): the
+    one spelling plans, errors and cache keys use (runtime/paths.py)."""
+    return cst.Module([]).code_for_node(expr)
 
 
 class Rewriter(cst.CSTTransformer):
@@ -606,7 +601,7 @@ class Rewriter(cst.CSTTransformer):
         self.pending[tmp] = PendingCheckpoint(
             block=self.block.index,
             lane=self.lane.index,
-            path=written_path(node.value, self.block.model),
+            path=written_path(node.value),
             parts=path_parts(node.value, self.block.model),
             value=node.attr.value,
             access=access,

@@ -1,9 +1,13 @@
 """``tracer.cache()``: every module's output (and input) as the run produced it.
 
 Hooks go only on the chosen modules and run after the experiment's own hooks,
-so the cache holds values after interventions.  Keys are module paths with
-and without the leading ``model.``; attribute navigation works too
+so the cache holds values after interventions.  Its keys are module paths as a
+block spells them (``model.model.layers[3]``, rooted at the block's variable:
+runtime/paths.py); a lookup takes any spelling (``model.model.layers.3``, with or
+without the root, dots or brackets).  Attribute navigation works too
 (``cache.model.layers[3].output``) and checks each name and index at once.
+Inside, entries are keyed by torch's dotted names under ``model`` (``model.model.layers.3``:
+what ``exported`` gives and ``rebuilt`` takes).
 
 What an entry holds:
 
@@ -30,6 +34,8 @@ from collections.abc import Mapping
 
 import torch
 from torch.utils.hooks import RemovableHandle
+
+from .paths import ROOT, names, rooted, shown, unescaped
 
 _VALUES = ("output", "inputs", "input", "outputs", "calls")
 
@@ -140,7 +146,7 @@ def open_cache(tracer, modules, include_inputs, device, dtype, detach) -> Cache:
     rows, batch = _invoke_rows(tracer, inter)
     cache = Cache(tracer._root, modules, include_inputs, device, dtype, detach,
                   per_step=tracer._kind == "generate", rows=rows, batch=batch, inter=inter,
-                  late_line=line)
+                  late_line=line, root_name=getattr(tracer._block, "model", ROOT))
     if tracer._caches is None:
         tracer._caches = []
     tracer._caches.append(cache)  # listed first: the trace removes its hooks whatever happens
@@ -226,10 +232,12 @@ class Cache(Mapping):
     _late_line = None
     _inter = None
     _root = None
+    _root_name = ROOT  # the wrapper's variable in the block: the keys' first name
 
     def __init__(self, root, modules, include_inputs, device, dtype, detach, per_step,
-                 rows=None, batch=None, inter=None, late_line=None) -> None:
+                 rows=None, batch=None, inter=None, late_line=None, root_name=ROOT) -> None:
         self._root = root
+        self._root_name = rooted(ROOT, root_name)  # a variable (`lm`, `self.lm`), else `model`
         self._include_inputs = include_inputs
         self._conv = _converter(rows, batch, device, dtype, detach)
         self._per_step = per_step
@@ -302,28 +310,33 @@ class Cache(Mapping):
                 for name, mod in self._root._module.named_modules()
             ]
         chosen = []
+        named = None
         for item in modules:
             if isinstance(item, Envoy):
-                chosen.append((item._path, item._module))
+                if named is None:
+                    named = {id(m): n for n, m in self._root._module.named_modules()}
+                name = named.get(id(item._module))
+                if name is None:
+                    raise KeyError(f"tracer.cache(modules=...): `{item._path}` is not a module "
+                                   "of the traced model")
+                chosen.append((f"model.{name}" if name else "model", item._module))
             elif isinstance(item, str):
-                # With or without the root's `model.`; the wrapped module may itself
-                # have a child called `model` (model.layers.2 of a Llama).
-                subs = [item[len("model."):], item] if item.startswith("model.") else [item]
-                if item == "model":
-                    subs = ["", "model"]
-                for sub in subs:
+                # Any spelling, with or without the root (`model.`); the wrapped module may
+                # itself have a child called `model` (model.layers.2 of a Llama).
+                for key in self._internal_keys(item):
+                    sub = key[len("model."):] if key != "model" else ""
                     try:
                         mod = self._root._module.get_submodule(sub)
                     except AttributeError:
                         continue
-                    chosen.append((f"model.{sub}" if sub else "model", mod))
+                    chosen.append((key, mod))
                     break
                 else:
                     raise KeyError(f"tracer.cache(modules=...): no module {item!r}")
             else:
                 raise TypeError(
                     "tracer.cache(modules=...) takes envoys (model.layers[0]) or paths "
-                    f"('model.layers.0'), got {type(item).__name__}"
+                    f"('model.layers[0]'), got {type(item).__name__}"
                 )
         return chosen
 
@@ -371,14 +384,42 @@ class Cache(Mapping):
         return record
 
     # -- reading ---------------------------------------------------------------------
+    def _internal_keys(self, key: str) -> list[str]:
+        """The entry keys ``key`` may mean, most likely first: any spelling (dots or
+        brackets, ``.output_`` for a child named `output`), rooted at the block's
+        variable, at ``model``, or not at all.  With a LanguageModel the wrapped module
+        is itself often called `model` (model.model.layers.0), so the key is tried as
+        written first, then under the root."""
+        parts = names(key)
+        if parts is None:
+            return [key]
+        out: list[str] = []
+
+        def add(candidate: list[str]) -> None:
+            for c in (candidate, unescaped(candidate)):
+                joined = ".".join(c)
+                if joined not in out:
+                    out.append(joined)
+
+        root = self._root_name.split(".")
+        if root != [ROOT] and parts[:len(root)] == root:
+            add([ROOT, *parts[len(root):]])
+        if parts[0] == ROOT:
+            add(parts)
+        add([ROOT, *parts])
+        return out
+
     def _lookup(self, key: str):
-        # A path with or without the leading `model.`; with a LanguageModel the
-        # wrapped module is itself often called `model` (model.model.layers.0),
-        # so try the key as written first, then under the root.
-        entries = self._entries.get(key) if key == "model" or key.startswith("model.") else None
-        if entries is None:
-            entries = self._entries.get(f"model.{key}")
-        return entries
+        entries = self._entries
+        for k in self._internal_keys(key):
+            got = entries.get(k)
+            if got is not None:
+                return got
+        return None
+
+    def _shown(self, key: str) -> str:
+        """An entry key (``model.model.layers.0``) as a block spells it."""
+        return rooted(shown(key[len(ROOT) + 1:] if key != ROOT else ""), self._root_name)
 
     def __getitem__(self, key: str):
         entries = self._lookup(key) if isinstance(key, str) else None
@@ -388,8 +429,8 @@ class Cache(Mapping):
 
     def _why_missing(self, key) -> str:
         if not isinstance(key, str):
-            return f"cache keys are module paths ('model.layers.0'), got {type(key).__name__}"
-        paths = [p for p in (key, f"model.{key}") if p in self._tree]
+            return f"cache keys are module paths ('model.layers[0]'), got {type(key).__name__}"
+        paths = [p for p in self._internal_keys(key) if p in self._tree]
         if not paths:
             return f"{key!r}: the model has no such module"
         path = paths[0]
@@ -405,7 +446,7 @@ class Cache(Mapping):
         return f"{key!r} was not recorded: it did not run in this forward pass"
 
     def __iter__(self):
-        return iter(self._entries)
+        return iter([self._shown(k) for k in self._entries])
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -424,7 +465,9 @@ class Cache(Mapping):
         return _CachePath(self, paths, f"cache.{name}")
 
     def __repr__(self) -> str:
-        return f"Cache({len(self._entries)} modules)"
+        keys = [self._shown(k) for k in self._entries]
+        listed = ", ".join(keys[:4]) + (", ..." if len(keys) > 4 else "")
+        return f"Cache({len(keys)} modules{': ' + listed if keys else ''})"
 
 
 def _no_child(shown: str, children: list[str], name: str) -> str:

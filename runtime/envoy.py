@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from .errors import NotInTraceError
+from .paths import segment
 
 _VALUE_NAMES = ("output", "input", "inputs")
 
@@ -44,7 +45,8 @@ _RETURNS_SELF = (
 
 
 class Envoy:
-    """A module of the wrapped model, named by its path (``model.layers.3``)."""
+    """A module of the wrapped model, named by its path as a block spells it
+    (``model.layers[3]``: runtime/paths.py)."""
 
     # `__dict__` holds children seen before under their names (see `_child`), so that
     # `model.layers` is a plain attribute read, not a failed lookup and `__getattr__`.
@@ -68,7 +70,7 @@ class Envoy:
     def _child(self, key: str) -> Envoy:
         env = self._children.get(key)
         if env is None:
-            env = Envoy(self._module._modules[key], f"{self._path}.{key}", self._root)
+            env = Envoy(self._module._modules[key], self._path + segment(key), self._root)
             self._children[key] = env
             if key not in _class_names(type(self)):  # never hides a method or property
                 self.__dict__[key] = env

@@ -28,6 +28,7 @@ from . import order
 from .backward import BackwardSession
 from .envoy import Envoy
 from .errors import MissedCheckpointError, OutOfOrderError
+from .paths import rooted
 
 PRE, OUT, GRAD = "pre", "out", "grad"
 _PARKED = object()
@@ -823,10 +824,11 @@ class Interleaver:
     def _stopped_error(self, envoy: Envoy, what: str, site: int) -> MissedCheckpointError:
         cp = self.sites.get(site)
         line = cp.line if cp is not None else None
+        path = rooted(envoy._path, getattr(self.block, "model", None))  # as the block spells it
         return MissedCheckpointError(
-            f"`{envoy._path}.{what}` is asked for at line {line}, after tracer.stop(): the "
+            f"`{path}.{what}` is asked for at line {line}, after tracer.stop(): the "
             "rest of the forward pass does not run, so no module value comes after it",
-            envoy._path,
+            path,
             line,
         )
 
@@ -834,12 +836,15 @@ class Interleaver:
         cp = self.sites.get(site)
         line = cp.line if cp is not None else None
         cur = self.current
-        now = self.root._path_of(cur.module) + (".output" if cur.phase == OUT else ".input")
+        root = getattr(self.block, "model", None)  # paths as the block spells them
+        now = rooted(self.root._path_of(cur.module), root)
+        now += ".output" if cur.phase == OUT else ".input"
+        path = rooted(envoy._path, root)
         return OutOfOrderError(
-            f"`{envoy._path}.{what}` is asked for at line {line}, but the model has already "
+            f"`{path}.{what}` is asked for at line {line}, but the model has already "
             f"run past it (it is now at `{now}`): in one forward pass, ask for module values "
             "in the order the model computes them",
-            envoy._path,
+            path,
             line,
         )
 
@@ -899,37 +904,38 @@ class Interleaver:
             envoy, what, site = req[0], req[1], req[2]
             cp = self.sites.get(site)
             line = cp.line if cp is not None else None
+            path = rooted(envoy._path, getattr(self.block, "model", None))  # as the block spells it
             ran = self.root._ran(module) or (id(module), phase) in self.fired
             later = envoy.__dict__.get("_calls_later", 0) if envoy.__class__ is not Envoy else 0
             lane.later = 0
             if later and not self.stopped:
                 err = MissedCheckpointError(
-                    f"`{envoy._path}.next({later}).{what}` is asked for at line {line}, but "
-                    f"`{envoy._path}` was not called {later} more time(s) in this forward pass "
+                    f"`{path}.next({later}).{what}` is asked for at line {line}, but "
+                    f"`{path}` was not called {later} more time(s) in this forward pass "
                     "after the call a plain request would get",
-                    envoy._path,
+                    path,
                     line,
                 )
             elif self.stopped:
                 err = MissedCheckpointError(
-                    f"`{envoy._path}.{what}` is asked for at line {line}, but tracer.stop() "
+                    f"`{path}.{what}` is asked for at line {line}, but tracer.stop() "
                     "ended the forward pass before it ran",
-                    envoy._path,
+                    path,
                     line,
                 )
             elif ran:
                 err: Exception = OutOfOrderError(
-                    f"`{envoy._path}.{what}` is asked for at line {line}, after the model had "
+                    f"`{path}.{what}` is asked for at line {line}, after the model had "
                     "already run that module in this forward pass: ask for module values in "
                     "the order the model computes them",
-                    envoy._path,
+                    path,
                     line,
                 )
             else:
                 err = MissedCheckpointError(
-                    f"`{envoy._path}.{what}` is asked for at line {line}, but `{envoy._path}` "
+                    f"`{path}.{what}` is asked for at line {line}, but `{path}` "
                     "did not run in this forward pass (is it used by the model's forward?)",
-                    envoy._path,
+                    path,
                     line,
                 )
             try:

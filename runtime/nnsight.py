@@ -17,6 +17,7 @@ import torch
 
 from .envoy import Envoy
 from .errors import NotInTraceError
+from .paths import shown
 
 
 class NNsight(Envoy):
@@ -91,7 +92,7 @@ class NNsight(Envoy):
                 raise ValueError(f"rename={{{key!r}: {alias!r}}}: the wrapped model has no "
                                  f"module `{mount}` to put `{short}` under")
             parts = tuple(int(p) if p.isdigit() else p for p in key.split("."))
-            renames[(f"model.{mount}" if mount else "model", short)] = parts
+            renames[(shown(mount), short)] = parts  # keyed by the envoy's path
         return renames
 
     # -- blocks outside @intervene ---------------------------------------------
@@ -144,8 +145,8 @@ class NNsight(Envoy):
                 for child_name, child in mod._modules.items():
                     if child is not None and id(child) not in parents:
                         parents[id(child)] = mod
-                        paths.setdefault(id(child), f"model.{name}.{child_name}" if name
-                                         else f"model.{child_name}")
+                        paths.setdefault(id(child), shown(f"{name}.{child_name}" if name
+                                                          else child_name))
             self._parent_map = parents
             self._paths = paths
         return self._parent_map

@@ -20,6 +20,7 @@ import torch
 
 from . import interleave, order
 from .errors import OutOfOrderError
+from .paths import rooted
 
 _SERIAL = count()
 
@@ -37,11 +38,12 @@ def skip(envoy, value) -> None:
         raise TypeError(f"`{envoy._path}.skip(value)`: a scripted module cannot be skipped")
     started = _started(inter, module)
     if started:
+        path = rooted(envoy._path, getattr(inter.block, "model", None))  # as the block spells it
         raise OutOfOrderError(
-            f"`{envoy._path}.skip(value)` is asked for at line {line}, but {started}: ask for "
+            f"`{path}.skip(value)` is asked for at line {line}, but {started}: ask for "
             "a skip before the module runs (before reading any value the model computes "
             "after it starts)",
-            envoy._path,
+            path,
             line,
         )
     rows = _rows_of_running_lane(inter)
@@ -88,8 +90,9 @@ def _started(inter, module) -> str | None:
                 else "the module has already run (its output is being handed out)")
     root = inter.root
     if order.precedes(root, module, interleave.PRE, cur.module, cur.phase) is True:
+        now = rooted(root._path_of(cur.module), getattr(inter.block, "model", None))
         return (f"the model is already past its start (it is now at "
-                f"`{root._path_of(cur.module)}.{'output' if cur.phase == interleave.OUT else 'input'}`)")
+                f"`{now}.{'output' if cur.phase == interleave.OUT else 'input'}`)")
     return None
 
 

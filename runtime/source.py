@@ -38,6 +38,7 @@ import torch
 
 from .envoy import Envoy
 from .errors import NotInTraceError
+from .paths import rooted
 
 __all__ = ["CallSite", "Source", "SourceError", "install_static", "site_order"]
 
@@ -437,7 +438,7 @@ def _install(inter, source: Source, strict: bool = True) -> None:
     attached = inter.attached
     if key in attached:
         return
-    path = source._owner_path
+    path = rooted(source._owner_path, getattr(getattr(inter, "block", None), "model", None))
     rw = rewritten(type(module), path)
     if rw is not source._rewritten:
         envoy = source._envoy()

@@ -26,6 +26,7 @@ from .cache import late_cache_hooks
 from .edit import cleanup_steps, finish_edits, start_edits
 from .errors import OutOfOrderError
 from .interleave import OUT, PRE, Barrier, Interleaver, StepSelection, StopTrace, UserStopIteration
+from .paths import rooted
 
 _PHASE = {"output": OUT, "input": PRE, "inputs": PRE}
 _CHECKED_MAX = 256  # blocks whose checks each model remembers (oldest dropped first)
@@ -434,12 +435,13 @@ def check_block(root, block) -> tuple[BlockFacts, bool]:
                 if verdict is None:
                     complete = False
                 elif verdict:
+                    pb_, pa_ = rooted(eb._path, block.model), rooted(ea._path, block.model)
                     raise OutOfOrderError(
-                        f"`{eb._path}.{b.value}` (line {b.line}) is asked for after "
-                        f"`{ea._path}.{a.value}` (line {a.line}), but the model computes "
-                        f"`{eb._path}.{b.value}` first: in one forward pass, ask for module "
+                        f"`{pb_}.{b.value}` (line {b.line}) is asked for after "
+                        f"`{pa_}.{a.value}` (line {a.line}), but the model computes "
+                        f"`{pb_}.{b.value}` first: in one forward pass, ask for module "
                         "values in the order the model computes them (or use two traces)",
-                        eb._path,
+                        pb_,
                         b.line,
                     )
     return BlockFacts(list(attach.values()), static_only), complete

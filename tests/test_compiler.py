@@ -66,7 +66,7 @@ def test_corpus_snapshot(corpus_file, mode):
     assert rel in text
     if mode == "json":
         doc = json.loads(text)
-        assert doc["version"] == 1
+        assert doc["version"] == 2
         assert doc["functions"], "every corpus file has @intervene functions"
     snapshots.assert_snapshot(f"{Path(corpus_file).stem}.{mode}", text)
 
@@ -223,12 +223,12 @@ def test_basic_plan_fields():
     assert lane.index == 0 and lane.input is None
     first, second = lane.checkpoints
     assert first == Checkpoint(
-        order=0, path="layers[1]", value="output", access="read",
+        order=0, path="model.layers[1]", value="output", access="read",
         line=line_of("# BASIC-READ"), col=17, parts=("layers", 1), saves=True, steps=None,
         scope=(),
     )
     assert not first.dynamic
-    assert (second.order, second.path, second.parts, second.value) == (1, "head", ("head",), "output")
+    assert (second.order, second.path, second.parts, second.value) == (1, "model.head", ("head",), "output")
     assert second.line == line_of("# BASIC-HEAD")
     # `logits.save()` on its own line marks the assignment of `logits` as saving
     assert second.saves is True
@@ -247,9 +247,9 @@ def write_then_read(model, x):
 
 def test_read_then_write_numbering():
     assert summary(write_then_read) == [
-        (0, "layers[1]", "output", "read"),
-        (1, "layers[1]", "output", "write"),
-        (2, "layers[1]", "output", "read"),
+        (0, "model.layers[1]", "output", "read"),
+        (1, "model.layers[1]", "output", "write"),
+        (2, "model.layers[1]", "output", "read"),
     ]
     cps = checkpoints(write_then_read)
     assert cps[0].line == cps[1].line == line_of("# READ-WRITE-LINE")
@@ -273,12 +273,12 @@ def evaluation_order(model, x, f):
 def test_numbering_follows_evaluation_order():
     # right-hand side first (left to right), then the write; arguments before the call
     assert summary(evaluation_order) == [
-        (0, "layers[1]", "output", "read"),
-        (1, "layers[2]", "output", "read"),
-        (2, "layers[3]", "output", "write"),
-        (3, "layers[0]", "output", "read"),
-        (4, "layers[1]", "input", "read"),
-        (5, "layers[3]", "input", "write"),
+        (0, "model.layers[1]", "output", "read"),
+        (1, "model.layers[2]", "output", "read"),
+        (2, "model.layers[3]", "output", "write"),
+        (3, "model.layers[0]", "output", "read"),
+        (4, "model.layers[1]", "input", "read"),
+        (5, "model.layers[3]", "input", "write"),
     ]
 
 
@@ -296,13 +296,13 @@ def inplace_kinds(model, x):
 
 def test_inplace_access_kinds():
     assert summary(inplace_kinds) == [
-        (0, "layers[0]", "output", "inplace"),
-        (1, "layers[1]", "output", "inplace"),
-        (2, "layers[2]", "output", "inplace"),
-        (3, "layers[3]", "output", "inplace"),
-        (4, "layers[3]", "output", "write"),
-        (5, "layers[3]", "input", "inplace"),
-        (6, "head", "output", "read"),  # `.clone()` is not in-place
+        (0, "model.layers[0]", "output", "inplace"),
+        (1, "model.layers[1]", "output", "inplace"),
+        (2, "model.layers[2]", "output", "inplace"),
+        (3, "model.layers[3]", "output", "inplace"),
+        (4, "model.layers[3]", "output", "write"),
+        (5, "model.layers[3]", "input", "inplace"),
+        (6, "model.head", "output", "read"),  # `.clone()` is not in-place
     ]
 
 
@@ -319,10 +319,10 @@ def values_and_paths(model, x):
 def test_values_and_static_paths():
     cps = checkpoints(values_and_paths)
     assert [(c.path, c.parts, c.value) for c in cps] == [
-        ("layers[-1]", ("layers", -1), "input"),
-        ("layers[0]", ("layers", 0), "inputs"),
-        ("<model>", (), "output"),
-        ("layers[0].inner.deeper[2]", ("layers", 0, "inner", "deeper", 2), "output"),
+        ("model.layers[-1]", ("layers", -1), "input"),
+        ("model.layers[0]", ("layers", 0), "inputs"),
+        ("model", (), "output"),
+        ("model.layers[0].inner.deeper[2]", ("layers", 0, "inner", "deeper", 2), "output"),
     ]
     assert [c.saves for c in cps] == [True, False, True, False]
     assert not any(c.dynamic for c in cps)
@@ -351,10 +351,10 @@ def test_dynamic_paths_and_scopes():
     assert [(c_.path, c_.dynamic, c_.parts, c_.access, c_.scope) for c_ in cps] == [
         ("layer", True, None, "read", (f"for@{f}",)),
         ("layer", True, None, "write", (f"for@{f}",)),
-        ("layers[n]", True, None, "read", (f"if@{i}",)),
-        ("head", False, ("head",), "read", (f"else@{i}",)),
-        ("head", False, ("head",), "inplace", (f"while@{w}",)),
-        ("layers[i]", True, None, "read", (f"comp@{c}",)),
+        ("model.layers[n]", True, None, "read", (f"if@{i}",)),
+        ("model.head", False, ("head",), "read", (f"else@{i}",)),
+        ("model.head", False, ("head",), "inplace", (f"while@{w}",)),
+        ("model.layers[i]", True, None, "read", (f"comp@{c}",)),
     ]
     assert [cp.order for cp in cps] == list(range(6))
 
@@ -376,10 +376,10 @@ def test_numbering_restarts_per_block():
         (0, "x", line_of("# BLOCK-0"), ("g", "h")),
         (1, "y, 3", line_of("# BLOCK-1"), ("out",)),
     ]
-    assert summary(two_blocks, 0) == [(0, "layers[1]", "output", "read"),
-                                      (1, "head", "output", "read")]
-    assert summary(two_blocks, 1) == [(0, "layers[1]", "output", "write"),
-                                      (1, "head", "output", "read")]
+    assert summary(two_blocks, 0) == [(0, "model.layers[1]", "output", "read"),
+                                      (1, "model.head", "output", "read")]
+    assert summary(two_blocks, 1) == [(0, "model.layers[1]", "output", "write"),
+                                      (1, "model.head", "output", "read")]
 
 
 @intervene
@@ -404,11 +404,11 @@ def test_invoke_lanes():
         (2, None, line_of("# INVOKE-2")),
     ]
     # numbering runs on across the lanes of one block
-    assert summary(invokes, 0, 0) == [(0, "layers[1]", "output", "read")]
-    assert summary(invokes, 0, 1) == [(1, "layers[3]", "output", "read"),
-                                      (2, "layers[3]", "output", "write"),
-                                      (3, "head", "output", "read")]
-    assert summary(invokes, 0, 2) == [(4, "head", "output", "read")]
+    assert summary(invokes, 0, 0) == [(0, "model.layers[1]", "output", "read")]
+    assert summary(invokes, 0, 1) == [(1, "model.layers[3]", "output", "read"),
+                                      (2, "model.layers[3]", "output", "write"),
+                                      (3, "model.head", "output", "read")]
+    assert summary(invokes, 0, 2) == [(4, "model.head", "output", "read")]
     assert block.saved == ("everything", "first", "second")
     text = str(invokes.plan)
     assert "invoke 0 (a)" in text and "invoke 2 (whole batch)" in text
@@ -425,7 +425,7 @@ def test_methods_and_model_on_self():
     (block,) = Probe.run.plan.functions[0].blocks
     assert block.model == "self.lm"
     (cp,) = block.lanes[0].checkpoints
-    assert (cp.path, cp.parts) == ("transformer.h[5]", ("transformer", "h", 5))
+    assert (cp.path, cp.parts) == ("self.lm.transformer.h[5]", ("transformer", "h", 5))
 
 
 def test_nested_no_grad_keeps_checkpoints_static():
@@ -439,7 +439,7 @@ def test_nested_no_grad_keeps_checkpoints_static():
             out = model.head.output.save()
         return h, out
 
-    assert summary(ng) == [(0, "layers[1]", "output", "read"), (1, "head", "output", "read")]
+    assert summary(ng) == [(0, "model.layers[1]", "output", "read"), (1, "model.head", "output", "read")]
     assert [c.scope for c in checkpoints(ng)] == [(), ()]
 
 
@@ -455,7 +455,7 @@ def test_compiling_twice_gives_equal_plans():
 
 def test_plan_json_form():
     doc = json.loads(evaluation_order.plan.to_json())
-    assert doc["version"] == 1
+    assert doc["version"] == 2
     (f,) = doc["functions"]
     assert f["name"] == "evaluation_order"
     item = f["blocks"][0]["lanes"][0]["items"][0]
@@ -536,7 +536,7 @@ def test_decoration_does_not_import_torch(tmp_path):
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
                             text=True, timeout=120, check=False)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "layers[0]"
+    assert result.stdout.strip() == "model.layers[0]"
 
 
 def test_show_plan_does_not_import_torch():

@@ -371,11 +371,11 @@ def test_out_of_order_static_list_before_running():
     assert inner.calls == 0, "the model ran although the order was known to be impossible"
     err = info.value
     assert isinstance(err, RuntimeError)
-    assert err.module == "model.layers.1"
+    assert err.module == "model.layers[1]"  # as the block spells it
     assert err.line == line_of("# ORDER-SECOND")
     assert f"line {line_of('# ORDER-SECOND')}" in str(err)
     assert f"line {line_of('# ORDER-FIRST')}" in str(err)
-    assert "model.layers.1.output" in str(err) and "model.layers.3.output" in str(err)
+    assert "`model.layers[1].output`" in str(err) and "`model.layers[3].output`" in str(err)
     assert_no_hooks(model)
     # and again: still raised, still before the forward
     with pytest.raises(OutOfOrderError):
@@ -398,10 +398,10 @@ def test_out_of_order_siblings_at_run_time_then_before_running():
     with pytest.raises(OutOfOrderError) as info:
         head_then_layer(model, x_input())
     assert inner.calls == 1  # a fresh model: only the run can tell
-    assert info.value.module == "model.layers.1"
+    assert info.value.module == "model.layers[1]"
     assert info.value.line == line_of("# HEAD-THEN-LAYER")
     assert f"line {line_of('# HEAD-THEN-LAYER')}" in str(info.value)
-    assert "model.layers.1.output" in str(info.value)
+    assert "`model.layers[1].output`" in str(info.value)
     assert_no_hooks(model)
     # the order is now known: the second call fails before the forward
     with pytest.raises(OutOfOrderError) as info2:
@@ -515,7 +515,7 @@ def test_output_on_envoy_outside_function():
             getattr(model.layers[0], what)
         assert isinstance(info.value, RuntimeError)
         msg = str(info.value)
-        assert f"model.layers.0.{what}" in msg
+        assert f"`model.layers[0].{what}`" in msg
         assert "@intervene" in msg and "model.trace" in msg
     with pytest.raises(NotInTraceError):
         model.layers[0].output = torch.zeros(3, 8)
@@ -670,7 +670,7 @@ def test_late_request_during_generation_is_stopped_at_once():
     lm = LanguageModel(tiny_llama(0), tokenizer=None)
     with pytest.raises(OutOfOrderError) as info:
         late_in_generation(lm, torch.tensor([[1, 5, 7, 9]]), 0)
-    assert "model.model.layers.0.output" in str(info.value)
+    assert "`model.model.layers[0].output`" in str(info.value)
     assert info.value.line == line_of("LATE-IN-GENERATION")
     assert traceback.extract_tb(info.value.__traceback__)[-1].lineno == line_of("LATE-IN-GENERATION")
     assert_no_hooks(lm)

@@ -232,8 +232,8 @@ def test_match_cases_are_scopes_and_run(model):
         return hidden
 
     late_line, other_line = line_of('case "late":'), line_of("case _:")
-    assert scopes(experiment) == [("layers[3]", (f"case@{late_line}",)),
-                                  ("layers[0]", (f"case@{other_line}",))]
+    assert scopes(experiment) == [("model.layers[3]", (f"case@{late_line}",)),
+                                  ("model.layers[0]", (f"case@{other_line}",))]
     late, early = plain_outputs(model, x_input(), model._module.layers[3], model._module.layers[0])
     assert torch.equal(experiment(model, x_input(), "late"), late)
     assert torch.equal(experiment(model, x_input(), "early"), early)
@@ -271,10 +271,10 @@ def test_try_except_else_finally_are_scopes(model):
 
     try_line, handler_line = line_of("# the try"), line_of("# the handler")
     assert scopes(experiment) == [
-        ("layers[3]", (f"try@{try_line}",)),
-        ("layers[0]", (f"except@{handler_line}",)),
-        ("head", (f"try-else@{try_line}",)),
-        ("head", (f"finally@{try_line}",)),
+        ("model.layers[3]", (f"try@{try_line}",)),
+        ("model.layers[0]", (f"except@{handler_line}",)),
+        ("model.head", (f"try-else@{try_line}",)),
+        ("model.head", (f"finally@{try_line}",)),
     ]
     late, early, head = plain_outputs(model, x_input(), model._module.layers[3],
                                       model._module.layers[0], model._module.head)
@@ -297,7 +297,7 @@ def test_a_real_wrong_order_through_except_is_caught_while_running(model):
 
     with pytest.raises(OutOfOrderError) as err:
         experiment(model, x_input())
-    assert "layers.0" in str(err.value) or "layers[0]" in str(err.value)
+    assert "`model.layers[0].output`" in str(err.value)  # as the block spells it
     frames = [f for f in traceback.extract_tb(err.value.__traceback__) if f.filename == str(THIS_FILE)]
     assert frames[-1].lineno == line_of("# too late")
     assert_no_hooks(model)
@@ -458,7 +458,7 @@ def test_in_place_edit_inside_a_tuple_target(model):
         return a, hidden
 
     assert [(c.path, c.access) for c in experiment.plan.functions[0].blocks[0].lanes[0]
-            .checkpoints] == [("layers[0]", "inplace"), ("layers[0]", "read")]
+            .checkpoints] == [("model.layers[0]", "inplace"), ("model.layers[0]", "read")]
     a, hidden = experiment(model, x_input())
     assert a == [1] and torch.all(hidden[:, 0] == 5.0)
 

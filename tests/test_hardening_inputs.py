@@ -591,8 +591,8 @@ def test_errors_point_at_the_output_spelling():
     model = LanguageModel(tiny_bert())
     with pytest.raises(NotInTraceError) as info:
         model.encoder.layer[0].output  # noqa: B018
-    assert ("`model.encoder.layer.0` also has a child module named `output`: reach that "
-            "module as `model.encoder.layer.0.output_`") in str(info.value)
+    assert ("`model.encoder.layer[0]` also has a child module named `output`: reach that "
+            "module as `model.encoder.layer[0].output_`") in str(info.value)
     with pytest.raises(AttributeError) as info:
         model.encoder.layer[0].outptu  # noqa: B018
     message = str(info.value)

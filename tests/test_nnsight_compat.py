@@ -398,9 +398,9 @@ def test_skip_after_the_module_ran_is_an_out_of_order_error():
     model = NNsight(tiny_mlp())
     x = torch.randn(3, 8)
     _layer1(model, x)  # the model's order is known after a first trace
-    with pytest.raises(OutOfOrderError, match=r"`model.layers.1.skip\(value\)` is asked for at "
+    with pytest.raises(OutOfOrderError, match=r"`model\.layers\[1\]\.skip\(value\)` is asked for at "
                        r"line \d+, but the model is already past its start \(it is now at "
-                       r"`model.layers.2.output`\)"):
+                       r"`model\.layers\[2\]\.output`\)"):
         _skip_too_late(model, x, torch.zeros(3, 8))
     assert "forward" not in model.layers[1]._module.__dict__
 

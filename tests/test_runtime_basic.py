@@ -629,7 +629,7 @@ def test_method_of_class_with_self_model(mlp):
     _h, logits = exp.run(x)
     assert torch.equal(logits, with_hooks(ref, x, out={ref.layers[0]: lambda m, a, o: o * 0.5}))
     assert Experiment.run.plan.functions[0].blocks[0].model == "self.model"
-    assert Experiment.run.plan.functions[0].blocks[0].lanes[0].checkpoints[0].path == "layers[0]"
+    assert Experiment.run.plan.functions[0].blocks[0].lanes[0].checkpoints[0].path == "self.model.layers[0]"
 
 
 def test_closure_sees_outer_variables_live(mlp):
@@ -681,7 +681,7 @@ def test_decorated_function_is_the_compiled_one_once_torch_is_loaded(mlp):
     built = intervene(plain)
     assert "__iv" in built.__code__.co_freevars
     assert built.__wrapped__ is plain and built.__name__ == "plain"
-    assert built.plan.functions[0].blocks[0].lanes[0].checkpoints[0].path == "layers[1]"
+    assert built.plan.functions[0].blocks[0].lanes[0].checkpoints[0].path == "model.layers[1]"
     model, ref = mlp
     x = x_input()
     seen = {}

@@ -58,10 +58,10 @@ def test_text_lists_every_function_and_checkpoint(tmp_path):
     assert "helper" not in out
     assert "block 0: model.trace(x)  line 6" in out
     lines = out.splitlines()
-    assert any(ln.split() == ["0", "7", "layers[1]", "output", "read", "save"] for ln in lines)
-    assert any(ln.split() == ["0", "18", "layers[0]", "output", "read"] for ln in lines)
-    assert any(ln.split() == ["1", "18", "layers[0]", "output", "write"] for ln in lines)
-    assert any(ln.split() == ["2", "19", "head", "output", "read", "save"] for ln in lines)
+    assert any(ln.split() == ["0", "7", "model.layers[1]", "output", "read", "save"] for ln in lines)
+    assert any(ln.split() == ["0", "18", "model.layers[0]", "output", "read"] for ln in lines)
+    assert any(ln.split() == ["1", "18", "model.layers[0]", "output", "write"] for ln in lines)
+    assert any(ln.split() == ["2", "19", "model.head", "output", "read", "save"] for ln in lines)
     assert "saved after the block: h" in out
     assert "rewritten code" not in out
 
@@ -88,7 +88,7 @@ def test_json_is_valid_and_versioned(tmp_path):
     result = run("show-plan", str(path), "--json")
     assert result.returncode == 0
     doc = json.loads(result.stdout)
-    assert doc["version"] == 1
+    assert doc["version"] == 2
     assert [f["name"] for f in doc["functions"]] == ["first", "second"]
     second = doc["functions"][1]
     assert second["line"] == 16 and second["filename"] == str(path)
@@ -97,7 +97,8 @@ def test_json_is_valid_and_versioned(tmp_path):
     assert block["saved"] == ["out"]
     items = block["lanes"][0]["items"]
     assert [(i["order"], i["path"], i["access"], i["line"]) for i in items] == [
-        (0, "layers[0]", "read", 18), (1, "layers[0]", "write", 18), (2, "head", "read", 19)]
+        (0, "model.layers[0]", "read", 18), (1, "model.layers[0]", "write", 18),
+        (2, "model.head", "read", 19)]
     assert items[0]["parts"] == ["layers", 0] and items[0]["dynamic"] is False
     assert "code" not in second
 
@@ -184,7 +185,7 @@ def test_file_without_experiments(tmp_path):
     assert result.returncode == 0
     assert "no @intervene functions" in result.stdout
     doc = json.loads(run("show-plan", str(path), "--json").stdout)
-    assert doc == {"version": 1, "functions": []}
+    assert doc == {"version": 2, "functions": []}
 
 
 def test_relative_path_is_kept_as_given():
@@ -289,7 +290,8 @@ def test_columns_align_with_dynamic_paths_steps_and_loops(tmp_path, capsys):
         assert r[header.index("line") + len("line") - 1].isdigit()
         assert r[starts["value"]:].split()[0] == "output"
     dynamic = next(r for r in checkpoints if "layers[layer]" in r)
-    assert dynamic[starts["module"]:].startswith("model.layers[layer]  (dynamic)")
+    # the path as written, rooted at the model's variable (the spelling errors use too)
+    assert dynamic[starts["module"]:].startswith("model.model.layers[layer]  (dynamic)")
     assert dynamic[starts["steps"]:].split()[0] == "[1:3]"
     # a marker's text spans the module to steps columns
     cache = next(r for r in rows if "-- cache" in r)
@@ -430,7 +432,7 @@ def test_notebook_cells_in_order(tmp_path, capsys):
     assert f"probe  ({path}, cell 3, line 2)" in out
     assert f"second  ({path}, cell 5, line 3)" in out
     assert out.index("probe") < out.index("second")
-    assert any(ln.split() == ["0", "4", "layers[2]", "output", "read", "save"]
+    assert any(ln.split() == ["0", "4", "model.layers[2]", "output", "read", "save"]
                for ln in out.splitlines())
 
 
@@ -469,7 +471,7 @@ def test_not_a_notebook(tmp_path, capsys):
 def _small_plan():
     from compiler.plan import Block, Checkpoint, FunctionPlan, Lane, Plan
 
-    cp = Checkpoint(0, "layers[0]", "output", "read", 3, 8, parts=("layers", 0), saves=True)
+    cp = Checkpoint(0, "model.layers[0]", "output", "read", 3, 8, parts=("layers", 0), saves=True)
     block = Block(0, "trace", "model", "x < y & z", 2, lanes=(Lane(0, 2, None, (cp,)),),
                   saved=("h",))
     return Plan((FunctionPlan("probe", "exp.py", 1, (block,)),))
@@ -480,7 +482,7 @@ def test_plan_repr_is_the_readable_text():
     assert repr(plan) == str(plan)
     assert str(plan).splitlines()[:3] == [
         "probe  (exp.py:1)", "  block 0: model.trace(x < y & z)  line 2",
-        "    order  line  module     value   access"]
+        "    order  line  module           value   access"]
     assert "Checkpoint(" not in repr(plan)
     seen = []
 

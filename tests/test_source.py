@@ -142,7 +142,7 @@ def test_forward_without_source_is_a_clear_error():
                                              r"\(Builtin\) is a builtin_function_or_method"):
         NNsight(Builtin()).source  # noqa: B018
     scripted = torch.nn.Sequential(torch.jit.script(torch.nn.Linear(2, 2)))
-    with pytest.raises(AttributeError, match=r"`model.0.source`: .*is TorchScript"):
+    with pytest.raises(AttributeError, match=r"`model\[0\]\.source`: .*is TorchScript"):
         NNsight(scripted)[0].source  # noqa: B018
     namespace: dict = {}
     exec("import torch\nclass Made(torch.nn.Module):\n    def forward(self, x):\n"  # noqa: S102
@@ -227,8 +227,8 @@ def test_a_forward_set_on_the_instance_or_a_module_already_running():
                 o = layer.self_attn.source.o_proj_0.output.save()
         return q, o
 
-    with pytest.raises(RuntimeError, match=r"`model\.model\.layers\.0\.self_attn\.source` is "
-                                           r"named while `model\.model\.layers\.0\.self_attn` "
+    with pytest.raises(RuntimeError, match=r"`model\.model\.layers\[0\]\.self_attn\.source` is "
+                                           r"named while `model\.model\.layers\[0\]\.self_attn` "
                                            r"is watched already in this pass"):
         late(lm, IDS)
     assert_no_hooks(lm)
@@ -446,7 +446,7 @@ def test_call_sites_in_the_wrong_order_are_refused_before_the_run():
         return o, q
 
     with pytest.raises(OutOfOrderError, match=r"source\.q_proj_0\.output` \(line \d+\) is asked "
-                                              r"for after `model\.model\.layers\.0\.self_attn\."
+                                              r"for after `model\.model\.layers\[0\]\.self_attn\."
                                               r"source\.o_proj_0\.output`"):
         wrong(model, IDS)
     handle.remove()
@@ -478,7 +478,7 @@ def test_order_between_sites_their_module_and_other_modules():
             q = model.model.layers[0].self_attn.source.q_proj_0.output.save()
         return o, q
 
-    with pytest.raises(OutOfOrderError, match=r"layers\.0\.self_attn\.source\.q_proj_0\.output"):
+    with pytest.raises(OutOfOrderError, match=r"layers\[0\]\.self_attn\.source\.q_proj_0\.output"):
         late(model, IDS)
 
     @intervene
@@ -529,7 +529,7 @@ def test_call_sites_out_of_order_found_while_running():
                 q = layer.self_attn.source.q_proj_0.output.save()
         return o, q
 
-    with pytest.raises(OutOfOrderError, match=r"`model\.model\.layers\.0\.self_attn\.source\."
+    with pytest.raises(OutOfOrderError, match=r"`model\.model\.layers\[0\]\.self_attn\.source\."
                                               r"q_proj_0\.output` is asked for at line \d+, after "
                                               r"the model had already run"):
         wrong(model, IDS)
@@ -796,9 +796,9 @@ def test_show_plan_lists_call_sites_like_modules(tmp_path, capsys):
     '''))
     assert cli_main(["show-plan", str(path)]) in (0, None)
     lines = capsys.readouterr().out.splitlines()
-    assert any(ln.split() == ["0", "6", "model.layers[0].self_attn.source.attention_interface_0",
+    assert any(ln.split() == ["0", "6", "model.model.layers[0].self_attn.source.attention_interface_0",
                               "output", "read", "save"] for ln in lines), lines
-    assert any(ln.split() == ["1", "7", "model.layers[0].self_attn.source.o_proj_0", "output",
+    assert any(ln.split() == ["1", "7", "model.model.layers[0].self_attn.source.o_proj_0", "output",
                               "inplace"] for ln in lines), lines
 
 

@@ -129,7 +129,7 @@ def test_invoker_inputs_in_a_compiled_block():
     assert torch.equal(a, net.layers[0](x1)) and torch.equal(b, net.layers[0](x2))
     # `.inputs` of an invoker is not a module value: not in the plan
     assert [cp.path for lane in f.plan.functions[0].blocks[0].lanes
-            for cp in lane.checkpoints] == ["layers[0]", "layers[0]"]
+            for cp in lane.checkpoints] == ["model.layers[0]", "model.layers[0]"]
 
 
 # -- edit blocks ---------------------------------------------------------------------------

@@ -163,7 +163,7 @@ def test_unsaved_variable_read_after_the_block_is_the_decorated_error():
 
 def test_errors_before_the_run_name_the_users_line():
     model = NNsight(tiny_mlp())
-    with pytest.raises(IndexError, match=r"line \d+: `layers\[9\]`"):  # noqa: SIM117
+    with pytest.raises(IndexError, match=r"line \d+: `model\.layers\[9\]`"):  # noqa: SIM117
         with model.trace(torch.ones(1, 8)):
             model.layers[9].output.save()
 

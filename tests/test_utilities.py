@@ -317,8 +317,9 @@ def test_scan_on_the_default_model(lm):
 # tracer.cache(...)
 # --------------------------------------------------------------------------------------
 
-ALL_MLP = ["model", "model.layers", "model.layers.0", "model.layers.1", "model.layers.2",
-           "model.layers.3", "model.head"]
+# the keys as a block spells the modules (lookups take the dotted torch names too)
+ALL_MLP = ["model", "model.layers", "model.layers[0]", "model.layers[1]", "model.layers[2]",
+           "model.layers[3]", "model.head"]
 
 
 @intervene
@@ -382,7 +383,7 @@ def test_cache_modules_hooks_only_those(mlp):
     model, ref = mlp
     x = x_input(7)
     cache = cache_some(model, x)
-    assert sorted(cache) == ["model.layers.1", "model.layers.2"]
+    assert sorted(cache) == ["model.layers[1]", "model.layers[2]"]
     for absent in ("layers.0", "layers.3", "head", "model"):
         with pytest.raises(KeyError):
             cache[absent]
@@ -407,7 +408,7 @@ def test_cache_modules_registers_one_hook_per_chosen_module(mlp):
     assert h.shape == (3, 8)
     # two cache hooks; the experiment's own checkpoint may add its own
     assert n_hooks in (2, 3)
-    assert sorted(cache) == ["model.head", "model.layers.0"]
+    assert sorted(cache) == ["model.head", "model.layers[0]"]
 
 
 def test_cache_modules_unknown_name(mlp):
@@ -579,7 +580,7 @@ def test_default_model_cache_matches_hooks(lm):
         i, o[0] if isinstance(o, tuple) else o) for i in (0, 29)}
     with forward_hooks(hooks), torch.no_grad():
         hf(ids)
-    assert sorted(cache) == ["model.model.layers.0", "model.model.layers.29"]
+    assert sorted(cache) == ["model.model.layers[0]", "model.model.layers[29]"]
     assert torch.equal(cache["model.model.layers.0"].output, seen[0])
     assert torch.equal(cache.model.model.layers[29].output, seen[29])
     assert_no_hooks(lm)
