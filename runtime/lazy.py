@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from .paths import shown
+
 # Instance attributes of a module that stay the meta module's own: its children
 # (their identity is what envoys and caches hold) and any hooks on it.
 _KEEP = frozenset({"_modules"})
@@ -65,7 +67,7 @@ def materialize(meta: torch.nn.Module, real: torch.nn.Module) -> None:
     for (name_m, mod_m), (name_r, mod_r) in pairs:
         if name_m != name_r or type(mod_m) is not type(mod_r):
             raise RuntimeError(
-                f"the loaded model's module tree differs from its config's at {name_r!r}"
+                f"the loaded model's module tree differs from its config's at `{shown(name_r)}`"
             )
     for (_, mod_m), (_, mod_r) in pairs:
         for key, value in mod_r.__dict__.items():
