@@ -178,7 +178,7 @@ class Rewriter(cst.CSTTransformer):
             self.barriers = barrier_names(node.body)
         sel = self._step_selection(node.items[0].item) if len(node.items) == 1 else None
         if sel is not None:
-            self.steps.append(sel)
+            self.steps.append(self._steps_label(sel))
         if self._backward_call(node) is not None:
             self.backward_depth += 1
         lane = self.info.lane_of.get(id(node))
@@ -369,7 +369,7 @@ class Rewriter(cst.CSTTransformer):
         if sel is not None:
             if node.orelse is not None:
                 raise self.error(node, "a step loop (`for step in tracer.all():`) cannot have `else`")
-            self.steps.append(sel)
+            self.steps.append(self._steps_label(sel))
 
     def leave_For(self, original, updated):
         if self._step_selection(original.iter) is not None:
@@ -417,6 +417,15 @@ class Rewriter(cst.CSTTransformer):
             return code[code.index("[") :]
         return None
 
+    def _counts_calls(self) -> bool:
+        """Step blocks of a trace (or scan) select calls of each module they read (call i
+        at iteration i), not generation steps."""
+        return self.block is not None and self.block.kind != "generate"
+
+    def _steps_label(self, sel: str) -> str:
+        """What the plan's steps column shows for a checkpoint in this step block."""
+        return f"calls {sel}" if self._counts_calls() else sel
+
     def _marker(self, kind: str, node: cst.CSTNode, detail: str = "") -> int:
         assert self.block is not None and self.lane is not None
         tmp = next(self.tmp)
@@ -428,26 +437,44 @@ class Rewriter(cst.CSTTransformer):
         """``with tracer.iter[1:3]: BODY`` ->
         ``s = tracer.iter[1:3]; while (yield __iv.next_step(s, n)): BODY``, then
         ``yield __iv.end_steps(tracer, n)``: code after a step block runs once
-        generation has ended."""
+        generation has ended.
+
+        In a trace the selection is of each module's calls, and the block's code goes on
+        right after its last selected call: no ``end_steps``.  Its body is wrapped in
+        ``try: ... except s.Over: break``: an open selection (``tracer.iter[2:]``) ends
+        where the runtime finds no more calls (runtime/interleave.py ``StepsOver``)."""
         assert self.block is not None
         sel_expr = original.iter if isinstance(original, cst.For) else original.items[0].item
         detail = self._step_selection(sel_expr) or ""
         name = f"{RT}_steps{next(self.step_count)}"
-        t_next = self._marker("steps", original, detail)
-        t_end = self._marker("end-steps", original, detail)
+        calls = self._counts_calls()
+        line = self.pos(original)[0]
+        t_next = self._marker("steps", original, f"{detail} (calls of each module)" if calls else detail)
+        t_end = None if calls else self._marker("end-steps", original, detail)
         body = list(updated.body.body)
         if target is not None:
             body.insert(0, _stmt(cst.Assign([cst.AssignTarget(target)],
                                              cst.Attribute(cst.Name(name), cst.Name("current")))))
+        if calls:
+            leave = cst.ExceptHandler(
+                body=cst.IndentedBlock([self.remember(_stmt(cst.Break()), line)]),
+                type=cst.Attribute(cst.Name(name), cst.Name("Over")),
+            )
+            wrapped = cst.Try(body=cst.IndentedBlock(body), handlers=[self.remember(leave, line)])
+            body = [self.remember(wrapped, line)]
         sel_new = updated.iter if isinstance(updated, cst.For) else updated.items[0].item
         init = _stmt(cst.Assign([cst.AssignTarget(cst.Name(name))], sel_new))
         loop = cst.While(
             test=_paren(cst.Yield(_call("next_step", cst.Name(name), cst.Integer(str(t_next))))),
             body=updated.body.with_changes(body=body),
         )
+        if calls:
+            # `end_steps(selection)`: a block left by `break` is left in the runtime too.
+            end = _stmt(cst.Expr(cst.Yield(_call("end_steps", cst.Name(name),
+                                                     cst.Integer(str(t_next))))))
+            return cst.FlattenSentinel([self.remember(st, line) for st in (init, loop, end)])
         end = _stmt(cst.Expr(cst.Yield(_call("end_steps", cst.Name(self.block.tracer),
                                                  cst.Integer(str(t_end))))))
-        line = self.pos(original)[0]
         init, loop, end = (self.remember(st, line) for st in (init, loop, end))
         self.step_inits.add(id(init))
         self.step_ends[id(end)] = end

@@ -57,6 +57,12 @@ class StopTrace(BaseException):
     BaseException so that no ``except Exception`` in the model swallows it."""
 
 
+class StepsOver(BaseException):
+    """Thrown into a lane waiting in an open step block of a trace (``tracer.iter[2:]``,
+    ``tracer.all()``) for a call that never came: the compiled block catches it and
+    leaves its loop (see ``Interleaver._end_open_calls``)."""
+
+
 class UserStopIteration(BaseException):
     """Carries a StopIteration raised by the experiment's own code out of the lane (a
     generator turns it into "RuntimeError: generator raised StopIteration") and through
@@ -109,9 +115,11 @@ def mark(site: int, value):
 
 
 class StepSelection:
-    """``tracer.all()`` / ``tracer.iter[...]``: which generation steps a block runs at."""
+    """``tracer.all()`` / ``tracer.iter[...]``: which generation steps a block runs at (in
+    a trace: which calls of each module it reads)."""
 
     __slots__ = ("current", "key", "served", "skipped")
+    Over = StepsOver  # `except __iv_steps0.Over: break` in a trace's compiled step block
 
     def __init__(self, key) -> None:
         if key is not None and not isinstance(key, (int, slice, list, tuple, range)):
@@ -183,6 +191,15 @@ def _check_steps(key) -> None:
             raise ValueError(f"tracer.iter[{key!r}]: {negative}")
 
 
+def _leave_call_block(lane: Lane) -> None:
+    """A lane leaves a step block of a trace: back to the block around it, if any."""
+    outer = lane.call_outer
+    if outer:
+        lane.call_index, lane.call_sel, lane.call_site, lane.call_requests = outer.pop()
+    else:
+        lane.call_index = lane.call_sel = lane.call_site = None
+
+
 def _show(key: slice) -> str:
     text = ("" if key.start is None else str(key.start)) + ":" + ("" if key.stop is None else str(key.stop))
     return text + ("" if key.step is None else f":{key.step}")
@@ -202,6 +219,22 @@ class Barrier:
         self.line = None
 
 
+class _CallCounts(set):
+    """``Interleaver.fired`` of a trace with step blocks: also how many times each
+    (module, phase) has handed its value out (``n``)."""
+
+    __slots__ = ("n",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.n: dict[tuple[int, str], int] = {}
+
+    def add(self, key) -> None:
+        n = self.n
+        n[key] = n.get(key, 0) + 1
+        set.add(self, key)
+
+
 class Lane:
     """One lane's generator and where it stands (defaults on the class: a trace
     makes one per invoke, and most never change most of these)."""
@@ -211,6 +244,15 @@ class Lane:
     backward = None  # the open BackwardSession
     grad_site = None  # the last gradient this lane waited for
     later = 0  # calls of the module it waits for still to let pass (`module.next()`)
+    # In a step block of a trace (tracer.iter[...]): the call it reads of each module, its
+    # selection and the selection's site, the requests made in this iteration, and the
+    # step blocks around it ((index, selection, site, requests) each).
+    call_index = None
+    call_sel = None
+    call_site = None
+    call_requests = 0
+    call_outer = None
+    open_ended_at = None  # the line of an open step block that ended with the forward pass
 
     def __init__(self, gen, index: int, rows, grad: bool) -> None:
         self.gen = gen
@@ -275,6 +317,7 @@ class Interleaver:
     stopped = False  # tracer.stop() ended the forward pass
     stop_requested = False  # a lane called tracer.stop(): the forward ends after its serve
     repeats = False  # modules run more than once (generation steps)
+    counting = False  # a trace with step blocks: `fired` counts each module's calls
     static = False  # every module the lanes can ask for was attached before the run
     current_site = None  # the request being served (for messages)
     current: Event | None = None
@@ -294,6 +337,24 @@ class Interleaver:
         self.attached: dict[tuple[int, str], Any] = {}  # key -> what cleanup undoes
         self.fired: set[tuple[int, str]] = set()
         self.lanes: list[Lane] = []
+
+    def count_calls(self) -> None:
+        """A trace (not ``generate``) with step blocks: ``tracer.iter[i]`` reads call i of
+        each module, so calls are counted (before anything is attached: the wrappers
+        count through ``fired``).  Traces without step blocks keep the plain set."""
+        self.counting = True
+        self.fired = _CallCounts()
+        # When the model's forward returns, no module is called any more: open step
+        # blocks end there, so that the code after them can still read `model.output`.
+        root = self.root._module
+
+        def forward_done(mod, args, out):
+            if not self._end_open_calls():
+                return None
+            waiters = self.waiting.pop((id(mod), OUT), None)
+            return None if waiters is None else self._serve(Event(mod, OUT, out), waiters).value
+
+        self.attached[(id(root), "calls-end")] = root.register_forward_hook(forward_done)
 
     def activate(self) -> None:
         """Make this the interleaver of this thread (for ``rows_require_grad``) until
@@ -351,6 +412,16 @@ class Interleaver:
                     cur = self.current
                     # `module.next(n)`: served n calls after the one a plain request gets.
                     later = 0 if envoy.__class__ is Envoy else envoy.__dict__.get("_calls_later", 0)
+                    if lane.call_index is not None:
+                        # In a step block of a trace: call `call_index` (+ later) of the module.
+                        later = self._nth_call(lane, envoy, phase, later, req)
+                        if later.__class__ is not int:
+                            error, value = later, None
+                            continue
+                        if later < 0:
+                            later = 0  # the call being handed out
+                        else:
+                            cur = None  # a later call: wait for it, `later` calls on
                     if cur is not None:
                         here = cur.module is module
                         if later and here:
@@ -437,6 +508,14 @@ class Interleaver:
     # -- steps, the end of generation, barriers -------------------------------------------
     def _control(self, lane: Lane, req: tuple):
         kind, arg = req[0], req[1]
+        if kind is STEP and self.counting:
+            return self._next_call(lane, arg, req[2])
+        if kind is END and self.counting:
+            # After a trace's step block (`end_steps(selection)`): nothing to wait for; a
+            # block left by `break` is left here.
+            if lane.call_sel is arg:
+                _leave_call_block(lane)
+            return None
         if kind is STEP:
             sel = arg
             last = sel.served[-1] if sel.served else None
@@ -503,6 +582,112 @@ class Interleaver:
             other.parked = None
             self.advance(other, None)
         return None
+
+    # -- step blocks of a trace: calls of each module ------------------------------------
+    def _next_call(self, lane: Lane, sel: StepSelection, site: int) -> bool:
+        """``while (yield next_step(sel))`` in a trace: the next selected call, at once
+        (the body's requests wait for that call of each module they name)."""
+        if lane.call_sel is not sel:  # the block begins (a new selection each time)
+            if lane.call_index is not None:  # inside another step block
+                if lane.call_outer is None:
+                    lane.call_outer = []
+                lane.call_outer.append(
+                    (lane.call_index, lane.call_sel, lane.call_site, lane.call_requests))
+            lane.call_sel, lane.call_site = sel, site
+        k = sel.wanted_after(sel.served[-1] if sel.served else None)
+        if k is None:  # the block is done
+            _leave_call_block(lane)
+            return False
+        sel.served.append(k)
+        sel.current = lane.call_index = k
+        lane.call_requests = 0
+        return True
+
+    def _nth_call(self, lane: Lane, envoy, phase: str, later: int, req: tuple):
+        """A request in a trace's step block: how many calls of the module to let pass
+        before the one it reads (-1: the call being handed out), or the error for a call
+        that has passed or cannot be counted."""
+        module = envoy._module
+        key = (id(module), phase)
+        lane.call_requests += 1
+        path = rooted(envoy._path, getattr(self.block, "model", None))
+        want = lane.call_index + later
+        cur = self.current
+        if key not in self.attached and (cur is not None or self.ended):
+            cp = self.sites.get(req[2])
+            return OutOfOrderError(
+                f"`{path}.{req[1]}` (call {want}) is asked for at line "
+                f"{getattr(cp, 'line', None)} in the step block at line {self._call_line(lane)}, "
+                f"but `{path}` is first named there while the forward pass runs, so "
+                "its earlier calls were not counted: write its path out in the block "
+                "(`model.layers[2]`, not a variable index) so that it is known before the run",
+                path,
+                getattr(cp, "line", None),
+            )
+        done = self.fired.n.get(key, 0)  # calls that have handed this value out
+        if want == done - 1 and cur is not None and cur.module is module and cur.phase == phase:
+            return -1  # the call being handed out now
+        if want >= done:  # the next call is call `done`
+            return want - done
+        cp = self.sites.get(req[2])
+        line = getattr(cp, "line", None)
+        return OutOfOrderError(
+            f"`{path}.{req[1]}` of call {want} is asked for at line {line} (step block "
+            f"at line {self._call_line(lane)}), but `{path}` had already run {done} "
+            f"time(s) when the code got there: a step block of a trace reads call i of each "
+            "module at its iteration i, in the order the model makes them",
+            path,
+            line,
+        )
+
+    def _call_line(self, lane: Lane):
+        cp = self.sites.get(lane.call_site)
+        return getattr(cp, "line", None)
+
+    def _call_missed(self, lane: Lane, envoy, what: str, line) -> MissedCheckpointError:
+        later = envoy.__dict__.get("_calls_later", 0) if envoy.__class__ is not Envoy else 0
+        want = lane.call_index + later
+        phase = _PHASE[what]
+        path = rooted(envoy._path, getattr(self.block, "model", None))
+        calls = self.fired.n.get((id(envoy._module), phase), 0)
+        sel = lane.call_sel
+        shown = "all()" if sel.key is None else f"iter[{_show(sel.key) if isinstance(sel.key, slice) else sel.key}]"
+        return MissedCheckpointError(
+            f"`{path}.{what}` of call {want} is asked for at line {line} (the step "
+            f"block `tracer.{shown}` at line {self._call_line(lane)} is at call {lane.call_index}), "
+            f"but `{path}` ran only {calls} time(s) in this forward pass: a selected call "
+            "that never comes is an error (an open selection, `tracer.iter[n:]` or "
+            "`tracer.all()`, ends quietly at the first call that does not come)",
+            path,
+            line,
+        )
+
+    def _end_open_calls(self) -> bool:
+        """After the forward pass: a lane in an open step block of a trace (``[:]``,
+        ``[n:]``, ``all()``) that waits for the first value of an iteration is done with
+        that block, since no call comes any more: ``StepsOver`` thrown at its request
+        leaves the block's loop, and the code after the block runs.  True if any did."""
+        ended = False
+        for lane in self.lanes:
+            parked = lane.parked
+            if (lane.done or parked is None or parked[0] is None or lane.call_index is None
+                    or lane.call_requests != 1 or lane.gen.gi_frame is None):
+                continue
+            key = lane.call_sel.key
+            if not (key is None or (isinstance(key, slice) and key.stop is None)):
+                continue
+            waiters = self.waiting.get((id(parked[0]), parked[1]))
+            if waiters:
+                waiters[:] = [w for w in waiters if w[0] is not lane]
+                if not waiters:
+                    del self.waiting[(id(parked[0]), parked[1])]
+            lane.parked = None
+            lane.later = 0
+            lane.open_ended_at = self._call_line(lane)
+            _leave_call_block(lane)  # the loop is left from inside its body
+            self.advance(lane, None, error=StepsOver())
+            ended = True
+        return ended
 
     def _warn_missing(self, sel: StepSelection, site: int) -> None:
         missing = sel.missing()
@@ -876,6 +1061,8 @@ class Interleaver:
                 lane.parked = None
                 self.advance(lane, None)
                 progress = True
+            if self.counting and self._end_open_calls():
+                progress = True
             if gen is not None and self.result is not None:
                 key = (id(gen._module), OUT)
                 waiters = self.waiting.pop(key, None)
@@ -908,7 +1095,9 @@ class Interleaver:
             ran = self.root._ran(module) or (id(module), phase) in self.fired
             later = envoy.__dict__.get("_calls_later", 0) if envoy.__class__ is not Envoy else 0
             lane.later = 0
-            if later and not self.stopped:
+            if lane.call_index is not None and not self.stopped:
+                err = self._call_missed(lane, envoy, what, line)
+            elif later and not self.stopped:
                 err = MissedCheckpointError(
                     f"`{path}.next({later}).{what}` is asked for at line {line}, but "
                     f"`{path}` was not called {later} more time(s) in this forward pass "
@@ -924,10 +1113,14 @@ class Interleaver:
                     line,
                 )
             elif ran:
+                open_block = "" if lane.open_ended_at is None else (
+                    f" (the open step block at line {lane.open_ended_at} took every call of "
+                    "the forward pass, so the code after it runs once the pass is over: give "
+                    "the selection an end, `tracer.iter[0:4]`, to read later modules after it)")
                 err: Exception = OutOfOrderError(
                     f"`{path}.{what}` is asked for at line {line}, after the model had "
                     "already run that module in this forward pass: ask for module values in "
-                    "the order the model computes them",
+                    f"the order the model computes them{open_block}",
                     path,
                     line,
                 )

@@ -252,8 +252,10 @@ class Tracer:
             if not root._order_complete:
                 learning = []  # if registering is cut short, cleanup looks for its hooks
                 learning = root._learn_order()
-            if self._kind == "generate" or self._has_steps:
+            if self._kind == "generate":
                 inter._ensure_step_hook()
+            elif self._has_steps:  # step blocks in a trace: tracer.iter[i] is call i of a module
+                inter.count_calls()
             if source.USED:  # `.source` named somewhere: its forwards go in first
                 source.install_static(inter, facts)
             inter.attach_static(facts)
