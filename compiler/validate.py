@@ -66,6 +66,25 @@ Which variables may hold envoys is inferred over the whole block (all bindings,
 any order, one alias further per pass); a block that has not settled after
 ``_MAX_PASSES`` passes is refused rather than half-checked.
 
+``module.source`` is refused: a forward's call sites hand over whatever the forward
+passes (the module itself, as in ``attention_interface(self, ...)``, and
+functions), which the rules for values above do not expect.
+
+Helpers
+-------
+
+A block may call ``@intervene`` functions without a block of their own (``helpers=``:
+the client ships each one's source, its defaults as values, and the values of the
+module constants and closure variables its body reads).  Each helper's body is
+checked with the same rules, plus ``return`` of a value (never of a module); its
+name is usable only as a call (never bound, passed or read as an attribute).  A
+helper's parameters are values, except those a call gives a module (``h(model)``,
+``h(model.model.layers[0])``, also through helpers calling helpers): those are
+modules in its check.  The kinds come from every call, iterated until nothing
+changes, before any helper is checked strictly.  Its decorators, defaults and
+annotations are not checked: the server never evaluates them (it builds the
+function from the compiled code alone).
+
 Header: the model is a plain name; ``generate`` takes only ``GENERATE_KEYWORDS``
 and no ``**`` (``custom_generate=``/``trust_remote_code=`` would load code).
 Only the block is checked: the server must run nothing else of the function
@@ -1233,8 +1252,9 @@ class _Checker:
             self.refuse(node.attr, attr, _WHY_STATE)
         if attr == "source" and (self.module_names is None or attr not in self.module_names):
             self.refuse(node.attr, attr, "`.source` (a module's forward operations) is not "
-                        "available in remote blocks yet: read the module's own `.output` / "
-                        "`.input`, or run this block locally")
+                        "available in remote blocks yet (a call site hands over what the "
+                        "forward passes, the module itself and functions among them): read "
+                        "the module's own `.output` / `.input`, or run this block locally")
         if self.module_names is not None:
             if attr in self.module_names:
                 return ENVOY
