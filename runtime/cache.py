@@ -458,6 +458,8 @@ class Cache(Mapping):
         # wrapped module's child `model` (cache.model.layers[0]).
         if name == "model":
             paths = ["model"] + (["model.model"] if "model.model" in self._tree else [])
+        elif name == self._root_name:  # the block's variable (`cache.lm.lm_head`), as keys say
+            paths = ["model"] + ([f"model.{name}"] if f"model.{name}" in self._tree else [])
         elif f"model.{name}" in self._tree:
             paths = [f"model.{name}"]
         else:

@@ -178,6 +178,7 @@ def test_paths_are_rooted_at_the_variable_the_block_uses(capsys):
     assert sorted(cache) == ["lm.model.layers[0]", "lm.model.layers[1]"]
     assert torch.equal(cache["lm.model.layers[0]"].output, cache["model.layers.0"].output)
     assert "lm.model.layers[0]" in repr(cache)
+    assert torch.equal(cache.lm.model.layers[0].output, cache["model.layers[0]"].output)
 
 
 # -- a child named like a value, and plain modules -----------------------------------------------
