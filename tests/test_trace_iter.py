@@ -56,6 +56,12 @@ def _seeded(cls):
         return cls()
 
 
+@pytest.fixture(autouse=True)
+def _no_grad():
+    with torch.no_grad():  # as the plain hooks run
+        yield
+
+
 @pytest.fixture
 def net():
     module = _seeded(Shared)
@@ -80,8 +86,7 @@ def calls(net, x, edit=None):
 
     h = net.lin.register_forward_hook(hook)
     try:
-        with torch.no_grad():
-            y = net(x)
+        y = net(x)
     finally:
         h.remove()
     assert len(seen) == CALLS
@@ -100,12 +105,12 @@ def _equal(got, want) -> None:
 @intervene
 def first_three(model, x):
     with model.trace(x) as tracer:
-        outs = list().save()
+        outs = [].save()
         with tracer.iter[0:3]:
             outs.append(model.lin.output)
     with model.trace(x) as tracer:
-        loop = list().save()
-        steps = list().save()
+        loop = [].save()
+        steps = [].save()
         for step in tracer.iter[0:3]:
             steps.append(step)
             loop.append(model.lin.output)
@@ -116,8 +121,7 @@ def test_a_slice_reads_those_calls(net, x):
     seen, _ = calls(net, x)
     model = NNsight(net)
     for _ in range(2):  # the second run has learned the model's order
-        with torch.no_grad():
-            outs, loop, steps = first_three(model, x)
+        outs, loop, steps = first_three(model, x)
         _equal(outs, [out for _, out in seen[:3]])
         _equal(loop, [out for _, out in seen[:3]])
         assert steps == [0, 1, 2]
@@ -126,19 +130,19 @@ def test_a_slice_reads_those_calls(net, x):
 @intervene
 def selections(model, x):
     with model.trace(x) as tracer:
-        one = list().save()
+        one = [].save()
         with tracer.iter[2]:
             one.append(model.lin.output)
     with model.trace(x) as tracer:
-        picked = list().save()
+        picked = [].save()
         with tracer.iter[[1, 3]]:
             picked.append(model.lin.output)
     with model.trace(x) as tracer:
-        strided = list().save()
+        strided = [].save()
         with tracer.iter[0:4:2]:
             strided.append(model.lin.output)
     with model.trace(x) as tracer:
-        inputs = list().save()
+        inputs = [].save()
         with tracer.iter[1:3]:
             inputs.append(model.lin.input)
     return one, picked, strided, inputs
@@ -146,8 +150,7 @@ def selections(model, x):
 
 def test_an_int_a_list_a_stride_and_inputs(net, x):
     seen, _ = calls(net, x)
-    with torch.no_grad():
-        one, picked, strided, inputs = selections(NNsight(net), x)
+    one, picked, strided, inputs = selections(NNsight(net), x)
     _equal(one, [seen[2][1]])
     _equal(picked, [seen[1][1], seen[3][1]])
     _equal(strided, [seen[0][1], seen[2][1]])
@@ -157,40 +160,40 @@ def test_an_int_a_list_a_stride_and_inputs(net, x):
 @intervene
 def open_ended(model, x):
     with model.trace(x) as tracer:
-        every = list().save()
+        every = [].save()
         with tracer.iter[:]:
             every.append(model.lin.output)
         after = save(len(every))  # runs once the block is over
     with model.trace(x) as tracer:
-        late = list().save()
+        late = [].save()
         for step in tracer.iter[2:]:
             late.append(model.lin.output)
     with model.trace(x) as tracer:
-        each = list().save()
+        each = [].save()
         for step in tracer.all():
             each.append(model.lin.output)
         y = model.output.save()  # after an open block: only once the forward is over
-    return every, after, late, each
+    return every, after, late, each, y
 
 
 def test_open_selections_run_for_every_call_that_happens(net, x):
-    seen, _ = calls(net, x)
-    with torch.no_grad():
-        every, after, late, each = open_ended(NNsight(net), x)
+    seen, want = calls(net, x)
+    every, after, late, each, y = open_ended(NNsight(net), x)
     _equal(every, [out for _, out in seen])
     assert after == CALLS
     _equal(late, [out for _, out in seen[2:]])
     _equal(each, [out for _, out in seen])
+    assert torch.equal(y, want)
 
 
 @intervene
 def blocks_in_a_row(model, x):
     with model.trace(x) as tracer:
-        first = list().save()
+        first = [].save()
         with tracer.iter[0:2]:
             first.append(model.lin.output)
         between = save(len(first))  # right after call 1
-        second = list().save()
+        second = [].save()
         with tracer.iter[2:4]:
             second.append(model.lin.output)
         y = model.head.output.save()  # after the last selected call: served as usual
@@ -199,8 +202,7 @@ def blocks_in_a_row(model, x):
 
 def test_step_blocks_one_after_another_and_code_after_them(net, x):
     seen, want = calls(net, x)
-    with torch.no_grad():
-        first, between, second, y = blocks_in_a_row(NNsight(net), x)
+    first, between, second, y = blocks_in_a_row(NNsight(net), x)
     _equal(first, [seen[0][1], seen[1][1]])
     assert between == 2
     _equal(second, [seen[2][1], seen[3][1]])
@@ -210,7 +212,7 @@ def test_step_blocks_one_after_another_and_code_after_them(net, x):
 @intervene
 def broken_off(model, x):
     with model.trace(x) as tracer:
-        outs = list().save()
+        outs = [].save()
         for step in tracer.iter[:]:
             if step == 2:
                 break
@@ -221,8 +223,7 @@ def broken_off(model, x):
 
 def test_break_leaves_the_step_block(net, x):
     seen, want = calls(net, x)
-    with torch.no_grad():
-        outs, y = broken_off(NNsight(net), x)
+    outs, y = broken_off(NNsight(net), x)
     _equal(outs, [seen[0][1], seen[1][1]])
     assert torch.equal(y, want)
 
@@ -230,7 +231,7 @@ def test_break_leaves_the_step_block(net, x):
 @intervene
 def scanned(model, x):
     with model.scan(x) as tracer:
-        shapes = list().save()
+        shapes = [].save()
         with tracer.iter[1:3]:
             shapes.append(model.lin.output.shape)
     return shapes
@@ -243,7 +244,7 @@ def test_a_scan_counts_calls_too(net, x):
 @intervene
 def next_inside(model, x):
     with model.trace(x) as tracer:
-        pairs = list().save()
+        pairs = [].save()
         with tracer.iter[0:3]:
             pairs.append((model.lin.output, model.lin.next().output))
     return pairs
@@ -251,8 +252,7 @@ def next_inside(model, x):
 
 def test_next_inside_a_step_block_is_the_call_after(net, x):
     seen, _ = calls(net, x)
-    with torch.no_grad():
-        pairs = next_inside(NNsight(net), x)
+    pairs = next_inside(NNsight(net), x)
     assert len(pairs) == 3
     for i, (a, b) in enumerate(pairs):
         assert torch.equal(a, seen[i][1]) and torch.equal(b, seen[i + 1][1])
@@ -294,8 +294,7 @@ def test_writes_go_to_the_selected_calls(net, x):
     _, want2 = calls(net, x, edit=lambda i, out: out * 2 if i in (1, 2) else None)
     _, want3 = calls(net, x, edit=lambda i, out: out * (i + 1))
     model = NNsight(net)
-    with torch.no_grad():
-        y, y2, y3 = zero_second(model, x), double_middle(model, x), scale_all(model, x)
+    y, y2, y3 = zero_second(model, x), double_middle(model, x), scale_all(model, x)
     assert torch.equal(y, want) and not torch.equal(y, plain)
     assert torch.equal(y2, want2)
     assert torch.equal(y3, want3)
@@ -308,7 +307,7 @@ def test_writes_go_to_the_selected_calls(net, x):
 def with_invokes(model, a, b):
     with model.trace() as tracer:
         with tracer.invoke(a):
-            reads = list().save()
+            reads = [].save()
             with tracer.iter[0:3]:
                 reads.append(model.lin.output)
         with tracer.invoke(b):
@@ -329,8 +328,7 @@ def test_step_blocks_in_invokes_count_the_batch_calls_on_their_rows(net, x):
         return out
 
     seen, want = calls(net, torch.cat([a, b]), edit=zero_rows_of_b)
-    with torch.no_grad():
-        reads, y = with_invokes(NNsight(net), a, b)
+    reads, y = with_invokes(NNsight(net), a, b)
     # invoke 0's rows are untouched by invoke 1's write (rows are separate)
     _equal(reads, [out[:1] for _, out in seen[:3]])
     assert torch.equal(y, want[1:])
@@ -342,7 +340,7 @@ def test_step_blocks_in_invokes_count_the_batch_calls_on_their_rows(net, x):
 @intervene
 def too_many(model, x):
     with model.trace(x) as tracer:
-        outs = list().save()
+        outs = [].save()
         with tracer.iter[0:6]:
             outs.append(model.lin.output)  # CALL-TOO-FAR
     return outs
@@ -350,8 +348,7 @@ def too_many(model, x):
 
 def test_a_selected_call_that_never_comes_is_an_error_at_the_line(net, x):
     with pytest.raises(MissedCheckpointError) as info:
-        with torch.no_grad():
-            too_many(NNsight(net), x)
+        too_many(NNsight(net), x)
     msg = str(info.value)
     line = too_many.plan.functions[0].blocks[0].lanes[0].checkpoints[0].line
     assert f"`model.lin.output` of call {CALLS} is asked for at line {line}" in msg
@@ -370,7 +367,7 @@ def _frames(exc):
 @intervene
 def once_only(model, x):
     with model.trace(x) as tracer:
-        heads = list().save()
+        heads = [].save()
         with tracer.iter[0:2]:
             heads.append(model.head.output)
     return heads
@@ -379,14 +376,13 @@ def once_only(model, x):
 def test_a_module_called_once_has_only_call_zero(net, x):
     with pytest.raises(MissedCheckpointError,
                        match=r"`model.head.output` of call 1 .* ran only 1 time\(s\)"):
-        with torch.no_grad():
-            once_only(NNsight(net), x)
+        once_only(NNsight(net), x)
 
 
 @intervene
 def partial_iteration(model, x):
     with model.trace(x) as tracer:
-        pairs = list().save()
+        pairs = [].save()
         with tracer.iter[:]:
             h = model.lin.output
             pairs.append((h, model.act.output))
@@ -399,8 +395,7 @@ def test_an_open_selection_never_ends_halfway_through_an_iteration():
     model = NNsight(_seeded(Uneven))
     x = torch.randn(2, 4)
     with pytest.raises(MissedCheckpointError, match=r"`model.act.output` of call 3 .* ran only 3"):
-        with torch.no_grad():
-            partial_iteration(model, x)
+        partial_iteration(model, x)
     assert_no_hooks(model)
 
 
@@ -416,8 +411,7 @@ def passed(model, x):
 def test_a_call_that_has_passed_is_an_out_of_order_error(net, x):
     with pytest.raises(OutOfOrderError,
                        match=r"`model.lin.output` of call 1 .* had already run 3 time\(s\)"):
-        with torch.no_grad():
-            passed(NNsight(net), x)
+        passed(NNsight(net), x)
 
 
 @intervene
@@ -431,8 +425,7 @@ def after_open(model, x):
 
 def test_a_module_read_after_an_open_block_says_why(net, x):
     with pytest.raises(OutOfOrderError) as info:
-        with torch.no_grad():
-            after_open(NNsight(net), x)
+        after_open(NNsight(net), x)
     line = after_open.plan.functions[0].blocks[0].lanes[0].checkpoints[-1].line
     block = line - 2
     msg = str(info.value)
@@ -444,7 +437,7 @@ def test_a_module_read_after_an_open_block_says_why(net, x):
 @intervene
 def dynamic_late(model, x, name):
     with model.trace(x) as tracer:
-        outs = list().save()
+        outs = [].save()
         with tracer.iter[0:2]:
             outs.append(model.lin.output)
             outs.append(getattr(model, name).output)
@@ -454,14 +447,13 @@ def dynamic_late(model, x, name):
 def test_a_path_first_known_while_running_cannot_be_counted():
     model = NNsight(_seeded(Uneven))
     with pytest.raises(OutOfOrderError, match=r"first named there while the forward pass runs"):
-        with torch.no_grad():
-            dynamic_late(model, torch.randn(2, 4), "act")
+        dynamic_late(model, torch.randn(2, 4), "act")
     assert_no_hooks(model)
 
 
 @intervene
 def negative(model, x):
-    with model.trace(x) as tracer:
+    with model.trace(x) as tracer:  # noqa: SIM117 - a step block inside the trace
         with tracer.iter[-1]:
             h = model.lin.output.save()
     return h
@@ -485,18 +477,17 @@ def test_traces_without_step_blocks_count_nothing(net, x):
 
     interleave.Interleaver.count_calls = spy
     try:
-        with torch.no_grad():
-            first_three(NNsight(net), x)
-            assert len(made) == 2
-            seen, _ = calls(net, x)
+        first_three(NNsight(net), x)
+        assert len(made) == 2
+        seen, _ = calls(net, x)
 
-            @intervene
-            def plain(model, x):
-                with model.trace(x):
-                    h = model.lin.output.save()
-                return h
+        @intervene
+        def plain(model, x):
+            with model.trace(x):
+                h = model.lin.output.save()
+            return h
 
-            assert torch.equal(plain(NNsight(net), x), seen[0][1])
+        assert torch.equal(plain(NNsight(net), x), seen[0][1])
         assert len(made) == 2
     finally:
         interleave.Interleaver.count_calls = real
@@ -510,7 +501,7 @@ def llama_steps(model, ids):
     with model.trace(ids) as tracer:
         with tracer.iter[0]:
             h = model.model.layers[0].output.save()
-        every = list().save()
+        every = [].save()
         with tracer.iter[:]:
             every.append(model.model.layers[1].output)
         logits = model.output.logits.save()  # the model's output comes after every call
@@ -519,7 +510,7 @@ def llama_steps(model, ids):
 
 @intervene
 def llama_two(model, ids):
-    with model.trace(ids) as tracer:
+    with model.trace(ids) as tracer:  # noqa: SIM117 - a step block inside the trace
         with tracer.iter[0:2]:
             h = model.model.layers[0].output.save()
     return h
@@ -533,21 +524,18 @@ def test_tiny_llama_where_each_module_runs_once():
     handles = [m.register_forward_hook(lambda mod, a, out, k=k: seen.setdefault(k, out))
                for k, m in mods.items()]
     try:
-        with torch.no_grad():
-            want = lm._module(ids).logits
+        want = lm._module(ids).logits
     finally:
         for h in handles:
             h.remove()
-    with torch.no_grad():
-        h, every, logits = llama_steps(lm, ids)
+    h, every, logits = llama_steps(lm, ids)
     assert torch.equal(h if isinstance(h, torch.Tensor) else h[0],
                        seen["0"] if isinstance(seen["0"], torch.Tensor) else seen["0"][0])
     assert len(every) == 1
     assert torch.equal(logits, want)
     with pytest.raises(MissedCheckpointError,
                        match=r"`model.model.layers\[0\].output` of call 1 .* ran only 1 time"):
-        with torch.no_grad():
-            llama_two(lm, ids)
+        llama_two(lm, ids)
     assert_no_hooks(lm._module)
 
 
@@ -576,8 +564,8 @@ def test_undecorated_block(net, x):
     model = NNsight(net)
 
     def run():
-        with torch.no_grad(), model.trace(x) as tracer:
-            outs = list().save()
+        with model.trace(x) as tracer:
+            outs = [].save()
             with tracer.iter[1:3]:
                 outs.append(model.lin.output)
         return outs
