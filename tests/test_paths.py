@@ -232,3 +232,17 @@ def test_plain_modules_index_in_brackets(capsys):
     with pytest.raises(AttributeError, match=r"`model\.layers\[1\]` \(Linear\) has no child"):
         model.layers[1].nothing  # noqa: B018
     assert repr(model.layers[1]).startswith("Envoy(model.layers[1]): ")
+
+
+@intervene
+def cache_of_another_model(model, other, x):
+    with model.trace(x) as tracer:
+        cache = tracer.cache(modules=[other.layers[1]])
+    return cache
+
+
+def test_cache_of_a_module_of_another_model_names_it():
+    model, other = NNsight(tiny_mlp()), NNsight(tiny_mlp(seed=1))
+    with pytest.raises(KeyError, match=r"`model\.layers\[1\]` is not a module of the traced "
+                                       r"model"):
+        cache_of_another_model(model, other, torch.randn(3, 8))
