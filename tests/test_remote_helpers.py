@@ -200,8 +200,8 @@ def test_an_error_inside_a_helper_keeps_its_type(remote, lm):
 def test_a_helper_reaching_a_weight_is_refused_at_its_line(remote, lm):
     @intervene
     def weights(model):
-        w = model.lm_head.output
-        return model.lm_head.weight
+        h = model.lm_head.output
+        return h @ model.lm_head.weight
 
     @intervene
     def run(model, x):
