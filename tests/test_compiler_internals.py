@@ -14,6 +14,8 @@ import torch
 from support import forward_hooks, x_input
 
 from compiler import intervene, walk
+from compiler.codegen import compile_source
+from compiler.parse import Source
 from compiler.rewrite import TMP_BASE
 from runtime import NNsight
 from runtime.models import tiny_mlp
@@ -170,3 +172,19 @@ def test_replace_swaps_one_node_by_identity():
     assert walk.replace(expr, expr, cst.Name("t")).value == "t"
     assert cst.Module([]).code_for_node(walk.replace(expr, cst.Name("zz"), cst.Name("t"))) == (
         "a.b[x] + a.b[x]")
+
+
+def test_numbers_land_on_their_sites_after_wide_characters_and_crlf():
+    # ast columns count UTF-8 bytes: a wide character before a site on its line, and
+    # Windows line ends, must not shift where the final numbers are written.
+    text = ("def f(model, x):\r\n"
+            "    with model.trace(x):\r\n"
+            "        a = ('é€😀', model.layers[0].output.save(), 7770000000)\r\n"
+            '        b = """7770000001\r\n'
+            '        7770000002""", model.layers[1].output.save()\r\n'
+            "    return a, b\r\n")
+    code = compile_source(Source(text, "<crlf>", 1, 0)).code
+    assert "('é€😀', __iv.save((yield __iv.read(model.layers[0], 'output', 0))), 7770000000)" in (
+        code), code
+    assert "7770000001\r\n        7770000002\"\"\", __iv.save((yield __iv.read(model.layers[1], " \
+           "'output', 1)))" in code, code
