@@ -153,7 +153,11 @@ def create_app(engine: Engine, api_keys: set[str] | None = None, *,
             return job
 
         async def frames():
+            first = True
             async for name, payload, final in follow(job):
+                if name == "status" and not (first or final):
+                    continue  # queued -> running: the next heartbeat tells (one wake-up less)
+                first = False
                 if final and payload.get("status") == "COMPLETED" and job.result is not None:
                     result = job.result
                     head = protocol.frame_head(b"R", len(result))
@@ -164,7 +168,7 @@ def create_app(engine: Engine, api_keys: set[str] | None = None, *,
                         yield result
                     phases.stamp(job.id, "a5 result sent")
                     return
-                tag = b"P" if name == "print" else b"S"
+                tag = b"P" if name == "print" else b"S"  # a print, a status or a heartbeat
                 yield protocol.frame(tag, json.dumps(payload).encode())
 
         return StreamingResponse(frames(), media_type=protocol.STREAM_TYPE,
@@ -189,7 +193,7 @@ def create_app(engine: Engine, api_keys: set[str] | None = None, *,
 
     async def follow(job: Job):
         """``(event name, payload, final)`` for each event of ``job`` as it comes, and a
-        status heartbeat each second of quiet; ends after the final status."""
+        ``heartbeat`` (its status now) each second of quiet; ends after the final status."""
         loop = asyncio.get_running_loop()
         ready = asyncio.Event()
         job.waiters.append((loop, ready))
@@ -210,7 +214,7 @@ def create_app(engine: Engine, api_keys: set[str] | None = None, *,
                     await asyncio.wait_for(ready.wait(), 1.0)
                 except TimeoutError:
                     # A heartbeat: where the job is now (elapsed time, queue position).
-                    yield "status", engine.view(job), False
+                    yield "heartbeat", engine.view(job), False
         finally:
             job.waiters.remove((loop, ready))
 
@@ -220,6 +224,7 @@ def create_app(engine: Engine, api_keys: set[str] | None = None, *,
 
         async def stream():
             async for name, payload, final in follow(job):
+                name = "status" if name == "heartbeat" else name
                 yield f"event: {name}\ndata: {json.dumps(payload)}\n\n"
                 if final:
                     phases.stamp(job.id, "a5 final event sent")
