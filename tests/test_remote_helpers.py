@@ -374,3 +374,61 @@ def test_source_in_a_remote_block_is_refused_with_a_clear_message(remote, lm):
                                               r"remote blocks yet") as info:
         run(lm, IDS)
     assert info.value.construct == "source"
+
+
+# -- hostile helpers in hand-made job messages ---------------------------------------------------
+
+RAW_BLOCK = '''def job(model, x):
+    with model.trace(x, remote=True):
+        y = helper(model).save()
+'''
+
+
+def raw_job(http, helper_source: str, **helper):
+    entry = {"source": helper_source, "filename": "evil.py", "first_line": 1, "values": {},
+             **helper}
+    trees, tensors = protocol.encode_values({"x": IDS})
+    head = {"protocol": protocol.PROTOCOL_VERSION, "compiler": compiler_version(),
+            "model": "tiny-llama", "function": "job", "source": RAW_BLOCK,
+            "filename": "job.py", "first_line": 1, "block": 0, "values": trees,
+            "helpers": {"helper": entry}}
+    resp = http.post("/v1/jobs", content=protocol.pack(head, tensors))
+    if resp.status_code != 202:
+        return resp.status_code, resp.json()["error"]
+    job = resp.json()["id"]
+    http.get(f"/v1/jobs/{job}/events")  # ends with the job
+    return 202, http.get(f"/v1/jobs/{job}").json()
+
+
+def test_a_helpers_decorators_defaults_and_annotations_never_run_on_the_server(http, tmp_path):
+    marks = [tmp_path / n for n in ("decorator", "default", "annotation")]
+    source = (f"@open({str(marks[0])!r}, 'w').close\n"
+              f"def helper(model, k=open({str(marks[1])!r}, 'w')) -> open({str(marks[2])!r}, 'w'):\n"
+              "    return model.model.layers[0].output\n")
+    code, status = raw_job(http, source, defaults={"t": "tuple", "v": [3]})  # k=3, sent
+    assert code == 202 and status["status"] == "COMPLETED", status
+    assert not any(m.exists() for m in marks)
+    code, status = raw_job(http, source)  # no defaults sent: k has none there
+    assert status["error"]["message"] == "helper() missing 1 required positional argument: 'k'"
+
+
+@pytest.mark.parametrize(("source", "extra", "message"), [
+    ("def helper(model):\n    return model.model.layers[0].output\nclass A:\n    pass\n", {},
+     "exactly one function definition"),
+    ("def helper(model):\n    return model.__class__\n", {}, "starting with `_`"),
+    ("def helper(model):\n    return getattr(model, 'lm_head')\n", {}, "`getattr` is not allowed"),
+    ("def helper(model):\n    return model.model.layers[0].output\n", {"values": {"1x": 1}},
+     "not a plain variable name"),
+])
+def test_hostile_helpers_are_refused_before_running(http, source, extra, message):
+    code, status = raw_job(http, source, **extra)
+    error = status if code != 202 else status["error"]
+    assert status.get("status", "ERROR") == "ERROR" and message in error["message"], status
+
+
+def test_malformed_helpers_are_refused_at_submission(http):
+    code, error = raw_job(http, "def helper(model):\n    pass\n", first_line=0)
+    assert code == 400 and error["type"] == "ProtocolError"
+    assert "has no source, file, first line or values" in error["message"]
+    code, error = raw_job(http, "x" * (65 * 1024))
+    assert code == 400 and "and the helpers it calls" in error["message"]
