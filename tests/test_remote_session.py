@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from serve_support import app_client, running, tiny_lm
+from serve_support import app_client, free_port, running, serve, stop_server, tiny_lm
 
 from compiler import intervene
+from compiler.version import compiler_version
+from runtime import CONFIG
 from runtime.remote import client as remote_client
 from runtime.serve import Engine, Limits
 
@@ -78,3 +80,42 @@ def test_a_remote_session_is_refused_before_any_request(lm, monkeypatch):
     with pytest.raises(NotImplementedError, match="remote sessions are not supported yet"):  # noqa: SIM117
         with lm.session(remote=True):  # an undecorated session too
             pass
+
+
+@intervene
+def last_row(model, k):
+    """A helper: shipped with each remote trace that calls it."""
+    return model.model.layers[k].output[:, -1]
+
+
+@intervene
+def with_helper(model, clean, corrupt, remote_flag):
+    with model.session():
+        with model.trace(clean, remote=remote_flag):
+            h = last_row(model, 0)
+        with model.trace(corrupt, remote=remote_flag):
+            model.model.layers[0].output[:, -1] = h
+            logits = model.lm_head.output.save()
+    return h, logits
+
+
+def test_sessions_and_helpers_through_a_real_server_on_loopback(lm, monkeypatch, tmp_path):
+    import httpx
+
+    monkeypatch.setattr(remote_client.Client, "http_override", None)
+    port = free_port()
+    with open(tmp_path / "server.log", "w+") as log:
+        proc = serve(port, log, "--job-timeout", "60")
+        try:
+            url = f"http://127.0.0.1:{port}"
+            assert httpx.get(f"{url}/v1/env", timeout=10).json()["compiler"] == compiler_version()
+            CONFIG.set_default_host(url)
+            try:
+                local = with_helper(lm, IDS, OTHER, False)
+                got = with_helper(lm, IDS, OTHER, True)
+            finally:
+                CONFIG.set_default_host(None)
+        finally:
+            stop_server(proc, 20)
+    for a, b in zip(got, local):
+        assert a.dtype == b.dtype and torch.equal(a, b)
