@@ -164,6 +164,11 @@ def _returns(value):
 def _add_lane(tracer, fn, spec, index: int) -> None:
     """``__iv.lane(tracer, fn, spec, index)``: a Tracer's, or an edited model's in an
     edit block."""
+    if tracer.__class__ is Tracer:  # Tracer._add_lane, inline (once per invoke)
+        tracer._lanes.append((fn, spec, index))
+        if spec is not None:
+            tracer._invoked = True
+        return
     tracer._add_lane(fn, spec, index)
 
 

@@ -379,6 +379,32 @@ class Interleaver:
             return
         self.advance(lane, None)
 
+    def start_all(self, lanes, rows, grad: bool) -> None:
+        """``start`` each of ``lanes`` (``(fn, spec, index)``, in source order) in one
+        call: ``rows`` per lane (None: every lane sees all rows)."""
+        if rows is not None:
+            batch = self.batch
+            for r in rows:  # invokes' rows tile the batch from row 0
+                if r is not None and (batch is None or r.stop > batch):
+                    batch = r.stop
+            self.batch = batch
+        mine, advance = self.lanes, self.advance
+        try:
+            for i, (fn, _spec, index) in enumerate(lanes):
+                r = None if rows is None else rows[i]
+                # A lane without checkpoints runs whole in fn() (skip.py asks for its rows;
+                # a lane that is a generator is found running first).
+                self.starting_rows = r
+                gen = fn()
+                lane = Lane(gen, index, r, grad)
+                mine.append(lane)
+                if gen.__class__ is GeneratorType:
+                    advance(lane, None)
+                else:
+                    lane.done = True  # it has already run
+        finally:
+            self.starting_rows = None
+
     def advance(self, lane: Lane, value, error: BaseException | None = None) -> None:
         """Run ``lane`` until it parks or ends, sending it ``value`` first."""
         outer = _grad_enabled()
@@ -476,6 +502,8 @@ class Interleaver:
                     waiters = self.waiting.get(key)
                     if waiters is None:
                         self.waiting[key] = [(lane, req, lane.rows)]
+                    elif waiters[-1][0].index < lane.index:  # in source order already
+                        waiters.append((lane, req, lane.rows))
                     else:
                         _add_waiter(waiters, (lane, req, lane.rows))
                     if key not in self.attached:
@@ -960,6 +988,11 @@ class Interleaver:
         prev = self.current
         self.current = ev
         batch = self.batch
+        advance, track, out = self.advance, self.track, ev.phase is OUT
+        # Whether the value is a plain tensor with the batch's rows first, worked out
+        # once per value (every waiter sees the same one until a lane writes a new one).
+        seen = _NONE
+        rows_first = False
         try:
             for entry in waiters:
                 lane, req, rows = entry
@@ -979,20 +1012,23 @@ class Interleaver:
                     ev.set(req[1], new)
                     self.advance(lane, None)
                 else:
-                    value = ev.value if ev.phase is OUT else ev.get(req[1])
-                    if self.track:
+                    value = ev.value if out else ev.get(req[1])
+                    if track:
                         value = self._narrow(value, rows, ev.phase)
                     elif rows is not None:  # an invoke's rows; a plain tensor first
-                        if value.__class__ is _Tensor:
+                        if value is not seen:
+                            seen = value
                             # Only a tensor with the batch's rows first is sliced.
-                            if value.dim() and value.shape[0] == batch:
-                                view = value[rows]
-                                if value.requires_grad:
-                                    _link_rows(view, value, rows)
-                                value = view
-                        else:
+                            rows_first = (None if value.__class__ is not _Tensor else
+                                          bool(value.dim()) and value.shape[0] == batch)
+                        if rows_first:
+                            view = value[rows]
+                            if value.requires_grad:
+                                _link_rows(view, value, rows)
+                            value = view
+                        elif rows_first is None:
                             value = narrow(value, rows, batch)
-                    self.advance(lane, value)
+                    advance(lane, value)
         finally:
             self.current = prev
         if self.stop_requested and ev.phase is not GRAD and not self.ended:
@@ -1165,6 +1201,11 @@ class Interleaver:
         self.waiting.clear()
         self.current = None
         lanes = self.lanes
+        for lane in lanes:
+            if not lane.done:
+                break
+        else:
+            lanes.clear()  # every lane ran to its end: nothing to close
         while lanes:
             lane = lanes[0]
             if not lane.done and hasattr(lane.gen, "close"):

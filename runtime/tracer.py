@@ -25,7 +25,16 @@ from . import order, source
 from .cache import late_cache_hooks
 from .edit import cleanup_steps, finish_edits, start_edits
 from .errors import OutOfOrderError
-from .interleave import OUT, PRE, Barrier, Interleaver, StepSelection, StopTrace, UserStopIteration
+from .interleave import (
+    _ACTIVE,
+    OUT,
+    PRE,
+    Barrier,
+    Interleaver,
+    StepSelection,
+    StopTrace,
+    UserStopIteration,
+)
 from .paths import rooted
 
 _PHASE = {"output": OUT, "input": PRE, "inputs": PRE}
@@ -72,6 +81,22 @@ def model_lock(module) -> threading.RLock:
 
 def _no_tracer():
     return None
+
+
+_Tensor = torch.Tensor
+_PLAIN_BATCHING: dict[type, bool] = {}
+
+
+def _plain_batching(cls) -> bool:
+    """Does ``cls`` batch invokes as ``NNsight`` does (its own ``_prepare`` and
+    ``_batch``)?  Then ``Tracer._inputs`` may take the common case itself."""
+    plain = _PLAIN_BATCHING.get(cls)
+    if plain is None:
+        from .nnsight import NNsight
+
+        plain = _PLAIN_BATCHING[cls] = (cls._batch is NNsight._batch
+                                        and cls._prepare is NNsight._prepare)
+    return plain
 
 
 def _describe(tracer) -> str:
@@ -151,6 +176,11 @@ class Tracer:
     _invoked = False
     _inter = None
     _caches: list | None = None
+    _plain_inputs = True  # `_inputs` is this class's own (a subclass may override it)
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        cls._plain_inputs = cls._inputs is Tracer._inputs
 
     def __init__(self, root, kind: str, block, sites: dict, args: tuple, kwargs: dict) -> None:
         self._root = root
@@ -222,7 +252,7 @@ class Tracer:
         # One trace at a time per model (see README "Guarantees"): another thread waits
         # here; this thread coming back (a trace started from inside a running one) is
         # refused, since the model's forward is in progress and its modules are wrapped.
-        state = root_state(self._root)
+        state = self._root.__dict__.get("_iv_state") or root_state(self._root)
         lock = state.lock
         if lock._is_owned():  # this thread holds it: a trace of this model is running here
             raise _nested_error(state.running(), self)
@@ -238,12 +268,18 @@ class Tracer:
         try:
             got = root._checked.get(id(self._block))
             facts = got[1] if got is not None and got[0] is self._block else block_facts(root, self._block)
-            args, kwargs, rows = self._inputs()
+            if (self._invoked or not self._plain_inputs
+                    or not (_PLAIN_BATCHING.get(root.__class__) or _plain_batching(root.__class__))):
+                args, kwargs, rows = self._inputs()
+            else:  # what `_inputs` gives without invokes when the model takes its inputs as is
+                args, kwargs, rows = self._args, self._kwargs, None
             if root._edits:  # `model.edit()`: its interventions go in first (runtime/edit.py)
                 edits = []  # filled as they start: cleanup undoes those that did
                 start_edits(root, torch.is_grad_enabled(), edits)
             inter = self._inter = Interleaver(root, self._block, self._sites, self._filename)
-            inter.activate()
+            # `inter.activate()`, inline: the interleaver of this thread until its cleanup.
+            inter.prev_active = getattr(_ACTIVE, "inter", None)
+            _ACTIVE.inter = inter
             self._rows = rows  # tracer.cache() in invoke i records rows[i]
             if self._late_cache:
                 late_cache_hooks(self)  # see runtime/cache.py
@@ -259,16 +295,24 @@ class Tracer:
             if source.USED:  # `.source` named somewhere: its forwards go in first
                 source.install_static(inter, facts)
             inter.attach_static(facts)
-            grad = torch.is_grad_enabled()
-            for i, (fn, _spec, index) in enumerate(self._lanes):
-                inter.start(fn, index, None if rows is None else rows[i], grad)
+            inter.start_all(self._lanes, rows, torch.is_grad_enabled())
             if inter.stop_requested:
                 inter.stopped = True  # stopped before the forward began: it does not run
             else:
                 first_pass_done = None  # known once the run returns or raises
-                first_pass_done = self._run_model(inter, args, kwargs)
+                try:  # the forward (or generate)
+                    out = root._run(self._kind, args, kwargs, self)
+                except StopTrace:
+                    inter.stopped = True  # values still awaited are reported, never left unset
+                    first_pass_done = inter.step > 0  # a later step began: the first pass had ended
+                else:
+                    if self._kind == "generate":
+                        self._result = inter.result = out
+                    out = None
+                    first_pass_done = True
             inter.finish()
-            finish_edits(edits)
+            if edits:
+                finish_edits(edits)
         except UserStopIteration as carrier:
             # The user's own StopIteration, kept as it was (a generator would have made
             # it "RuntimeError: generator raised StopIteration"); raised after cleanup,
@@ -278,12 +322,21 @@ class Tracer:
             if first_pass_done is None:  # the run raised: did a later step begin?
                 first_pass_done = inter.step > 0
             pending = None
-            for _attempt in range(3):  # an interrupt can arrive as a call begins: call again
-                try:
-                    pending = self._cleanup(inter, learning, first_pass_done, edits) or pending
-                    break
-                except BaseException as exc:  # noqa: BLE001 - raised below
-                    pending = pending or exc
+            done = False
+            if learning is None and not edits and not self._caches and inter is not None:
+                try:  # the common case, inline: `_cleanup`'s one step
+                    inter.cleanup()
+                    self._inter = None
+                    done = True
+                except BaseException as exc:  # noqa: BLE001 - raised below, after the loop
+                    pending = exc  # the loop runs the (idempotent) cleanup again
+            if not done:
+                for _attempt in range(3):  # an interrupt can arrive as a call begins: call again
+                    try:
+                        pending = self._cleanup(inter, learning, first_pass_done, edits) or pending
+                        break
+                    except BaseException as exc:  # noqa: BLE001 - raised below
+                        pending = pending or exc
             if pending is not None:
                 try:
                     raise pending
@@ -302,6 +355,28 @@ class Tracer:
         if not self._invoked:
             args, kwargs = root._prepare(self._args, self._kwargs)
             return args, kwargs, None
+        if _plain_batching(root.__class__):
+            # The common case, in one pass: each invoke gives one tensor (rows first)
+            # and no keywords.  Anything else, or inputs torch.cat refuses, goes the
+            # general way below, which says what is wrong.
+            xs: list = []
+            rows = []
+            start = 0
+            try:
+                for _, spec, _ in self._lanes:
+                    if spec.kwargs:  # (None: AttributeError)
+                        break
+                    (x,) = spec.args  # (not one input: ValueError)
+                    if x.__class__ is not _Tensor:
+                        break
+                    xs.append(x)
+                    end = start + x.shape[0]  # (no dimension: IndexError)
+                    rows.append(slice(start, end))
+                    start = end
+                else:
+                    return (torch.cat(xs),), dict(self._kwargs), rows
+            except (AttributeError, IndexError, RuntimeError, TypeError, ValueError):
+                pass
         # `tracer.invoke()` with no input adds no rows: it sees the whole batch.
         args, kwargs, rows = root._batch(
             [(spec.args, spec.kwargs) if spec is not None and (spec.args or spec.kwargs)
@@ -309,18 +384,6 @@ class Tracer:
             [self._block.lanes[index] for _, _, index in self._lanes],  # names in errors
         )
         return args, {**kwargs, **self._kwargs}, rows
-
-    def _run_model(self, inter, args, kwargs) -> bool:
-        """Run the forward (or generate); True when the first forward pass ran to its end."""
-        try:
-            out = self._root._run(self._kind, args, kwargs, self)
-        except StopTrace:
-            inter.stopped = True  # values still awaited are reported, never left unset
-            return inter.step > 0  # a later step began: the first pass had ended
-        if self._kind == "generate":
-            self._result = out
-            inter.result = out
-        return True
 
     def _cleanup(self, inter, learning, first_pass_done: bool, edits=()) -> BaseException | None:
         """Undo everything the run put on the model.  Every step runs even if an
