@@ -646,9 +646,9 @@ class Interleaver:
             return OutOfOrderError(
                 f"`{path}.{req[1]}` (call {want}) is asked for at line "
                 f"{getattr(cp, 'line', None)} in the step block at line {self._call_line(lane)}, "
-                f"but `{path}` is first named there while the forward pass runs, so "
-                "its earlier calls were not counted: write its path out in the block "
-                "(`model.layers[2]`, not a variable index) so that it is known before the run",
+                f"but `{path}` was not watched from the start of the forward pass, so its "
+                "calls so far are not known: a step block of a trace counts the calls of the "
+                "traced model's own modules (is this one of another model?)",
                 path,
                 getattr(cp, "line", None),
             )
@@ -893,6 +893,21 @@ class Interleaver:
             # `model.layers[0].mlp.output`): take theirs too, before the run.
             for module, phase in facts.attach:
                 self._attach_ancestors(module, phase)
+            if self.counting:
+                self._attach_all()
+
+    def _attach_all(self) -> None:
+        """A trace whose step blocks may name a module only as they run (a variable path,
+        a helper): call i of a module is counted from the start of the pass, so every
+        module's calls are counted (each attached, both phases) before the run."""
+        attached = self.attached
+        for module in self.root._module.modules():
+            if module.__class__ in _CONTAINERS:
+                continue
+            for phase in (OUT, PRE):
+                key = (id(module), phase)
+                if key not in attached:
+                    attached[key] = self._attach(module, phase, key)
 
     # -- where values are taken ---------------------------------------------------
     def _attach(self, module, phase: str, key):

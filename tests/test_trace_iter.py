@@ -435,20 +435,72 @@ def test_a_module_read_after_an_open_block_says_why(net, x):
 
 
 @intervene
-def dynamic_late(model, x, name):
+def act_of(model):  # a helper: its module is named only as it runs
+    return model.act.output
+
+
+@intervene
+def named_late(model, x, name):
+    with model.trace(x) as tracer:
+        outs = [].save()
+        with tracer.iter[0:3]:
+            h = model.lin.output
+            outs.append((h, getattr(model, name).output, act_of(model)))
+    return outs
+
+
+def _act_calls(net, x):
+    seen = []
+    h = net.act.register_forward_hook(lambda mod, args, out: seen.append(out))
+    try:
+        net(x)
+    finally:
+        h.remove()
+    return seen
+
+
+def test_a_variable_path_or_a_helper_in_a_step_block_counts_from_the_start():
+    # `act` is named through a variable and in a helper: modules known only while the
+    # forward runs are counted all the same (every module is watched in such a trace).
+    net = _seeded(Uneven)
+    x = torch.randn(2, 4, generator=torch.Generator().manual_seed(2))
+    acts = _act_calls(net, x)
+    lins = []
+    h = net.lin.register_forward_hook(lambda mod, args, out: lins.append(out))
+    try:
+        net(x)
+    finally:
+        h.remove()
+    outs = named_late(NNsight(net), x, "act")
+    assert len(outs) == 3
+    for i, (lin, act, helper) in enumerate(outs):
+        assert torch.equal(lin, lins[i]) and torch.equal(act, acts[i])
+        assert torch.equal(helper, acts[i])
+    assert_no_hooks(net)
+
+
+@intervene
+def other_model(model, other, x):
     with model.trace(x) as tracer:
         outs = [].save()
         with tracer.iter[0:2]:
             outs.append(model.lin.output)
-            outs.append(getattr(model, name).output)
+            outs.append(other.lin.output)  # OTHER-MODEL
     return outs
 
 
-def test_a_path_first_known_while_running_cannot_be_counted():
-    model = NNsight(_seeded(Uneven))
-    with pytest.raises(OutOfOrderError, match=r"first named there while the forward pass runs"):
-        dynamic_late(model, torch.randn(2, 4), "act")
-    assert_no_hooks(model)
+def test_a_module_of_another_model_in_a_step_block_is_an_error(net, x):
+    other = NNsight(_seeded(Shared))
+    with pytest.raises(OutOfOrderError) as info:
+        other_model(NNsight(net), other, x)
+    msg = str(info.value)
+    line = other_model.plan.functions[0].blocks[0].lanes[0].checkpoints[1].line
+    # (the path as an envoy carries it: rooted at `model`)
+    assert f"`model.lin.output` (call 0) is asked for at line {line} in the step block" in msg
+    assert info.value.line == line
+    assert "was not watched from the start of the forward pass" in msg
+    assert "is this one of another model?" in msg
+    assert_no_hooks(other)
 
 
 @intervene
