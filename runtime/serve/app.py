@@ -66,7 +66,9 @@ def create_app(engine: Engine, api_keys: set[str] | None = None, *,
     app = FastAPI(title="intervene", lifespan=lifespan)
     keys = sorted(api_keys) if api_keys else None
 
-    def caller(request: Request) -> str:
+    async def caller(request: Request) -> str:
+        # async: FastAPI runs a plain `def` dependency in a thread pool, a thread hand-over
+        # (and a GIL wait) on every request, for a few string compares.
         if keys is None:
             return ANONYMOUS
         given = request.headers.get("x-api-key")
