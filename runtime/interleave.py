@@ -405,29 +405,33 @@ class Interleaver:
         finally:
             self.starting_rows = None
 
-    def advance(self, lane: Lane, value, error: BaseException | None = None) -> None:
-        """Run ``lane`` until it parks or ends, sending it ``value`` first."""
+    def advance(self, lane: Lane, value, error: BaseException | None = None, first=None) -> None:
+        """Run ``lane`` until it parks or ends, sending it ``value`` first (``first``: a
+        request the lane has just made, handled before anything is sent: see ``_serve``)."""
         outer = _grad_enabled()
         if lane.grad is not outer:
             _set_grad_enabled(lane.grad)
         gen = lane.gen
         try:
             while True:
-                try:
-                    req = gen.send(value) if error is None else gen.throw(error)
-                except StopIteration:
-                    lane.done = True
-                    return
-                except RuntimeError as exc:
-                    cause = exc.__cause__
-                    if cause.__class__ is StopIteration and _from_lane(exc, gen):
+                if first is None:
+                    try:
+                        req = gen.send(value) if error is None else gen.throw(error)
+                    except StopIteration:
                         lane.done = True
-                        carrier, cause = UserStopIteration(cause), None
-                        try:
-                            raise carrier from None
-                        finally:
-                            carrier = None
-                    raise
+                        return
+                    except RuntimeError as exc:
+                        cause = exc.__cause__
+                        if cause.__class__ is StopIteration and _from_lane(exc, gen):
+                            lane.done = True
+                            carrier, cause = UserStopIteration(cause), None
+                            try:
+                                raise carrier from None
+                            finally:
+                                carrier = None
+                        raise
+                else:
+                    req, first = first, None
                 error = None
                 envoy = req[0]
                 if envoy.__class__ is Envoy or isinstance(envoy, Envoy):
@@ -1004,6 +1008,7 @@ class Interleaver:
         self.current = ev
         batch = self.batch
         advance, track, out = self.advance, self.track, ev.phase is OUT
+        outer = _grad_enabled()  # each lane is resumed in its own grad mode, then this again
         # Whether the value is a plain tensor with the batch's rows first, worked out
         # once per value (every waiter sees the same one until a lane writes a new one).
         seen = _NONE
@@ -1043,7 +1048,27 @@ class Interleaver:
                             value = view
                         elif rows_first is None:
                             value = narrow(value, rows, batch)
-                    advance(lane, value)
+                    if lane.grad is not outer:
+                        advance(lane, value)
+                        continue
+                    # `advance(lane, value)`, inline for the common case: a lane in this
+                    # grad mode that ends (a new request goes to `advance` as `first`).
+                    try:
+                        req = lane.gen.send(value)
+                    except StopIteration:
+                        lane.done = True
+                        if _grad_enabled() is not outer:  # it ended in another grad mode
+                            _set_grad_enabled(outer)
+                        continue
+                    except BaseException as exc:
+                        _lane_raised(lane, exc, outer)
+                        raise
+                    value = None
+                    now = _grad_enabled()
+                    if now is not outer:  # the lane's grad mode now (advance sets it again)
+                        lane.grad = now
+                        _set_grad_enabled(outer)
+                    advance(lane, None, first=req)
         finally:
             self.current = prev
         if self.stop_requested and ev.phase is not GRAD and not self.ended:
@@ -1372,6 +1397,24 @@ def _rows_view(current, new, rows: slice) -> bool:
         and new.stride() == current.stride()
         and new.requires_grad == current.requires_grad
     )
+
+
+def _lane_raised(lane: Lane, exc: BaseException, outer: bool) -> None:
+    """What ``advance`` does when a lane it resumed raises, for ``_serve``'s inline
+    resume: the grad mode goes back to ``outer``, and the experiment's own StopIteration
+    is carried out as a UserStopIteration (raised here); the caller re-raises the rest."""
+    lane.grad = now = _grad_enabled()
+    if now is not outer:
+        _set_grad_enabled(outer)
+    if isinstance(exc, RuntimeError):
+        cause = exc.__cause__
+        if cause.__class__ is StopIteration and _from_lane(exc, lane.gen):
+            lane.done = True
+            carrier, cause = UserStopIteration(cause), None
+            try:
+                raise carrier from None
+            finally:
+                carrier = None
 
 
 def _from_lane(exc: BaseException, gen) -> bool:
