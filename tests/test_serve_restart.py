@@ -18,7 +18,7 @@ import httpx
 from serve_support import free_port, kill_server, serve, stop_server, wait_for
 from test_remote_app import HARMLESS, IDS, LOOP, job_message
 
-from runtime.remote.client import Client, RemoteError
+from runtime.remote.client import Client, RemoteError, _pooled
 from runtime.serve import Engine, Limits
 
 
@@ -83,6 +83,10 @@ def test_a_restart_mid_job_is_a_clear_error_and_an_absent_server_is_bounded(tmp_
             fresh.run()
             assert fresh.error is None and fresh.result
             assert fresh.client.job_id[:8] != job[:8]
+            # The job's stream was read to its end: its connection waits in the pool for
+            # the next job (a response closed early closes its connection).
+            pool = _pooled(url, None)._transport._pool
+            assert [c.is_idle() for c in pool.connections] == [True]
         finally:
             stop_server(proc, 20)
     assert isinstance(patient.error, RemoteError), repr(patient.error)

@@ -269,9 +269,9 @@ class Client:
                         _refused(resp)
                     _check(resp)
                     got = self._frames(http, resp)
-                    if got is not None:
+                    if got is not None and (got[1] is not None or got[0]["status"] != "COMPLETED"):
                         return got
-                broke: BaseException | None = None
+                broke: BaseException | None = None  # ended early, or completed without result
         except (httpx.TransportError, protocol.ProtocolError) as exc:
             if not self.job_id:
                 raise
@@ -284,11 +284,19 @@ class Client:
         return self._recover(http, self.job_id, broke)
 
     def _frames(self, http, resp) -> tuple[dict, bytes | None] | None:
-        """Read a ``/v1/run`` stream; None when it ended before the job did."""
+        """Read a ``/v1/run`` stream: ``(final status, result)`` (the result None when
+        it was not sent: fetch it); None when the stream ended before the job did.  It
+        reads to the stream's end (right after the last frame), so that the connection
+        goes back to the pool: closing a response before its end closes the connection,
+        and the next job would pay for a new one."""
+        outcome = None
         for tag, body in protocol.read_frames(resp.iter_bytes()):
+            if outcome is not None:
+                continue
             if tag == b"R":
                 self.stamps.append(("c3 result read", time.perf_counter()))
-                return {"id": self.job_id, "status": "COMPLETED"}, body
+                outcome = {"id": self.job_id, "status": "COMPLETED"}, body
+                continue
             payload = json.loads(body)
             if tag == b"P":
                 self.status.clear()
@@ -299,11 +307,10 @@ class Client:
                     self.job_id = str(payload["id"])
                     self.stamps.append(("c2 submitted", time.perf_counter()))
                 if payload["status"] in FINAL:
-                    if payload["status"] == "COMPLETED":
-                        return payload, self._result(http, self.job_id)
-                    return payload, None
-                self.status.show(payload)
-        return None
+                    outcome = payload, None
+                else:
+                    self.status.show(payload)
+        return outcome
 
     def _recover(self, http, job: str, cause: BaseException | None) -> tuple[dict, bytes | None]:
         """The job's outcome after its stream broke (or ended early): ask the server
