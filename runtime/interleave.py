@@ -1013,6 +1013,7 @@ class Interleaver:
         # once per value (every waiter sees the same one until a lane writes a new one).
         seen = _NONE
         rows_first = False
+        links = None  # invokes' rows of the value, linked for retain_grad by one hook
         try:
             for entry in waiters:
                 lane, req, rows = entry
@@ -1037,14 +1038,14 @@ class Interleaver:
                         value = self._narrow(value, rows, ev.phase)
                     elif rows is not None:  # an invoke's rows; a plain tensor first
                         if value is not seen:
-                            seen = value
+                            seen, links = value, None
                             # Only a tensor with the batch's rows first is sliced.
                             rows_first = (None if value.__class__ is not _Tensor else
                                           bool(value.dim()) and value.shape[0] == batch)
                         if rows_first:
                             view = value[rows]
                             if value.requires_grad:
-                                _link_rows(view, value, rows)
+                                links = _link_rows(view, value, rows, links)
                             value = view
                         elif rows_first is None:
                             value = narrow(value, rows, batch)
@@ -1331,28 +1332,38 @@ def _record_fired(session: BackwardSession, key: int):
     return hook
 
 
-def _link_rows(view, base, rows: slice) -> None:
+def _link_rows(view, base, rows: slice, links: list | None = None) -> list:
     """Make ``view.retain_grad()`` work on an invoke's rows as on a whole value.
 
     The model goes on with ``base``, not with the view, so no gradient flows through
     the view's own node: a hook on ``base`` hands the view its rows of ``base``'s
     gradient when the view retains grad (it holds the view weakly).  Gradients add
     up over backward passes as torch's own ``retain_grad`` does; one that torch put
-    there itself (the view also used directly) is part of ``base``'s and replaced."""
-    ref = weakref.ref(view)
-    last = [None]
+    there itself (the view also used directly) is part of ``base``'s and replaced.
 
+    ``links``: the list read by a hook already on ``base`` (the other invokes' rows of
+    the same value: one hook for all of them, registering one costs microseconds);
+    None registers one.  Returns the list this view joined."""
+    if links is None:
+        links = []
+        base.register_hook(_rows_hook(links))
+    links.append((weakref.ref(view), rows, [None]))
+    return links
+
+
+def _rows_hook(links: list):
     def hook(grad):
-        v = ref()
-        if v is None or not v.retains_grad:
-            return
-        part = grad[rows].clone()
-        now, mine = v.grad, last[0]
-        if now is not None and mine is not None:
-            part = (now if now is mine else mine) + part
-        v.grad = last[0] = part
+        for ref, rows, last in links:
+            v = ref()
+            if v is None or not v.retains_grad:
+                continue
+            part = grad[rows].clone()
+            now, mine = v.grad, last[0]
+            if now is not None and mine is not None:
+                part = (now if now is mine else mine) + part
+            v.grad = last[0] = part
 
-    base.register_hook(hook)
+    return hook
 
 
 def rows_require_grad(view) -> bool:
