@@ -159,7 +159,7 @@ def test_cache_equals_local(remote, lm):
         return cache
 
     got, local = lens(lm, PROMPT, True), lens(lm, PROMPT, False)
-    assert sorted(got) == sorted(local) == [f"model.model.layers.{i}" for i in (0, 15, 29)]
+    assert sorted(got) == sorted(local) == [f"model.model.layers[{i}]" for i in (0, 15, 29)]
     for key in local:
         assert torch.equal(got[key].output, local[key].output)
 
