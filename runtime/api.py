@@ -69,7 +69,6 @@ class Handle:
         "save",
         "sites",
         "source",
-        "tracer_attrs",
         "write",
     )
 
@@ -104,14 +103,6 @@ class Handle:
             any(i and getattr(item, "kind", None) == "cache"
                 for lane in b.lanes for i, item in enumerate(lane.items))
             for b in plan.blocks
-        ]
-        # What `block` sets on each block's Tracer, worked out once: one update per trace.
-        self.tracer_attrs = [
-            {"_filename": plan.filename,
-             **({"_has_steps": True} if steps else {}),
-             **({"_has_backward": True} if back else {}),
-             **({} if late else {"_late_cache": False})}
-            for steps, back, late in zip(self.has_steps, self.has_backward, self.late_cache)
         ]
 
     def _helper(self, site: int, index: int, fn, /, *args, **kwargs):
@@ -153,7 +144,15 @@ class Handle:
             return EditBlock(model, self.plan.blocks[index], self.sites[index],
                              self.plan.filename, args, kwargs)
         tracer = Tracer(model, kind, self.plan.blocks[index], self.sites[index], args, kwargs)
-        tracer.__dict__.update(self.tracer_attrs[index])  # filename, steps, backward, late cache
+        # Plain attribute sets (`tracer.__dict__.update(...)` would turn the instance's
+        # inline attribute values into a dict, slowing every later `self._x` of the trace).
+        tracer._filename = self.plan.filename
+        if self.has_steps[index]:
+            tracer._has_steps = True
+        if self.has_backward[index]:
+            tracer._has_backward = True
+        if not self.late_cache[index]:
+            tracer._late_cache = False
         return tracer
 
 
