@@ -121,14 +121,14 @@ class StepSelection:
     __slots__ = ("current", "key", "served", "skipped")
     Over = StepsOver  # `except __iv_steps0.Over: break` in a trace's compiled step block
 
-    def __init__(self, key) -> None:
+    def __init__(self, key, calls: bool = False) -> None:
         if key is not None and not isinstance(key, (int, slice, list, tuple, range)):
             raise TypeError(
                 f"tracer.iter[...] takes an int, a slice or a list of ints, got {type(key).__name__}"
             )
         if isinstance(key, slice) and (key.step or 1) <= 0:
             raise ValueError("tracer.iter[a:b:c] needs a positive step")
-        _check_steps(key)
+        _check_steps(key, calls)
         self.key = key
         self.current = None
         self.served: list[int] = []
@@ -164,14 +164,21 @@ class StepSelection:
         return out
 
 
-def _check_steps(key) -> None:
+def _check_steps(key, calls: bool = False) -> None:
     """Refuse selections that can never run (at the user's line: this runs where
-    ``tracer.iter[...]`` is written)."""
+    ``tracer.iter[...]`` is written); ``calls``: a trace's step block (it selects calls
+    of each module, not generation steps)."""
     if key is None:
         return
-    negative = ("negative steps count from the end of generation, which is known only once "
-                "it has ended: select steps by their number from 0 (step 0 is the prompt), or "
-                "use tracer.all() and keep what you need")
+    if calls:
+        negative = ("in a trace a step block selects calls of each module, and negative "
+                    "numbers would count from a module's last call, which is known only once "
+                    "the forward pass has ended: select calls by their number from 0 (call 0 "
+                    "is each module's first call), or use tracer.all() and keep what you need")
+    else:
+        negative = ("negative steps count from the end of generation, which is known only "
+                    "once it has ended: select steps by their number from 0 (step 0 is the "
+                    "prompt), or use tracer.all() and keep what you need")
     if isinstance(key, slice):
         for name, v in (("start", key.start), ("stop", key.stop)):
             if v is not None and not isinstance(v, int):

@@ -221,7 +221,7 @@ class Tracer:
 
     @property
     def iter(self) -> _StepIndexer:
-        return _StepIndexer()
+        return _StepIndexer(self._kind != "generate")
 
     @property
     def result(self):
@@ -437,8 +437,13 @@ class Tracer:
 
 
 class _StepIndexer:
+    __slots__ = ("calls",)
+
+    def __init__(self, calls: bool = False) -> None:
+        self.calls = calls  # a trace's step block: it selects calls of each module
+
     def __getitem__(self, key) -> StepSelection:
-        return StepSelection(key)
+        return StepSelection(key, self.calls)
 
 
 class BlockFacts:

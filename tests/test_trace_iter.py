@@ -623,3 +623,42 @@ def test_undecorated_block(net, x):
         return outs
 
     _equal(run(), [seen[1][1], seen[2][1]])
+
+
+# -- a negative selection: the message speaks of calls in a trace, of steps in generate ------
+
+
+@intervene
+def negative_slice(model, x):
+    with model.trace(x) as tracer:  # noqa: SIM117 - a step block inside the trace
+        with tracer.iter[-2:]:
+            h = model.lin.output.save()
+    return h
+
+
+@intervene
+def negative_generate(model, ids):
+    with model.generate(ids, max_new_tokens=2) as tracer:  # noqa: SIM117
+        with tracer.iter[-1]:
+            h = model.model.layers[0].output.save()
+    return h
+
+
+def test_a_negative_selection_in_a_trace_speaks_of_calls_of_each_module(net, x):
+    import re
+
+    for fn, shown in ((negative, r"tracer.iter\[-1\]"), (negative_slice, r"tracer.iter\[-2:\]")):
+        with pytest.raises(ValueError) as info:
+            fn(NNsight(net), x)
+        msg = str(info.value)
+        assert re.match(shown + ": in a trace a step block selects calls of each module", msg)
+        assert "known only once the forward pass has ended" in msg
+        assert "select calls by their number from 0" in msg
+        assert "generation" not in msg and "prompt" not in msg
+    assert_no_hooks(net)
+    lm = LanguageModel(tiny_llama(0), tokenizer=None)
+    with pytest.raises(ValueError, match=r"tracer.iter\[-1\]: negative steps count from the end "
+                       r"of generation.*\(step 0 is the prompt\)") as info:
+        negative_generate(lm, torch.tensor([[1, 5, 9]]))
+    assert "calls of each module" not in str(info.value)
+    assert_no_hooks(lm._module)
