@@ -63,6 +63,7 @@ class Handle:
         "late_cache",
         "mark",
         "next_step",
+        "plain",
         "plan",
         "read",
         "requires_grad",
@@ -104,6 +105,9 @@ class Handle:
                 for lane in b.lanes for i, item in enumerate(lane.items))
             for b in plan.blocks
         ]
+        # Blocks none of the three concerns: Tracer._plain for their `trace` blocks.
+        self.plain = [not (s or b or c) for s, b, c in
+                      zip(self.has_steps, self.has_backward, self.late_cache)]
 
     def _helper(self, site: int, index: int, fn, /, *args, **kwargs):
         """``h(...)`` in a lane, ``h`` an @intervene helper: its body as a generator
@@ -147,6 +151,9 @@ class Handle:
         # Plain attribute sets (`tracer.__dict__.update(...)` would turn the instance's
         # inline attribute values into a dict, slowing every later `self._x` of the trace).
         tracer._filename = self.plan.filename
+        if kind == "trace" and self.plain[index]:
+            tracer._plain = True
+            return tracer
         if self.has_steps[index]:
             tracer._has_steps = True
         if self.has_backward[index]:

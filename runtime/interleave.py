@@ -41,6 +41,7 @@ _grad_enabled = torch.is_grad_enabled
 _set_grad_enabled = torch._C._set_grad_enabled
 _PHASE = {"output": OUT, "input": PRE, "inputs": PRE}
 _Tensor = torch.Tensor
+_new = object.__new__  # `_new(Lane)`: an instance without a Python `__init__` call
 _ACTIVE = threading.local()  # .inter: the interleaver running in this thread (see `activate`)
 
 
@@ -396,6 +397,7 @@ class Interleaver:
                     batch = r.stop
             self.batch = batch
         mine, advance = self.lanes, self.advance
+        now = grad  # the grad mode, as long as it is known (`advance` restores it)
         try:
             for i, (fn, _spec, index) in enumerate(lanes):
                 r = None if rows is None else rows[i]
@@ -403,19 +405,24 @@ class Interleaver:
                 # a lane that is a generator is found running first).
                 self.starting_rows = r
                 gen = fn()
-                lane = Lane(gen, index, r, grad)
+                lane = _new(Lane)  # `Lane(gen, index, r, grad)`, without a Python call
+                lane.gen, lane.index, lane.rows, lane.grad = gen, index, r, grad
                 mine.append(lane)
                 if gen.__class__ is GeneratorType:
-                    advance(lane, None)
+                    advance(lane, None, None, None, now)
                 else:
                     lane.done = True  # it has already run
+                    now = None  # in whatever grad mode it left
         finally:
             self.starting_rows = None
 
-    def advance(self, lane: Lane, value, error: BaseException | None = None, first=None) -> None:
+    def advance(self, lane: Lane, value, error: BaseException | None = None, first=None,
+                outer=None) -> None:
         """Run ``lane`` until it parks or ends, sending it ``value`` first (``first``: a
-        request the lane has just made, handled before anything is sent: see ``_serve``)."""
-        outer = _grad_enabled()
+        request the lane has just made, handled before anything is sent: see ``_serve``).
+        ``outer``: the grad mode now, when the caller has just read it."""
+        if outer is None:
+            outer = _grad_enabled()
         if lane.grad is not outer:
             _set_grad_enabled(lane.grad)
         gen = lane.gen
@@ -428,14 +435,7 @@ class Interleaver:
                         lane.done = True
                         return
                     except RuntimeError as exc:
-                        cause = exc.__cause__
-                        if cause.__class__ is StopIteration and _from_lane(exc, gen):
-                            lane.done = True
-                            carrier, cause = UserStopIteration(cause), None
-                            try:
-                                raise carrier from None
-                            finally:
-                                carrier = None
+                        _carry_user_stop(lane, exc)
                         raise
                 else:
                     req, first = first, None
@@ -935,6 +935,7 @@ class Interleaver:
         """
         waiting, fired, serve = self.waiting, self.fired, self._serve
         if phase == OUT:
+            new = _new
             attrs = module.__dict__
             prev = attrs.get("forward", _NONE)
             inner = module.forward
@@ -945,7 +946,9 @@ class Interleaver:
                 waiters = waiting.pop(key, None)
                 if waiters is None:
                     return out
-                return serve(Event(module, OUT, out), waiters).value
+                ev = new(Event)  # `Event(module, OUT, out)`, without a Python call
+                ev.module, ev.phase, ev.value, ev.changed = module, OUT, out, False
+                return serve(ev, waiters).value
 
         elif isinstance(module, torch.jit.ScriptModule):
             # Scripted modules take no Python pre-hooks: their input is taken in a
@@ -1038,7 +1041,7 @@ class Interleaver:
                 if len(req) == 4:
                     new = req[3] if rows is None else widen(ev.get(req[1]), req[3], rows, batch)
                     ev.set(req[1], new)
-                    self.advance(lane, None)
+                    advance(lane, None, None, None, outer)
                 else:
                     value = ev.value if out else ev.get(req[1])
                     if track:
@@ -1057,7 +1060,7 @@ class Interleaver:
                         elif rows_first is None:
                             value = narrow(value, rows, batch)
                     if lane.grad is not outer:
-                        advance(lane, value)
+                        advance(lane, value, None, None, outer)
                         continue
                     # `advance(lane, value)`, inline for the common case: a lane in this
                     # grad mode that ends (a new request goes to `advance` as `first`).
@@ -1076,7 +1079,7 @@ class Interleaver:
                     if now is not outer:  # the lane's grad mode now (advance sets it again)
                         lane.grad = now
                         _set_grad_enabled(outer)
-                    advance(lane, None, first=req)
+                    advance(lane, None, None, req, outer)
         finally:
             self.current = prev
         if self.stop_requested and ev.phase is not GRAD and not self.ended:
@@ -1425,14 +1428,22 @@ def _lane_raised(lane: Lane, exc: BaseException, outer: bool) -> None:
     if now is not outer:
         _set_grad_enabled(outer)
     if isinstance(exc, RuntimeError):
-        cause = exc.__cause__
-        if cause.__class__ is StopIteration and _from_lane(exc, lane.gen):
-            lane.done = True
-            carrier, cause = UserStopIteration(cause), None
-            try:
-                raise carrier from None
-            finally:
-                carrier = None
+        _carry_user_stop(lane, exc)
+
+
+def _carry_user_stop(lane: Lane, exc: RuntimeError) -> None:
+    """``exc`` raised by resuming ``lane``: if it is the RuntimeError the lane's generator
+    made of the experiment's own StopIteration, the lane is done and the StopIteration
+    is carried out as a UserStopIteration (raised here); else nothing happens (the
+    caller re-raises ``exc``)."""
+    cause = exc.__cause__
+    if cause.__class__ is StopIteration and _from_lane(exc, lane.gen):
+        lane.done = True
+        carrier, cause = UserStopIteration(cause), None
+        try:
+            raise carrier from None
+        finally:
+            carrier = None
 
 
 def _from_lane(exc: BaseException, gen) -> bool:

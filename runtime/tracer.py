@@ -32,6 +32,7 @@ from .interleave import (
     Barrier,
     Interleaver,
     StepSelection,
+    _grad_enabled,
     StopTrace,
     UserStopIteration,
 )
@@ -84,18 +85,20 @@ def _no_tracer():
 
 
 _Tensor = torch.Tensor
-_PLAIN_BATCHING: dict[type, bool] = {}
+_PLAIN_BATCHING: dict[type, int] = {}
 
 
-def _plain_batching(cls) -> bool:
+def _plain_batching(cls) -> int:
     """Does ``cls`` batch invokes as ``NNsight`` does (its own ``_prepare`` and
-    ``_batch``)?  Then ``Tracer._inputs`` may take the common case itself."""
+    ``_batch``)?  Then ``Tracer._inputs`` may take the common case itself.  0: no;
+    1: yes; 2: yes, and it runs a trace as ``NNsight`` does too (its own ``_run``:
+    ``_execute`` calls the module itself)."""
     plain = _PLAIN_BATCHING.get(cls)
     if plain is None:
         from .nnsight import NNsight
 
-        plain = _PLAIN_BATCHING[cls] = (cls._batch is NNsight._batch
-                                        and cls._prepare is NNsight._prepare)
+        plain = (cls._batch is NNsight._batch and cls._prepare is NNsight._prepare)
+        plain = _PLAIN_BATCHING[cls] = 2 if plain and cls._run is NNsight._run else int(plain)
     return plain
 
 
@@ -177,6 +180,9 @@ class Tracer:
     _inter = None
     _caches: list | None = None
     _plain_inputs = True  # `_inputs` is this class's own (a subclass may override it)
+    # A `trace` block without step blocks, backward blocks or a late tracer.cache()
+    # (Handle.block knows; True spares `_execute` the checks of those flags).
+    _plain = False
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
@@ -258,95 +264,102 @@ class Tracer:
             raise _nested_error(state.running(), self)
         with lock:
             state.running = weakref.ref(self)  # for that message only
-            self._execute_locked()
-
-    def _execute_locked(self) -> None:
-        root = self._root
-        inter = learning = stop_iteration = None
-        edits = ()
-        first_pass_done = False
-        try:
-            got = root._checked.get(id(self._block))
-            facts = got[1] if got is not None and got[0] is self._block else block_facts(root, self._block)
-            if (self._invoked or not self._plain_inputs
-                    or not (_PLAIN_BATCHING.get(root.__class__) or _plain_batching(root.__class__))):
-                args, kwargs, rows = self._inputs()
-            else:  # what `_inputs` gives without invokes when the model takes its inputs as is
-                args, kwargs, rows = self._args, self._kwargs, None
-            if root._edits:  # `model.edit()`: its interventions go in first (runtime/edit.py)
-                edits = []  # filled as they start: cleanup undoes those that did
-                start_edits(root, torch.is_grad_enabled(), edits)
-            inter = self._inter = Interleaver(root, self._block, self._sites, self._filename)
-            # `inter.activate()`, inline: the interleaver of this thread until its cleanup.
-            inter.prev_active = getattr(_ACTIVE, "inter", None)
-            _ACTIVE.inter = inter
-            self._rows = rows  # tracer.cache() in invoke i records rows[i]
-            if self._late_cache:
-                late_cache_hooks(self)  # see runtime/cache.py
-            if self._has_backward:
-                inter.track = True
-            if not root._order_complete:
-                learning = []  # if registering is cut short, cleanup looks for its hooks
-                learning = root._learn_order()
-            if self._kind == "generate":
-                inter._ensure_step_hook()
-            elif self._has_steps:  # step blocks in a trace: tracer.iter[i] is call i of a module
-                inter.count_calls()
-            if source.USED:  # `.source` named somewhere: its forwards go in first
-                source.install_static(inter, facts)
-            inter.attach_static(facts)
-            inter.start_all(self._lanes, rows, torch.is_grad_enabled())
-            if inter.stop_requested:
-                inter.stopped = True  # stopped before the forward began: it does not run
-            else:
-                first_pass_done = None  # known once the run returns or raises
-                try:  # the forward (or generate)
-                    out = root._run(self._kind, args, kwargs, self)
-                except StopTrace:
-                    inter.stopped = True  # values still awaited are reported, never left unset
-                    first_pass_done = inter.step > 0  # a later step began: the first pass had ended
-                else:
-                    if self._kind == "generate":
-                        self._result = inter.result = out
-                    out = None
-                    first_pass_done = True
-            inter.finish()
-            if edits:
-                finish_edits(edits)
-        except UserStopIteration as carrier:
-            # The user's own StopIteration, kept as it was (a generator would have made
-            # it "RuntimeError: generator raised StopIteration"); raised after cleanup,
-            # outside this handler, so that it does not refer to the carrier.
-            stop_iteration = carrier.exc
-        finally:
-            if first_pass_done is None:  # the run raised: did a later step begin?
-                first_pass_done = inter.step > 0
-            pending = None
-            done = False
-            if learning is None and not edits and not self._caches and inter is not None:
-                try:  # the common case, inline: `_cleanup`'s one step
-                    inter.cleanup()
-                    self._inter = None
-                    done = True
-                except BaseException as exc:  # noqa: BLE001 - raised below, after the loop
-                    pending = exc  # the loop runs the (idempotent) cleanup again
-            if not done:
-                for _attempt in range(3):  # an interrupt can arrive as a call begins: call again
-                    try:
-                        pending = self._cleanup(inter, learning, first_pass_done, edits) or pending
-                        break
-                    except BaseException as exc:  # noqa: BLE001 - raised below
-                        pending = pending or exc
-            if pending is not None:
-                try:
-                    raise pending
-                finally:
-                    pending = None
-        if stop_iteration is not None:
+            root = self._root
+            inter = learning = stop_iteration = None
+            edits = ()
+            first_pass_done = False
             try:
-                raise stop_iteration
+                got = root._checked.get(id(self._block))
+                facts = got[1] if got is not None and got[0] is self._block else block_facts(root, self._block)
+                model = _PLAIN_BATCHING.get(root.__class__) or _plain_batching(root.__class__)
+                if self._invoked or not self._plain_inputs or not model:
+                    args, kwargs, rows = self._inputs()
+                else:  # what `_inputs` gives without invokes when the model takes its inputs as is
+                    args, kwargs, rows = self._args, self._kwargs, None
+                if root._edits:  # `model.edit()`: its interventions go in first (runtime/edit.py)
+                    edits = []  # filled as they start: cleanup undoes those that did
+                    start_edits(root, torch.is_grad_enabled(), edits)
+                inter = self._inter = Interleaver(root, self._block, self._sites, self._filename)
+                # `inter.activate()`, inline: the interleaver of this thread until its cleanup.
+                inter.prev_active = getattr(_ACTIVE, "inter", None)
+                _ACTIVE.inter = inter
+                self._rows = rows  # tracer.cache() in invoke i records rows[i]
+                plain = self._plain  # a trace block without steps, backward or late cache
+                if not plain:
+                    if self._late_cache:
+                        late_cache_hooks(self)  # see runtime/cache.py
+                    if self._has_backward:
+                        inter.track = True
+                if not root._order_complete:
+                    learning = []  # if registering is cut short, cleanup looks for its hooks
+                    learning = root._learn_order()
+                if not plain:
+                    if self._kind == "generate":
+                        inter._ensure_step_hook()
+                    elif self._has_steps:  # step blocks in a trace: tracer.iter[i] is call i of a module
+                        inter.count_calls()
+                if source.USED:  # `.source` named somewhere: its forwards go in first
+                    source.install_static(inter, facts)
+                inter.attach_static(facts)
+                inter.start_all(self._lanes, rows, _grad_enabled())
+                if inter.stop_requested:
+                    inter.stopped = True  # stopped before the forward began: it does not run
+                else:
+                    first_pass_done = None  # known once the run returns or raises
+                    try:  # the forward (or generate)
+                        if plain and model == 2:  # `root._run(...)` of a trace, inline
+                            out = root._module(*args, **kwargs)
+                        else:
+                            out = root._run(self._kind, args, kwargs, self)
+                    except StopTrace:
+                        inter.stopped = True  # values still awaited are reported, never left unset
+                        first_pass_done = inter.step > 0  # a later step began: the first pass had ended
+                    else:
+                        if not plain and self._kind == "generate":
+                            self._result = inter.result = out
+                        out = None
+                        first_pass_done = True
+                if (inter.waiting or inter.step_waiting or inter.end_waiting
+                        or inter.barriers or not plain):
+                    inter.finish()
+                else:  # `inter.finish()` when every lane was served, inline
+                    inter.ended = True
+                if edits:
+                    finish_edits(edits)
+            except UserStopIteration as carrier:
+                # The user's own StopIteration, kept as it was (a generator would have made
+                # it "RuntimeError: generator raised StopIteration"); raised after cleanup,
+                # outside this handler, so that it does not refer to the carrier.
+                stop_iteration = carrier.exc
             finally:
-                stop_iteration = None
+                if first_pass_done is None:  # the run raised: did a later step begin?
+                    first_pass_done = inter.step > 0
+                pending = None
+                done = False
+                if learning is None and not edits and not self._caches and inter is not None:
+                    try:  # the common case, inline: `_cleanup`'s one step
+                        inter.cleanup()
+                        self._inter = None
+                        done = True
+                    except BaseException as exc:  # noqa: BLE001 - raised below, after the loop
+                        pending = exc  # the loop runs the (idempotent) cleanup again
+                if not done:
+                    for _attempt in range(3):  # an interrupt can arrive as a call begins: call again
+                        try:
+                            pending = self._cleanup(inter, learning, first_pass_done, edits) or pending
+                            break
+                        except BaseException as exc:  # noqa: BLE001 - raised below
+                            pending = pending or exc
+                if pending is not None:
+                    try:
+                        raise pending
+                    finally:
+                        pending = None
+            if stop_iteration is not None:
+                try:
+                    raise stop_iteration
+                finally:
+                    stop_iteration = None
 
     def _inputs(self) -> tuple[tuple, dict, list | None]:
         """The model's inputs, and each lane's rows of the batch (None: all rows).  The
