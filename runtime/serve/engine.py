@@ -99,7 +99,70 @@ class Job:
         return out
 
 
-class ModelRunner(threading.Thread):
+class Feeder(threading.Thread):
+    """A thread that takes batches from one model's queue and runs them: the local
+    engine's ``ModelRunner`` (a worker process) and the Ray engine's ``Replica`` (an
+    actor).  ``run`` starts the worker, then loops: take the next batch
+    (``Engine._next_batch``), ``_prepare`` it, ``_run_batch`` it with ``current`` set;
+    a bug of ours ends the thread with every job it holds failed (``_fail_all``)."""
+
+    what = "runner"  # in the message of a bug of ours
+    state: str
+    failure: str
+    current: list[Job] | None
+
+    @property
+    def _queue_owner(self) -> Any:
+        """What holds the queue (``runner`` for ``Engine._next_batch``, ``_requeue``)."""
+        return self
+
+    def run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as exc:  # a bug of ours: no job may hang because of it
+            self.state = "failed"
+            self.failure = f"the {self.what} stopped: {type(exc).__name__}: {exc}"
+            self._kill()
+            self._fail_all()
+            raise
+
+    def _loop(self) -> None:
+        self._spawn()
+        owner = self._queue_owner
+        while not owner.stopping:
+            if not self._may_take():
+                return
+            jobs = self.engine._next_batch(owner)
+            if not jobs or not self._prepare(jobs):
+                continue
+            self.current = jobs
+            try:
+                self._run_batch(jobs)
+            finally:
+                self.current = None
+
+    def _may_take(self) -> bool:
+        """False ends the loop before it takes another batch."""
+        return True
+
+    def _prepare(self, jobs: list[Job]) -> bool:
+        """Before ``jobs`` run; False when they were ended instead."""
+        return True
+
+    def _spawn(self) -> None:
+        raise NotImplementedError
+
+    def _kill(self) -> None:
+        raise NotImplementedError
+
+    def _fail_all(self) -> None:
+        raise NotImplementedError
+
+    def _run_batch(self, jobs: list[Job]) -> None:
+        raise NotImplementedError
+
+
+class ModelRunner(Feeder):
     """One served model: its queue, its worker process, the thread that feeds it."""
 
     def __init__(self, engine: Engine, spec: str) -> None:
@@ -163,46 +226,30 @@ class ModelRunner(threading.Thread):
     def _alive(self) -> bool:
         return self.proc is not None and self.proc.is_alive()
 
-    # -- the loop --------------------------------------------------------------------------
-    def run(self) -> None:
-        try:
-            self._loop()
-        except BaseException as exc:  # a bug of ours: no job may hang because of it
-            self.state = "failed"
-            self.failure = f"the runner stopped: {type(exc).__name__}: {exc}"
-            self._kill()
-            with self.engine.cond:
-                while self.queue:
-                    self.engine._finish_locked(self.queue.popleft(), "ERROR", error={
-                        "type": "RuntimeError", "message": self.failure})
-                for job in self.current or ():
-                    self.engine._finish_locked(job, "ERROR", error={
-                        "type": "RuntimeError", "message": self.failure})
-            raise
+    # -- the loop (Feeder.run) ----------------------------------------------------------------
+    def _fail_all(self) -> None:
+        with self.engine.cond:
+            while self.queue:
+                self.engine._finish_locked(self.queue.popleft(), "ERROR", error={
+                    "type": "RuntimeError", "message": self.failure})
+            for job in self.current or ():
+                self.engine._finish_locked(job, "ERROR", error={
+                    "type": "RuntimeError", "message": self.failure})
 
-    def _loop(self) -> None:
-        self._spawn()
-        while not self.stopping:
-            jobs = self.engine._next_batch(self)
-            if not jobs:
-                continue
+    def _prepare(self, jobs: list[Job]) -> bool:
+        for job in jobs:
+            phases.stamp(job.id, "e0 batch taken")
+        if not self._alive():
+            self.restarts += 1
+            self._spawn()
+        if self.state != "ready":
             for job in jobs:
-                phases.stamp(job.id, "e0 batch taken")
-            if not self._alive():
-                self.restarts += 1
-                self._spawn()
-            if self.state != "ready":
-                for job in jobs:
-                    self.engine._finish(job, "ERROR", error={
-                        "type": "RuntimeError",
-                        "message": f"the server could not load model {self.spec!r}: "
-                                   f"{self.failure}"})
-                continue
-            self.current = jobs
-            try:
-                self._run_batch(jobs)
-            finally:
-                self.current = None
+                self.engine._finish(job, "ERROR", error={
+                    "type": "RuntimeError",
+                    "message": f"the server could not load model {self.spec!r}: "
+                               f"{self.failure}"})
+            return False
+        return True
 
     def _run_batch(self, jobs: list[Job]) -> None:
         """Send ``jobs`` to the worker as one batch and relay each job's outcome.  When

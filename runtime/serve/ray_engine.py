@@ -34,7 +34,7 @@ import signal
 import threading
 import time
 
-from .engine import FINAL, Engine, Job, Limits
+from .engine import FINAL, Engine, Feeder, Job, Limits
 from .results import Persistent
 
 
@@ -102,8 +102,10 @@ class ReplicaActor:
         thread.join()
 
 
-class Replica(threading.Thread):
+class Replica(Feeder):
     """The thread that owns one actor and feeds it jobs from its model's queue."""
+
+    what = "replica"
 
     def __init__(self, model: RayModel, index: int) -> None:
         super().__init__(daemon=True, name=f"intervene-ray-{model.spec}-{index}")
@@ -115,7 +117,7 @@ class Replica(threading.Thread):
         self.actor = None
         self.pid: int | None = None
         self.restarts = 0
-        self.current: Job | None = None
+        self.current: list[Job] | None = None
 
     # -- the actor -----------------------------------------------------------------------------
     def _spawn(self) -> None:
@@ -170,34 +172,22 @@ class Replica(threading.Thread):
             self.restarts += 1
             self._spawn()
 
-    # -- the loop ----------------------------------------------------------------------------------
-    def run(self) -> None:
-        try:
-            self._loop()
-        except BaseException as exc:  # a bug of ours: no job may hang because of it
-            self.state = "failed"
-            self.failure = f"the replica stopped: {type(exc).__name__}: {exc}"
-            self._kill()
-            for job in self.current or ():
-                self.engine._finish(job, "ERROR", error={
-                    "type": "RuntimeError", "message": self.failure})
-            self.model.replica_failed()
-            raise
+    # -- the loop (Feeder.run) ---------------------------------------------------------------------
+    @property
+    def _queue_owner(self) -> RayModel:
+        return self.model
 
-    def _loop(self) -> None:
-        self._spawn()
-        while not self.model.stopping:
-            if self.state == "failed":
-                self.model.replica_failed()
-                return
-            jobs = self.engine._next_batch(self.model)
-            if not jobs:
-                continue
-            self.current = jobs
-            try:
-                self._run_batch(jobs)
-            finally:
-                self.current = None
+    def _fail_all(self) -> None:
+        for job in self.current or ():
+            self.engine._finish(job, "ERROR", error={
+                "type": "RuntimeError", "message": self.failure})
+        self.model.replica_failed()
+
+    def _may_take(self) -> bool:
+        if self.state == "failed":
+            self.model.replica_failed()
+            return False
+        return True
 
     def _run_batch(self, jobs: list[Job]) -> None:
         """Send ``jobs`` to the actor as one batch and relay each job's outcome, as the
