@@ -210,7 +210,7 @@ def test_a_job_that_changes_the_model_retires_its_replica(monkeypatch):
     assert msgs[0] == b"P" + job.encode() + b"editing\n"
     assert [m[:33] for m in msgs[1:]] == [b"E" + job.encode(), b"X"]
     message = json.loads(msgs[1][33:])["message"]
-    assert message.startswith("the job changed the served model (param `model.norm.weight` "
+    assert message.startswith("the job changed the served model (parameter `model.model.norm.weight` "
                               "was modified in place)")
 
 

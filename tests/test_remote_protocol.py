@@ -206,20 +206,35 @@ def test_model_guard_sees_every_change():
     assert guard.changes() == []
     with torch.no_grad():
         model.lm_head.weight[0, 0] += 1
-    assert guard.changes() == ["param `lm_head.weight` was modified in place"]
+    # Spelled as a block writes them (runtime/paths.py): rooted at `model`, list indices
+    # in brackets, a parameter as its module's path and its name.
+    assert guard.changes() == ["parameter `model.lm_head.weight` was modified in place"]
     guard = ModelGuard(model)
     model.model.layers[0].train()
-    assert any("switched to training" in c for c in guard.changes())
+    assert guard.changes()[0] == "module `model.model.layers[0]` was switched to training mode"
+    model.eval()
+    guard = ModelGuard(model)
+    model.model.rotary_emb.inv_freq.add_(0)
+    assert guard.changes() == ["buffer `model.model.rotary_emb.inv_freq` was modified in place"]
+    guard = ModelGuard(model)
+    model.model.layers[1].mlp.down_proj = torch.nn.Linear(64, 32, bias=False)
+    assert guard.changes()[:2] == [
+        "parameter `model.model.layers[1].mlp.down_proj.weight` was replaced or removed",
+        "module `model.model.layers[1].mlp.down_proj` was added or replaced"]
+    model = tiny_llama(0)
+    guard = ModelGuard(model)
+    model.train()
+    assert guard.changes()[0] == "module `model` was switched to training mode"
     model.eval()
     guard = ModelGuard(model)
     model.model.norm.weight.grad = torch.ones(32)
-    assert guard.changes() == ["parameter `model.norm.weight` was left with a .grad"]
+    assert guard.changes() == ["parameter `model.model.norm.weight` was left with a .grad"]
     model.model.norm.weight.grad = None
     handle = model.model.norm.register_forward_hook(lambda *a: None)
-    assert guard.changes() == ["module `model.norm` was left with hooks or a wrapped forward"]
+    assert guard.changes() == ["module `model.model.norm` was left with hooks or a wrapped forward"]
     handle.remove()
     model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
-    assert guard.changes() == ["param `lm_head.weight` was replaced or removed"]
+    assert guard.changes() == ["parameter `model.lm_head.weight` was replaced or removed"]
 
 
 class _Tty:
@@ -315,7 +330,7 @@ def test_worker_fails_a_job_that_changed_the_model_and_stops(monkeypatch):
     reply = ours.recv_bytes()
     assert reply[:1] == b"E"
     message = json.loads(reply[1:])["message"]
-    assert message.startswith("the job changed the served model (param `model.norm.weight` "
+    assert message.startswith("the job changed the served model (parameter `model.model.norm.weight` "
                               "was modified in place)")
     assert "being reloaded for the next job" in message
     thread.join(10)

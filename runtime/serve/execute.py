@@ -22,6 +22,7 @@ from typing import Any
 
 from compiler.version import compiler_version
 
+from ..paths import segment, shown
 from ..remote import protocol
 from ..remote.protocol import PROTOCOL_VERSION
 
@@ -407,6 +408,13 @@ def _user_traceback(exc: BaseException, filename: str) -> list[int]:
     return [f.lineno for f in _user_frames(exc, filename)]
 
 
+def _shown_tensor(torch_name: str) -> str:
+    """A parameter's or buffer's torch name (``model.norm.weight``) as a block spells it:
+    its module's shown path and the tensor's name (``model.model.norm.weight``)."""
+    module, _, leaf = torch_name.rpartition(".")
+    return shown(module) + segment(leaf)
+
+
 class ModelGuard:
     """What a job must not change on the served model, and a check that it did not:
     parameters and buffers (identity and in-place version counters), ``.grad`` on
@@ -432,28 +440,28 @@ class ModelGuard:
         """What the last job changed (empty: nothing)."""
         now = self._take()
         out = []
-        for kind in ("params", "buffers"):
+        for kind, word in (("params", "parameter"), ("buffers", "buffer")):
             before = {n: (i, v) for n, i, v in self.snapshot[kind]}
             after = {n: (i, v) for n, i, v in now[kind]}
             for name in sorted(set(before) | set(after)):
                 b, a = before.get(name), after.get(name)
                 if b is None or a is None or b[0] != a[0]:
-                    out.append(f"{kind[:-1]} `{name}` was replaced or removed")
+                    out.append(f"{word} `{_shown_tensor(name)}` was replaced or removed")
                 elif b[1] != a[1]:
-                    out.append(f"{kind[:-1]} `{name}` was modified in place")
+                    out.append(f"{word} `{_shown_tensor(name)}` was modified in place")
         for name, p in self.module.named_parameters():
             if p.grad is not None:
-                out.append(f"parameter `{name}` was left with a .grad")
+                out.append(f"parameter `{_shown_tensor(name)}` was left with a .grad")
         before = {row[0]: row[1:] for row in self.snapshot["modules"]}
         for row in now["modules"]:
             b = before.get(row[0])
             if b is None or b[0] != row[1]:
-                out.append(f"module `{row[0]}` was added or replaced")
+                out.append(f"module `{shown(row[0])}` was added or replaced")
             elif b[1] != row[2]:
-                out.append(f"module `{row[0] or 'model'}` was switched to "
+                out.append(f"module `{shown(row[0])}` was switched to "
                            f"{'training' if row[2] else 'eval'} mode")
             elif b[2:] != row[3:]:
-                out.append(f"module `{row[0] or 'model'}` was left with hooks or a wrapped forward")
+                out.append(f"module `{shown(row[0])}` was left with hooks or a wrapped forward")
         if len(now["modules"]) != len(self.snapshot["modules"]):
             out.append("the module tree changed")
         return out[:10]
