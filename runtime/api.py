@@ -125,7 +125,7 @@ class Handle:
         return gen_fn(*args, **kwargs)
 
     def block(self, model, kind: str, index: int, /, *args, **kwargs) -> Tracer:
-        if not isinstance(model, NNsight):
+        if model.__class__ is not NNsight and not isinstance(model, NNsight):
             what = "an Envoy (a part of a model)" if isinstance(model, Envoy) else type(model).__name__
             raise TypeError(
                 f"`with ....{kind}(...)` needs the wrapped model (NNsight(module) or "

@@ -196,6 +196,7 @@ class Tracer:
         self._args = args
         self._kwargs = kwargs
         self._lanes: list[tuple[Any, InvokeSpec | None, int]] = []
+        self._invoked = False  # read by every trace: faster on the instance than on the class
 
     # -- user-facing -----------------------------------------------------------
     def invoke(self, *args, **kwargs) -> InvokeSpec:
@@ -272,7 +273,8 @@ class Tracer:
                 got = root._checked.get(id(self._block))
                 facts = got[1] if got is not None and got[0] is self._block else block_facts(root, self._block)
                 model = _PLAIN_BATCHING.get(root.__class__) or _plain_batching(root.__class__)
-                if self._invoked or not self._plain_inputs or not model:
+                plain = self._plain  # a trace block without steps, backward or late cache
+                if self._invoked or not model or not (plain or self._plain_inputs):
                     args, kwargs, rows = self._inputs()
                 else:  # what `_inputs` gives without invokes when the model takes its inputs as is
                     args, kwargs, rows = self._args, self._kwargs, None
@@ -281,10 +283,10 @@ class Tracer:
                     start_edits(root, torch.is_grad_enabled(), edits)
                 inter = self._inter = Interleaver(root, self._block, self._sites, self._filename)
                 # `inter.activate()`, inline: the interleaver of this thread until its cleanup.
-                inter.prev_active = getattr(_ACTIVE, "inter", None)
-                _ACTIVE.inter = inter
+                active = inter.active = _ACTIVE.__dict__
+                inter.prev_active = active.get("inter")
+                active["inter"] = inter
                 self._rows = rows  # tracer.cache() in invoke i records rows[i]
-                plain = self._plain  # a trace block without steps, backward or late cache
                 if not plain:
                     if self._late_cache:
                         late_cache_hooks(self)  # see runtime/cache.py
