@@ -147,9 +147,19 @@ class Handle:
 
             return EditBlock(model, self.plan.blocks[index], self.sites[index],
                              self.plan.filename, args, kwargs)
-        tracer = Tracer(model, kind, self.plan.blocks[index], self.sites[index], args, kwargs)
-        # Plain attribute sets (`tracer.__dict__.update(...)` would turn the instance's
-        # inline attribute values into a dict, slowing every later `self._x` of the trace).
+        # `Tracer(model, kind, block, sites, args, kwargs)` without the Python call of its
+        # `__init__` (same attributes, same order).  Plain attribute sets
+        # (`tracer.__dict__.update(...)` would turn the instance's inline attribute values
+        # into a dict, slowing every later `self._x` of the trace).
+        tracer = _new(Tracer)
+        tracer._root = model
+        tracer._kind = kind
+        tracer._block = self.plan.blocks[index]
+        tracer._sites = self.sites[index]
+        tracer._args = args
+        tracer._kwargs = kwargs
+        tracer._lanes = []
+        tracer._invoked = False
         tracer._filename = self.plan.filename
         if kind == "trace" and self.plain[index]:
             tracer._plain = True
@@ -161,6 +171,9 @@ class Handle:
         if not self.late_cache[index]:
             tracer._late_cache = False
         return tracer
+
+
+_new = object.__new__
 
 
 def _returns(value):

@@ -394,36 +394,6 @@ class Interleaver:
             return
         self.advance(lane, None)
 
-    def start_all(self, lanes, rows, grad: bool) -> None:
-        """``start`` each of ``lanes`` (``(fn, spec, index)``, in source order) in one
-        call: ``rows`` per lane (None: every lane sees all rows)."""
-        if rows is not None:
-            batch = self.batch
-            for r in rows:  # invokes' rows tile the batch from row 0
-                if r is not None and (batch is None or r.stop > batch):
-                    batch = r.stop
-            self.batch = batch
-        mine, advance = self.lanes, self.advance
-        now = grad  # the grad mode, as long as it is known (`advance` restores it)
-        try:
-            for i, (fn, _spec, index) in enumerate(lanes):
-                r = None if rows is None else rows[i]
-                # A lane without checkpoints runs whole in fn() (skip.py asks for its rows;
-                # a lane that is a generator is found running first).
-                self.starting_rows = r
-                gen = fn()
-                lane = _new(Lane)  # `Lane(gen, index, r, grad)`, without a Python call
-                lane.gen, lane.index, lane.rows, lane.grad = gen, index, r, grad
-                lane.call_index, lane.later = None, 0  # read on every request (see __init__)
-                mine.append(lane)
-                if gen.__class__ is GeneratorType:
-                    advance(lane, None, None, None, now)
-                else:
-                    lane.done = True  # it has already run
-                    now = None  # in whatever grad mode it left
-        finally:
-            self.starting_rows = None
-
     def advance(self, lane: Lane, value, error: BaseException | None = None, first=None,
                 outer=None) -> None:
         """Run ``lane`` until it parks or ends, sending it ``value`` first (``first``: a
@@ -898,10 +868,13 @@ class Interleaver:
         if not self.static:
             self._attach_ancestors(module, phase)
 
-    def attach_static(self, facts) -> None:
+    def attach_static(self, facts, lanes=(), rows=None, grad: bool = True) -> None:
         """Before the run: attach the modules the plan names.  When that is every
         module the lanes can ask for, nothing needs attaching while running (so
-        no ancestors either: see ``_attach_ancestors``)."""
+        no ancestors either: see ``_attach_ancestors``).  Then ``start`` each of
+        ``lanes`` (``(fn, spec, index)``, in source order; one call for both, the
+        tracer's): ``rows`` per lane (None: every lane sees all rows), ``grad`` the
+        grad mode now."""
         attached = self.attached
         for module, phase in facts.attach:
             key = (id(module), phase)
@@ -914,6 +887,34 @@ class Interleaver:
                 self._attach_ancestors(module, phase)
             if self.counting:
                 self._attach_all()
+        if not lanes:
+            return
+        if rows is not None:
+            batch = self.batch
+            for r in rows:  # invokes' rows tile the batch from row 0
+                if r is not None and (batch is None or r.stop > batch):
+                    batch = r.stop
+            self.batch = batch
+        mine, advance = self.lanes, self.advance
+        now = grad  # the grad mode, as long as it is known (`advance` restores it)
+        try:
+            for i, (fn, _spec, index) in enumerate(lanes):
+                r = None if rows is None else rows[i]
+                # A lane without checkpoints runs whole in fn() (skip.py asks for its rows;
+                # a lane that is a generator is found running first).
+                self.starting_rows = r
+                gen = fn()
+                lane = _new(Lane)  # `Lane(gen, index, r, grad)`, without a Python call
+                lane.gen, lane.index, lane.rows, lane.grad = gen, index, r, grad
+                lane.call_index, lane.later = None, 0  # read on every request (see __init__)
+                mine.append(lane)
+                if gen.__class__ is GeneratorType:
+                    advance(lane, None, None, None, now)
+                else:
+                    lane.done = True  # it has already run
+                    now = None  # in whatever grad mode it left
+        finally:
+            self.starting_rows = None
 
     def _attach_all(self) -> None:
         """A trace whose step blocks may name a module only as they run (a variable path,
@@ -1025,13 +1026,13 @@ class Interleaver:
         prev = self.current
         self.current = ev
         batch = self.batch
-        advance, track, out = self.advance, self.track, ev.phase is OUT
+        track, out = self.track, ev.phase is OUT
         outer = _grad_enabled()  # each lane is resumed in its own grad mode, then this again
         # Whether the value is a plain tensor with the batch's rows first, worked out
-        # once per value (every waiter sees the same one until a lane writes a new one).
+        # once per value (every waiter sees the same one until a lane writes a new one);
+        # `rows_first` and `links` (invokes' rows of the value, linked for retain_grad by
+        # one hook) are set where a value is first seen.
         seen = _NONE
-        rows_first = False
-        links = None  # invokes' rows of the value, linked for retain_grad by one hook
         try:
             for entry in waiters:
                 lane, req, rows = entry
@@ -1049,7 +1050,7 @@ class Interleaver:
                 if len(req) == 4:
                     new = req[3] if rows is None else widen(ev.get(req[1]), req[3], rows, batch)
                     ev.set(req[1], new)
-                    advance(lane, None, None, None, outer)
+                    self.advance(lane, None, None, None, outer)
                 else:
                     value = ev.value if out else ev.get(req[1])
                     if track:
@@ -1068,7 +1069,7 @@ class Interleaver:
                         elif rows_first is None:
                             value = narrow(value, rows, batch)
                     if lane.grad is not outer:
-                        advance(lane, value, None, None, outer)
+                        self.advance(lane, value, None, None, outer)
                         continue
                     # `advance(lane, value)`, inline for the common case: a lane in this
                     # grad mode that ends (a new request goes to `advance` as `first`).
@@ -1087,7 +1088,7 @@ class Interleaver:
                     if now is not outer:  # the lane's grad mode now (advance sets it again)
                         lane.grad = now
                         _set_grad_enabled(outer)
-                    advance(lane, None, None, req, outer)
+                    self.advance(lane, None, None, req, outer)
         finally:
             self.current = prev
         if self.stop_requested and ev.phase is not GRAD and not self.ended:

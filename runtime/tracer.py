@@ -32,9 +32,9 @@ from .interleave import (
     Barrier,
     Interleaver,
     StepSelection,
-    _grad_enabled,
     StopTrace,
     UserStopIteration,
+    _grad_enabled,
 )
 from .paths import rooted
 
@@ -51,7 +51,7 @@ class _ModelState:
 
     def __init__(self) -> None:
         self.lock = threading.RLock()
-        self.running = _no_tracer
+        self.running = None
 
 
 _STATES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -78,10 +78,6 @@ def model_lock(module) -> threading.RLock:
     made ``with model_lock(module):`` waits for a trace running in another thread
     (the same thread may take it again: a plain call from inside a block)."""
     return _state_of(module).lock
-
-
-def _no_tracer():
-    return None
 
 
 _Tensor = torch.Tensor
@@ -189,6 +185,7 @@ class Tracer:
         cls._plain_inputs = cls._inputs is Tracer._inputs
 
     def __init__(self, root, kind: str, block, sites: dict, args: tuple, kwargs: dict) -> None:
+        # Handle.block (runtime/api.py) makes its tracers with these same sets, inline.
         self._root = root
         self._kind = kind
         self._block = block
@@ -262,13 +259,15 @@ class Tracer:
         state = self._root.__dict__.get("_iv_state") or root_state(self._root)
         lock = state.lock
         if lock._is_owned():  # this thread holds it: a trace of this model is running here
-            raise _nested_error(state.running(), self)
+            raise _nested_error(state.running, self)
         with lock:
-            state.running = weakref.ref(self)  # for that message only
             root = self._root
             inter = learning = stop_iteration = None
             edits = ()
             first_pass_done = False
+            # For that message only; forgotten first thing in `finally` (no call in
+            # between where an interrupt could land).
+            state.running = self
             try:
                 got = root._checked.get(id(self._block))
                 facts = got[1] if got is not None and got[0] is self._block else block_facts(root, self._block)
@@ -302,8 +301,7 @@ class Tracer:
                         inter.count_calls()
                 if source.USED:  # `.source` named somewhere: its forwards go in first
                     source.install_static(inter, facts)
-                inter.attach_static(facts)
-                inter.start_all(self._lanes, rows, _grad_enabled())
+                inter.attach_static(facts, self._lanes, rows, _grad_enabled())
                 if inter.stop_requested:
                     inter.stopped = True  # stopped before the forward began: it does not run
                 else:
@@ -334,6 +332,7 @@ class Tracer:
                 # outside this handler, so that it does not refer to the carrier.
                 stop_iteration = carrier.exc
             finally:
+                state.running = None
                 if first_pass_done is None:  # the run raised: did a later step begin?
                     first_pass_done = inter.step > 0
                 pending = None
