@@ -39,6 +39,7 @@ from .interleave import (
 from .paths import rooted
 
 _PHASE = {"output": OUT, "input": PRE, "inputs": PRE}
+_new = object.__new__
 _CHECKED_MAX = 256  # blocks whose checks each model remembers (oldest dropped first)
 
 
@@ -197,7 +198,9 @@ class Tracer:
 
     # -- user-facing -----------------------------------------------------------
     def invoke(self, *args, **kwargs) -> InvokeSpec:
-        return InvokeSpec(args, kwargs, self._root)
+        spec = _new(InvokeSpec)  # `InvokeSpec(args, kwargs, self._root)`, one Python call less
+        spec.args, spec.kwargs, spec.root = args, kwargs, self._root
+        return spec
 
     def stop(self) -> None:
         """The rest of the forward pass does not run; what was saved stays.  The code
