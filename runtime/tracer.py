@@ -268,10 +268,10 @@ class Tracer:
             inter = learning = stop_iteration = None
             edits = ()
             first_pass_done = False
-            # For that message only; forgotten first thing in `finally` (no call in
-            # between where an interrupt could land).
-            state.running = self
             try:
+                # For that message only; set inside the `try` and forgotten first thing
+                # in its `finally`, so that no interrupt leaves it behind.
+                state.running = self
                 got = root._checked.get(id(self._block))
                 facts = got[1] if got is not None and got[0] is self._block else block_facts(root, self._block)
                 model = _PLAIN_BATCHING.get(root.__class__) or _plain_batching(root.__class__)
