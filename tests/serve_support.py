@@ -12,10 +12,12 @@ import subprocess
 import time
 
 import httpx
+import pytest
 from fastapi.testclient import TestClient
 
 from runtime import LanguageModel
 from runtime.models import tiny_llama
+from runtime.remote import client as remote_client
 from runtime.serve import create_app
 
 
@@ -57,6 +59,31 @@ def tiny_lm() -> LanguageModel:
     return model
 
 
+# The fixtures ``http``, ``remote`` and ``lm`` of the serving tests: a test file imports
+# ``http_fixture`` etc. (marked as unused for ruff) and defines ``engine`` (started and
+# closed by itself, e.g. with ``running``) for ``http``.
+
+
+@pytest.fixture(scope="module", name="http")
+def http_fixture(engine):
+    """The app in-process over the test file's ``engine``, for the file's tests."""
+    with app_client(engine) as tc:
+        yield tc
+
+
+@pytest.fixture(name="remote")
+def remote_fixture(http, monkeypatch):
+    """The client's remote calls go to ``http`` during the test."""
+    monkeypatch.setattr(remote_client.Client, "http_override", http)
+    return http
+
+
+@pytest.fixture(scope="module", name="lm")
+def lm_fixture() -> LanguageModel:
+    """``tiny_lm()``, shared by the file's tests."""
+    return tiny_lm()
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -95,8 +122,6 @@ def serve(port: int, log, *args: str) -> subprocess.Popen:
     come up fails the test with its log (``log``: a file open for writing and reading)."""
     import sys
     from pathlib import Path
-
-    import pytest
 
     root = Path(__file__).resolve().parent.parent
     proc = subprocess.Popen([sys.executable, "-m", "runtime.serve", "--model", "tiny-llama",

@@ -18,7 +18,13 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from serve_support import app_client, free_port, stop_server, tiny_lm
+from serve_support import (
+    free_port,
+    http_fixture,  # noqa: F401 (a fixture)
+    lm_fixture,  # noqa: F401 (a fixture)
+    remote_fixture,  # noqa: F401 (a fixture)
+    stop_server,
+)
 from test_remote_app import (  # the local engine's integration checks, run here as well
     HARMLESS,
     IDS,
@@ -84,23 +90,6 @@ def replicas_back(request):
         eng = request.getfixturevalue("engine")
         if eng.runners[0].replicas[0].is_alive():
             wait_for(lambda: all_replicas_ready(eng), 120)
-
-
-@pytest.fixture(scope="module")
-def http(engine):
-    with app_client(engine) as tc:
-        yield tc
-
-
-@pytest.fixture
-def remote(http, monkeypatch):
-    monkeypatch.setattr(remote_client.Client, "http_override", http)
-    return http
-
-
-@pytest.fixture(scope="module")
-def lm():
-    return tiny_lm()
 
 
 def looping_job(http, engine) -> tuple[bytes, int, str]:

@@ -9,7 +9,13 @@ import json
 import pytest
 import torch
 from fastapi.testclient import TestClient
-from serve_support import app_client, running, tiny_lm, wait_for
+from serve_support import (
+    http_fixture,  # noqa: F401 (a fixture)
+    lm_fixture,  # noqa: F401 (a fixture)
+    remote_fixture,  # noqa: F401 (a fixture)
+    running,
+    wait_for,
+)
 
 from compiler import intervene
 from runtime.remote import client as remote_client
@@ -27,23 +33,6 @@ def engine():
                                         batch_max_jobs=1))  # queue positions: one at a time
     with running(eng):
         yield eng
-
-
-@pytest.fixture(scope="module")
-def http(engine):
-    with app_client(engine) as tc:
-        yield tc
-
-
-@pytest.fixture
-def remote(http, monkeypatch):
-    monkeypatch.setattr(remote_client.Client, "http_override", http)
-    return http
-
-
-@pytest.fixture(scope="module")
-def lm():
-    return tiny_lm()
 
 
 def job_message(source: str, block: int = 0, values: dict | None = None, **header) -> bytes:

@@ -12,7 +12,13 @@ import textwrap
 
 import pytest
 import torch
-from serve_support import app_client, running, tiny_lm
+from serve_support import (
+    http_fixture,  # noqa: F401 (a fixture)
+    lm_fixture,  # noqa: F401 (a fixture)
+    remote_fixture,  # noqa: F401 (a fixture)
+    running,
+    tiny_lm,
+)
 
 from compiler import intervene
 from compiler.validate import HelperSource, ValidationError, module_names_of, validate_block
@@ -30,23 +36,6 @@ def engine():
     eng = Engine(["tiny-llama"], Limits(job_timeout=20.0, max_result=2**22, max_print=4096))
     with running(eng):
         yield eng
-
-
-@pytest.fixture(scope="module")
-def http(engine):
-    with app_client(engine) as tc:
-        yield tc
-
-
-@pytest.fixture
-def remote(http, monkeypatch):
-    monkeypatch.setattr(remote_client.Client, "http_override", http)
-    return http
-
-
-@pytest.fixture(scope="module")
-def lm():
-    return tiny_lm()
 
 
 def same(a, b) -> None:

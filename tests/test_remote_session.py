@@ -7,7 +7,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from serve_support import app_client, free_port, running, serve, stop_server, tiny_lm
+from serve_support import (
+    free_port,
+    http_fixture,  # noqa: F401 (a fixture)
+    lm_fixture,  # noqa: F401 (a fixture)
+    remote_fixture,  # noqa: F401 (a fixture)
+    running,
+    serve,
+    stop_server,
+)
 
 from compiler import intervene
 from compiler.version import compiler_version
@@ -20,21 +28,10 @@ OTHER = torch.tensor([[2, 4, 6, 8, 10]])
 
 
 @pytest.fixture(scope="module")
-def http():
+def engine():
     eng = Engine(["tiny-llama"], Limits(job_timeout=20.0, max_result=2**22, max_print=4096))
-    with running(eng), app_client(eng) as tc:
-        yield tc
-
-
-@pytest.fixture
-def remote(http, monkeypatch):
-    monkeypatch.setattr(remote_client.Client, "http_override", http)
-    return http
-
-
-@pytest.fixture(scope="module")
-def lm():
-    return tiny_lm()
+    with running(eng):
+        yield eng
 
 
 @intervene

@@ -19,7 +19,13 @@ import httpx
 import pytest
 import torch
 from fastapi.testclient import TestClient
-from serve_support import app_client, free_port, running, stop_server, wait_healthy
+from serve_support import (
+    free_port,
+    http_fixture,  # noqa: F401 (a fixture)
+    running,
+    stop_server,
+    wait_healthy,
+)
 from test_remote_app import HARMLESS, IDS, LOOP, job_message, run_raw, wait_for
 
 from runtime.remote import protocol
@@ -49,12 +55,6 @@ def engine(results_dir):
     eng.store = ResultStore(results_dir, ttl=3600.0)
     with running(eng):
         yield eng
-
-
-@pytest.fixture(scope="module")
-def http(engine):
-    with app_client(engine) as tc:
-        yield tc
 
 
 @pytest.fixture(scope="module")
