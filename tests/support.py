@@ -90,3 +90,47 @@ def layer_outputs(net, x) -> list:
         for h in hooks:
             h.remove()
     return seen
+
+
+class SharedLinear(torch.nn.Module):
+    """One Linear applied ``calls`` times in one forward (a recurrent / weight-shared
+    block), then a head."""
+
+    def __init__(self, calls: int) -> None:
+        super().__init__()
+        self.calls = calls
+        self.lin = torch.nn.Linear(4, 4)
+        self.head = torch.nn.Linear(4, 2)
+
+    def forward(self, x):
+        for _ in range(self.calls):
+            x = torch.tanh(self.lin(x))
+        return self.head(x)
+
+
+def seeded(cls, *args):
+    """``cls(*args)`` built under seed 0 (the global generator given back after)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return cls(*args)
+
+
+def lin_calls(net, x, edit=None):
+    """Plain hooks: every call's (input, output) of ``net.lin`` (a ``SharedLinear``: all
+    ``net.calls`` of them) and the model's output, without grad; ``edit(i, output)`` may
+    replace call i's output (None: keep it)."""
+    seen = []
+
+    def hook(mod, args, out):
+        new = edit(len(seen), out) if edit is not None else None
+        seen.append((args[0], out if new is None else new))
+        return new
+
+    h = net.lin.register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            y = net(x)
+    finally:
+        h.remove()
+    assert len(seen) == net.calls
+    return seen, y

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from support import assert_no_hooks
+from support import SharedLinear, assert_no_hooks, lin_calls, seeded, x_input
 
 from compiler import intervene
 from runtime import NNsight
@@ -19,52 +19,16 @@ from runtime.errors import MissedCheckpointError, NotInTraceError
 CALLS = 3
 
 
-class Shared(torch.nn.Module):
-    """One Linear applied three times (a recurrent / weight-shared block)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.lin = torch.nn.Linear(4, 4)
-        self.head = torch.nn.Linear(4, 2)
-
-    def forward(self, x):
-        for _ in range(CALLS):
-            x = torch.tanh(self.lin(x))
-        return self.head(x)
-
-
 @pytest.fixture
 def net():
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        module = Shared()
+    module = seeded(SharedLinear, CALLS)
     yield module
     assert_no_hooks(module)
 
 
 @pytest.fixture
 def x():
-    return torch.randn(2, 4, generator=torch.Generator().manual_seed(1))
-
-
-def calls(net, x, edit=None):
-    """Plain hooks: every call's (input, output) of ``net.lin``, and the model's output;
-    ``edit(i, output)`` may replace call i's output."""
-    seen = []
-
-    def hook(mod, args, out):
-        new = edit(len(seen), out) if edit is not None else None
-        seen.append((args[0], out if new is None else new))
-        return new
-
-    h = net.lin.register_forward_hook(hook)
-    try:
-        with torch.no_grad():
-            y = net(x)
-    finally:
-        h.remove()
-    assert len(seen) == CALLS
-    return seen, y
+    return x_input(batch=2, hidden=4)
 
 
 @intervene
@@ -77,7 +41,7 @@ def each_call(model, x):
 
 
 def test_next_walks_the_calls_in_order(net, x):
-    seen, _ = calls(net, x)
+    seen, _ = lin_calls(net, x)
     model = NNsight(net)
     for _ in range(2):  # the second run has learned the model's order
         with torch.no_grad():
@@ -98,7 +62,7 @@ def skipping(model, x):
 
 
 def test_next_before_any_read_and_next_n(net, x):
-    seen, _ = calls(net, x)
+    seen, _ = lin_calls(net, x)
     with torch.no_grad():
         first_later, two, chained = skipping(NNsight(net), x)
     assert torch.equal(first_later, seen[1][1])
@@ -116,7 +80,7 @@ def inputs_and_outputs(model, x):
 
 
 def test_next_input_after_an_output(net, x):
-    seen, _ = calls(net, x)
+    seen, _ = lin_calls(net, x)
     with torch.no_grad():
         out0, in1, out1, in2 = inputs_and_outputs(NNsight(net), x)
     assert torch.equal(out0, seen[0][1])
@@ -141,9 +105,9 @@ def write_second(model, x, zero):
 
 
 def test_write_to_a_later_call(net, x):
-    _, want = calls(net, x, edit=lambda i, out: out * 0 if i == 1 else None)
-    _, want_third = calls(net, x, edit=lambda i, out: out * 0 if i == 2 else None)
-    _, plain = calls(net, x)
+    _, want = lin_calls(net, x, edit=lambda i, out: out * 0 if i == 1 else None)
+    _, want_third = lin_calls(net, x, edit=lambda i, out: out * 0 if i == 2 else None)
+    _, plain = lin_calls(net, x)
     with torch.no_grad():
         y, y2, y3 = write_second(NNsight(net), x, torch.zeros(2, 4))
     assert torch.equal(y, want) and not torch.equal(y, plain)
@@ -163,7 +127,7 @@ def invokes(model, x1, x2):
 
 
 def test_next_in_invokes(net, x):
-    seen, _ = calls(net, x)  # x's two rows, batched as the two invokes are
+    seen, _ = lin_calls(net, x)  # x's two rows, batched as the two invokes are
     with torch.no_grad():
         a, b, c = invokes(NNsight(net), x[:1], x[1:])
     assert torch.equal(a, seen[2][1][:1])

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from support import assert_no_hooks
+from support import SharedLinear, assert_no_hooks, lin_calls, seeded, x_input
 
 from compiler import intervene
 from runtime import LanguageModel, NNsight, save
@@ -18,20 +18,6 @@ from runtime.errors import MissedCheckpointError, OutOfOrderError
 from runtime.models import tiny_llama
 
 CALLS = 4
-
-
-class Shared(torch.nn.Module):
-    """One Linear applied four times (a recurrent / weight-shared block), then a head."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.lin = torch.nn.Linear(4, 4)
-        self.head = torch.nn.Linear(4, 2)
-
-    def forward(self, x):
-        for _ in range(CALLS):
-            x = torch.tanh(self.lin(x))
-        return self.head(x)
 
 
 class Uneven(torch.nn.Module):
@@ -50,12 +36,6 @@ class Uneven(torch.nn.Module):
         return x
 
 
-def _seeded(cls):
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        return cls()
-
-
 @pytest.fixture(autouse=True)
 def _no_grad():
     with torch.no_grad():  # as the plain hooks run
@@ -64,33 +44,14 @@ def _no_grad():
 
 @pytest.fixture
 def net():
-    module = _seeded(Shared)
+    module = seeded(SharedLinear, CALLS)
     yield module
     assert_no_hooks(module)
 
 
 @pytest.fixture
 def x():
-    return torch.randn(2, 4, generator=torch.Generator().manual_seed(1))
-
-
-def calls(net, x, edit=None):
-    """Plain hooks: every call's (input, output) of ``net.lin`` and the model's output;
-    ``edit(i, output)`` may replace call i's output (None: keep it)."""
-    seen = []
-
-    def hook(mod, args, out):
-        new = edit(len(seen), out) if edit is not None else None
-        seen.append((args[0], out if new is None else new))
-        return new
-
-    h = net.lin.register_forward_hook(hook)
-    try:
-        y = net(x)
-    finally:
-        h.remove()
-    assert len(seen) == CALLS
-    return seen, y
+    return x_input(batch=2, hidden=4)
 
 
 def _equal(got, want) -> None:
@@ -118,7 +79,7 @@ def first_three(model, x):
 
 
 def test_a_slice_reads_those_calls(net, x):
-    seen, _ = calls(net, x)
+    seen, _ = lin_calls(net, x)
     model = NNsight(net)
     for _ in range(2):  # the second run has learned the model's order
         outs, loop, steps = first_three(model, x)
@@ -149,7 +110,7 @@ def selections(model, x):
 
 
 def test_an_int_a_list_a_stride_and_inputs(net, x):
-    seen, _ = calls(net, x)
+    seen, _ = lin_calls(net, x)
     one, picked, strided, inputs = selections(NNsight(net), x)
     _equal(one, [seen[2][1]])
     _equal(picked, [seen[1][1], seen[3][1]])
@@ -177,7 +138,7 @@ def open_ended(model, x):
 
 
 def test_open_selections_run_for_every_call_that_happens(net, x):
-    seen, want = calls(net, x)
+    seen, want = lin_calls(net, x)
     every, after, late, each, y = open_ended(NNsight(net), x)
     _equal(every, [out for _, out in seen])
     assert after == CALLS
@@ -201,7 +162,7 @@ def blocks_in_a_row(model, x):
 
 
 def test_step_blocks_one_after_another_and_code_after_them(net, x):
-    seen, want = calls(net, x)
+    seen, want = lin_calls(net, x)
     first, between, second, y = blocks_in_a_row(NNsight(net), x)
     _equal(first, [seen[0][1], seen[1][1]])
     assert between == 2
@@ -222,7 +183,7 @@ def broken_off(model, x):
 
 
 def test_break_leaves_the_step_block(net, x):
-    seen, want = calls(net, x)
+    seen, want = lin_calls(net, x)
     outs, y = broken_off(NNsight(net), x)
     _equal(outs, [seen[0][1], seen[1][1]])
     assert torch.equal(y, want)
@@ -251,7 +212,7 @@ def next_inside(model, x):
 
 
 def test_next_inside_a_step_block_is_the_call_after(net, x):
-    seen, _ = calls(net, x)
+    seen, _ = lin_calls(net, x)
     pairs = next_inside(NNsight(net), x)
     assert len(pairs) == 3
     for i, (a, b) in enumerate(pairs):
@@ -289,10 +250,10 @@ def scale_all(model, x):
 
 
 def test_writes_go_to_the_selected_calls(net, x):
-    _, plain = calls(net, x)
-    _, want = calls(net, x, edit=lambda i, out: out * 0 if i == 1 else None)
-    _, want2 = calls(net, x, edit=lambda i, out: out * 2 if i in (1, 2) else None)
-    _, want3 = calls(net, x, edit=lambda i, out: out * (i + 1))
+    _, plain = lin_calls(net, x)
+    _, want = lin_calls(net, x, edit=lambda i, out: out * 0 if i == 1 else None)
+    _, want2 = lin_calls(net, x, edit=lambda i, out: out * 2 if i in (1, 2) else None)
+    _, want3 = lin_calls(net, x, edit=lambda i, out: out * (i + 1))
     model = NNsight(net)
     y, y2, y3 = zero_second(model, x), double_middle(model, x), scale_all(model, x)
     assert torch.equal(y, want) and not torch.equal(y, plain)
@@ -327,7 +288,7 @@ def test_step_blocks_in_invokes_count_the_batch_calls_on_their_rows(net, x):
         out[1:] = 0
         return out
 
-    seen, want = calls(net, torch.cat([a, b]), edit=zero_rows_of_b)
+    seen, want = lin_calls(net, torch.cat([a, b]), edit=zero_rows_of_b)
     reads, y = with_invokes(NNsight(net), a, b)
     # invoke 0's rows are untouched by invoke 1's write (rows are separate)
     _equal(reads, [out[:1] for _, out in seen[:3]])
@@ -392,7 +353,7 @@ def partial_iteration(model, x):
 def test_an_open_selection_never_ends_halfway_through_an_iteration():
     # `act` runs once less than `lin`: iteration 3 gets lin's call 3, then waits for
     # act's call 3, which never comes: an error, never a quiet half iteration.
-    model = NNsight(_seeded(Uneven))
+    model = NNsight(seeded(Uneven))
     x = torch.randn(2, 4)
     with pytest.raises(MissedCheckpointError, match=r"`model.act.output` of call 3 .* ran only 3"):
         partial_iteration(model, x)
@@ -462,7 +423,7 @@ def _act_calls(net, x):
 def test_a_variable_path_or_a_helper_in_a_step_block_counts_from_the_start():
     # `act` is named through a variable and in a helper: modules known only while the
     # forward runs are counted all the same (every module is watched in such a trace).
-    net = _seeded(Uneven)
+    net = seeded(Uneven)
     x = torch.randn(2, 4, generator=torch.Generator().manual_seed(2))
     acts = _act_calls(net, x)
     lins = []
@@ -490,7 +451,7 @@ def other_model(model, other, x):
 
 
 def test_a_module_of_another_model_in_a_step_block_is_an_error(net, x):
-    other = NNsight(_seeded(Shared))
+    other = NNsight(seeded(SharedLinear, CALLS))
     with pytest.raises(OutOfOrderError) as info:
         other_model(NNsight(net), other, x)
     msg = str(info.value)
@@ -531,7 +492,7 @@ def test_traces_without_step_blocks_count_nothing(net, x):
     try:
         first_three(NNsight(net), x)
         assert len(made) == 2
-        seen, _ = calls(net, x)
+        seen, _ = lin_calls(net, x)
 
         @intervene
         def plain(model, x):
@@ -612,7 +573,7 @@ def test_the_plan_shows_the_call_selection():
 
 
 def test_undecorated_block(net, x):
-    seen, _ = calls(net, x)
+    seen, _ = lin_calls(net, x)
     model = NNsight(net)
 
     def run():
