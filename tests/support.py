@@ -134,3 +134,16 @@ def lin_calls(net, x, edit=None):
         h.remove()
     assert len(seen) == net.calls
     return seen, y
+
+
+def tiny_bert():
+    """A tiny BertModel (2 layers, hidden 32, vocabulary 100) built under seed 0, in eval
+    mode: a model with a child named ``output``."""
+    from transformers import BertConfig, BertModel
+
+    config = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2,
+                        num_attention_heads=4, intermediate_size=64,
+                        max_position_embeddings=64, type_vocab_size=2)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return BertModel(config).eval()

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from support import assert_no_hooks
+from support import assert_no_hooks, tiny_bert
 
 from compiler import intervene
 from runtime import LanguageModel, NNsight, NotInTraceError
@@ -36,17 +36,6 @@ def lm():
 def plain(lm, **inputs):
     with torch.no_grad():
         return lm._module(**inputs).logits
-
-
-def tiny_bert():
-    from transformers import BertConfig, BertModel
-
-    config = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2,
-                        num_attention_heads=4, intermediate_size=64,
-                        max_position_embeddings=64, type_vocab_size=2)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        return BertModel(config).eval()
 
 
 def tiny_t5():

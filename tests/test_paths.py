@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from support import forward_hooks, tiny_bert
 
 from compiler import intervene
 from compiler.__main__ import main as cli_main
@@ -14,7 +15,6 @@ from runtime import LanguageModel, NNsight, OutOfOrderError
 from runtime.errors import MissedCheckpointError
 from runtime.models import tiny_llama, tiny_mlp
 from runtime.paths import names, rooted, shown
-from tests.support import forward_hooks
 
 IDS = torch.tensor([[1, 5, 7, 9, 11, 3]])
 LAYER0 = "model.model.layers[0]"
@@ -182,17 +182,6 @@ def test_paths_are_rooted_at_the_variable_the_block_uses(capsys):
 
 
 # -- a child named like a value, and plain modules -----------------------------------------------
-
-
-def tiny_bert():
-    from transformers import BertConfig, BertModel
-
-    config = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2,
-                        num_attention_heads=4, intermediate_size=64,
-                        max_position_embeddings=64, type_vocab_size=2)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        return BertModel(config).eval()
 
 
 @intervene
