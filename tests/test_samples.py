@@ -64,7 +64,7 @@ def test_basics_plans_are_static():
     )
     for name in ("save_hidden_and_logits", "zero_last_token", "add_noise", "replace_from"):
         assert name in result.stdout
-    assert any(line.split()[2:] == ["lm_head", "output", "read", "save"]
+    assert any(line.split()[2:] == ["model.lm_head", "output", "read", "save"]
                for line in result.stdout.splitlines())
 
 
