@@ -300,3 +300,119 @@ def test_a_job_reading_inputs_runs_alone(lm, forwards):
     for got, ref in zip(batched, alone):
         same(got, ref)
     assert saved(batched[1], "first").shape[0] == 1
+
+
+# Generate blocks: greedy jobs with the same generation keywords share one generate call.
+GEN = '''def job(model, x):
+    with model.generate(x, max_new_tokens=4, do_sample=False) as tracer:
+        h = model.model.layers[0].output.save()
+        out = model.generator.output.save()
+'''
+GEN_WRITE = '''def job(model, x):
+    with model.generate(x, max_new_tokens=4, do_sample=False) as tracer:
+        model.model.layers[0].output[:] = 0
+        out = model.generator.output.save()
+'''
+GEN_INVOKES = '''def job(model, a, b):
+    with model.generate(max_new_tokens=4, do_sample=False) as tracer:
+        with tracer.invoke(a):
+            logits = model.lm_head.output.save()
+            x = model.generator.output.save()
+        with tracer.invoke(b):
+            model.model.layers[1].output[:] = model.model.layers[1].output * 2
+            y = model.generator.output.save()
+'''
+GEN_3 = GEN.replace("max_new_tokens=4", "max_new_tokens=3")
+# Its first new token is forced to the end token (2): alone, generation stops there.
+GEN_EOS = '''def job(model, x):
+    with model.generate(x, max_new_tokens=4, do_sample=False) as tracer:
+        model.lm_head.output[:, -1, 2] = 1e4
+        out = model.generator.output.save()
+'''
+GEN_FAILS = FAILS.replace("model.trace(x)", "model.generate(x, max_new_tokens=4, do_sample=False)")
+
+
+def same_generate(got, alone):
+    """The same saved values (token ids exactly, floats within 1e-4) and tracer.result."""
+    assert got[0] == alone[0] == b"R", (got, alone)
+    assert got[1]["saved"].keys() == alone[1]["saved"].keys()
+    for name in [*got[1]["saved"], None]:
+        g = saved(got, name) if name else got[2][got[1]["result"]["k"]]
+        a = saved(alone, name) if name else alone[2][alone[1]["result"]["k"]]
+        assert g.shape == a.shape and g.dtype == a.dtype, name
+        if g.dtype == torch.long:
+            assert torch.equal(g, a), name
+        else:
+            torch.testing.assert_close(g, a, atol=1e-4, rtol=0)
+
+
+def test_generate_jobs_share_one_generate_call_and_equal_each_alone(lm, forwards):
+    jobs = [message(GEN, x=A), message(GEN_WRITE, x=C), message(GEN_INVOKES, a=A, b=B),
+            message(GEN, x=C)]
+    batched, _, _ = run(lm, jobs)
+    assert len(forwards) == 4  # one generate call: 4 steps for all four jobs
+    alone, _, _ = run(lm, jobs, max_jobs=1)
+    assert len(forwards) == 4 + 4 * 4
+    for got, ref in zip(batched, alone):
+        same_generate(got, ref)
+    # The write at step 0 changed its own job's tokens only (job 3 reads the same rows).
+    assert not torch.equal(saved(batched[1], "out"), saved(batched[3], "out"))
+    assert saved(batched[0], "h").shape[0] == 1 and saved(batched[3], "h").shape[0] == 2
+    # And against plain transformers' greedy generate.
+    plain = lm._module.generate(A, max_new_tokens=4, do_sample=False)
+    assert torch.equal(saved(batched[0], "out"), plain)
+    assert torch.equal(saved(batched[2], "x"), plain)
+
+
+def test_generate_jobs_with_other_keywords_get_calls_of_their_own(lm, forwards):
+    # Other max_new_tokens, a trace, sampling, a step block: each a call of its own.
+    sampling = GEN.replace("do_sample=False", "do_sample=True")
+    steps = GEN.replace("        h = model", "        with tracer.all():\n            h = model")
+    jobs = [message(GEN, x=A), message(GEN_3, x=B), message(READ, x=C),
+            message(sampling, x=A), message(steps, x=B)]
+    batched, _, _ = run(lm, jobs)
+    assert len(forwards) == 4 + 3 + 1 + 4 + 4
+    assert batched[3][0] == batched[4][0] == b"R"
+    alone, _, _ = run(lm, jobs, max_jobs=1)
+    same_generate(batched[0], alone[0])
+    same_generate(batched[1], alone[1])
+    assert saved(batched[1], "out").shape == (1, 5 + 3)
+
+
+def test_a_job_whose_generation_ends_sooner_alone_runs_again_alone(lm, forwards):
+    jobs = [message(GEN, x=A), message(GEN_EOS, x=B), message(GEN, x=C)]
+    batched, _, _ = run(lm, jobs)
+    # The shared call (4 steps), then the job that ended at its first token, alone (1).
+    assert len(forwards) == 4 + 1
+    alone, _, _ = run(lm, jobs, max_jobs=1)
+    for got, ref in zip(batched, alone):
+        same_generate(got, ref)
+    assert saved(batched[1], "out").tolist() == [[*B[0].tolist(), 2]]
+
+
+def test_a_failing_generate_job_fails_alone(lm, forwards):
+    jobs = [message(GEN, x=A), message(GEN_FAILS, x=C), message(GEN, x=B)]
+    batched, _, _ = run(lm, jobs)
+    alone, _, _ = run(lm, jobs, max_jobs=1)
+    assert batched[1][0] == b"E" and batched[1][1]["type"] == "IndexError"
+    assert batched[1][1] == alone[1][1]
+    same_generate(batched[0], alone[0])
+    same_generate(batched[2], alone[2])
+
+
+def test_generate_jobs_through_the_engine_equal_plain_generate():
+    eng = Engine(["tiny-llama"], Limits(batch_window=0.5))
+    module = load_model("tiny-llama")._module
+    with running(eng):
+        jobs = [eng.submit("k", "tiny-llama", message(GEN, x=A)),
+                eng.submit("k", "tiny-llama", message(GEN_EOS, x=B)),
+                eng.submit("k", "tiny-llama", message(GEN, x=C))]
+        wait_for(lambda: all(j.status in FINAL for j in jobs), 60)
+        assert [j.status for j in jobs] == ["COMPLETED"] * 3, [j.error for j in jobs]
+        got = [(b"R", *protocol.unpack(j.result)) for j in jobs]
+    for x, g in ((A, got[0]), (C, got[2])):
+        plain = module.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=4,
+                                do_sample=False)
+        assert torch.equal(saved(g, "out"), plain)
+        assert torch.equal(g[2][g[1]["result"]["k"]], plain)
+    assert saved(got[1], "out").tolist() == [[*B[0].tolist(), 2]]

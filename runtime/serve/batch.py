@@ -15,10 +15,21 @@ its saved variables set, and its reply is encoded.
 
 What shares a pass (exact by construction, else the job runs alone):
 
-- ``trace`` blocks only (``generate``, ``scan``, backward blocks and step blocks run
+- ``trace`` and ``generate`` blocks (``scan``, backward blocks and step blocks run
   alone), without ``.inputs`` (its keywords need not have the batch dimension
   first), without ``tracer.stop()`` (a stop ends the forward pass: a job that has one
   runs alone, so that it stops only its own pass), with only token inputs;
+- ``generate`` blocks share a ``generate`` call only with ``generate`` blocks of the
+  same generation keywords (``GEN_KEYS`` only, the same values), greedy (``do_sample``
+  false, one beam, one sequence per row, no time limit or stop strings: each row's
+  tokens depend on its own logits only).  Without step blocks a lane reads and writes
+  step 0 (the prompt's pass), ``model.generator.output`` (its rows) and
+  ``tracer.result`` (the job's rows: ``JobTracer.result``).  What differs from alone
+  is when generation stops: alone it stops once every row of the job produced an end
+  token (or at ``max_new_tokens``), shared once every row of the pass did, HF generate
+  padding the finished rows meanwhile.  So after the call, a job whose rows had all
+  ended before its last step (``_ended_early``) has its result dropped and runs again
+  alone; every other job ran exactly the steps it runs alone;
 - jobs whose inputs pad to the same length, with the same kinds of input (each job
   then sees exactly the tensors it would see alone: no extra padding);
 - up to ``max_jobs`` jobs and ``max_tokens`` rows x positions per pass.
@@ -57,6 +68,9 @@ from .execute import JobError, build_function, encode_reply, job_error, prepare_
 
 # Model inputs a shared pass can batch (left-padded like invokes' inputs).
 INPUT_KEYS = frozenset({"input_ids", "attention_mask", "position_ids", "token_type_ids"})
+# Generation keywords a shared generate pass may have (the same in every job of it).
+GEN_KEYS = frozenset({"max_new_tokens", "do_sample", "num_beams", "eos_token_id",
+                      "pad_token_id"})
 # Plan items that make a job run alone.
 # A helper's reads go through its own handle, not the job's offset one: alone.
 _ALONE_MARKERS = frozenset({"stop", "backward", "steps", "helper"})
@@ -96,6 +110,14 @@ class JobTracer(Tracer):
         super().__init__(*args)
         self._item = item
 
+    @property
+    def result(self):
+        """``tracer.result``: in a shared generate pass, the job's rows of it."""
+        p = self._pass
+        if p is None:
+            return self._result
+        return None if p._result is None else p._result[self._item.span]
+
     def stop(self) -> None:
         if self._pass is not None:  # not planned: a stop is seen by the plan (runs alone)
             raise RuntimeError("tracer.stop() in a shared pass")
@@ -125,6 +147,7 @@ class _Item:
 
     def reset(self) -> None:
         self.tracer: JobTracer | None = None
+        self.span: slice | None = None  # the job's rows of its shared pass
         self.go = threading.Event()
         self.mode = ""
         self.scope: dict | None = None
@@ -212,21 +235,86 @@ def _handle(item: _Item, plan, source):
 class MergedTracer(Tracer):
     """One forward pass for the lanes of several jobs (see the module docstring)."""
 
-    def __init__(self, root, block, sites, inputs, filename: str) -> None:
-        super().__init__(root, "trace", block, sites, (), {})
+    def __init__(self, root, block, sites, inputs, filename: str, gen: dict) -> None:
+        super().__init__(root, block.kind, block, sites, (), gen)
         self._invoked = True
         self._merged_inputs = inputs
         self._filename = filename
 
     def _inputs(self):
-        return self._merged_inputs
+        args, kwargs, rows = self._merged_inputs
+        return args, {**kwargs, **self._kwargs}, rows
+
+
+def _gen_keywords(root, t: JobTracer) -> dict | None:
+    """A generate block's generation keywords when a shared pass can give it exactly
+    what it gets alone: greedy, one sequence per row, only keywords of ``GEN_KEYS``
+    with plain values, no time limit or stop strings, token ids as the result; else
+    None."""
+    gen = {k: v for k, v in t._kwargs.items() if k in GEN_KEYS}
+    for v in gen.values():
+        ok = isinstance(v, (bool, int)) or (
+            isinstance(v, (list, tuple)) and all(isinstance(i, int) for i in v))
+        if not ok:
+            return None
+    cfg = getattr(root._module, "generation_config", None)
+
+    def setting(name, default):
+        return gen[name] if name in gen else getattr(cfg, name, default)
+
+    if setting("do_sample", False) or setting("num_beams", 1) not in (None, 1):
+        return None
+    if getattr(cfg, "num_return_sequences", 1) not in (None, 1):
+        return None
+    if (getattr(cfg, "max_time", None) is not None or getattr(cfg, "stop_strings", None)
+            or getattr(cfg, "return_dict_in_generate", False)):
+        return None
+    return gen
+
+
+def _eos_ids(root, gen: dict) -> set[int]:
+    eos = gen.get("eos_token_id")
+    if eos is None:
+        eos = getattr(getattr(root._module, "generation_config", None), "eos_token_id", None)
+    if eos is None:
+        return set()
+    return {int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])}
+
+
+def _ended_early(root, tracer: MergedTracer, group: list[_Item]) -> list[_Item]:
+    """The jobs of a shared generate pass that would have stopped generating sooner
+    alone: every row of theirs had produced an end token before the pass's last step
+    (HF generate then pads those rows while the others go on).  Their results are
+    dropped; they run again alone.  (Alone, generate stops once all its rows ended or
+    after max_new_tokens: the same step for every job that is not one of these.)"""
+    out = tracer._result
+    if not isinstance(out, torch.Tensor) or out.dim() != 2:
+        return list(group)
+    prompt = tracer._merged_inputs[1]["input_ids"].shape[1]
+    new = out[:, prompt:]
+    steps = new.shape[1]
+    eos = _eos_ids(root, tracer._kwargs)
+    if not eos or steps == 0:
+        return []
+    is_end = torch.zeros_like(new, dtype=torch.bool)
+    for e in eos:
+        is_end |= new == e
+    # generated tokens up to and including each row's first end token (all: never ended)
+    first = torch.where(is_end.any(1), is_end.int().argmax(1) + 1,
+                        torch.full((new.shape[0],), steps))
+    return [m for m in group if int(first[m.span].max()) < steps]
 
 
 def _mergeable(root, t: JobTracer):
     """``(key, tokens, facts)`` when the job can share a pass, else None."""
     block = t._block
-    if t._kind != "trace" or t._has_steps or t._has_backward:
+    if t._kind not in ("trace", "generate") or t._has_steps or t._has_backward:
         return None
+    gen: dict = {}
+    if t._kind == "generate":
+        gen = _gen_keywords(root, t)
+        if gen is None:
+            return None
     for lane in block.lanes:
         for it in lane.items:
             if isinstance(it, Marker) and it.kind in _ALONE_MARKERS:
@@ -246,21 +334,25 @@ def _mergeable(root, t: JobTracer):
     if set(kw) - INPUT_KEYS or not all(hasattr(v, "shape") for v in kw.values()):
         return None
     ids = kw["input_ids"]
-    key = (ids.shape[1], tuple(sorted((k, str(v.dtype), str(v.device)) for k, v in kw.items())))
+    key = (t._kind, repr(sorted(gen.items())), ids.shape[1],
+           tuple(sorted((k, str(v.dtype), str(v.device)) for k, v in kw.items())))
     return key, ids.shape[0] * ids.shape[1], facts
 
 
 def _job_inputs(t: JobTracer) -> list | None:
     """The job's entries for ``root._batch``: one per invoke (None: no input), or its
     trace's own input."""
+    kwargs = t._kwargs
+    if t._kind == "generate":  # its generation keywords are the pass's (`_gen_keywords`)
+        kwargs = {k: v for k, v in kwargs.items() if k not in GEN_KEYS}
     if t._invoked:
-        if t._args or t._kwargs:
+        if t._args or kwargs:
             return None
         return [(spec.args, spec.kwargs) if spec is not None and (spec.args or spec.kwargs)
                 else None for _, spec, _ in t._lanes]
     if len(t._lanes) > 1:
         return None
-    return [(t._args, t._kwargs)]
+    return [(t._args, kwargs)]
 
 
 def _merge(root, members: list[_Item], facts: list, faulty: list):
@@ -286,6 +378,7 @@ def _merge(root, members: list[_Item], facts: list, faulty: list):
     entry = 0
     for k, m in enumerate(members):
         t = m.tracer
+        m.span = span[k]
         m.batch_offset[0] = off
         top = 0
         for fn, spec, index in t._lanes:
@@ -309,15 +402,15 @@ def _merge(root, members: list[_Item], facts: list, faulty: list):
             for it in lane.items:
                 top = max(top, it.order + 1)
         off += top
-    block = Block(0, "trace", members[0].tracer._block.model, "", members[0].tracer._block.line,
-                  tuple(lanes))
+    first = members[0].tracer
+    block = Block(0, first._kind, first._block.model, "", first._block.line, tuple(lanes))
     attach: dict = {}
     for f in facts:
         for module, phase in f.attach:
             attach.setdefault((id(module), phase), (module, phase))
     merged_facts = BlockFacts(list(attach.values()), all(f.static for f in facts))
-    tracer = MergedTracer(root, block, sites, (args, kwargs, rows),
-                          members[0].tracer._filename)
+    gen = _gen_keywords(root, first) if first._kind == "generate" else {}
+    tracer = MergedTracer(root, block, sites, (args, kwargs, rows), first._filename, gen)
     tracer._lanes = tracer_lanes
     return tracer, merged_facts
 
@@ -468,7 +561,7 @@ def run_batch(root, guard, jobs: list[tuple[str, bytes, bool]],
             group = [i for i in group if not i.ended]
             if len(group) < 2:
                 return any(alone(i, False) for i in group)
-        ok, faulty = _run_shared(root, group, [facts_of[id(i)] for i in group])
+        ok, faulty, early = _run_shared(root, group, [facts_of[id(i)] for i in group])
         if ok:
             changes = changed()
             if changes:
@@ -477,9 +570,12 @@ def run_batch(root, guard, jobs: list[tuple[str, bytes, bool]],
                     send(b"A", item.id, b"")
                 return True
             for item in group:
-                batch.release(item, "done")
-                finish(item)
-            return False
+                if item in early:  # generation would have stopped sooner alone
+                    batch.release(item, "retry")
+                else:
+                    batch.release(item, "done")
+                    finish(item)
+            return any(alone(i, True) for i in early)
         for item in group:  # the failed pass is dropped: each job starts again
             batch.release(item, "retry")
         if changed():
@@ -503,28 +599,36 @@ def run_batch(root, guard, jobs: list[tuple[str, bytes, bool]],
     return False
 
 
-def _run_shared(root, group: list[_Item], facts: list) -> tuple[bool, list]:
-    """One forward pass for the lanes of ``group``: (True, []) when it ran, else
-    (False, the jobs whose lanes raised)."""
+def _run_shared(root, group: list[_Item], facts: list) -> tuple[bool, list, list]:
+    """One forward pass for the lanes of ``group``: (True, [], the jobs whose
+    generation ended sooner alone: ``_ended_early``) when it ran, else (False, the
+    jobs whose lanes raised, [])."""
     faulty: list[_Item] = []
     try:
         tracer, merged_facts = _merge(root, group, facts, faulty)
     except Exception:  # noqa: BLE001 - the jobs run alone
-        return False, []
+        return False, [], []
     checked = root._checked
     checked[id(tracer._block)] = (tracer._block, merged_facts)
     for item in group:
         item.tracer._pass = tracer
+    early: list[_Item] = []
     try:
         tracer._execute()
+        if tracer._kind == "generate":
+            early = _ended_early(root, tracer, group)
+            out = tracer._result
+            for item in group:  # `tracer.result` after the block: the job's rows
+                item.tracer._result = None if out is None else out[item.span]
     except BaseException:  # noqa: BLE001 - the jobs run again, each gets its own outcome
-        return False, faulty
+        return False, faulty, []
     finally:
         checked.pop(id(tracer._block), None)
         for item in group:
             item.tracer._pass = None
         tracer._lanes.clear()
-    return True, []
+        tracer._result = None
+    return True, [], early
 
 
 class _NotBatchMajor(Exception):
