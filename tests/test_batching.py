@@ -322,6 +322,11 @@ GEN_INVOKES = '''def job(model, a, b):
             model.model.layers[1].output[:] = model.model.layers[1].output * 2
             y = model.generator.output.save()
 '''
+GEN_CACHE = '''def job(model, x):
+    with model.generate(x, max_new_tokens=4, do_sample=False) as tracer:
+        cache = tracer.cache(modules=[model.model.layers[0]])
+        out = model.generator.output.save()
+'''
 GEN_3 = GEN.replace("max_new_tokens=4", "max_new_tokens=3")
 # Its first new token is forced to the end token (2): alone, generation stops there.
 GEN_EOS = '''def job(model, x):
@@ -332,32 +337,50 @@ GEN_EOS = '''def job(model, x):
 GEN_FAILS = FAILS.replace("model.trace(x)", "model.generate(x, max_new_tokens=4, do_sample=False)")
 
 
+def tensor_refs(node) -> list[str]:
+    """The tensors of an encoded value (a cache: one per module and step), in order."""
+    if isinstance(node, dict):
+        if node.get("t") == "tensor":
+            return [node["k"]]
+        return [r for v in node.values() for r in tensor_refs(v)]
+    if isinstance(node, list):
+        return [r for v in node for r in tensor_refs(v)]
+    return []
+
+
 def same_generate(got, alone):
     """The same saved values (token ids exactly, floats within 1e-4) and tracer.result."""
     assert got[0] == alone[0] == b"R", (got, alone)
     assert got[1]["saved"].keys() == alone[1]["saved"].keys()
     for name in [*got[1]["saved"], None]:
-        g = saved(got, name) if name else got[2][got[1]["result"]["k"]]
-        a = saved(alone, name) if name else alone[2][alone[1]["result"]["k"]]
-        assert g.shape == a.shape and g.dtype == a.dtype, name
-        if g.dtype == torch.long:
-            assert torch.equal(g, a), name
-        else:
-            torch.testing.assert_close(g, a, atol=1e-4, rtol=0)
+        g_node = got[1]["saved"][name] if name else got[1]["result"]
+        a_node = alone[1]["saved"][name] if name else alone[1]["result"]
+        gk, ak = tensor_refs(g_node), tensor_refs(a_node)
+        assert len(gk) == len(ak) > 0, name
+        for x, y in zip(gk, ak):
+            g, a = got[2][x], alone[2][y]
+            assert g.shape == a.shape and g.dtype == a.dtype, name
+            if g.dtype == torch.long:
+                assert torch.equal(g, a), name
+            else:
+                torch.testing.assert_close(g, a, atol=1e-4, rtol=0)
 
 
 def test_generate_jobs_share_one_generate_call_and_equal_each_alone(lm, forwards):
     jobs = [message(GEN, x=A), message(GEN_WRITE, x=C), message(GEN_INVOKES, a=A, b=B),
-            message(GEN, x=C)]
+            message(GEN, x=C), message(GEN_CACHE, x=B)]
     batched, _, _ = run(lm, jobs)
-    assert len(forwards) == 4  # one generate call: 4 steps for all four jobs
+    assert len(forwards) == 4  # one generate call: 4 steps for all five jobs
     alone, _, _ = run(lm, jobs, max_jobs=1)
-    assert len(forwards) == 4 + 4 * 4
+    assert len(forwards) == 4 + 5 * 4
     for got, ref in zip(batched, alone):
         same_generate(got, ref)
     # The write at step 0 changed its own job's tokens only (job 3 reads the same rows).
     assert not torch.equal(saved(batched[1], "out"), saved(batched[3], "out"))
     assert saved(batched[0], "h").shape[0] == 1 and saved(batched[3], "h").shape[0] == 2
+    # The cache: one entry per step (4), each of the job's own row.
+    shapes = [batched[4][2][k].shape for k in tensor_refs(batched[4][1]["saved"]["cache"])]
+    assert shapes == [(1, 5, 32), (1, 1, 32), (1, 1, 32), (1, 1, 32)]
     # And against plain transformers' greedy generate.
     plain = lm._module.generate(A, max_new_tokens=4, do_sample=False)
     assert torch.equal(saved(batched[0], "out"), plain)
