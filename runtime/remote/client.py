@@ -17,11 +17,12 @@ traceback entry at the user's own line.
 
 from __future__ import annotations
 
+import atexit
 import builtins
 import contextlib
-import functools
 import json
 import sys
+import threading
 import time
 import types
 from typing import Any
@@ -406,11 +407,29 @@ class Client:
             pass
 
 
-@functools.lru_cache(maxsize=4)
+_POOL: dict[tuple[str, str | None], Any] = {}  # (host, key) -> httpx.Client, oldest first
+_POOL_MAX = 8
+_POOL_LOCK = threading.Lock()
+
+
 def _pooled(host: str, api_key: str | None):
     """One HTTP client (and its connections) per server and key, kept between jobs:
     making one costs more than a small job.  TCP_NODELAY: a request goes out as two writes
-    (headers, then the job), and Nagle's algorithm would hold the second one back."""
+    (headers, then the job), and Nagle's algorithm would hold the second one back.  At most
+    ``_POOL_MAX`` are kept (the least recently used one is closed); ``close_connections()``
+    closes them all, and runs when the interpreter exits."""
+    key = (host, api_key)
+    with _POOL_LOCK:
+        client = _POOL.pop(key, None)
+        if client is None or client.is_closed:
+            client = _new_client(host, api_key)
+        _POOL[key] = client
+        while len(_POOL) > _POOL_MAX:
+            _POOL.pop(next(iter(_POOL))).close()
+    return client
+
+
+def _new_client(host: str, api_key: str | None):
     import socket
 
     import httpx
@@ -419,6 +438,18 @@ def _pooled(host: str, api_key: str | None):
     transport = httpx.HTTPTransport(socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)])
     return httpx.Client(base_url=host, headers=headers, transport=transport,
                         timeout=httpx.Timeout(60.0, connect=10.0))
+
+
+def close_connections() -> None:
+    """Close the kept connections to every server (the next job opens new ones)."""
+    with _POOL_LOCK:
+        clients = list(_POOL.values())
+        _POOL.clear()
+    for client in clients:
+        client.close()
+
+
+atexit.register(close_connections)
 
 
 def _detail(resp) -> Any:
