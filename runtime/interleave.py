@@ -16,6 +16,7 @@ computation.
 
 from __future__ import annotations
 
+import itertools
 import threading
 import weakref
 from types import GeneratorType
@@ -42,6 +43,7 @@ _set_grad_enabled = torch._C._set_grad_enabled
 _PHASE = {"output": OUT, "input": PRE, "inputs": PRE}
 _Tensor = torch.Tensor
 _new = object.__new__  # `_new(Lane)`: an instance without a Python `__init__` call
+_NO_ROWS = itertools.repeat(None)  # the rows of each lane of a block without invokes
 _ACTIVE = threading.local()  # .inter: the interleaver running in this thread (see `activate`)
 
 
@@ -868,13 +870,14 @@ class Interleaver:
         if not self.static:
             self._attach_ancestors(module, phase)
 
-    def attach_static(self, facts, lanes=(), rows=None, grad: bool = True) -> None:
+    def attach_static(self, facts, lanes=(), rows=None, grad: bool = True, batch=None) -> None:
         """Before the run: attach the modules the plan names.  When that is every
         module the lanes can ask for, nothing needs attaching while running (so
         no ancestors either: see ``_attach_ancestors``).  Then ``start`` each of
         ``lanes`` (``(fn, spec, index)``, in source order; one call for both, the
         tracer's): ``rows`` per lane (None: every lane sees all rows), ``grad`` the
-        grad mode now."""
+        grad mode now, ``batch`` the batch's rows when the caller knows them (else they
+        are worked out from ``rows``)."""
         attached = self.attached
         for module, phase in facts.attach:
             key = (id(module), phase)
@@ -889,17 +892,20 @@ class Interleaver:
                 self._attach_all()
         if not lanes:
             return
-        if rows is not None:
+        if batch is not None:
+            self.batch = batch
+        elif rows is not None:
             batch = self.batch
             for r in rows:  # invokes' rows tile the batch from row 0
                 if r is not None and (batch is None or r.stop > batch):
                     batch = r.stop
             self.batch = batch
-        mine, advance = self.lanes, self.advance
+        mine, advance, waiting, fired = self.lanes, self.advance, self.waiting, self.fired
         now = grad  # the grad mode, as long as it is known (`advance` restores it)
+        # The module value the lane before asked for, and the lanes waiting for it.
+        last = last_what = waiters = None
         try:
-            for i, (fn, _spec, index) in enumerate(lanes):
-                r = None if rows is None else rows[i]
+            for (fn, _spec, index), r in zip(lanes, _NO_ROWS if rows is None else rows):
                 # A lane without checkpoints runs whole in fn() (skip.py asks for its rows;
                 # a lane that is a generator is found running first).
                 self.starting_rows = r
@@ -908,11 +914,48 @@ class Interleaver:
                 lane.gen, lane.index, lane.rows, lane.grad = gen, index, r, grad
                 lane.call_index, lane.later = None, 0  # read on every request (see __init__)
                 mine.append(lane)
-                if gen.__class__ is GeneratorType:
-                    advance(lane, None, None, None, now)
-                else:
+                if gen.__class__ is not GeneratorType:
                     lane.done = True  # it has already run
                     now = None  # in whatever grad mode it left
+                    continue
+                if now is None:
+                    advance(lane, None, None, None, None)
+                    continue
+                # `advance(lane, None)`, inline for the common case: the first request
+                # names a module attached above, made in the grad mode the lane began in,
+                # before anything called tracer.stop().  Nothing runs before the forward
+                # pass, so it simply waits (anything else goes to `advance` as `first`).
+                try:
+                    req = gen.send(None)
+                except BaseException as exc:  # it ended (rare before a first request) or raised
+                    if _lane_raised(lane, exc, now):
+                        continue
+                    raise
+                envoy, what = req[0], req[1]
+                if _grad_enabled() is not now:  # the lane's grad mode now (advance sets it again)
+                    lane.grad = not now
+                    _set_grad_enabled(now)
+                elif not self.stop_requested:
+                    # As the lane before (unless the model ran meanwhile: a plain call of
+                    # it in a lane serves and drops the lists of waiting lanes)?
+                    if envoy is not last or what is not last_what or fired:
+                        waiters = None
+                        if envoy.__class__ is Envoy:
+                            module = envoy._module
+                            phase = _PHASE[what]
+                            key = (id(module), phase)
+                            if key in attached:
+                                waiters = waiting.setdefault(key, [])
+                                last, last_what = envoy, what
+                    if waiters is not None:
+                        lane.parked = (module, phase, req)
+                        if waiters and waiters[-1][0].index > index:
+                            _add_waiter(waiters, (lane, req, r))  # (lanes of a loop)
+                        else:
+                            waiters.append((lane, req, r))
+                        continue
+                last = None  # `advance` may do anything: nothing known is kept
+                advance(lane, None, None, req, now)
         finally:
             self.starting_rows = None
 
@@ -1430,15 +1473,20 @@ def _rows_view(current, new, rows: slice) -> bool:
     )
 
 
-def _lane_raised(lane: Lane, exc: BaseException, outer: bool) -> None:
-    """What ``advance`` does when a lane it resumed raises, for ``_serve``'s inline
-    resume: the grad mode goes back to ``outer``, and the experiment's own StopIteration
+def _lane_raised(lane: Lane, exc: BaseException, outer: bool) -> bool:
+    """What ``advance`` does when a lane it resumed raises, for the inline resumes
+    (``_serve``, ``attach_static``): the grad mode goes back to ``outer``; True if the
+    lane has ended (``exc`` is its StopIteration); the experiment's own StopIteration
     is carried out as a UserStopIteration (raised here); the caller re-raises the rest."""
     lane.grad = now = _grad_enabled()
     if now is not outer:
         _set_grad_enabled(outer)
+    if exc.__class__ is StopIteration:
+        lane.done = True
+        return True
     if isinstance(exc, RuntimeError):
         _carry_user_stop(lane, exc)
+    return False
 
 
 def _carry_user_stop(lane: Lane, exc: RuntimeError) -> None:

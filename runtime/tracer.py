@@ -180,6 +180,7 @@ class Tracer:
     # A `trace` block without step blocks, backward blocks or a late tracer.cache()
     # (Handle.block knows; True spares `_execute` the checks of those flags).
     _plain = False
+    _tiled = None  # the batch's rows, when `_inputs` made the batch of one tensor per invoke
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
@@ -304,7 +305,7 @@ class Tracer:
                         inter.count_calls()
                 if source.USED:  # `.source` named somewhere: its forwards go in first
                     source.install_static(inter, facts)
-                inter.attach_static(facts, self._lanes, rows, _grad_enabled())
+                inter.attach_static(facts, self._lanes, rows, _grad_enabled(), self._tiled)
                 if inter.stop_requested:
                     inter.stopped = True  # stopped before the forward began: it does not run
                 else:
@@ -391,7 +392,9 @@ class Tracer:
                     rows.append(slice(start, end))
                     start = end
                 else:
-                    return (torch.cat(xs),), dict(self._kwargs), rows
+                    batch = (torch.cat(xs),)
+                    self._tiled = start
+                    return batch, dict(self._kwargs), rows
             except (AttributeError, IndexError, RuntimeError, TypeError, ValueError):
                 pass
         # `tracer.invoke()` with no input adds no rows: it sees the whole batch.
