@@ -14,7 +14,7 @@ import torch
 from support import assert_no_hooks
 
 from compiler import intervene
-from runtime import NNsight
+from runtime import NNsight, save
 from runtime.errors import MissedCheckpointError
 from runtime.models import tiny_mlp
 
@@ -52,7 +52,7 @@ def layer_outputs(model, x: torch.Tensor) -> list[torch.Tensor]:
 @intervene
 def first_in_no_grad(model, a, b):
     with model.trace() as tracer:
-        with tracer.invoke(a):
+        with tracer.invoke(a):  # noqa: SIM117 - the grad mode changes inside the invoke on purpose
             with torch.no_grad():
                 ha = (model.layers[1].output * 2).save()
                 mode = save(torch.is_grad_enabled())
