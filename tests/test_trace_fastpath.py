@@ -88,3 +88,25 @@ def test_failed_trace_forgets_the_running_tracer():
     assert getattr(interleave._ACTIVE, "inter", None) is None
     h, _ = save_and_write(model, torch.ones(2, 8))
     assert torch.equal(h, _plain(net, torch.ones(2, 8), write_at=1))
+
+
+def test_handle_block_sets_every_attribute_tracer_init_sets():
+    """Handle.block makes its Tracer without calling __init__ (one frame less per trace):
+    an attribute added to Tracer.__init__ must be set there too."""
+    import ast
+    import inspect
+    import textwrap
+
+    from runtime.api import Handle
+    from runtime.tracer import Tracer
+
+    def attributes_set(fn, name: str) -> set[str]:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
+        return {t.attr for node in ast.walk(tree) if isinstance(node, (ast.Assign, ast.AnnAssign))
+                for t in (node.targets if isinstance(node, ast.Assign) else [node.target])
+                if isinstance(t, ast.Attribute) and isinstance(t.value, ast.Name)
+                and t.value.id == name}
+
+    in_init = attributes_set(Tracer.__init__, "self")
+    assert in_init >= {"_root", "_kind", "_block", "_sites", "_args", "_kwargs", "_lanes"}
+    assert in_init <= attributes_set(Handle.block, "tracer")
