@@ -73,12 +73,17 @@ def source_of(fn) -> Source:
 
 
 def _recover_cell(code) -> bool:
+    """The source of a function defined in a ``%%time`` cell: ``recover_cell`` for it."""
+    return recover_cell(code.co_filename, lambda text: _defines(text, code))
+
+
+def recover_cell(filename: str, holds) -> bool:
     """IPython runs a ``%%time`` cell's body under a file name of its own
     (``<timed exec>``) that it never puts in ``linecache``; the cell it ran,
     ``get_ipython().run_cell_magic('time', '', '<body>')``, is there.  Find the
-    newest such cell whose body has this function at its line and register the
-    body under that name, so the source (and traceback lines) can be read."""
-    filename = code.co_filename
+    newest such cell whose body ``holds`` (a function of its text: it has the code we
+    look for at its line) and register the body under ``filename``, so the source (and
+    traceback lines) can be read."""
     if not (filename.startswith("<") and filename.endswith(">")):
         return False
     for name, entry in reversed(list(linecache.cache.items())):
@@ -95,11 +100,20 @@ def _recover_cell(code) -> bool:
                     and isinstance(node.args[2], ast.Constant)
                     and isinstance(node.args[2].value, str)):
                 continue
-            if _defines(node.args[2].value, code):
+            if holds(node.args[2].value):
                 body = node.args[2].value.splitlines(keepends=True)
                 linecache.cache[filename] = (len(node.args[2].value), None, body, filename)
                 return True
     return False
+
+
+def has_with_at(text: str, line: int) -> bool:
+    """``text`` has a ``with`` statement at ``line`` (a block written without a decorator)."""
+    try:
+        tree = ast.parse(text)
+    except SyntaxError:
+        return False
+    return any(isinstance(node, ast.With) and node.lineno == line for node in ast.walk(tree))
 
 
 def _defines(text: str, code) -> bool:

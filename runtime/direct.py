@@ -71,12 +71,15 @@ class DirectTracer:
 
     def __enter__(self):
         from compiler.block import compile_block, find_block
+        from compiler.parse import has_with_at, recover_cell
         from compiler.plan import Plan
 
         frame = sys._getframe(1)
         code = frame.f_code
         filename, line = code.co_filename, frame.f_lineno
         lines = linecache.getlines(filename, frame.f_globals)
+        if not lines and recover_cell(filename, lambda text: has_with_at(text, line)):
+            lines = linecache.getlines(filename)  # a `%%time` cell's body
         if not lines:
             raise CompileError(
                 f"`with {self._model._path}.{self._kind}(...)` outside an @intervene function "

@@ -220,6 +220,40 @@ def test_a_notebook_cell_through_linecache():
     assert torch.equal(ns["out"], model._module(torch.ones(2, 8)))
 
 
+def test_a_time_magic_cell_through_linecache():
+    # IPython runs a `%%time` cell as get_ipython().run_cell_magic('time', '', body) (that
+    # text is in linecache) and compiles the body as "<timed exec>" (which is not).
+    model = NNsight(tiny_mlp())
+    body = "y = 1\nwith model.trace(x):\n    h = model.layers[0].output.save()\n    out = model.output.save()\n"
+    ran = f"get_ipython().run_cell_magic('time', '', {body!r})\n"
+    cell = "<ipython-input-8-abc>"
+    linecache.cache[cell] = (len(ran), None, [ran], cell)
+    ns = {"model": model, "x": torch.ones(2, 8)}
+    try:
+        exec(compile(body, "<timed exec>", "exec"), ns)  # noqa: S102 - a %%time cell, as IPython runs it
+    finally:
+        linecache.cache.pop(cell, None)
+        linecache.cache.pop("<timed exec>", None)
+    net = model._module
+    assert torch.equal(ns["out"], net(torch.ones(2, 8)))
+    assert torch.equal(ns["h"], net.layers[0](torch.ones(2, 8)))
+
+
+def test_a_time_magic_cell_of_another_text_is_not_taken():
+    # the newest %%time cell in linecache has no `with` at the block's line: no source
+    model = NNsight(tiny_mlp())
+    ran = "get_ipython().run_cell_magic('time', '', 'print(1)\\n')\n"
+    cell = "<ipython-input-9-abc>"
+    linecache.cache[cell] = (len(ran), None, [ran], cell)
+    try:
+        with pytest.raises(CompileError, match="there is none for <timed exec>"):
+            exec(compile("with model.trace(x):\n    out = model.output.save()\n",  # noqa: S102
+                         "<timed exec>", "exec"), {"model": model, "x": torch.ones(2, 8)})
+    finally:
+        linecache.cache.pop(cell, None)
+        linecache.cache.pop("<timed exec>", None)
+
+
 def test_body_on_the_with_line_is_refused():
     model = NNsight(tiny_mlp())
     with pytest.raises(CompileError, match="needs its body on the lines below"):  # noqa: SIM117
