@@ -10,6 +10,8 @@ envoy is only a name for a module and a place to report mistakes well.
 from __future__ import annotations
 
 import difflib
+import sys
+import threading
 import weakref
 from collections.abc import Iterator
 from typing import Any
@@ -17,13 +19,16 @@ from typing import Any
 import torch
 
 from .errors import NotInTraceError
-from .paths import segment
+from .paths import rooted, segment
 
 _VALUE_NAMES = ("output", "input", "inputs")
 
 # A child module whose name is a value name (BERT's `BertOutput` at `layer.output`) is
 # reached with a trailing underscore: `layer.output_` (the compiler leaves that name alone).
 _ESCAPED = {name + "_": name for name in _VALUE_NAMES}
+
+# The variable a pre-run check names paths with (``resolved_as``); error time only.
+_SPELLING = threading.local()
 
 # nnsight names we do not have: a clear "not supported" instead of "no child module".
 _NOT_SUPPORTED = {
@@ -66,6 +71,40 @@ class Envoy:
         ref = self._root_ref
         return self if ref is None else ref()
 
+    def _here(self) -> str:
+        """This envoy's path for an error message, rooted at the variable the code that
+        made the mistake holds the model in (error time only, never per call): the
+        variable a pre-run check names (``resolved_as``); in a running trace, the innermost
+        caller's variable bound to this model (a helper's parameter ``m``, the block's
+        ``lm``), else the block's; outside a trace ``model.…`` as always."""
+        root = getattr(_SPELLING, "root", None)
+        if root is not None:
+            return rooted(self._path, root)
+        from .interleave import _ACTIVE
+
+        inter = getattr(_ACTIVE, "inter", None)
+        model = self._root
+        if inter is None or getattr(inter, "root", None) is not model:
+            return self._path
+        block_var = getattr(getattr(inter, "block", None), "model", None)
+        # Up from the mistake to the block's own lane at most (a helper's frame first).
+        lanes = {id(getattr(lane.gen, "gi_frame", None)) for lane in getattr(inter, "lanes", ())}
+        frame = sys._getframe(1)
+        for _ in range(64):  # the user's code is a few frames up; the walk is bounded
+            if frame is None:
+                break
+            code = frame.f_code
+            if not code.co_filename.startswith(_RUNTIME_DIR):
+                held = [n for n in code.co_varnames + code.co_cellvars + code.co_freevars
+                        if n.isidentifier() and not n.startswith("__")
+                        and frame.f_locals.get(n) is model]
+                if held:
+                    return rooted(self._path, block_var if block_var in held else held[0])
+            if id(frame) in lanes:
+                break
+            frame = frame.f_back
+        return rooted(self._path, block_var)
+
     # -- navigation --------------------------------------------------------
     def _child(self, key: str) -> Envoy:
         env = self._children.get(key)
@@ -98,14 +137,14 @@ class Envoy:
 
             return source_of(self)
         if name in _NOT_SUPPORTED:
-            raise AttributeError(f"`{self._path}.{name}`: {_NOT_SUPPORTED[name]}") from None
+            raise AttributeError(f"`{self._here()}.{name}`: {_NOT_SUPPORTED[name]}") from None
         children = [k for k, v in module._modules.items() if v is not None]
         shown = [k + "_" if k in _VALUE_NAMES else k for k in children]
         close = difflib.get_close_matches(name, shown, n=1)
         hint = f" Did you mean `{close[0]}`?" if close else ""
         listing = ", ".join(shown) if shown else "none"
         raise AttributeError(
-            f"`{self._path}` ({type(module).__name__}) has no child module or attribute "
+            f"`{self._here()}` ({type(module).__name__}) has no child module or attribute "
             f"`{name}`.{hint} Its children: {listing}{_escape_note(children)}"
         ) from None
 
@@ -128,10 +167,10 @@ class Envoy:
         module = self._module
         if isinstance(module, torch.nn.ModuleDict):
             if key not in module._modules:
-                raise KeyError(f"`{self._path}` has no entry {key!r}; it has {list(module.keys())}")
+                raise KeyError(f"`{self._here()}` has no entry {key!r}; it has {list(module.keys())}")
             return self._child(key)
         if not self._is_list():
-            raise TypeError(f"`{self._path}` ({type(module).__name__}) is not a list of modules")
+            raise TypeError(f"`{self._here()}` ({type(module).__name__}) is not a list of modules")
         keys = list(module._modules.keys())
         if isinstance(key, slice):
             return [self._child(k) for k in keys[key]]
@@ -139,23 +178,23 @@ class Envoy:
             i = key.__index__()
             n = len(keys)
             if not -n <= i < n:
-                raise IndexError(f"`{self._path}` has {n} modules; index {i} is out of range")
+                raise IndexError(f"`{self._here()}` has {n} modules; index {i} is out of range")
             env = self._child(keys[i])
             if key.__class__ is int:
                 self._children[key] = env
             return env
-        raise TypeError(f"`{self._path}[...]` takes an int or a slice, got {type(key).__name__}")
+        raise TypeError(f"`{self._here()}[...]` takes an int or a slice, got {type(key).__name__}")
 
     def __len__(self) -> int:
         if self._is_list() or isinstance(self._module, torch.nn.ModuleDict):
             return len(self._module)
-        raise TypeError(f"`{self._path}` ({type(self._module).__name__}) has no len()")
+        raise TypeError(f"`{self._here()}` ({type(self._module).__name__}) has no len()")
 
     def __iter__(self) -> Iterator[Envoy]:
         if isinstance(self._module, torch.nn.ModuleDict):
             return iter([self._child(k) for k in self._module._modules])
         if not self._is_list():
-            raise TypeError(f"`{self._path}` ({type(self._module).__name__}) is not iterable")
+            raise TypeError(f"`{self._here()}` ({type(self._module).__name__}) is not iterable")
         return iter([self._child(k) for k in self._module._modules])
 
     def _resolve(self, parts) -> Envoy:
@@ -282,6 +321,19 @@ def _renamed(envoy: Envoy, name: str) -> Envoy | None:
         env = root._resolve(target)
     envoy.__dict__[name] = env
     return env
+
+
+_RUNTIME_DIR = __file__.rsplit("/", 1)[0] + "/"  # frames of the runtime are not the user's
+
+
+def resolved_as(root: Envoy, parts, var: str | None) -> Envoy:
+    """``root._resolve(parts)``, its errors naming paths rooted at ``var`` (the block's
+    variable: a pre-run check, where no trace runs yet)."""
+    _SPELLING.root = var
+    try:
+        return root._resolve(parts)
+    finally:
+        _SPELLING.root = None
 
 
 def _escape_note(children) -> str:

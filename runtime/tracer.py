@@ -509,6 +509,12 @@ def check_block(root, block) -> tuple[BlockFacts, bool]:
             try:
                 env = root._resolve(cp.parts)
             except (AttributeError, IndexError, KeyError, TypeError) as exc:
+                from .envoy import resolved_as  # again, its message rooted at the block's variable
+
+                try:
+                    resolved_as(root, cp.parts, block.model)
+                except type(exc) as again:
+                    exc = again  # the same error, spelled as the block spells it
                 raise type(exc)(f"line {cp.line}: `{cp.path}`: {exc}") from None
             module, phase = env._module, _PHASE.get(cp.value, OUT)
             if id(module) in in_model or module is root._module:

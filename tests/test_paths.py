@@ -235,3 +235,92 @@ def test_cache_of_a_module_of_another_model_names_it():
     with pytest.raises(KeyError, match=r"`model\.layers\[1\]` is not a module of the traced "
                                        r"model"):
         cache_of_another_model(model, other, torch.randn(3, 8))
+
+
+# -- envoy errors name the variable of the code that made the mistake -----------------------
+
+
+@intervene
+def bad_index_on_lm(lm, ids):
+    with lm.trace(ids):
+        h = lm.model.layers[9].output.save()
+    return h
+
+
+@intervene
+def bad_child_on_lm(lm, ids):
+    with lm.trace(ids):
+        h = lm.model.layerz[0].output.save()
+    return h
+
+
+@intervene
+def dynamic_index_on_lm(lm, ids, k):
+    with lm.trace(ids):
+        h = lm.model.layers[k].output.save()
+    return h
+
+
+@intervene
+def layer_of(m, k):
+    return m.model.layers[k].output
+
+
+@intervene
+def helper_index_on_lm(lm, ids, k):
+    with lm.trace(ids):
+        h = layer_of(lm, k).save()
+    return h
+
+
+def _message(excinfo) -> str:
+    text = str(excinfo.value)
+    assert "model.model" not in text, text  # one root only
+    return text
+
+
+def test_envoy_errors_in_a_block_name_the_blocks_variable():
+    lm = LanguageModel(tiny_llama(0))  # 2 layers
+    line = bad_index_on_lm.__code__.co_firstlineno + 2
+    with pytest.raises(IndexError) as e:
+        bad_index_on_lm(lm, IDS)
+    assert _message(e) == (f"line {line}: `lm.model.layers[9]`: `lm.model.layers` has 2 modules; "
+                           "index 9 is out of range")
+    with pytest.raises(AttributeError) as e:
+        bad_child_on_lm(lm, IDS)
+    assert "`lm.model.layerz[0]`: `lm.model` (LlamaModel) has no child module or attribute " \
+           "`layerz`. Did you mean `layers`?" in _message(e)
+    with pytest.raises(IndexError) as e:  # a dynamic path fails as the block runs
+        dynamic_index_on_lm(lm, IDS, 9)
+    assert _message(e) == "`lm.model.layers` has 2 modules; index 9 is out of range"
+    # outside a block no variable is known: `model`, as always
+    with pytest.raises(IndexError, match=r"^`model\.model\.layers` has 2 modules; index 9 "):
+        lm.model.layers[9]
+
+
+def test_envoy_errors_in_a_helper_name_the_helpers_parameter():
+    lm = LanguageModel(tiny_llama(0))
+    with pytest.raises(IndexError) as e:
+        helper_index_on_lm(lm, IDS, 9)
+    assert _message(e) == "`m.model.layers` has 2 modules; index 9 is out of range"
+    assert helper_index_on_lm(lm, IDS, 1).shape == (1, 6, lm._module.config.hidden_size)
+
+
+class _Probe:
+    def __init__(self, lm):
+        self.lm = lm
+
+    @intervene
+    def layer(self, ids, k):
+        with self.lm.trace(ids):
+            h = self.lm.model.layers[k].output.save()
+        return h
+
+
+def test_envoy_errors_in_a_method_name_the_attribute_the_block_uses():
+    # the lane's frame holds no variable bound to the model: the block's `self.lm`, not
+    # a variable of some caller further up (this test's `lm`)
+    lm = LanguageModel(tiny_llama(0))
+    with pytest.raises(IndexError) as e:
+        _Probe(lm).layer(IDS, 9)
+    assert _message(e) == "`self.lm.model.layers` has 2 modules; index 9 is out of range"
