@@ -342,7 +342,7 @@ class Tracer:
                 pending = None
                 done = False
                 if learning is None and not edits and not self._caches and inter is not None:
-                    try:  # the common case, inline: `_cleanup`'s one step
+                    try:  # the common case, inline: `_cleanup` with only the interleaver to undo
                         inter.cleanup()
                         self._inter = None
                         done = True
@@ -411,16 +411,6 @@ class Tracer:
         idempotent, so one cut short is run again.  Returns the first error (the
         caller raises it), so that calling this again is harmless."""
         pending = None
-        if learning is None and not edits and not self._caches and inter is not None:
-            # The common case, one step: undo what the interleaver put on the model.  Its
-            # cleanup is idempotent, so one cut short runs again in the loop below (and
-            # what cut it short is still returned).
-            try:
-                inter.cleanup()
-                self._inter = None
-                return None
-            except BaseException as exc:  # noqa: BLE001 - returned below
-                pending = exc
         root = self._root
         steps = [self._detach_caches]
         if edits:  # after the trace's own interleaver: see runtime/edit.py
