@@ -22,7 +22,7 @@ import builtins
 import types
 from typing import Any
 
-from .protocol import UnsendableError
+from .protocol import Encoder, UnsendableError, encode_values
 
 # Names the server provides itself (a helper reads them without sending them).
 _SERVER_MODULES = ("torch", "math")
@@ -170,11 +170,8 @@ def encode_helpers(helpers: dict, encoder) -> dict:
 def encode_job_values(values: dict, labels: dict) -> tuple[dict, dict, dict]:
     """A block's free values -> ``(trees, tensors, helpers)``: what
     ``protocol.encode_values`` gives, with the helpers shipped as source."""
-    from .protocol import Encoder
-
     values, helpers = split_helpers(values, labels)
     enc = Encoder()
-    trees = {name: enc.encode(value, labels.get(name) or f"variable `{name}`")
-             for name, value in values.items()}
+    trees, tensors = encode_values(values, labels, enc)
     shipped = encode_helpers(helpers, enc) if helpers else {}
-    return trees, enc.tensors, shipped
+    return trees, tensors, shipped

@@ -355,10 +355,11 @@ def _rebuild_cache(node: dict, tensors: dict, root: Any, depth: int) -> Any:
 
 
 def encode_values(values: dict, where: dict[str, str] | None = None,
-                  ) -> tuple[dict, dict]:
+                  enc: Encoder | None = None) -> tuple[dict, dict]:
     """``{name: value}`` -> ``({name: tree}, tensors)``; ``where[name]`` says how to
-    name a value in an error (default: "variable `name`")."""
-    enc = Encoder()
+    name a value in an error (default: "variable `name`"); ``enc``: an Encoder to
+    collect the tensors into (one that more values will go through), else a new one."""
+    enc = Encoder() if enc is None else enc
     out = {}
     for name, value in values.items():
         label = (where or {}).get(name) or f"variable `{name}`"
