@@ -19,13 +19,11 @@ from typing import Any
 import torch
 
 from .errors import NotInTraceError
-from .paths import rooted, segment
-
-_VALUE_NAMES = ("output", "input", "inputs")
+from .paths import VALUE_NAMES, rooted, segment
 
 # A child module whose name is a value name (BERT's `BertOutput` at `layer.output`) is
 # reached with a trailing underscore: `layer.output_` (the compiler leaves that name alone).
-_ESCAPED = {name + "_": name for name in _VALUE_NAMES}
+_ESCAPED = {name + "_": name for name in VALUE_NAMES}
 
 # The variable a pre-run check names paths with (``resolved_as``); error time only.
 _SPELLING = threading.local()
@@ -139,7 +137,7 @@ class Envoy:
         if name in _NOT_SUPPORTED:
             raise AttributeError(f"`{self._here()}.{name}`: {_NOT_SUPPORTED[name]}") from None
         children = [k for k, v in module._modules.items() if v is not None]
-        shown = [k + "_" if k in _VALUE_NAMES else k for k in children]
+        shown = [k + "_" if k in VALUE_NAMES else k for k in children]
         close = difflib.get_close_matches(name, shown, n=1)
         hint = f" Did you mean `{close[0]}`?" if close else ""
         listing = ", ".join(shown) if shown else "none"
@@ -149,7 +147,7 @@ class Envoy:
         ) from None
 
     def __setattr__(self, name: str, value: Any) -> None:
-        if name in _VALUE_NAMES:
+        if name in VALUE_NAMES:
             raise NotInTraceError(self._path, name)
         setattr(self._module, name, value)
         # A child replaced or removed: its envoy is made again on the next access.
@@ -261,7 +259,7 @@ class Envoy:
         return f"Envoy({self._path}): {self._module!r}"
 
     def __dir__(self):
-        children = {k + "_" if k in _VALUE_NAMES else k for k in self._module._modules}
+        children = {k + "_" if k in VALUE_NAMES else k for k in self._module._modules}
         return sorted(set(super().__dir__()) | children | set(dir(self._module)))
 
 
@@ -337,7 +335,7 @@ def resolved_as(root: Envoy, parts, var: str | None) -> Envoy:
 
 
 def _escape_note(children) -> str:
-    named = [k for k in children if k in _VALUE_NAMES]
+    named = [k for k in children if k in VALUE_NAMES]
     if not named:
         return ""
     return (

@@ -20,7 +20,7 @@ import re
 
 ROOT = "model"  # the root's name where the user's variable is not known
 
-_VALUE_NAMES = frozenset(("output", "input", "inputs"))
+VALUE_NAMES = frozenset(("output", "input", "inputs"))
 _DOTTED_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*\Z")
 _PART = re.compile(r"""\.?([A-Za-z_][A-Za-z0-9_]*|\d+)|\[\s*(-?\d+|'[^']*'|"[^"]*")\s*\]""")
 
@@ -30,7 +30,7 @@ def segment(name: str) -> str:
     ``.output_`` (a child named like a value), ``['a-b']`` (a dict key that is no name)."""
     if name.isdigit():
         return f"[{name}]"
-    if name in _VALUE_NAMES:
+    if name in VALUE_NAMES:
         return f".{name}_"
     if name.isidentifier():
         return f".{name}"
@@ -79,4 +79,4 @@ def names(path: str) -> list[str] | None:
 def unescaped(parts: list[str]) -> list[str]:
     """``output_`` -> ``output``: the torch name of a child the user reaches as
     ``.output_`` (see ``segment``)."""
-    return [p[:-1] if p[:-1] in _VALUE_NAMES and p.endswith("_") else p for p in parts]
+    return [p[:-1] if p[:-1] in VALUE_NAMES and p.endswith("_") else p for p in parts]
