@@ -1,11 +1,11 @@
 """Running one shipped block on a served model, in the worker process.
 
-The server trusts nothing it did not compile: ``run_job`` recompiles the
+The server trusts nothing it did not compile: ``prepare_job`` recompiles the
 function's source with this process's compiler, runs the validator
 (``compiler.validate.validate_block``) on the block, and then compiles only
 that block, as the body of a fresh function whose parameters are the model
 and the free variables sent (the block's lines keep their line numbers, so
-errors name the user's line).  It runs with a small set of builtins (its
+errors name the user's line).  ``build_function`` runs it with a small set of builtins (its
 ``print`` goes to the job's output), ``torch`` and ``math``.  The saved
 variables, ``tracer.result`` and the containers the block changed are
 encoded as the reply.  ``ModelGuard`` checks afterwards that the job left
@@ -318,17 +318,6 @@ def job_error(exc: BaseException, filename: str) -> JobError:
     return JobError(type(exc).__name__, str(exc), _user_line(exc, filename), filename,
                     module=getattr(exc, "module", None),
                     traceback=_user_traceback(exc, filename))
-
-
-def run_job(root, header: dict, tensors: dict, print_fn, max_result: int) -> bytes:
-    """Run the job's block on ``root``; the reply message (or a JobError)."""
-    job = prepare_job(root, header, tensors)
-    fn = build_function(job, print_fn)
-    try:
-        scope = fn(root, **job.values)
-    except BaseException as exc:  # noqa: BLE001 - whatever the block raised is its error
-        raise job_error(exc, job.filename) from None
-    return encode_reply(job, scope, max_result)
 
 
 def encode_reply(job: Prepared, scope: dict, max_result: int) -> bytes:
