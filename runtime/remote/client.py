@@ -31,12 +31,10 @@ from compiler.version import compiler_version  # sent; the server checks it
 
 from ..tracer import Tracer
 from . import phases, protocol
-from .helpers import encode_job_values
+from .helpers import encode_job_values, server_module
 from .protocol import PROTOCOL_VERSION, UnsendableError
 
 FINAL = ("COMPLETED", "ERROR", "CANCELLED")
-# Names the server provides itself: a block may read these without sending them.
-SERVER_MODULES = ("torch", "math")
 
 
 class RemoteError(RuntimeError):
@@ -108,9 +106,7 @@ def free_values(tracer: RemoteTracer) -> tuple[dict, dict]:
             value = local_vars[name]
         elif name in global_vars:
             value = global_vars[name]
-            if isinstance(value, types.ModuleType) and (
-                value.__name__ in SERVER_MODULES or value.__name__.startswith("torch.")
-            ):
+            if server_module(value):
                 continue
         elif hasattr(builtins, name):
             continue

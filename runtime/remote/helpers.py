@@ -24,9 +24,15 @@ from typing import Any
 
 from .protocol import Encoder, UnsendableError, encode_values
 
-# Names the server provides itself (a helper reads them without sending them).
-_SERVER_MODULES = ("torch", "math")
+# Modules the server provides itself: a block or a helper may read these without sending them.
+SERVER_MODULES = ("torch", "math")
 MAX_HELPERS = 64
+
+
+def server_module(value: Any) -> bool:
+    """Whether ``value`` is a module the server provides (``SERVER_MODULES``, ``torch.*``)."""
+    return isinstance(value, types.ModuleType) and (
+        value.__name__ in SERVER_MODULES or value.__name__.startswith("torch."))
 
 
 def compiled_of(value: Any):
@@ -127,11 +133,8 @@ def split_helpers(values: dict, labels: dict) -> tuple[dict, dict]:
             found, got = _lookup(fn, read)
             if not found or read == name:
                 continue  # a builtin, or undefined (the server names it)
-            if isinstance(got, types.ModuleType):
-                if got.__name__ in _SERVER_MODULES or got.__name__.startswith("torch."):
-                    continue
-            elif got is getattr(builtins, read, object()):
-                continue
+            if server_module(got) or got is getattr(builtins, read, object()):
+                continue  # the server has it
             label = (f"variable `{read}` (read by helper `{name}` at "
                      f"{compiled.source.filename}:{line})")
             if compiled_of(got) is not None:
