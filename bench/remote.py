@@ -177,16 +177,12 @@ def phase_table(path: str, last: int) -> str:
     """The median time of each phase of the last ``last`` jobs in a stamps file
     (``runtime.remote.phases``): since the client started the block, and since the
     phase before it."""
-    jobs: dict[str, dict[str, float]] = collections.defaultdict(dict)
-    order: list[str] = []
+    jobs: dict[str, dict[str, float]] = collections.defaultdict(dict)  # in file order
     with open(path, encoding="ascii") as f:
         for line in f:
-            job, phase, at = line.rsplit(" ", 2)[0].split(" ", 1)[0], " ".join(
-                line.split()[1:-1]), float(line.split()[-1])
-            if job not in order:
-                order.append(job)
-            jobs[job][phase] = at
-    chosen = [jobs[j] for j in order if "c0 start" in jobs[j]][-last:]
+            job, *words, at = line.split()  # a phase's name has spaces ("c0 start")
+            jobs[job][" ".join(words)] = float(at)
+    chosen = [st for st in jobs.values() if "c0 start" in st][-last:]
     if not chosen:
         return "  (no stamps)"
     since: dict[str, list[float]] = collections.defaultdict(list)
