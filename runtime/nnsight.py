@@ -98,25 +98,22 @@ class NNsight(Envoy):
     # -- blocks outside @intervene ---------------------------------------------
     def trace(self, *args, **kwargs):
         """``with model.trace(...):`` outside @intervene: compiled on entry (runtime/direct.py)."""
-        from .direct import DirectTracer, opens_with
-
-        if not opens_with(sys._getframe(1)):
-            raise NotInTraceError(self._path, "trace")
-        return DirectTracer(self, "trace", args, kwargs)
+        return self._direct("trace", args, kwargs)
 
     def scan(self, *args, **kwargs):
-        from .direct import DirectTracer, opens_with
-
-        if not opens_with(sys._getframe(1)):
-            raise NotInTraceError(self._path, "scan")
-        return DirectTracer(self, "scan", args, kwargs)
+        return self._direct("scan", args, kwargs)
 
     def edit(self, *args, **kwargs):
+        return self._direct("edit", args, kwargs)
+
+    def _direct(self, kind: str, args: tuple, kwargs: dict):
+        """The block ``with model.<kind>(...):`` opens in the frame that called ``kind``
+        (two up from here); NotInTraceError when that call opens no ``with``."""
         from .direct import DirectTracer, opens_with
 
-        if not opens_with(sys._getframe(1)):
-            raise NotInTraceError(self._path, "edit")
-        return DirectTracer(self, "edit", args, kwargs)
+        if not opens_with(sys._getframe(2)):
+            raise NotInTraceError(self._path, kind)
+        return DirectTracer(self, kind, args, kwargs)
 
     def clear_edits(self) -> None:
         """Drop the interventions ``model.edit(inplace=True)`` put on this wrapper."""
