@@ -30,7 +30,7 @@ class Edit:
         self.block = block
         self.sites = sites
         self.filename = filename
-        self.lanes: list[tuple[Any, int]] = []
+        self.lanes: list[tuple[Any, None, int]] = []  # (fn, spec, index), as a Tracer's
 
 
 class EditBlock:
@@ -73,7 +73,7 @@ def add_lane(model, fn, spec, index: int) -> None:
             f"invokes in an edit block (line {edit.block.line}) are not supported: an edit "
             "applies to the whole batch of every later trace"
         )
-    edit.lanes.append((fn, index))
+    edit.lanes.append((fn, None, index))
 
 
 def _copy(model):
@@ -97,9 +97,7 @@ def start_edits(root, grad: bool, inters: list) -> None:
         inter = Interleaver(root, edit.block, edit.sites, edit.filename)
         inter.activate()
         inters.append(inter)
-        inter.attach_static(block_facts(root, edit.block))
-        for fn, index in edit.lanes:
-            inter.start(fn, index, None, grad)
+        inter.attach_static(block_facts(root, edit.block), edit.lanes, None, grad)
 
 
 def finish_edits(inters: list) -> None:

@@ -380,22 +380,6 @@ class Interleaver:
         active["inter"] = self
 
     # -- lanes -----------------------------------------------------------------
-    def start(self, fn, index: int, rows, grad: bool) -> None:
-        """Run lane ``fn`` to its first request; ``grad``: the grad mode it starts in."""
-        if rows is not None and (self.batch is None or rows.stop > self.batch):
-            self.batch = rows.stop  # invokes' rows tile the batch from row 0
-        self.starting_rows = rows  # a lane without checkpoints runs whole in fn() (skip.py)
-        try:
-            gen = fn()
-        finally:
-            self.starting_rows = None
-        lane = Lane(gen, index, rows, grad)
-        self.lanes.append(lane)
-        if gen.__class__ is not GeneratorType:  # a lane without checkpoints has already run
-            lane.done = True
-            return
-        self.advance(lane, None)
-
     def advance(self, lane: Lane, value, error: BaseException | None = None, first=None,
                 outer=None) -> None:
         """Run ``lane`` until it parks or ends, sending it ``value`` first (``first``: a
@@ -873,11 +857,11 @@ class Interleaver:
     def attach_static(self, facts, lanes=(), rows=None, grad: bool = True, batch=None) -> None:
         """Before the run: attach the modules the plan names.  When that is every
         module the lanes can ask for, nothing needs attaching while running (so
-        no ancestors either: see ``_attach_ancestors``).  Then ``start`` each of
-        ``lanes`` (``(fn, spec, index)``, in source order; one call for both, the
-        tracer's): ``rows`` per lane (None: every lane sees all rows), ``grad`` the
-        grad mode now, ``batch`` the batch's rows when the caller knows them (else they
-        are worked out from ``rows``)."""
+        no ancestors either: see ``_attach_ancestors``).  Then run each of ``lanes``
+        (``(fn, spec, index)``, in source order; one call for both: a tracer's, an
+        edit's) to its first request: ``rows`` per lane (None: every lane sees all
+        rows), ``grad`` the grad mode now, ``batch`` the batch's rows when the caller
+        knows them (else they are worked out from ``rows``)."""
         attached = self.attached
         for module, phase in facts.attach:
             key = (id(module), phase)
