@@ -689,17 +689,21 @@ class _Checker:
 
     def __init__(self, positions, first_line, block, inside, free, module_names,
                  helpers: frozenset[str] = frozenset()) -> None:
-        self.positions = positions
-        self.first_line = first_line
-        self.block = block
+        self._setup(positions, first_line, block, inside, free, module_names, helpers)
         self.call = block_call(block)
-        self.inside = inside
-        self.free = free
-        self.module_names = module_names
         self.model = self.call.func.value.value if isinstance(self.call.func.value, cst.Name) else None
         self.item_index = block_item(block)  # `with model.trace(x) as t, torch.no_grad():`
         asname = block.items[self.item_index].asname
         self.tracer = asname.name.value if asname is not None and isinstance(asname.name, cst.Name) else None
+
+    def _setup(self, positions, first_line, block, inside, free, module_names, helpers) -> None:
+        """What every checker has (a block's and a helper's, ``_HelperChecker``)."""
+        self.positions = positions
+        self.first_line = first_line
+        self.block = block
+        self.inside = inside
+        self.free = free
+        self.module_names = module_names
         self.envoy_names: set[str] = set()
         self.strict = False
         self.helpers = helpers  # names of the helpers shipped with the job
@@ -1461,22 +1465,11 @@ class _HelperChecker(_Checker):
 
     def __init__(self, positions, first_line, fn, free, module_names, helpers,
                  envoy_params) -> None:
-        self.positions = positions
-        self.first_line = first_line
-        self.block = fn
-        self.call = None
         self.params = _params(fn)
-        self.inside = self.params | {n for st in fn.body.body for n in _bound_names(st)}
-        self.free = free
-        self.module_names = module_names
-        self.model = None
-        self.tracer = None
-        self.item_index = None
+        inside = self.params | {n for st in fn.body.body for n in _bound_names(st)}
+        self._setup(positions, first_line, fn, inside, free, module_names, helpers - inside)
+        self.call = self.model = self.tracer = self.item_index = None
         self.envoy_names = set(envoy_params)
-        self.strict = False
-        self.helpers = helpers - self.inside
-        self.calls = []
-        self.recording = False
 
     def run(self, strict: bool = True) -> None:
         """``strict``: refuse the first construct not allowed; else only find the
