@@ -647,11 +647,11 @@ class Interleaver:
         cp = self.sites.get(lane.call_site)
         return getattr(cp, "line", None)
 
-    def _call_missed(self, lane: Lane, envoy, what: str, line) -> MissedCheckpointError:
-        later = envoy.__dict__.get("_calls_later", 0) if envoy.__class__ is not Envoy else 0
+    def _call_missed(self, lane: Lane, envoy, what: str, line, path: str,
+                     later: int) -> MissedCheckpointError:
+        """``path``: ``envoy``'s, as the block spells it; ``later``: its ``next(n)``."""
         want = lane.call_index + later
         phase = _PHASE[what]
-        path = rooted(envoy._path, getattr(self.block, "model", None))
         calls = self.fired.n.get((id(envoy._module), phase), 0)
         sel = lane.call_sel
         shown = "all()" if sel.key is None else f"iter[{_show(sel.key) if isinstance(sel.key, slice) else sel.key}]"
@@ -1219,7 +1219,7 @@ class Interleaver:
             later = envoy.__dict__.get("_calls_later", 0) if envoy.__class__ is not Envoy else 0
             lane.later = 0
             if lane.call_index is not None and not self.stopped:
-                err = self._call_missed(lane, envoy, what, line)
+                err = self._call_missed(lane, envoy, what, line, path, later)
             elif later and not self.stopped:
                 err = MissedCheckpointError(
                     f"`{path}.next({later}).{what}` is asked for at line {line}, but "
