@@ -420,7 +420,7 @@ def validate_block(
         raise ValidationError(f"`{both[0]}` was sent both as a value and as a helper",
                               first_line, 0, both[0])
     module, fn, positions = _parse_function(source, first_line)
-    blocks = [s for s in statements(fn) if isinstance(s, cst.With) and block_call(s) is not None]
+    blocks = _blocks(fn)
     if not 0 <= block_index < len(blocks):
         raise ValidationError(
             f"block {block_index} does not exist: `{fn.name.value}` has {len(blocks)} "
@@ -1351,7 +1351,7 @@ def _check_helpers(helpers: dict[str, HelperSource], calls: list,
             spec = HelperSource(*spec)
         try:
             _module, fn, positions = _parse_function(spec.source, spec.first_line)
-            if _has_block(fn):
+            if _blocks(fn):
                 raise ValidationError(
                     "a helper shipped with a remote block cannot have a block of its own",
                     spec.first_line, 0, f"def {fn.name.value}")
@@ -1408,8 +1408,9 @@ def _check_helpers(helpers: dict[str, HelperSource], calls: list,
 _PROVIDED = frozenset({"torch", "math", "save"}) | SAFE_BUILTINS | FORBIDDEN_NAMES | CONSTANT_NAMES
 
 
-def _has_block(fn: cst.FunctionDef) -> bool:
-    return any(isinstance(s, cst.With) and block_call(s) is not None for s in statements(fn))
+def _blocks(fn: cst.FunctionDef) -> list[cst.With]:
+    """The trace blocks of ``fn``, in order (what a job's block index counts)."""
+    return [s for s in statements(fn) if isinstance(s, cst.With) and block_call(s) is not None]
 
 
 def _in_helper(exc: ValidationError, name: str, spec: HelperSource) -> ValidationError:
