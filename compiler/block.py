@@ -77,7 +77,7 @@ _compiled: dict[tuple, Compiled] = {}
 _lock = threading.Lock()
 
 
-def _parse(filename: str, text: str) -> tuple[cst.Module, dict, list[cst.With]]:
+def _parse(filename: str, text: str) -> tuple[cst.Module, dict, list[cst.With], ast.Module]:
     with _lock:
         got = _files.get(filename)
     if got is not None and got[0] == text:
@@ -172,7 +172,7 @@ def _wrap(node: cst.With, filename: str, line: int, col: int, end_line: int,
 def find_block(filename: str, text: str, line: int) -> DirectBlock:
     """The trace block whose ``with`` header is on ``line`` of ``text`` (the
     innermost one, when blocks are nested in other ``with`` statements)."""
-    _module, positions, found, tree = _parse(filename, text)
+    module, positions, found, tree = _parse(filename, text)
     best = None
     for node in found:
         first, col, last, _ = positions[node]
@@ -192,7 +192,7 @@ def find_block(filename: str, text: str, line: int) -> DirectBlock:
     body_line = positions[body.body[0]][0] if isinstance(body, cst.IndentedBlock) else 0
     block = _wrap(node, filename, first, col, last, body_line)
     return dataclasses.replace(block, later=_reads_after(tree, first, last),
-                               helpers=helper_names(filename, text))
+                               helpers=helper_names(filename, text, module))
 
 
 def compile_block(block: DirectBlock, params: tuple[str, ...]) -> Compiled:
@@ -231,12 +231,13 @@ def compile_block(block: DirectBlock, params: tuple[str, ...]) -> Compiled:
 def blocks_in_file(filename: str, text: str) -> list[DirectBlock]:
     """Every trace block of a file written outside an ``@intervene`` function (for
     ``show-plan``); the file is parsed, never run."""
-    _module, positions, found, _tree = _parse(filename, text)
+    module, positions, found, _tree = _parse(filename, text)
+    helpers = helper_names(filename, text, module)
     out = []
     for node in found:
         first, col, last, _ = positions[node]
         block = _wrap(node, filename, first, col, last)
-        out.append(dataclasses.replace(block, helpers=helper_names(filename, text)))
+        out.append(dataclasses.replace(block, helpers=helpers))
     return out
 
 
@@ -265,17 +266,19 @@ class _Helpers(cst.CSTVisitor):
 _helper_cache: dict[str, tuple[str, frozenset[str]]] = {}
 
 
-def helper_names(filename: str, text: str) -> frozenset[str]:
+def helper_names(filename: str, text: str, module: cst.Module | None = None) -> frozenset[str]:
     """The names of a file's helpers (``@intervene`` functions with no block): a call
-    of one inside a block runs it as part of the calling lane."""
+    of one inside a block runs it as part of the calling lane.  ``module``: ``text``
+    already parsed (by ``_parse``), so it is not parsed again."""
     with _lock:
         got = _helper_cache.get(filename)
     if got is not None and got[0] == text:
         return got[1]
-    try:
-        module = cst.parse_module(text)
-    except cst.ParserSyntaxError:
-        return frozenset()
+    if module is None:
+        try:
+            module = cst.parse_module(text)
+        except cst.ParserSyntaxError:
+            return frozenset()
     finder = _Helpers(decorator_aliases(module))
     walk.visit(finder, module)
     names = frozenset(finder.names)
