@@ -259,9 +259,7 @@ class ModelRunner(Feeder):
         from .worker import pack_batch
 
         lim = self.engine.limits
-        for job in jobs:
-            self.engine._start(job)
-        jobs = [j for j in jobs if j.status == "RUNNING"]  # not those cancelled meanwhile
+        jobs = [j for j in jobs if self.engine._start(j)]  # not those cancelled meanwhile
         if not jobs:
             return
         waiting = {j.id: j for j in jobs}
