@@ -129,16 +129,17 @@ def compile_source(src: Source, freevars: tuple[str, ...] = (),
                    helpers: frozenset[str] = frozenset()) -> Compiled:
     """``helpers``: names of the file's @intervene helpers (a call of one in a lane
     runs it as part of the lane)."""
-    compiled = _compile(src, freevars, helpers, False)
-    if not compiled.plan.blocks:
-        helper = _compile(src, freevars, helpers, True)
+    parsed = _parse(src)
+    compiled = _compile(src, *parsed, freevars, helpers, False)
+    if not compiled.plan.blocks:  # the same tree, analyzed as a helper's body
+        helper = _compile(src, *parsed, freevars, helpers, True)
         if any(lane.items for b in helper.plan.blocks for lane in b.lanes):
             return helper
     return compiled
 
 
-def _compile(src: Source, freevars: tuple[str, ...], helpers: frozenset[str],
-             helper: bool) -> Compiled:
+def _parse(src: Source) -> tuple[cst.Module, cst.FunctionDef, dict]:
+    """``src`` parsed: the module, its one function and every node's position."""
     try:
         module = cst.parse_module(src.text)
     except cst.ParserSyntaxError as exc:
@@ -152,7 +153,11 @@ def _compile(src: Source, freevars: tuple[str, ...], helpers: frozenset[str],
             "@intervene cannot compile an `async def`: the model runs synchronously",
             src.filename, src.first_line,
         )
-    positions = walk.positions(module)
+    return module, fn, walk.positions(module)
+
+
+def _compile(src: Source, module: cst.Module, fn: cst.FunctionDef, positions: dict,
+             freevars: tuple[str, ...], helpers: frozenset[str], helper: bool) -> Compiled:
     info = analyze(src, module, positions, helper)
     rewriter = Rewriter(src, fn, info, positions)
     rewriter.helpers = helpers
