@@ -324,9 +324,7 @@ class Client:
             try:
                 resp = http.get(f"/v1/jobs/{job}")
                 if resp.status_code == 410:
-                    detail = _detail(resp)
-                    raise RemoteError(detail.get("message", str(detail))
-                                      if isinstance(detail, dict) else str(detail), "JobLost")
+                    raise RemoteError(_reason(resp), "JobLost")
                 _check(resp)
                 final = resp.json()
                 if final["status"] not in FINAL:  # still there, queued or running
@@ -448,14 +446,6 @@ def close_connections() -> None:
 atexit.register(close_connections)
 
 
-def _detail(resp) -> Any:
-    try:
-        body = resp.json()
-    except ValueError:
-        return resp.text[:200]
-    return body.get("detail") or body.get("error") or body if isinstance(body, dict) else body
-
-
 def _refused(resp) -> None:
     """A job the server refused before queueing it (HTTP 400 with an error): raised."""
     try:
@@ -466,9 +456,9 @@ def _refused(resp) -> None:
         raise error_from(error, "<remote>", 0)
 
 
-def _check(resp) -> None:
-    if resp.status_code < 400:
-        return
+def _reason(resp) -> str:
+    """What an error response says: its body's ``detail`` or ``error`` (their
+    ``message`` when they have one), else the start of its text."""
     try:
         resp.read()
         body = resp.json()
@@ -477,6 +467,13 @@ def _check(resp) -> None:
             detail = detail.get("message", detail)
     except Exception:  # noqa: BLE001 - any body: fall back to the text
         detail = resp.text[:200]
+    return str(detail)
+
+
+def _check(resp) -> None:
+    if resp.status_code < 400:
+        return
+    detail = _reason(resp)
     if resp.status_code in (401, 403):
         raise PermissionError(
             f"the intervene server refused the API key ({resp.status_code}): {detail}; set it "
