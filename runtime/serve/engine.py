@@ -145,6 +145,17 @@ class Feeder(threading.Thread):
         """False ends the loop before it takes another batch."""
         return True
 
+    def _fail_or_requeue(self, jobs: list[Job], waiting: dict[str, Job], message: str,
+                         type_name: str = "RuntimeError") -> None:
+        """The worker had to go with ``waiting`` unanswered: a job that ran alone gets the
+        error; the jobs of a shared batch run again, each alone (so that the one at fault
+        fails alone)."""
+        if len(jobs) == 1 or len(waiting) == 1:
+            for job in waiting.values():
+                self.engine._finish(job, "ERROR", error={"type": type_name, "message": message})
+        else:
+            self.engine._requeue(self._queue_owner, list(waiting.values()), alone=True)
+
     def _prepare(self, jobs: list[Job]) -> bool:
         """Before ``jobs`` run; False when they were ended instead."""
         return True
@@ -289,14 +300,10 @@ class ModelRunner(Feeder):
                 return
             if time.monotonic() > deadline:
                 self._kill()
-                if len(waiting) == 1:
-                    self.engine._finish(next(iter(waiting.values())), "ERROR", error={
-                        "type": "TimeoutError",
-                        "message": f"the job ran longer than this server's limit of "
-                                   f"{lim.job_timeout:g} s and was stopped (its worker process "
-                                   "was killed and is restarted)"})
-                else:
-                    self.engine._requeue(self, list(waiting.values()), alone=True)
+                self._fail_or_requeue(jobs, waiting, f"the job ran longer than this server's "
+                                      f"limit of {lim.job_timeout:g} s and was stopped (its "
+                                      "worker process was killed and is restarted)",
+                                      "TimeoutError")
                 return
             try:
                 ready = conn.poll(0.05)
@@ -307,15 +314,13 @@ class ModelRunner(Feeder):
                     proc.join(5)  # ending on its own (exit code 3: it changed the model)
                 code = proc.exitcode if proc is not None else None
                 self._kill()
-                if len(jobs) == 1 or len(waiting) == 1 and code != 3:
-                    for job in waiting.values():
-                        self.engine._finish(job, "ERROR", error={
-                            "type": "RuntimeError",
-                            "message": f"the worker process running the job died (exit code "
-                                       f"{code}; out of memory?); it is restarted"})
+                if code == 3 and len(jobs) > 1:
+                    # A job changed the model and was failed; the rest did not run.
+                    self.engine._requeue(self, list(waiting.values()), alone=False)
                 else:
-                    # Exit code 3: a job changed the model and was failed; the rest did not run.
-                    self.engine._requeue(self, list(waiting.values()), alone=code != 3)
+                    self._fail_or_requeue(jobs, waiting, f"the worker process running the job "
+                                          f"died (exit code {code}; out of memory?); it is "
+                                          "restarted")
                 return
             if msg is None:
                 continue  # a dead worker shows as end-of-file on the next poll

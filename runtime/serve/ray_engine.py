@@ -207,11 +207,7 @@ class Replica(Feeder):
         waiting = {j.id: j for j in jobs}
 
         def fail_or_retry(message: str, type_name: str = "RuntimeError") -> None:
-            if len(jobs) == 1 or len(waiting) == 1:
-                for job in waiting.values():
-                    eng._finish(job, "ERROR", error={"type": type_name, "message": message})
-            else:
-                eng._requeue(self.model, list(waiting.values()), alone=True)
+            self._fail_or_requeue(jobs, waiting, message, type_name)
 
         try:
             stream = self.actor.run_batch.remote(pack_batch(
