@@ -447,7 +447,7 @@ class Engine:
                 return []
             batch = [runner.queue.popleft()]
             busy = (runner.queue
-                    or time.monotonic() - getattr(runner, "busy_at", -1e9) < BUSY_MEMORY)
+                    or time.monotonic() - runner.busy_at < BUSY_MEMORY)
             if not batch[0].alone and lim.batch_max_jobs > 1 and busy:
                 deadline = time.monotonic() + lim.batch_window
                 while len(batch) < lim.batch_max_jobs:

@@ -270,6 +270,7 @@ class RayModel:
         self.names: list[str] = [spec]
         self.queue: collections.deque[Job] = collections.deque()
         self.stopping = False
+        self.busy_at = -1e9  # time.monotonic() of the last submit that found company
         self.replicas = [Replica(self, i) for i in range(replicas)]
 
     @property
