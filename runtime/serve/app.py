@@ -86,7 +86,7 @@ def create_app(engine: Engine, api_keys: set[str] | None = None, *,
 
     def job_of(job_id: str, key: str):
         job = engine.jobs.get(job_id)
-        if job is None and hasattr(engine, "recall"):  # forgotten here, kept on disk
+        if job is None:  # forgotten here, kept on disk
             job = engine.recall(job_id, key)
         if job is None and engine.lost(job_id):
             raise HTTPException(410, {"type": "JobLost", "message": lost_message(job_id)})

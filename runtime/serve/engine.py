@@ -388,6 +388,11 @@ class Engine:
                 return i + 1
         return None
 
+    def recall(self, job_id: str, key: str) -> Job | None:
+        """A job this server no longer holds in memory (``results.Persistent``: from its
+        results folder); None here."""
+        return None
+
     def lost(self, job_id: str) -> bool:
         """Whether ``job_id`` is a job id an earlier run of this server gave (one this run
         cannot know: it was lost when that run stopped)."""
