@@ -424,7 +424,7 @@ class _Batch:
 
     def start(self, item: _Item, inline: bool = False) -> None:
         """Prepare the job (decode, validate, compile) and start its thread; a job
-        refused here is answered at once (returns False).  ``inline``: the batch's only
+        refused here ends with its error set (``item.exc``).  ``inline``: the batch's only
         job, run alone in this thread now (no thread to start and hand over to)."""
         item.reset()
         try:
