@@ -388,17 +388,19 @@ def test_generate_jobs_share_one_generate_call_and_equal_each_alone(lm, forwards
 
 
 def test_generate_jobs_with_other_keywords_get_calls_of_their_own(lm, forwards):
-    # Other max_new_tokens, a trace, sampling, a step block: each a call of its own.
+    # Other max_new_tokens, a trace, sampling: each a call of its own; a step block
+    # shares the first job's call (tests/test_batching_steps.py).
     sampling = GEN.replace("do_sample=False", "do_sample=True")
     steps = GEN.replace("        h = model", "        with tracer.all():\n            h = model")
     jobs = [message(GEN, x=A), message(GEN_3, x=B), message(READ, x=C),
             message(sampling, x=A), message(steps, x=B)]
     batched, _, _ = run(lm, jobs)
-    assert len(forwards) == 4 + 3 + 1 + 4 + 4
+    assert len(forwards) == 4 + 3 + 1 + 4
     assert batched[3][0] == batched[4][0] == b"R"
     alone, _, _ = run(lm, jobs, max_jobs=1)
     same_generate(batched[0], alone[0])
     same_generate(batched[1], alone[1])
+    assert torch.equal(saved(batched[4], "out"), saved(alone[4], "out"))
     assert saved(batched[1], "out").shape == (1, 5 + 3)
 
 

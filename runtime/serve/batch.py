@@ -15,21 +15,33 @@ its saved variables set, and its reply is encoded.
 
 What shares a pass (exact by construction, else the job runs alone):
 
-- ``trace`` and ``generate`` blocks (``scan``, backward blocks and step blocks run
-  alone), without ``.inputs`` (its keywords need not have the batch dimension
-  first), without ``tracer.stop()`` (a stop ends the forward pass: a job that has one
-  runs alone, so that it stops only its own pass), with only token inputs;
+- ``trace`` and ``generate`` blocks (``scan`` and backward blocks run alone), without
+  ``.inputs`` (its keywords need not have the batch dimension first), without
+  ``tracer.stop()`` (a stop ends the forward pass: a job that has one runs alone, so
+  that it stops only its own pass), without helpers, with only token inputs;
 - ``generate`` blocks share a ``generate`` call only with ``generate`` blocks of the
   same generation keywords (``GEN_KEYS`` only, the same values), greedy (``do_sample``
   false, one beam, one sequence per row, no time limit or stop strings: each row's
-  tokens depend on its own logits only).  Without step blocks a lane reads and writes
-  step 0 (the prompt's pass), ``model.generator.output`` (its rows) and
-  ``tracer.result`` (the job's rows: ``JobTracer.result``).  What differs from alone
-  is when generation stops: alone it stops once every row of the job produced an end
-  token (or at ``max_new_tokens``), shared once every row of the pass did, HF generate
-  padding the finished rows meanwhile.  So after the call, a job whose rows had all
-  ended before its last step (``_ended_early``) has its result dropped and runs again
-  alone; every other job ran exactly the steps it runs alone;
+  tokens depend on its own logits only; sampling draws every row from one random
+  stream, so a sampling job runs alone).  A lane reads and writes its rows of step 0
+  (the prompt's pass) or, in step blocks (``tracer.all()``, ``tracer.iter[...]``,
+  ``for step in ...``, ``m.next()``), of the steps it selects, as an invoke does alone;
+  ``model.generator.output`` (its rows) and ``tracer.result`` (the job's rows:
+  ``JobTracer.result``).  Steps are forward calls of the whole model, the same for
+  every row, so step k of the shared call is step k of each job alone.  What differs
+  from alone is when generation stops: alone it stops once every row of the job
+  produced an end token (or at ``max_new_tokens``), shared once every row of the pass
+  did, HF generate padding the finished rows meanwhile (an open ``tracer.all()`` /
+  ``tracer.iter[i:]`` would see those extra steps, a bounded ``tracer.iter[0:6]`` steps
+  that never come alone).  So after the call, a job whose rows had all ended before
+  its last step (``_ended_early``) has its result dropped and runs again alone; every
+  other job ran exactly the steps it runs alone, its lanes served at the same steps
+  (each lane waits for its own steps; a ``tracer.barrier`` counts its job's lanes only);
+- ``trace`` blocks with step blocks (``tracer.iter[i]`` is call i of each module) share
+  a pass only with such traces (the pass counts calls, as alone).  A module called a
+  fixed number of times per forward (the layers of the served language models) is
+  called as often shared as alone; one called only for some rows (a mixture-of-experts
+  expert) hands a lane a value without its rows, and that job runs alone (below);
 - jobs whose inputs pad to the same length, with the same kinds of input (each job
   then sees exactly the tensors it would see alone: no extra padding);
 - up to ``max_jobs`` jobs and ``max_tokens`` rows x positions per pass.
@@ -73,7 +85,7 @@ GEN_KEYS = frozenset({"max_new_tokens", "do_sample", "num_beams", "eos_token_id"
                       "pad_token_id"})
 # Plan items that make a job run alone.
 # A helper's reads go through its own handle, not the job's offset one: alone.
-_ALONE_MARKERS = frozenset({"stop", "backward", "steps", "helper"})
+_ALONE_MARKERS = frozenset({"stop", "backward", "helper"})
 
 
 class _Retry(BaseException):
@@ -210,7 +222,7 @@ def _handle(item: _Item, plan, source):
     """The job's runtime handle: its blocks give ``JobTracer``s, and the site numbers
     its code asks for are offset by the job's place in a shared pass."""
     from ..api import Handle
-    from ..interleave import barrier, read, write
+    from ..interleave import barrier, end_steps, next_step, read, write
     from .execute import _ServerHandle
 
     handle = _ServerHandle(plan, source)
@@ -228,6 +240,9 @@ def _handle(item: _Item, plan, source):
     handle.read = lambda envoy, value, site: read(envoy, value, site + off[0])
     handle.write = lambda envoy, value, site, new: write(envoy, value, site + off[0], new)
     handle.barrier = lambda b, site: barrier(b, site + off[0])
+    # Step blocks: their site numbers name the job's own lines in warnings and errors.
+    handle.next_step = lambda sel, site: next_step(sel, site + off[0])
+    handle.end_steps = lambda sel, site: end_steps(sel, site + off[0])
     handle.block = block
     return handle
 
@@ -308,7 +323,7 @@ def _ended_early(root, tracer: MergedTracer, group: list[_Item]) -> list[_Item]:
 def _mergeable(root, t: JobTracer):
     """``(key, tokens, facts)`` when the job can share a pass, else None."""
     block = t._block
-    if t._kind not in ("trace", "generate") or t._has_steps or t._has_backward:
+    if t._kind not in ("trace", "generate") or t._has_backward:
         return None
     gen: dict = {}
     if t._kind == "generate":
@@ -334,7 +349,10 @@ def _mergeable(root, t: JobTracer):
     if set(kw) - INPUT_KEYS or not all(hasattr(v, "shape") for v in kw.values()):
         return None
     ids = kw["input_ids"]
-    key = (t._kind, repr(sorted(gen.items())), ids.shape[1],
+    # A trace with step blocks counts each module's calls (`Interleaver.count_calls`):
+    # it shares a pass only with such traces.  A generate pass counts steps anyway.
+    steps = t._kind == "trace" and t._has_steps
+    key = (t._kind, steps, repr(sorted(gen.items())), ids.shape[1],
            tuple(sorted((k, str(v.dtype), str(v.device)) for k, v in kw.items())))
     return key, ids.shape[0] * ids.shape[1], facts
 
@@ -412,6 +430,7 @@ def _merge(root, members: list[_Item], facts: list, faulty: list):
     gen = _gen_keywords(root, first) if first._kind == "generate" else {}
     tracer = MergedTracer(root, block, sites, (args, kwargs, rows), first._filename, gen)
     tracer._lanes = tracer_lanes
+    tracer._has_steps = any(m.tracer._has_steps for m in members)
     return tracer, merged_facts
 
 
