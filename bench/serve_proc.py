@@ -19,15 +19,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(args: list[str]) -> tuple[subprocess.Popen, str]:
-    """``python -m runtime.serve --port <free> *args`` with ``OMP_NUM_THREADS=1``; returns
-    the process and its URL once ``/v1/health`` says ready (SystemExit if it never does)."""
+def start_server(args: list[str], threads: int | None = 1) -> tuple[subprocess.Popen, str]:
+    """``python -m runtime.serve --port <free> *args`` with ``OMP_NUM_THREADS=threads``
+    (None: torch's default, every core); returns the process and its URL once
+    ``/v1/health`` says ready (SystemExit if it never does)."""
     import httpx
 
     port = free_port()
     cmd = [sys.executable, "-m", "runtime.serve", "--port", str(port), *args]
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            env=env)
     url = f"http://127.0.0.1:{port}"
     for _ in range(900):
         if proc.poll() is not None:

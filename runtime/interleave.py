@@ -326,6 +326,9 @@ class Interleaver:
     track = False  # remember served tensors (for backward blocks)
     stopped = False  # tracer.stop() ended the forward pass
     stop_requested = False  # a lane called tracer.stop(): the forward ends after its serve
+    # The server (runtime/serve): once no lane waits for anything, the rest of the forward
+    # is seen by no one (a job's reply is its saved values), so it does not run.
+    end_when_served = False
     repeats = False  # modules run more than once (generation steps)
     counting = False  # a trace with step blocks: `fired` counts each module's calls
     static = False  # every module the lanes can ask for was attached before the run
@@ -1120,6 +1123,9 @@ class Interleaver:
             self.current = prev
         if self.stop_requested and ev.phase is not GRAD and not self.ended:
             raise StopTrace()  # a lane called tracer.stop(): the rest of the forward does not run
+        if (self.end_when_served and not self.waiting and not self.step_waiting
+                and not self.end_waiting and not self.barriers and not self.ended):
+            raise StopTrace()  # the server's trace: nothing after this is seen by a lane
         return ev
 
     # -- order -------------------------------------------------------------------

@@ -181,6 +181,9 @@ class Tracer:
     # (Handle.block knows; True spares `_execute` the checks of those flags).
     _plain = False
     _tiled = None  # the batch's rows, when `_inputs` made the batch of one tensor per invoke
+    # The server's tracers (runtime/serve): a `trace` whose reply is only what its lanes
+    # saved ends its forward once no lane waits for a value (``_ends_when_served``).
+    _end_when_served = False
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
@@ -305,6 +308,8 @@ class Tracer:
                         inter.count_calls()
                 if source.USED:  # `.source` named somewhere: its forwards go in first
                     source.install_static(inter, facts)
+                if self._end_when_served:
+                    inter.end_when_served = self._ends_when_served()
                 inter.attach_static(facts, self._lanes, rows, _grad_enabled(), self._tiled)
                 if inter.stop_requested:
                     inter.stopped = True  # stopped before the forward began: it does not run
@@ -365,6 +370,20 @@ class Tracer:
                     raise stop_iteration
                 finally:
                     stop_iteration = None
+
+    def _ends_when_served(self) -> bool:
+        """May the forward end once no lane waits for a value?  Only a ``trace`` whose
+        every value is asked for by its lanes: no step blocks (calls counted to the
+        end), backward blocks (the graph to the loss), caches (every module's output
+        recorded) or ``model.edit()`` interventions."""
+        if (self._kind != "trace" or self._has_steps or self._has_backward or self._caches
+                or self._root._edits):
+            return False
+        for lane in self._block.lanes:
+            for item in lane.items:
+                if getattr(item, "kind", None) == "cache":
+                    return False
+        return True
 
     def _inputs(self) -> tuple[tuple, dict, list | None]:
         """The model's inputs, and each lane's rows of the batch (None: all rows).  The

@@ -114,6 +114,7 @@ class JobTracer(Tracer):
     """A job's tracer: at the end of its block it waits for the batch to run it."""
 
     _pass = None  # the MergedTracer while a shared pass runs this job's lanes
+    _end_when_served = True  # its reply is what it saved: see Tracer._ends_when_served
     _inter = _delegated("_inter")  # tracer.stop() / tracer.cache() reach the pass
     _rows = _delegated("_rows")
     _caches = _delegated("_caches")  # the pass removes every cache's hooks
@@ -249,6 +250,8 @@ def _handle(item: _Item, plan, source):
 
 class MergedTracer(Tracer):
     """One forward pass for the lanes of several jobs (see the module docstring)."""
+
+    _end_when_served = True
 
     def __init__(self, root, block, sites, inputs, filename: str, gen: dict) -> None:
         super().__init__(root, block.kind, block, sites, (), gen)

@@ -366,7 +366,9 @@ def _server_handle():
 
         def block(self, model, kind, index, /, *args, **kwargs):
             kwargs.pop("remote", None)
-            return Handle.block(self, model, kind, index, *args, **kwargs)
+            tracer = Handle.block(self, model, kind, index, *args, **kwargs)
+            tracer._end_when_served = True  # its reply is what it saved
+            return tracer
 
     return ServerHandle
 

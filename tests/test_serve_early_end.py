@@ -1,0 +1,126 @@
+"""The server ends a trace's forward pass once no lane waits for a value
+(Tracer._ends_when_served): a job's reply is only what it saved, so the modules after
+its last checkpoint would compute what no one sees.  Each job's values stay those of
+plain transformers; anything that does see the rest (a cache, model.output, a lane
+still waiting, a local trace) keeps the whole forward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_batching import A, B, C, lm, message, run, saved  # noqa: F401 - lm is a fixture
+
+from runtime.serve.worker import load_model
+
+EARLY = '''def job(model, x):
+    with model.trace(x):
+        h = model.model.layers[0].output.save()
+'''
+LATE = '''def job(model, x):
+    with model.trace(x):
+        out = model.lm_head.output.save()
+'''
+TWO_INVOKES = '''def job(model, a, b):
+    with model.trace() as tracer:
+        with tracer.invoke(a):
+            h0 = model.model.layers[0].output.save()
+        with tracer.invoke(b):
+            h1 = model.model.layers[1].output.save()
+'''
+CACHED = '''def job(model, x):
+    with model.trace(x) as tracer:
+        cache = tracer.cache()
+        h = model.model.layers[0].output.save()
+'''
+PRINTS = '''def job(model, x):
+    with model.trace(x):
+        h = model.model.layers[0].output.save()
+        print("norm", float(h.norm()))
+'''
+
+
+@pytest.fixture
+def calls(lm):  # noqa: F811 - the fixture imported above
+    """How often layer 1 and the LM head began (pre-hooks: a trace's forward ends
+    inside the call of its last module, before that module's own forward hooks)."""
+    got = {"layer1": 0, "lm_head": 0}
+    hf = lm._module
+    hooks = [hf.model.layers[1].register_forward_pre_hook(lambda *a: got.__setitem__("layer1", got["layer1"] + 1)),
+             hf.lm_head.register_forward_pre_hook(lambda *a: got.__setitem__("lm_head", got["lm_head"] + 1))]
+    yield got
+    for h in hooks:
+        h.remove()
+
+
+def hidden(lm, x, layer):  # noqa: F811
+    """Plain transformers and a hook: the output of decoder layer ``layer``."""
+    got = []
+    hook = lm._module.model.layers[layer].register_forward_hook(lambda m, a, out: got.append(out))
+    try:
+        with torch.no_grad():
+            lm._module(x)
+    finally:
+        hook.remove()
+    return got[0]
+
+
+@pytest.mark.parametrize("max_jobs", [16, 1], ids=["shared", "alone"])
+def test_the_forward_ends_after_the_last_value_a_job_asks_for(lm, calls, max_jobs):  # noqa: F811
+    got, prints, _ = run(lm, [message(EARLY, x=A), message(EARLY, x=B), message(PRINTS, x=C)],
+                         max_jobs=max_jobs)
+    assert calls == {"layer1": 0, "lm_head": 0}  # nothing after layer 0 ran
+    for reply, x in zip(got, (A, B, C)):
+        assert reply[0] == b"R", reply
+        torch.testing.assert_close(saved(reply, "h"), hidden(lm, x, 0), atol=1e-5, rtol=0)
+    assert list(prints.values()) == [f"norm {float(hidden(lm, C, 0).norm())}\n"]
+
+
+def test_a_job_asking_for_a_later_value_keeps_the_forward_for_the_whole_pass(lm, calls):  # noqa: F811
+    got, _, _ = run(lm, [message(EARLY, x=A), message(LATE, x=B)])
+    assert calls == {"layer1": 1, "lm_head": 1}  # one shared pass, run to the LM head
+    torch.testing.assert_close(saved(got[0], "h"), hidden(lm, A, 0), atol=1e-5, rtol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(saved(got[1], "out"), lm._module(B).logits, atol=1e-5, rtol=0)
+
+
+def test_the_pass_runs_to_the_last_value_any_lane_waits_for(lm, calls):  # noqa: F811
+    got, _, _ = run(lm, [message(TWO_INVOKES, a=A, b=B)])
+    assert calls == {"layer1": 1, "lm_head": 0}
+    torch.testing.assert_close(saved(got[0], "h0"), hidden(lm, A, 0), atol=1e-5, rtol=0)
+    torch.testing.assert_close(saved(got[0], "h1"), hidden(lm, B, 1), atol=1e-5, rtol=0)
+
+
+def test_a_cache_sees_the_whole_forward(lm, calls):  # noqa: F811
+    got, _, _ = run(lm, [message(CACHED, x=A)], max_jobs=1)
+    assert got[0][0] == b"R", got[0]
+    assert calls == {"layer1": 1, "lm_head": 1}
+    torch.testing.assert_close(saved(got[0], "h"), hidden(lm, A, 0), atol=1e-5, rtol=0)
+
+
+def test_a_local_trace_runs_the_whole_forward():
+    fresh = load_model("tiny-llama")
+    got = {"n": 0}
+    hook = fresh._module.lm_head.register_forward_hook(lambda *a: got.__setitem__("n", got["n"] + 1))
+    try:
+        with fresh.trace(A):
+            h = fresh.model.layers[0].output.save()
+        assert got["n"] == 1
+        torch.testing.assert_close(h, hidden(fresh, A, 0), atol=0, rtol=0)
+    finally:
+        hook.remove()
+
+
+def test_a_model_whose_trace_ended_early_runs_whole_traces_afterwards():
+    """The first trace of a model learns its module order; ending it early must not
+    leave that order (or a hook) half made."""
+    fresh = load_model("tiny-llama")
+    got, _, _ = run(fresh, [message(EARLY, x=A)])
+    assert got[0][0] == b"R", got[0]
+    with fresh.trace(B):
+        h = fresh.model.layers[1].output.save()
+        out = fresh.output.save()
+    with torch.no_grad():
+        logits = fresh._module(B).logits
+    torch.testing.assert_close(h, hidden(fresh, B, 1), atol=0, rtol=0)
+    torch.testing.assert_close(out.logits, logits, atol=0, rtol=0)
+    assert not fresh._module._forward_hooks and not fresh._module._forward_pre_hooks
