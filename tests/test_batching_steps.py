@@ -77,6 +77,14 @@ EOS_AT_1 = '''def job(model, x):
                 model.lm_head.output[:, -1, 2] = 1e4
         out = model.generator.output.save()
 '''
+# Ends at step 0 alone, then writes over its generated ids (the end token included).
+EOS_HIDDEN = '''def job(model, x):
+    with model.generate(x, max_new_tokens=4, do_sample=False) as tracer:
+        with tracer.iter[0]:
+            model.lm_head.output[:, -1, 2] = 1e4
+        model.generator.output[:] = 5
+        out = model.generator.output.save()
+'''
 # Reads a row it does not own, at step 2: an IndexError there (alone too).
 FAILS_AT_2 = '''def job(model, x):
     with model.generate(x, max_new_tokens=4, do_sample=False) as tracer:
@@ -183,10 +191,13 @@ def test_step_block_generate_jobs_share_one_call_and_equal_each_alone(lm, forwar
 
 
 def test_a_step_block_job_whose_rows_end_sooner_alone_runs_again_alone(lm, forwards):
-    jobs = [message(ALL, x=A), message(EOS_AT_1, x=B), message(AT_2, x=C)]
+    jobs = [message(ALL, x=A), message(EOS_AT_1, x=B), message(AT_2, x=C),
+            message(EOS_HIDDEN, x=B)]
     batched, _, _ = run(lm, jobs)
-    # The shared call (4 steps), then the job whose generation ends at step 1, alone (2).
-    assert len(forwards) == 4 + 2
+    # The shared call (4 steps), then the jobs whose generation ends sooner, alone: at
+    # step 1 (2 steps), at step 0 (1 step; told by the ids generate returned, not by
+    # those the job wrote over them).
+    assert len(forwards) == 4 + 2 + 1
     alone, _, _ = run(lm, jobs, max_jobs=1)
     for got, ref in zip(batched, alone):
         same_generate(got, ref)
@@ -194,6 +205,7 @@ def test_a_step_block_job_whose_rows_end_sooner_alone_runs_again_alone(lm, forwa
     assert out.shape == (1, 5 + 2) and out[0, -1].item() == 2
     assert batched[1][1]["saved"]["steps"] == alone[1][1]["saved"]["steps"] == {
         "t": "list", "v": [0, 1]}
+    assert saved(batched[3], "out").tolist() == [[5] * 6]
 
 
 def test_a_failing_step_block_job_fails_alone(lm, forwards):

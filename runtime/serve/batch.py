@@ -252,12 +252,25 @@ class MergedTracer(Tracer):
     """One forward pass for the lanes of several jobs (see the module docstring)."""
 
     _end_when_served = True
+    # The token ids as generate returned them, before any lane could write
+    # `model.generator.output` (in place): `_ended_early` reads these.
+    _ids = None
 
     def __init__(self, root, block, sites, inputs, filename: str, gen: dict) -> None:
         super().__init__(root, block.kind, block, sites, (), gen)
         self._invoked = True
         self._merged_inputs = inputs
         self._filename = filename
+
+    @property
+    def _result(self):
+        return self.__dict__.get("_out")
+
+    @_result.setter
+    def _result(self, value) -> None:  # set by Tracer._execute as generate returns
+        self.__dict__["_out"] = value
+        if self._ids is None and isinstance(value, torch.Tensor):
+            self._ids = value.clone()
 
     def _inputs(self):
         args, kwargs, rows = self._merged_inputs
@@ -304,8 +317,10 @@ def _ended_early(root, tracer: MergedTracer, group: list[_Item]) -> list[_Item]:
     alone: every row of theirs had produced an end token before the pass's last step
     (HF generate then pads those rows while the others go on).  Their results are
     dropped; they run again alone.  (Alone, generate stops once all its rows ended or
-    after max_new_tokens: the same step for every job that is not one of these.)"""
-    out = tracer._result
+    after max_new_tokens: the same step for every job that is not one of these.)  The
+    tokens are those generate returned, not what a lane wrote over
+    ``model.generator.output`` afterwards."""
+    out = tracer._ids
     if not isinstance(out, torch.Tensor) or out.dim() != 2:
         return list(group)
     prompt = tracer._merged_inputs[1]["input_ids"].shape[1]
