@@ -277,3 +277,78 @@ def test_a_lone_step_block_job_equals_plain_generate(lm, source):
     got, _, _ = run(lm, [message(source, x=A)])
     hook = (lambda i, out: out * 0 if i == 2 else None) if source is AT_2 else (lambda i, o: None)
     assert torch.equal(saved(got[0], "out"), plain_generate(lm, A, hook))
+
+
+# A model whose layer 0 runs twice per forward (layers[1] is layers[0]): the calls counted.
+TWICE = '''def job(model, x):
+    with model.trace(x) as tracer:
+        hs = list().save()
+        for i in tracer.iter[0:2]:
+            hs.append(model.model.layers[0].output)
+        out = model.lm_head.output.save()
+'''
+ZERO_CALL_1 = '''def job(model, x):
+    with model.trace(x) as tracer:
+        with tracer.iter[1]:
+            model.model.layers[0].output[:] = 0
+        out = model.lm_head.output.save()
+'''
+OPEN = '''def job(model, x):
+    with model.trace(x) as tracer:
+        sums = list().save()
+        for i in tracer.all():
+            sums.append(model.model.layers[0].output.sum(-1))
+        out = model.output.logits.save()
+'''
+
+
+def test_trace_step_blocks_in_a_shared_pass_count_each_modules_calls():
+    from runtime import LanguageModel
+    from runtime.tiny import tiny_llama
+
+    module = tiny_llama(0, use_cache=False)
+    module.model.layers[1] = module.model.layers[0]
+    module.requires_grad_(False)
+    root = LanguageModel(module)
+    passes = []
+    handle = module.register_forward_pre_hook(lambda *a: passes.append(1))
+    try:
+        jobs = [message(TWICE, x=C), message(ZERO_CALL_1, x=A), message(OPEN, x=B)]
+        batched, _, _ = run(root, jobs)
+        assert len(passes) == 1
+        alone, _, _ = run(root, jobs, max_jobs=1)
+        for got, ref in zip(batched, alone):
+            same(got, ref)
+    finally:
+        handle.remove()
+    # Against plain forward hooks on the layer.
+    outs = []
+
+    def record(mod, args, out):
+        outs.append(out.clone())
+
+    h = module.model.layers[0].register_forward_hook(record)
+    try:
+        with torch.no_grad():
+            plain = module(C).logits
+    finally:
+        h.remove()
+    hs = [batched[0][2][k] for k in tensor_refs(batched[0][1]["saved"]["hs"])]
+    assert len(hs) == 2
+    for got, want in zip(hs, outs):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+    torch.testing.assert_close(saved(batched[0], "out"), plain, atol=1e-4, rtol=0)
+
+    def zero_call_1(mod, args, out):
+        outs.append(1)
+        return out * 0 if len(outs) == 2 else None
+
+    outs.clear()
+    h = module.model.layers[0].register_forward_hook(zero_call_1)
+    try:
+        with torch.no_grad():
+            plain = module(A).logits
+    finally:
+        h.remove()
+    torch.testing.assert_close(saved(batched[1], "out"), plain, atol=1e-4, rtol=0)
+    assert len(tensor_refs(batched[2][1]["saved"]["sums"])) == 2  # the open block: both calls
