@@ -85,6 +85,19 @@ EOS_HIDDEN = '''def job(model, x):
         model.generator.output[:] = 5
         out = model.generator.output.save()
 '''
+# One invoke ends at step 0, the other goes on: the job's generation runs to the end.
+ONE_ROW_ENDS = '''def job(model, a, b):
+    with model.generate(max_new_tokens=4, do_sample=False) as tracer:
+        with tracer.invoke(a):
+            with tracer.iter[0]:
+                model.lm_head.output[:, -1, 2] = 1e4
+            x = model.generator.output.save()
+        with tracer.invoke(b):
+            picks = list().save()
+            for s in tracer.all():
+                picks.append(model.lm_head.output[:, -1].argmax(-1))
+            y = model.generator.output.save()
+'''
 # Reads a row it does not own, at step 2: an IndexError there (alone too).
 FAILS_AT_2 = '''def job(model, x):
     with model.generate(x, max_new_tokens=4, do_sample=False) as tracer:
@@ -192,7 +205,7 @@ def test_step_block_generate_jobs_share_one_call_and_equal_each_alone(lm, forwar
 
 def test_a_step_block_job_whose_rows_end_sooner_alone_runs_again_alone(lm, forwards):
     jobs = [message(ALL, x=A), message(EOS_AT_1, x=B), message(AT_2, x=C),
-            message(EOS_HIDDEN, x=B)]
+            message(EOS_HIDDEN, x=B), message(ONE_ROW_ENDS, a=A, b=B)]
     batched, _, _ = run(lm, jobs)
     # The shared call (4 steps), then the jobs whose generation ends sooner, alone: at
     # step 1 (2 steps), at step 0 (1 step; told by the ids generate returned, not by
@@ -206,6 +219,10 @@ def test_a_step_block_job_whose_rows_end_sooner_alone_runs_again_alone(lm, forwa
     assert batched[1][1]["saved"]["steps"] == alone[1][1]["saved"]["steps"] == {
         "t": "list", "v": [0, 1]}
     assert saved(batched[3], "out").tolist() == [[5] * 6]
+    # A job with a row that ended and one that did not shares the call to its end, the
+    # ended row padded after its end token as alone (pad id 0).
+    assert saved(batched[4], "x").tolist() == [[*A[0].tolist(), 2, 0, 0, 0]]
+    assert len(tensor_refs(batched[4][1]["saved"]["picks"])) == 4
 
 
 def test_a_failing_step_block_job_fails_alone(lm, forwards):
