@@ -40,8 +40,9 @@ What shares a pass (exact by construction, else the job runs alone):
 - ``trace`` blocks with step blocks (``tracer.iter[i]`` is call i of each module) share
   a pass only with such traces (the pass counts calls, as alone).  A module called a
   fixed number of times per forward (the layers of the served language models) is
-  called as often shared as alone; one called only for some rows (a mixture-of-experts
-  expert) hands a lane a value without its rows, and that job runs alone (below);
+  called as often shared as alone.  One called only for some rows (a mixture-of-experts
+  expert) is not covered: its value mostly lacks the lane's rows (the job then runs
+  alone, below), but how often it runs can differ from alone (as for plain reads of it);
 - jobs whose inputs pad to the same length, with the same kinds of input (each job
   then sees exactly the tensors it would see alone: no extra padding);
 - up to ``max_jobs`` jobs and ``max_tokens`` rows x positions per pass.
