@@ -533,8 +533,10 @@ def check_block(root, block) -> tuple[BlockFacts, bool]:
             for a, ma, pa, ea in static[:j]:
                 # Only pairs that surely both run, one after the other: same scope.
                 # (A checkpoint in a branch or loop may not run at all; the run
-                # itself catches those.)
-                if b.scope != a.scope:
+                # itself catches those.)  Nor do checkpoints of two step blocks
+                # of other selections (`tracer.iter[0:2]` then `tracer.iter[3]`) run in
+                # the same forward pass.
+                if b.scope != a.scope or b.steps != a.steps:
                     continue
                 verdict = order.precedes(root, mb, pb, ma, pa)
                 if verdict is None:
