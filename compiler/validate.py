@@ -1252,6 +1252,8 @@ class _Checker:
             return VALUE
         if attr == "generator" and isinstance(node.value, cst.Name) and node.value.value == self.model:
             return ENVOY
+        if attr == "streamer" and _text(node.value) == f"{self.model}.generator":
+            return ENVOY  # each step's new tokens (runtime/language.py)
         if attr in _STATE_NAMES:
             self.refuse(node.attr, attr, _WHY_STATE)
         if attr == "source" and (self.module_names is None or attr not in self.module_names):
