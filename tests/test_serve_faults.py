@@ -267,3 +267,20 @@ def test_records_written_from_many_threads_end_with_the_latest_state(tmp_path):
     assert again.status == "COMPLETED" and again.result == b"reply"
     assert store.load(job.id, "someone else") is None
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_a_model_that_cannot_load_fails_its_jobs_saying_why(tmp_path):
+    from runtime.serve import Engine
+
+    missing = str(tmp_path / "no-such-model")
+    eng = Engine([missing], Limits(job_timeout=5.0))
+    eng.start()
+    try:
+        wait_for(lambda: eng.models()[missing]["state"] == "failed", 60)
+        job = eng.submit("k", missing, job_message(HARMLESS, values={"prompt": IDS}))
+        wait_for(lambda: job.status in FINAL, 30)
+    finally:
+        eng.close()
+    assert job.status == "ERROR", job.error
+    assert job.error["type"] == "RuntimeError"
+    assert job.error["message"].startswith(f"the server could not load model {missing!r}: "), job.error

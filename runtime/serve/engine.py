@@ -30,6 +30,12 @@ from typing import Any
 from ..remote import phases
 
 FINAL = ("COMPLETED", "ERROR", "CANCELLED")
+
+
+def load_error(spec: str, failure: str) -> dict:
+    """The error of a job whose model could not be loaded (both engines)."""
+    return {"type": "RuntimeError",
+            "message": f"the server could not load model {spec!r}: {failure}"}
 # A job waits for company (Limits.batch_window) only while its model is busy: when another
 # job was queued or running at a submit in the last BUSY_MEMORY seconds.  A lone client's
 # job starts at once.
@@ -255,10 +261,7 @@ class ModelRunner(Feeder):
             self._spawn()
         if self.state != "ready":
             for job in jobs:
-                self.engine._finish(job, "ERROR", error={
-                    "type": "RuntimeError",
-                    "message": f"the server could not load model {self.spec!r}: "
-                               f"{self.failure}"})
+                self.engine._finish(job, "ERROR", error=load_error(self.spec, self.failure))
             return False
         return True
 

@@ -34,7 +34,7 @@ import signal
 import threading
 import time
 
-from .engine import FINAL, Engine, Feeder, Job, Limits
+from .engine import FINAL, Engine, Feeder, Job, Limits, load_error
 from .results import Persistent
 
 
@@ -306,10 +306,8 @@ class RayModel:
             return
         with self.engine.cond:
             while self.queue:
-                self.engine._finish_locked(self.queue.popleft(), "ERROR", error={
-                    "type": "RuntimeError",
-                    "message": f"the server could not load model {self.spec!r}: "
-                               f"{self.failure}"})
+                self.engine._finish_locked(self.queue.popleft(), "ERROR",
+                                           error=load_error(self.spec, self.failure))
 
 
 class RayEngine(Persistent, Engine):
