@@ -18,7 +18,7 @@ from .block import DirectBlock, blocks_in_file, compile_block, helper_names
 from .codegen import Compiled, compile_source
 from .errors import CompileError
 from .parse import Source, functions_in_file
-from .plan import Plan, location, render_function, to_jsonable
+from .plan import JSON_VERSION, Plan, location, render_function, to_jsonable
 
 SHOW_PLAN_HELP = """\
 Print the plan of every @intervene function in FILE, and of every trace block written
@@ -84,7 +84,7 @@ commands:
     show.add_argument("--function", metavar="NAME",
                       help="show only the function called NAME")
     show.add_argument("--json", action="store_true",
-                      help='print the plan as JSON (a stable form, "version": 1) '
+                      help=f'print the plan as JSON (a stable form, "version": {JSON_VERSION}) '
                            "instead of text")
     show.add_argument("--code", action="store_true",
                       help="also print the rewritten source that runs (the module "
