@@ -148,6 +148,7 @@ class BlockInfo:
     unsaved_shared: tuple[str, ...] = ()  # shared with the function, not saved: unbound after
     free: tuple[tuple[str, int], ...] = ()  # (name, first line) read from around the block
     session: int | None = None  # id() of the `with model.session():` around it
+    model_rebound: bool = False  # the model's variable is assigned in the block
 
 
 @dataclass(frozen=True)
@@ -170,6 +171,7 @@ class Analysis:
     saved_anywhere: set[str]
     model_names: set[str]
     invokers: frozenset[str] = frozenset()  # `as` names of invokes
+    refs: list = field(default_factory=list)  # every NameRef (compiler/session.py)
 
 
 def is_invoker_inputs(node: cst.Attribute, invokers) -> bool:
@@ -808,6 +810,7 @@ def analyze(src: Source, module: cst.Module, positions: dict, helper: bool = Fal
                 and r.line > block.end_line
             }
         block_refs = [r for r in refs if r.block is block]
+        block.model_rebound = any(r.store and r.name == block.model for r in block_refs)
         bound_here: dict[str, int] = {}
         for lane in block.lanes:
             for name, line in lane.bound.items():
@@ -852,4 +855,5 @@ def analyze(src: Source, module: cst.Module, positions: dict, helper: bool = Fal
         saved_anywhere=saved_anywhere,
         model_names={b.model for b in blocks},
         invokers=frozenset(visitor.invokers),
+        refs=refs,
     )

@@ -196,7 +196,9 @@ class Rewriter(cst.CSTTransformer):
             if len(original.items) == 1 and self._step_selection(original.items[0].item):
                 self.steps.pop()
                 return self._statement(original, self._lower_steps(original, updated, None))
-            return self._statement(original, updated)
+            from .session import lower_session  # `with model.session(remote=...):`
+
+            return self._statement(original, lower_session(self, original, updated) or updated)
         self.hoist.pop()
         line = self.pos(original)[0]
         assert self.block is not None
@@ -293,6 +295,21 @@ class Rewriter(cst.CSTTransformer):
         # frame) then number its lines as the user's file does.
         fdef = self.remember(fdef, self.pos(self.fn)[0])
         spec: cst.BaseExpression = invoke if invoke is not None else cst.Name("None")
+        if (target is None and invoke is not None and _is_attr(invoke.func, "invoke")
+                and len(invoke.args) == 1 and invoke.args[0].keyword is None
+                and not invoke.args[0].star):
+            # `__iv.invoke(tracer, fn, index, sets, x)`: `tracer.invoke(x)` (one input,
+            # the common case) and `__iv.lane(...)` in one call.  `sets`: the variable
+            # the lane's one module value goes to when that is all the lane does (see
+            # `_lazy_target`), else None.
+            sets = self._lazy_target(stmts, lane)
+            reg = _stmt(cst.Expr(cst.Call(_rt("invoke"), [
+                cst.Arg(invoke.func.value), cst.Arg(cst.Name(name)),
+                cst.Arg(cst.Integer(str(lane.index))),
+                cst.Arg(cst.SimpleString(repr(sets)) if sets is not None else cst.Name("None")),
+                invoke.args[0].with_changes(comma=cst.MaybeSentinel.DEFAULT),
+            ])))
+            return [fdef, self.remember(reg, line)]
         reg = _stmt(
             cst.Expr(
                 _call("lane", cst.Name(tracer), cst.Name(name), spec, cst.Integer(str(lane.index)))
@@ -306,6 +323,48 @@ class Rewriter(cst.CSTTransformer):
                 cst.Integer(str(lane.index))))])
             return [bind, fdef, reg]
         return [fdef, reg]
+
+    def _lazy_target(self, stmts: list, lane: LaneInfo) -> str | None:
+        """An invoke of a `trace` whose whole code is `x = model.a[1].output.save()` (or
+        without `.save()`), `x` shared with the function: nothing of the user's runs
+        before or after its one module value (a static path from the block's model), so
+        the runtime need not start it as a generator before the pass: it parks the lane on
+        that value itself and, once the value comes, sets `x`'s cell (the one the lane's
+        `nonlocal x` would set) to it.  The generator stays for everything else (other
+        tracers, another grad mode, errors thrown in at the user's line).  Returns `x`, or
+        None when the lane is not of that shape."""
+        block = self.block
+        assert block is not None
+        body = stmts[1:] if lane.nonlocal_names else stmts
+        if block.kind != "trace" or block.model_rebound or len(body) != 1:
+            return None
+        stmt = body[0]
+        if not isinstance(stmt, cst.SimpleStatementLine) or len(stmt.body) != 1:
+            return None
+        assign = stmt.body[0]
+        if (not isinstance(assign, cst.Assign) or len(assign.targets) != 1
+                or not isinstance(assign.targets[0].target, cst.Name)
+                or assign.targets[0].target.value not in lane.nonlocal_names):
+            return None
+        value = assign.value
+        if (isinstance(value, cst.Call) and _is_rt(value.func, "save") and len(value.args) == 1
+                and value.args[0].keyword is None and not value.args[0].star):
+            value = value.args[0].value
+        if not isinstance(value, cst.Yield) or not isinstance(value.value, cst.Call):
+            return None
+        req = value.value
+        if not _is_rt(req.func, "read") or len(req.args) != 3:
+            return None
+        env = req.args[0].value
+        # `model.layers[5]`: attributes and integer indices from the model
+        while isinstance(env, cst.Attribute) or (
+                isinstance(env, cst.Subscript) and len(env.slice) == 1
+                and isinstance(env.slice[0].slice, cst.Index)
+                and isinstance(env.slice[0].slice.value, cst.Integer)):
+            env = env.value
+        if not isinstance(env, cst.Name) or env.value != block.model:
+            return None
+        return assign.targets[0].target.value
 
     # -- statements: line memory and hoisting ------------------------------
     def _visit_statement(self, node: cst.CSTNode) -> None:
@@ -989,6 +1048,12 @@ class _Rename(cst.CSTTransformer):
 def _is_attr(node: cst.CSTNode, name: str) -> bool:
     """``node`` is ``<something>.name``."""
     return isinstance(node, cst.Attribute) and node.attr.value == name
+
+
+def _is_rt(node: cst.CSTNode, name: str) -> bool:
+    """``node`` is ``__iv.name``."""
+    return (isinstance(node, cst.Attribute) and node.attr.value == name
+            and isinstance(node.value, cst.Name) and node.value.value == RT)
 
 
 def _replace_node(tree: cst.CSTNode, old: cst.CSTNode, new: cst.CSTNode):

@@ -56,9 +56,11 @@ class Handle:
         "barrier",
         "end_backward",
         "end_steps",
+        "firsts",
         "has_backward",
         "has_steps",
         "helper",
+        "invoke",
         "lane",
         "late_cache",
         "mark",
@@ -90,6 +92,9 @@ class Handle:
         self.end_backward = end_backward
         self.mark = mark
         self.lane = _add_lane  # `__iv.lane(tracer, fn, spec, index)`
+        self.invoke = _invoke  # `__iv.invoke(tracer, fn, index, lazy, *inputs)`
+        # Per block: what a lazily started invoke waits for (see `_firsts`), or None.
+        self.firsts = [_firsts(b) for b in plan.blocks]
         self.helper = self._helper  # `yield from __iv.helper(site, block, fn, ...)`
         self.has_backward = [
             any(getattr(i, "kind", None) == "backward" for lane in b.lanes for i in lane.items)
@@ -123,6 +128,16 @@ class Handle:
         for key, item in fn.helper_sites.items():
             sites.setdefault(key, item)
         return gen_fn(*args, **kwargs)
+
+    def session(self, model, index: int, lines, wanted, free, /, *args, **kwargs):
+        """``with model.session(remote=...):`` as compiler/session.py lowers it: the
+        Session, run on the server already when remote (runtime/session.py)."""
+        from .session import open_session
+
+        if not isinstance(model, NNsight):
+            return model.session(*args, **kwargs)  # not a wrapped model: its own session
+        return open_session(self, model, index, lines, wanted, free, sys._getframe(1),
+                            args, kwargs)
 
     def block(self, model, kind: str, index: int, /, *args, **kwargs) -> Tracer:
         if model.__class__ is not NNsight and not isinstance(model, NNsight):
@@ -161,6 +176,9 @@ class Handle:
         tracer._lanes = []
         tracer._invoked = False
         tracer._filename = self.plan.filename
+        firsts = self.firsts[index]
+        if firsts is not None:
+            tracer._firsts = firsts
         if kind == "trace" and self.plain[index]:
             tracer._plain = True
             return tracer
@@ -192,6 +210,43 @@ def _add_lane(tracer, fn, spec, index: int) -> None:
             tracer._invoked = True
         return
     tracer._add_lane(fn, spec, index)
+
+
+def _invoke(tracer, fn, index: int, sets, x, /) -> None:
+    """``with tracer.invoke(x):`` (one input, the common case) around lane ``fn``:
+    ``tracer.invoke(x)`` and ``__iv.lane(...)`` in one call.  A ``Tracer``'s lane keeps
+    ``(x, sets)`` as its spec, a tuple where an ``InvokeSpec`` would say ``((x,), {})``
+    (``Tracer._inputs`` and ``Interleaver.attach_static`` read both; a tracer's lanes
+    are read by nothing else).  ``sets``: the variable (of ``fn``'s closure) that the
+    lane's one module value goes to when that is all the lane does
+    (compiler/rewrite.py ``_lazy_target``), or None; every other tracer gets
+    ``tracer.invoke(x)`` and ``fn`` as before."""
+    if tracer.__class__ is Tracer:
+        tracer._lanes.append((fn, (x, sets), index))
+        tracer._invoked = True
+        return
+    _add_lane(tracer, fn, tracer.invoke(x), index)
+
+
+def _firsts(block) -> list | None:
+    """Per lane of ``block`` (by index): ``[parts, value, site, None]`` of its one module
+    value when that read, of a static path, is all the lane asks for (an invoke the
+    compiler may have given a lazy start), else None; None when no lane is such.  Equal
+    paths share one tuple (``attach_static`` compares them by identity); the last item
+    is where the lane's variable is in its function's closure, once known."""
+    if block.kind != "trace" or not block.lanes:
+        return None
+    out: list = [None] * (max(lane.index for lane in block.lanes) + 1)
+    paths: dict = {}
+    for lane in block.lanes:
+        items = lane.items
+        cp = items[0] if len(items) == 1 else None
+        # (a Checkpoint of compiler/plan.py; a Marker has no `parts`)
+        if (getattr(cp, "parts", None) is not None and cp.access == "read"
+                and cp.value in ("output", "input", "inputs") and cp.steps is None):
+            out[lane.index] = [paths.setdefault(cp.parts, cp.parts), sys.intern(cp.value),
+                               cp.order, None]
+    return out if any(f is not None for f in out) else None
 
 
 def handle_for(plan, source=None) -> Handle:

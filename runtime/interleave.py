@@ -263,6 +263,13 @@ class Lane:
     call_requests = 0
     call_outer = None
     open_ended_at = None  # the line of an open step block that ended with the forward pass
+    # A lane started lazily (`attach_static`): its generator (`gen`) is made only if it
+    # must run as one after all (`Interleaver._wake`); until then `lazy` is the cell of
+    # the variable it sets, set to its one value when that comes (all the lane does);
+    # `wake` is its generator function.
+    lazy = None
+    wake = None
+    gen = None  # (a lazily started lane's until it is woken; every other lane sets its own)
 
     def __init__(self, gen, index: int, rows, grad: bool) -> None:
         self.gen = gen
@@ -857,14 +864,25 @@ class Interleaver:
         if not self.static:
             self._attach_ancestors(module, phase)
 
-    def attach_static(self, facts, lanes=(), rows=None, grad: bool = True, batch=None) -> None:
+    def attach_static(self, facts, lanes=(), rows=None, grad: bool = True, batch=None,
+                      firsts=None) -> None:
         """Before the run: attach the modules the plan names.  When that is every
         module the lanes can ask for, nothing needs attaching while running (so
         no ancestors either: see ``_attach_ancestors``).  Then run each of ``lanes``
         (``(fn, spec, index)``, in source order; one call for both: a tracer's, an
         edit's) to its first request: ``rows`` per lane (None: every lane sees all
         rows), ``grad`` the grad mode now, ``batch`` the batch's rows when the caller
-        knows them (else they are worked out from ``rows``)."""
+        knows them (else they are worked out from ``rows``).
+
+        ``firsts`` (a Tracer's, see ``api._firsts``): per lane index, the one module value
+        a lane asks for when that is all it does.  Such a lane whose spec names the
+        variable it sets (``(x, name)`` from ``__iv.invoke``) is not run: nothing of the
+        user's runs before or after its request, so it is parked here with the request it
+        would make (same envoy, same tuple, same list, same order) and ``_serve`` puts
+        the value in that variable's cell, as the lane's ``name = ...`` would.  Anything
+        else (an unknown grad mode, ``tracer.stop()``, a path that does not resolve, a
+        module not attached) starts its generator as usual, which then does what it
+        always did."""
         attached = self.attached
         for module, phase in facts.attach:
             key = (id(module), phase)
@@ -891,8 +909,48 @@ class Interleaver:
         now = grad  # the grad mode, as long as it is known (`advance` restores it)
         # The module value the lane before asked for, and the lanes waiting for it.
         last = last_what = waiters = None
+        # The same for lazily started lanes: the path and value the lane before asked for.
+        l_parts = l_what = lazy_waiters = None
+        top = -1  # the highest lane index seen so far (lanes come in source order)
         try:
-            for (fn, _spec, index), r in zip(lanes, _NO_ROWS if rows is None else rows):
+            for (fn, spec, index), r in zip(lanes, _NO_ROWS if rows is None else rows):
+                if firsts is not None and spec.__class__ is tuple and now is not None:
+                    # `(x, name)` of `__iv.invoke` (runtime/api.py): the variable it sets
+                    first = firsts[index] if spec[1] is not None else None
+                    if first is not None and not self.stop_requested:
+                        parts, what, site, at = first
+                        if parts is not l_parts or what is not l_what or fired:
+                            l_parts = lazy_waiters = None
+                            try:  # `model.layers[5]` as the lane would write it
+                                l_env = self.root._resolve(parts)
+                            except Exception:  # noqa: BLE001 - the lane raises it at its line
+                                l_env = None
+                            if l_env.__class__ is Envoy:
+                                l_mod = l_env._module
+                                l_phase = _PHASE[what]
+                                l_key = (id(l_mod), l_phase)
+                                if l_key in attached:
+                                    lazy_waiters = waiting.setdefault(l_key, [])
+                                    l_parts, l_what = parts, what
+                        if lazy_waiters is not None:
+                            # (`gen` and `call_index` keep their class defaults: read only
+                            # once the lane is woken, which sets `gen`)
+                            if at is None:  # the same for every run of this lane's code
+                                at = first[3] = fn.__code__.co_freevars.index(spec[1])
+                            lane = _new(Lane)
+                            lane.index, lane.rows, lane.grad, lane.later = index, r, grad, 0
+                            lane.lazy, lane.wake = fn.__closure__[at], fn
+                            req = (l_env, what, site)
+                            lane.parked = (l_mod, l_phase, req)
+                            mine.append(lane)
+                            if index > top:  # every lane parked so far comes before it
+                                lazy_waiters.append((lane, req, r))
+                                top = index
+                            else:
+                                _add_waiter(lazy_waiters, (lane, req, r))  # (lanes of a loop)
+                            continue
+                if index > top:  # noqa: PLR1730 - (no call to max on this path)
+                    top = index
                 # A lane without checkpoints runs whole in fn() (skip.py asks for its rows;
                 # a lane that is a generator is found running first).
                 self.starting_rows = r
@@ -941,7 +999,7 @@ class Interleaver:
                         else:
                             waiters.append((lane, req, r))
                         continue
-                last = None  # `advance` may do anything: nothing known is kept
+                last = l_parts = None  # `advance` may do anything: nothing known is kept
                 advance(lane, None, None, req, now)
         finally:
             self.starting_rows = None
@@ -1063,6 +1121,7 @@ class Interleaver:
         # `rows_first` and `links` (invokes' rows of the value, linked for retain_grad by
         # one hook) are set where a value is first seen.
         seen = _NONE
+        grad = None  # the value's requires_grad, while no lane's own code has run since
         try:
             for entry in waiters:
                 lane, req, rows = entry
@@ -1080,6 +1139,7 @@ class Interleaver:
                 if len(req) == 4:
                     new = req[3] if rows is None else widen(ev.get(req[1]), req[3], rows, batch)
                     ev.set(req[1], new)
+                    grad = None  # the lane's code runs: it may change the value in place
                     self.advance(lane, None, None, None, outer)
                 else:
                     value = ev.value if out else ev.get(req[1])
@@ -1087,18 +1147,30 @@ class Interleaver:
                         value = self._narrow(value, rows, ev.phase)
                     elif rows is not None:  # an invoke's rows; a plain tensor first
                         if value is not seen:
-                            seen, links = value, None
+                            seen, links, grad = value, None, None
                             # Only a tensor with the batch's rows first is sliced.
                             rows_first = (None if value.__class__ is not _Tensor else
                                           bool(value.dim()) and value.shape[0] == batch)
                         if rows_first:
                             view = value[rows]
-                            if value.requires_grad:
+                            if grad is None:  # read again once a lane's own code has run
+                                grad = value.requires_grad
+                            if grad:
                                 links = _link_rows(view, value, rows, links)
                             value = view
                         elif rows_first is None:
                             value = narrow(value, rows, batch)
+                    lazy = lane.lazy
+                    if lazy is not None and lane.grad is outer:
+                        # A lane started lazily: `name = value` is all of it (no code of
+                        # the user's runs: nothing known of the value changes).
+                        lane.done = True
+                        lazy.cell_contents = value
+                        continue
+                    grad = None  # the lane's code runs: it may change the value in place
                     if lane.grad is not outer:
+                        if lazy is not None:
+                            self._wake(lane)
                         self.advance(lane, value, None, None, outer)
                         continue
                     # `advance(lane, value)`, inline for the common case: a lane in this
@@ -1199,7 +1271,11 @@ class Interleaver:
                     self._serve(Event(gen._module, OUT, self.result), waiters)
                     progress = True
         for lane in self.lanes:
-            if lane.done or lane.parked is None or lane.gen.gi_frame is None:
+            if lane.done or lane.parked is None:
+                continue
+            if lane.lazy is not None:  # its error is thrown in at the user's line
+                self._wake(lane)
+            if lane.gen.gi_frame is None:
                 continue
             module, phase, req = lane.parked
             if module is None:
@@ -1264,6 +1340,15 @@ class Interleaver:
                 self._throw(lane, err)
             finally:
                 err = None  # no frame of a raised error may keep it (a reference cycle)
+
+    def _wake(self, lane: Lane) -> None:
+        """A lane started lazily (``attach_static``) that must run as a generator after
+        all (an error to throw in at its line, another grad mode): its generator is made
+        and run to its request, the one it is parked with (nothing of the user's runs
+        before it), where it now waits as if started before the pass."""
+        lane.lazy = None
+        gen = lane.gen = lane.wake()
+        gen.send(None)
 
     def _throw(self, lane: Lane, err: BaseException) -> None:
         """Throw ``err`` into ``lane`` at its line; if the lane catches it and goes on

@@ -181,6 +181,7 @@ class Tracer:
     # (Handle.block knows; True spares `_execute` the checks of those flags).
     _plain = False
     _tiled = None  # the batch's rows, when `_inputs` made the batch of one tensor per invoke
+    _firsts = None  # what lazily started invokes wait for (Handle.block; see api._firsts)
     # The server's tracers (runtime/serve): a `trace` whose reply is only what its lanes
     # saved ends its forward once no lane waits for a value (``_ends_when_served``).
     _end_when_served = False
@@ -197,7 +198,9 @@ class Tracer:
         self._sites = sites
         self._args = args
         self._kwargs = kwargs
-        self._lanes: list[tuple[Any, InvokeSpec | None, int]] = []
+        # (fn, spec, index); spec: an InvokeSpec, None (no invoke), or `__iv.invoke`'s
+        # `(x, name)` in a Tracer's own lanes (runtime/api.py `_invoke`)
+        self._lanes: list[tuple[Any, InvokeSpec | tuple | None, int]] = []
         self._invoked = False  # read by every trace: faster on the instance than on the class
 
     # -- user-facing -----------------------------------------------------------
@@ -310,7 +313,8 @@ class Tracer:
                     source.install_static(inter, facts)
                 if self._end_when_served:
                     inter.end_when_served = self._ends_when_served()
-                inter.attach_static(facts, self._lanes, rows, _grad_enabled(), self._tiled)
+                inter.attach_static(facts, self._lanes, rows, _grad_enabled(), self._tiled,
+                                    self._firsts)
                 if inter.stop_requested:
                     inter.stopped = True  # stopped before the forward began: it does not run
                 else:
@@ -401,9 +405,12 @@ class Tracer:
             start = 0
             try:
                 for _, spec, _ in self._lanes:
-                    if spec.kwargs:  # (None: AttributeError)
+                    if spec.__class__ is tuple:  # `(x, name)` of `__iv.invoke` (runtime/api.py)
+                        x = spec[0]
+                    elif spec.kwargs:  # (None: AttributeError)
                         break
-                    (x,) = spec.args  # (not one input: ValueError)
+                    else:
+                        (x,) = spec.args  # (not one input: ValueError)
                     if x.__class__ is not _Tensor:
                         break
                     xs.append(x)
@@ -418,7 +425,8 @@ class Tracer:
                 pass
         # `tracer.invoke()` with no input adds no rows: it sees the whole batch.
         args, kwargs, rows = root._batch(
-            [(spec.args, spec.kwargs) if spec is not None and (spec.args or spec.kwargs)
+            [((spec[0],), {}) if spec.__class__ is tuple  # `__iv.invoke`'s `(x, name)`
+             else (spec.args, spec.kwargs) if spec is not None and (spec.args or spec.kwargs)
              else None for _, spec, _ in self._lanes],
             [self._block.lanes[index] for _, _, index in self._lanes],  # names in errors
         )
