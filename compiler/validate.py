@@ -122,7 +122,7 @@ from .parse import Source, parse_error_position
 __all__ = [
     "FORBIDDEN_NAMES", "GENERATE_KEYWORDS", "MATH_NAMES", "MAX_DEPTH", "MAX_SOURCE_BYTES",
     "SAFE_BUILTINS", "TENSOR_ATTRS", "TORCH_FUNCTIONS", "TRACER_ATTRS", "VALUE_ATTRS",
-    "ValidationError", "module_names_of", "validate_block",
+    "ValidationError", "module_names_of", "validate_block", "validate_session",
 ]
 
 MAX_SOURCE_BYTES = 64 * 1024
@@ -1508,3 +1508,113 @@ class _HelperChecker(_Checker):
             self.refuse(node.value, _text(node.value), "a helper called from a remote block "
                         "returns values, not modules: return the module's `.output` (or "
                         "navigate to the module in the block)")
+
+
+# -- remote sessions ---------------------------------------------------------------
+
+
+class _SessionChecker(_Checker):
+    """Walks a ``with model.session(...):`` sent as one job (``validate_session``): its
+    body with the block rules (the plain Python between its traces included), each
+    trace block of its model as a block (the header's arguments checked as a block's,
+    its ``as`` name a tracer).  The session's own call is not checked: the server never
+    evaluates it (it writes ``with model.session():`` itself)."""
+
+    def __init__(self, positions, first_line, session, at, inside, free, module_names,
+                 helpers) -> None:
+        self._setup(positions, first_line, session, inside, free, module_names, helpers)
+        self.session_call = self.call = session.items[at].item
+        value = self.call.func.value
+        self.model = value.value if isinstance(value, cst.Name) else None
+        self.item_index = at
+        self.tracer = None
+        self.tracers = set()
+        for s in statements(session):
+            if isinstance(s, cst.With) and block_call(s) is not None:
+                asname = s.items[block_item(s)].asname
+                if asname is not None and isinstance(asname.name, cst.Name):
+                    self.tracers.add(asname.name.value)
+
+    def header(self, call: cst.Call) -> None:
+        if call is not self.session_call:
+            super().header(call)
+
+    def with_stmt(self, node: cst.With, header: bool = False) -> None:
+        call = block_call(node) if not header else None
+        if call is None:
+            return super().with_stmt(node, header)
+        model = call.func.value
+        if not (isinstance(model, cst.Name) and model.value == self.model):
+            self.refuse(model, _text(model), f"a remote session runs blocks of its own model "
+                        f"only (`{self.model}.{call.func.attr.value}(...)`)")
+        if node.asynchronous is not None:
+            self.refuse(node, "async with", "`async` is not allowed in remote blocks")
+        at = block_item(node)
+        outer, self.call = self.call, call
+        try:
+            for i, item in enumerate(node.items):
+                if i == at:
+                    self.header(call)
+                    if item.asname is not None and not isinstance(item.asname.name, cst.Name):
+                        self.refuse(item.asname, _text(item.asname), "a tracer is a plain name")
+                    if item.asname is not None and item.asname.name.value in _PROVIDED | {
+                            self.model}:
+                        self.refuse(item.asname.name, item.asname.name.value, "is provided by "
+                                    "the server: name the tracer otherwise")
+                else:
+                    self.with_item(item, False)
+            self.body(node.body)
+        finally:
+            self.call = outer
+
+    def name_kind(self, node: cst.Name, quiet: bool = False) -> str:
+        if node.value in self.tracers and not node.value.startswith("__"):
+            return TRACER
+        return super().name_kind(node, quiet)
+
+
+def validate_session(
+    source: str,
+    session_index: int,
+    *,
+    free_names: Collection[str],
+    module_names: Collection[str] | None = None,
+    first_line: int = 1,
+    helpers: Mapping[str, HelperSource] | None = None,
+) -> tuple[str, int, int]:
+    """Refuse session ``session_index`` (``compiler.session.session_statements``) of
+    the function in ``source`` unless its body and every trace block in it are allowed
+    (the rules of ``validate_block``); return ``(model, first body line, last line)``,
+    lines of the user's file."""
+    from .session import session_item, session_statements
+
+    if not isinstance(source, str) or not isinstance(session_index, int):
+        raise ValidationError("a job needs its source text and a session number", first_line,
+                              0, "source")
+    helpers = dict(helpers or {})
+    _check_names(free_names, first_line, "a value was sent")
+    _check_names(helpers, first_line, "a helper was sent")
+    both = sorted(set(helpers) & set(free_names))
+    if both:
+        raise ValidationError(f"`{both[0]}` was sent both as a value and as a helper",
+                              first_line, 0, both[0])
+    _module, fn, positions = _parse_function(source, first_line)
+    sessions = session_statements(fn)
+    if not 0 <= session_index < len(sessions):
+        raise ValidationError(
+            f"session {session_index} does not exist: `{fn.name.value}` has {len(sessions)} "
+            "session(s)", first_line, 0, "session index",
+        )
+    node = sessions[session_index]
+    if not isinstance(node.body, cst.IndentedBlock) or not node.body.body:
+        raise ValidationError("a remote session's body goes on its own lines",
+                              first_line + positions[node][0] - 1, 0, "session")
+    inside = _bound_names(node)
+    names = None if module_names is None else frozenset(module_names)
+    checker = _SessionChecker(positions, first_line, node, session_item(node), inside,
+                              frozenset(free_names), names, frozenset(helpers) - inside)
+    checker.run()
+    if helpers:
+        _check_helpers(helpers, checker.calls, names)
+    return (checker.model or "", first_line + positions[node.body.body[0]][0] - 1,
+            first_line + positions[node][2] - 1)

@@ -1,7 +1,7 @@
 """``model.session()`` with remote traces (issue 11): each trace of a session runs on the
 server (one request per trace) and the values flowing between them give the local
-session's results; ``model.session(remote=True)`` (one request for all) is refused
-before anything is sent."""
+session's results.  ``model.session(remote=True)`` (one request for all):
+tests/test_remote_session_whole.py."""
 
 from __future__ import annotations
 
@@ -54,29 +54,6 @@ def test_a_session_of_remote_traces_equals_the_local_session(remote, lm):
     for a, b in zip(got, local):
         assert a.dtype == b.dtype and torch.equal(a, b)
     assert not torch.equal(local[1], patched(lm, OTHER, OTHER, False)[1])  # the patch mattered
-
-
-def test_a_remote_session_is_refused_before_any_request(lm, monkeypatch):
-    sent = []
-    monkeypatch.setattr(remote_client.Client, "run", lambda *a, **k: sent.append(a))
-
-    @intervene
-    def one_request(model, x):
-        with model.session(remote=True):  # noqa: SIM117 - a session around its traces
-            with model.trace(x):
-                h = model.model.layers[0].output.save()
-        return h
-
-    with pytest.raises(NotImplementedError) as info:
-        one_request(lm, IDS)
-    assert str(info.value) == (
-        "remote sessions are not supported yet: run each trace with remote=True "
-        "(`with model.trace(x, remote=True):` inside `with model.session():`); "
-        "`model.session(remote=True)`, one remote request for all of its traces, is planned")
-    assert sent == []
-    with pytest.raises(NotImplementedError, match="remote sessions are not supported yet"):  # noqa: SIM117
-        with lm.session(remote=True):  # an undecorated session too
-            pass
 
 
 @intervene

@@ -468,6 +468,8 @@ class _Batch:
         try:
             header, tensors = protocol.unpack(item.data)
             item.job = prepare_job(self.root, header, tensors)
+            if item.job.block.kind == "session":  # several traces, Python between: alone
+                item.alone = True
         except JobError as exc:
             item.exc = exc
             item.ended = True

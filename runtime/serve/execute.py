@@ -193,6 +193,66 @@ def _compile_block(header: dict, values: dict, root, helper_values: dict,
     return compiled, block, helpers
 
 
+class SessionBlock:
+    """What a session job's ``Prepared.block`` says (a trace job's is its plan Block)."""
+
+    kind = "session"
+
+    def __init__(self, index: int, model: str, line: int) -> None:
+        self.index = index
+        self.model = model
+        self.line = line
+
+
+def _compile_session(header: dict, values: dict, root, helper_values: dict,
+                     wanted: tuple[str, ...] = ()):
+    """A remote session (``model.session(remote=True)``, runtime/session.py): validate
+    it (``validate_session``: its body and its traces) and its helpers, then compile
+    its body alone as ``def remote_block(model, <values>): with model.session(): ...``
+    (its lines keep their numbers; its traces run here, ``remote=`` popped by the
+    handle).  Nothing else of the function runs, not even the session's own call."""
+    from compiler.codegen import compile_source
+    from compiler.parse import Source
+    from compiler.validate import HelperSource, module_names_of, validate_session
+
+    filename = header["filename"]
+    index = header["block"]
+    src = Source(header["source"], filename, header["first_line"], 0)
+    shipped = header.get("helpers") or {}
+    specs = {name: HelperSource(h["source"], h["first_line"], h["filename"],
+                                frozenset(helper_values[name][0]))
+             for name, h in shipped.items()}
+    model, body_line, end = validate_session(
+        header["source"], index, free_names=frozenset(values),
+        module_names=module_names_of(root._module), first_line=src.first_line, helpers=specs)
+    names = frozenset(specs)
+    helpers = {name: compile_source(Source(h.source, h.filename, h.first_line, 0), (), names)
+               for name, h in specs.items()}
+    for name in values:
+        if not name.isidentifier() or keyword.iskeyword(name) or name.startswith("__"):
+            raise JobError("ValueError", f"{name!r} is not a variable name", 1, filename)
+    if model in values:
+        raise JobError("ValueError", f"`{model}` is the served model; it cannot be sent")
+    if body_line < 3:  # the `def` and the `with` go on the two lines above the body
+        raise JobError("ValueError", "a remote session's body starts on line 3 of its file "
+                       "or later", body_line, filename)
+    block = SessionBlock(index, model, body_line - 1)
+    lines = src.text.splitlines(keepends=True)
+    body = lines[body_line - src.first_line : end - src.first_line + 1]
+    head = body[0]
+    indent = head[: len(head) - len(head.lstrip())]
+    out = []
+    for ln in body:
+        ln = ln[len(indent):] if ln.startswith(indent) else ln.lstrip()
+        out.append(" " * 8 + ln if ln.strip() else ln)
+    if not out[-1].endswith("\n"):
+        out[-1] += "\n"
+    text = (f"def remote_block({', '.join([model, *sorted(values)])}):\n"
+            f"    with {model}.session():\n{''.join(out)}    return __iv_locals()\n")
+    compiled = compile_source(Source(text, filename, body_line - 2, 0), (), frozenset(specs))
+    return compiled, block, helpers
+
+
 class Prepared:
     """A job ready to run: its compiled block, the values sent and its helpers
     (``{name: (Compiled, values, defaults, kwdefaults)}``)."""
@@ -245,14 +305,16 @@ def prepare_job(root, header: dict, tensors: dict) -> Prepared:
         values = protocol.decode_values(header.get("values", {}), tensors)
         helper_values = _helper_values(header, tensors)
         wanted = _wanted(header)
-        key = (header["source"], header["block"], header["first_line"], filename,
+        key = (header["source"], header["block"], bool(header.get("session")),
+               header["first_line"], filename,
                tuple(sorted(values)), wanted,
                tuple(sorted((n, h["source"], h["filename"], h["first_line"],
                              tuple(sorted(helper_values[n][0])))
                             for n, h in (header.get("helpers") or {}).items())))
         got = _COMPILED.get(key)
         if got is None:
-            got = _compile_block(header, values, root, helper_values, wanted)
+            compile_job = _compile_session if header.get("session") else _compile_block
+            got = compile_job(header, values, root, helper_values, wanted)
             _COMPILED[key] = got
             while len(_COMPILED) > 64:
                 _COMPILED.pop(next(iter(_COMPILED)))
@@ -330,12 +392,16 @@ def encode_reply(job: Prepared, scope: dict, max_result: int) -> bytes:
     # a session, a later trace's reads of this one's variables): the block's own variables.
     saved = [*compiled.plan.blocks[0].saved,
              *(n for n in job.wanted if n not in values and n != block.model)]
+    if block.kind == "session":  # its traces' saves, and what its body bound (sent or not)
+        saved = [*(n for b in compiled.plan.blocks for n in b.saved),
+                 *(n for n in job.wanted if n != block.model)]
     out: dict = {}
     labels: dict = {}
     for name in saved:
         if name in scope:
             out[name] = scope[name]
-            labels[name] = f"saved variable `{name}`"
+            labels[name] = f"saved variable `{name}`" if name not in values else (
+                f"variable `{name}`")
     mutated = {n: v for n, v in values.items() if isinstance(v, (list, dict)) and n in scope}
     tracer = next((v for v in scope.values() if isinstance(v, Tracer)), None)
     enc = protocol.Encoder()

@@ -1,0 +1,146 @@
+"""``with model.session(remote=...):``: a session the runtime may send as one request.
+
+A session whose call has a ``remote=`` keyword is lowered so that the runtime
+decides, as the ``with`` is entered, where its body runs::
+
+    with model.session(remote=True):
+        <body>
+    # becomes
+    with __iv.session(model, 0, (3, 4, 9), ('h', 'n'), (('prompt', 5),), remote=True) as __iv_session0:
+        if __iv_session0.here:
+            <body, rewritten as usual>
+        else:
+            if 'h' in __iv_session0.values:
+                h = __iv_session0.values['h']
+            ...
+
+``__iv.session`` gets the session's index among the function's sessions (what a
+remote job names, as a trace job names its block), its lines (``with``, first
+body line, last line), the names the code after it needs and the free names it
+reads (``(name, first line)``, as ``Block.free``).  Locally (``remote=False``)
+``here`` is true and the body runs as before; remotely the runtime sends the
+function's source, the session's index and the free values, and the body is
+skipped: the values that come back are bound by the ``else`` branch, in the
+function's own scope, as a local run would have left them.
+
+The names that come back: every name a trace of the session saves (and, as in
+any session, what one trace hands to a later one), and every variable the
+session's body binds that the function reads after the session (plain values
+computed between the traces included), when the server has it bound.  A session
+without a ``remote=`` keyword is not lowered at all (a plain ``with``).
+"""
+
+from __future__ import annotations
+
+import libcst as cst
+import libcst.matchers as m
+
+from .analyze import Analysis, _param_names, statements
+
+RT = "__iv"
+_SESSION = m.Call(func=m.Attribute(attr=m.Name("session")))
+_CONSTANTS = frozenset({"True", "False", "None"})
+
+
+def session_item(node: cst.With) -> int | None:
+    """The index of the ``X.session(...)`` item of a ``with`` statement, or None."""
+    for i, item in enumerate(node.items):
+        if m.matches(item.item, _SESSION):
+            return i
+    return None
+
+
+def session_statements(fn: cst.FunctionDef) -> list[cst.With]:
+    """The ``with X.session(...)`` statements of ``fn``, in order: what a remote
+    session job's index counts (the client's compiler and the server's agree)."""
+    return [s for s in statements(fn) if isinstance(s, cst.With) and session_item(s) is not None]
+
+
+def remote_keyword(node: cst.With) -> bool:
+    """The session call of ``node`` has a ``remote=`` keyword (only those are lowered)."""
+    at = session_item(node)
+    if at is None:
+        return False
+    call = node.items[at].item
+    return any(a.keyword is not None and a.keyword.value == "remote" for a in call.args)
+
+
+def session_names(info: Analysis, fn: cst.FunctionDef, line: int, end: int,
+                  tracers: set[str]) -> tuple[tuple[str, ...], tuple[tuple[str, int], ...]]:
+    """``(wanted, free)`` of the session on lines ``line``..``end``: the names the
+    code after it needs (saved in its traces, or bound in it and read after it), and
+    the names it reads from around it with the line of the first read."""
+    refs = info.refs
+    inside = [r for r in refs if line <= r.line <= end]
+    bound = {r.name for r in inside if r.store and not r.nested}
+    after = {r.name for r in refs if not r.store and r.line > end}
+    saved = {n for b in info.blocks if line <= b.line <= end for n in b.saved}
+    wanted = tuple(sorted(saved | (bound & after)))
+    stored = {r.name for r in inside if r.store}
+    outside = set(_param_names(fn.params)) | {r.name for r in refs if r.store and not
+                                              line <= r.line <= end}
+    free: dict[str, int] = {}
+    for r in sorted(inside, key=lambda r: (r.line, r.col)):
+        if r.store or r.name in free or r.name in _CONSTANTS or r.name in tracers:
+            continue
+        if r.name in outside or r.name not in stored:
+            free[r.name] = r.line
+    return wanted, tuple(sorted(free.items()))
+
+
+def lower_session(rw, original: cst.With, updated: cst.With) -> cst.With | None:
+    """``updated`` (a session with ``remote=``) lowered as the module docstring
+    shows; None for any other ``with``.  ``rw``: the Rewriter."""
+    if rw.block is not None or not remote_keyword(original):
+        return None
+    index = next(i for i, s in enumerate(session_statements(rw.fn)) if s is original)
+    line, end = rw.span(original)
+    if not isinstance(original.body, cst.IndentedBlock) or not original.body.body:
+        raise rw.error(original, "a remote session's body goes on its own lines, below "
+                       "`with ....session(remote=...):`")
+    body_line = rw.span(original.body.body[0])[0]
+    tracers = {b.tracer for b in rw.info.blocks if line <= b.line <= end and b.tracer}
+    wanted, free = session_names(rw.info, rw.fn, line, end, tracers)
+    at = session_item(updated)
+    assert at is not None
+    item = updated.items[at]
+    call = item.item
+    if any(a.star for a in call.args):
+        raise rw.error(original, "`model.session(...)` with `*`/`**` arguments and `remote=`: "
+                       "write `remote=` and nothing else")
+    asname = item.asname
+    if asname is not None and not isinstance(asname.name, cst.Name):
+        raise rw.error(original, "`with model.session(remote=...) as ...:` binds a plain name "
+                       "only")
+    var = asname.name.value if asname is not None else f"{RT}_session{index}"
+    wanted = tuple(n for n in wanted if n != var)  # the `with` binds it here
+
+    def text(value) -> cst.BaseExpression:
+        return cst.parse_expression(repr(value))
+
+    new_call = cst.Call(cst.Attribute(cst.Name(RT), cst.Name("session")), [
+        cst.Arg(call.func.value),
+        cst.Arg(cst.Integer(str(index))),
+        cst.Arg(text((line, body_line, end))),
+        cst.Arg(text(wanted)),
+        cst.Arg(text(free)),
+        *call.args,
+    ])
+    items = list(updated.items)
+    items[at] = item.with_changes(item=new_call, asname=cst.AsName(cst.Name(var)))
+    binds: list[cst.BaseStatement] = []
+    for name in wanted:
+        assign = rw.remember(cst.parse_statement(f"{name} = {var}.values[{name!r}]\n"), end)
+        check = cst.parse_statement(f"if {name!r} in {var}.values:\n    pass\n")
+        check = check.with_changes(body=cst.IndentedBlock([assign]))
+        binds.append(rw.remember(check, end))
+    if not binds:
+        binds = [rw.remember(cst.parse_statement("pass\n"), end)]
+    guard = cst.If(
+        test=cst.Attribute(cst.Name(var), cst.Name("here")),
+        body=updated.body.with_changes(body=list(updated.body.body)),
+        orelse=cst.Else(cst.IndentedBlock(binds)),
+    )
+    guard = rw.remember(guard, line)
+    return updated.with_changes(items=items, body=cst.IndentedBlock([guard]))
+

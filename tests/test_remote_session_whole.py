@@ -1,0 +1,334 @@
+"""``with model.session(remote=True):`` as ONE request: the session's source, its free
+values and helpers go to the server, which runs its traces and the Python between them;
+what the code after the session needs comes back (runtime/session.py,
+compiler/session.py, compiler/validate.py ``validate_session``)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from serve_support import (
+    http_fixture,  # noqa: F401 (a fixture)
+    lm_fixture,  # noqa: F401 (a fixture)
+    remote_fixture,  # noqa: F401 (a fixture)
+    running,
+)
+
+from compiler import intervene
+from compiler.validate import ValidationError
+from runtime.remote import client as remote_client
+from runtime.remote.protocol import UnsendableError
+from runtime.serve import Engine, Limits
+
+IDS = torch.tensor([[1, 5, 7, 9, 11]])
+OTHER = torch.tensor([[2, 4, 6, 8, 10]])
+
+
+@pytest.fixture(scope="module")
+def engine():
+    eng = Engine(["tiny-llama"], Limits(job_timeout=20.0, max_result=2**22, max_print=4096))
+    with running(eng):
+        yield eng
+
+
+@pytest.fixture
+def requests(remote, monkeypatch):
+    """Every job the client sends (one per ``Client.run``), and still sent."""
+    sent = []
+    real = remote_client.Client.run
+
+    def run(self, data, *args, **kwargs):
+        sent.append(data)
+        return real(self, data, *args, **kwargs)
+
+    monkeypatch.setattr(remote_client.Client, "run", run)
+    return sent
+
+
+@intervene
+def patched(model, clean, corrupt, scale, where):
+    with model.session(remote=where):
+        with model.trace(clean):
+            h = model.model.layers[0].output[:, -1].save()
+            first = model.lm_head.output.save()
+        boost = h * scale + first.mean()  # plain Python between the traces
+        rows = [boost.sum().item()]
+        with model.trace(corrupt):
+            model.model.layers[0].output[:, -1] = boost
+            logits = model.lm_head.output.save()
+        top = int(logits[0, -1].argmax())
+    return first, boost, rows, logits, top
+
+
+def _hooks(lm, clean, corrupt, scale):
+    """The same experiment with plain PyTorch hooks."""
+    module = lm._module
+    got = {}
+    h1 = module.model.layers[0].register_forward_hook(
+        lambda m, a, out: got.__setitem__("h", out[:, -1].clone()))
+    try:
+        with torch.no_grad():
+            first = module(clean).logits
+    finally:
+        h1.remove()
+    boost = got["h"] * scale + first.mean()
+
+    def patch(m, a, out):
+        out = out.clone()
+        out[:, -1] = boost
+        return out
+
+    h2 = module.model.layers[0].register_forward_hook(patch)
+    try:
+        with torch.no_grad():
+            logits = module(corrupt).logits
+    finally:
+        h2.remove()
+    return first, boost, logits
+
+
+def test_a_remote_session_is_one_request_and_equals_the_local_one(lm, requests):
+    local = patched(lm, IDS, OTHER, 2.0, False)
+    assert requests == []  # remote=False: the session ran here
+    got = patched(lm, IDS, OTHER, 2.0, True)
+    assert len(requests) == 1  # the whole session, both traces and the Python between
+    for a, b in zip(got, local):
+        if isinstance(a, torch.Tensor):
+            assert a.dtype == b.dtype and torch.equal(a, b)
+        else:
+            assert a == b
+    first, boost, logits = _hooks(lm, IDS, OTHER, 2.0)
+    assert torch.equal(got[0], first) and torch.equal(got[1], boost)
+    assert torch.equal(got[3], logits)
+    assert not torch.equal(logits, _hooks(lm, OTHER, OTHER, 0.0)[0])  # the patch mattered
+
+
+@intervene
+def with_container(model, x, outs, flag):
+    with model.session(remote=True) as session:
+        with model.trace(x, remote=flag):  # already remote: harmless
+            a = model.model.layers[0].output.save()
+        outs.append(a.sum())
+        with model.trace(x):
+            b = model.model.layers[1].output.save()
+        unused = b * 2  # bound, not read after the session: not sent back  # noqa: F841
+    return a, b, session.here
+
+
+def test_containers_inner_remote_flags_and_what_comes_back(lm, requests):
+    outs = []
+    a, b, here = with_container(lm, IDS, outs, True)
+    assert len(requests) == 1 and here is False
+    with lm.trace(IDS):
+        la = lm.model.layers[0].output.save()
+        lb = lm.model.layers[1].output.save()
+    assert torch.equal(a, la) and torch.equal(b, lb)
+    assert len(outs) == 1 and torch.equal(outs[0], la.sum())  # changed in place, as locally
+    from runtime.remote import protocol
+
+    header, _ = protocol.unpack(requests[0])
+    assert header["session"] is True and header["saved"] == ["a", "b"]
+
+
+@intervene
+def failing(model, x):
+    with model.session(remote=True):
+        with model.trace(x):
+            h = model.model.layers[0].output.save()
+        bad = h[0, 99]  # raises on the server
+        with model.trace(x):
+            model.model.layers[0].output[:] = bad
+    return h
+
+
+def test_an_error_in_the_session_is_raised_at_the_users_line(lm, requests):
+    import traceback
+
+    with pytest.raises(IndexError) as info:
+        failing(lm, IDS)
+    line = failing.__wrapped__.__code__.co_firstlineno + 5  # `bad = h[0, 99]`
+    frames = traceback.extract_tb(info.value.__traceback__)
+    assert frames[-1].filename == __file__ and frames[-1].lineno == line
+    assert "index 99 is out of bounds" in str(info.value)
+    assert len(requests) == 1
+
+
+@intervene
+def reads_source(model, x):
+    with model.session(remote=True):  # noqa: SIM117 - a session around its trace
+        with model.trace(x):
+            h = model.model.layers[0].self_attn.source.q_proj_0.output.save()
+    return h
+
+
+@intervene
+def reads_source_trace(model, x):
+    with model.trace(x, remote=True):
+        h = model.model.layers[0].self_attn.source.q_proj_0.output.save()
+    return h
+
+
+def test_what_a_remote_trace_refuses_a_remote_session_refuses_alike(lm, requests):
+    with pytest.raises(ValidationError) as in_session:
+        reads_source(lm, IDS)
+    with pytest.raises(ValidationError) as in_trace:
+        reads_source_trace(lm, IDS)
+    s_line = reads_source.__wrapped__.__code__.co_firstlineno + 4
+    t_line = reads_source_trace.__wrapped__.__code__.co_firstlineno + 3
+    assert in_session.value.line == s_line and in_trace.value.line == t_line
+    assert str(in_session.value).replace(str(s_line), "N") == str(in_trace.value).replace(
+        str(t_line), "N")
+    assert "source" in str(in_session.value)
+
+
+@intervene
+def python_refused(model, x):
+    with model.session(remote=True):
+        with model.trace(x):
+            h = model.model.layers[0].output.save()
+        w = h.__class__  # plain Python between the traces is checked too
+    return w
+
+
+def test_the_python_between_the_traces_is_checked(lm, requests):
+    with pytest.raises(ValidationError, match="attributes starting with `_`"):
+        python_refused(lm, IDS)
+
+
+def test_an_unsendable_value_is_refused_before_any_request(lm, requests):
+    @intervene
+    def sends_object(model, x, thing):
+        with model.session(remote=True):
+            with model.trace(x):
+                h = model.model.layers[0].output.save()
+            y = thing(h)
+        return y
+
+    with pytest.raises(UnsendableError, match="the remote session cannot send"):
+        sends_object(lm, IDS, object())
+    assert requests == []
+
+
+def test_an_undecorated_remote_session_says_what_to_do(lm, requests):
+    with pytest.raises(NotImplementedError) as info:
+        lm.session(remote=True)  # no compiler lowered it: refused before anything is sent
+    assert str(info.value) == (
+        "`model.session(remote=True)`, one remote request for all of its traces, is sent "
+        "from an @intervene function, whose compiler lowers the session (write `remote=` as "
+        "a keyword of `model.session(...)`); here it is not compiled: decorate the function "
+        "with @intervene, or give each trace remote=True (`with model.trace(x, "
+        "remote=True):` inside `with model.session():`)")
+    assert requests == []
+
+
+def test_a_session_takes_only_remote(lm):
+    with pytest.raises(TypeError, match="takes no keywords but remote=; got stream"):
+        lm.session(remote=True, stream=1)
+
+
+@intervene
+def generating(model, x):
+    with model.session(remote=True):
+        with model.trace(x):
+            h = model.model.layers[0].output[:, -1].save()
+        with model.generate(x, max_new_tokens=3) as tracer:
+            model.model.layers[0].output[:, -1] = h * 3
+            first = model.lm_head.output.save()
+        tokens = tracer.result  # plain Python after the generate block
+    return h, first, tokens
+
+
+def test_a_generate_block_in_a_remote_session(lm, requests):
+    @intervene
+    def here(model, x):
+        with model.session():
+            with model.trace(x):
+                h = model.model.layers[0].output[:, -1].save()
+            with model.generate(x, max_new_tokens=3) as tracer:
+                model.model.layers[0].output[:, -1] = h * 3
+                first = model.lm_head.output.save()
+            tokens = tracer.result
+        return h, first, tokens
+
+    got, local = generating(lm, IDS), here(lm, IDS)
+    assert len(requests) == 1
+    for a, b in zip(got, local):
+        assert torch.equal(a, b)
+    assert got[2].shape == (1, IDS.shape[1] + 3)
+
+
+SESSION = '''def job(model, x):
+    with model.session(remote=True):
+        with model.trace(x):
+            h = model.model.layers[0].output.save()
+        g = h * 2
+        with model.trace(x):
+            model.model.layers[0].output[:] = g
+            out = model.lm_head.output.save()
+'''
+READ = '''def job(model, x):
+    with model.trace(x):
+        out = model.lm_head.output.save()
+'''
+
+
+def _message(source: str, session: bool, saved: list, **values) -> bytes:
+    from compiler.version import compiler_version
+    from runtime.remote import protocol
+
+    trees, tensors = protocol.encode_values(values)
+    head = {"protocol": protocol.PROTOCOL_VERSION, "compiler": compiler_version(),
+            "model": "tiny-llama", "function": "job", "source": source, "filename": "job.py",
+            "first_line": 1, "block": 0, "values": trees, "saved": saved}
+    if session:
+        head["session"] = True
+    return protocol.pack(head, tensors)
+
+
+def test_a_session_job_runs_alone_in_a_batch(lm):
+    """In a worker's batch, the session job's traces run in passes of their own; the
+    trace jobs still share theirs."""
+    import json
+
+    from runtime.remote import protocol
+    from runtime.serve.batch import run_batch
+    from runtime.serve.worker import load_model
+
+    root = load_model("tiny-llama")
+    passes = []
+    hook = root._module.register_forward_pre_hook(lambda *a: passes.append(1))
+    out = {}
+
+    def send(tag, job_id, body):
+        if tag == b"R":
+            header, tensors = protocol.unpack(body)
+            out[job_id] = {k: tensors[v["k"]] for k, v in header["saved"].items()}
+        elif tag == b"E":
+            out[job_id] = json.loads(body)
+
+    jobs = [("0" * 32, _message(READ, False, ["out"], x=IDS), False),
+            ("1" * 32, _message(SESSION, True, ["g"], x=IDS), False),
+            ("2" * 32, _message(READ, False, ["out"], x=OTHER), False)]
+    try:
+        assert run_batch(root, None, jobs, send, 2**24, 4096) is False
+    finally:
+        hook.remove()
+    assert len(passes) == 3  # the two trace jobs share one pass; the session runs two
+    session = out["1" * 32]
+    assert sorted(session) == ["g", "h", "out"]
+    with lm.trace(IDS):
+        h = lm.model.layers[0].output.save()
+    with lm.trace(IDS):
+        lm.model.layers[0].output[:] = h * 2
+        logits = lm.lm_head.output.save()
+    assert torch.equal(session["h"], h) and torch.equal(session["g"], h * 2)
+    torch.testing.assert_close(session["out"], logits, rtol=0, atol=0)
+    with lm.trace(OTHER):
+        other = lm.lm_head.output.save()
+    torch.testing.assert_close(out["2" * 32]["out"], other, rtol=0, atol=1e-4)
+
+
+def test_a_session_index_that_does_not_exist_is_refused(http):
+    data = _message(READ, True, [], x=IDS)
+    resp = http.post("/v1/run", content=data)
+    assert b"session 0 does not exist: `job` has 0 session(s)" in resp.content
