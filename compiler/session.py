@@ -144,3 +144,106 @@ def lower_session(rw, original: cst.With, updated: cst.With) -> cst.With | None:
     guard = rw.remember(guard, line)
     return updated.with_changes(items=items, body=cst.IndentedBlock([guard]))
 
+
+
+# -- without a decorator ---------------------------------------------------------------
+# `with model.session(remote=True):` at a script's or a notebook cell's top level, or in
+# a plain function: as for a trace block without a decorator (compiler/block.py), the
+# statement is found in the file, wrapped in `def __session__(<names>): <it>; return
+# locals()` (the `def` on the line above the `with`) and compiled; runtime/session.py runs
+# it, binds what comes back where the `with` is and skips the body.
+
+
+class _Sessions(cst.CSTVisitor):
+    """Every ``with X.session(remote=...)`` statement outside ``@intervene`` functions
+    and outside trace blocks."""
+
+    def __init__(self, aliases: frozenset[str]) -> None:
+        super().__init__()
+        self.aliases = aliases
+        self.found: list[cst.With] = []
+
+    def visit_FunctionDef(self, node: cst.FunctionDef) -> bool:
+        from .parse import is_intervene
+
+        return not is_intervene(node, self.aliases)
+
+    def visit_With(self, node: cst.With) -> bool:
+        from .analyze import block_item
+
+        if block_item(node) is not None:
+            return False
+        if remote_keyword(node):
+            self.found.append(node)
+        return True
+
+
+def find_session(filename: str, text: str, line: int) -> dict:
+    """The remote session whose ``with`` header is on ``line`` of ``text``, wrapped:
+    ``{"source", "line", "body_line", "end_line", "loads", "stores", "later", "helpers"}``
+    (``later``: the names read after it in the scope around it)."""
+    import ast
+
+    from . import walk
+    from .block import _parse, _reads_after, helper_names
+    from .errors import CompileError
+    from .parse import Source, decorator_aliases
+
+    module, positions, _found, tree = _parse(filename, text)
+    finder = _Sessions(decorator_aliases(module))
+    walk.visit(finder, module)
+    best = None
+    for node in finder.found:
+        first, col, last, _ = positions[node]
+        body = node.body
+        head_end = positions[body.body[0]][0] - 1 if isinstance(body, cst.IndentedBlock) else last
+        if first <= line <= max(head_end, first) and (best is None or first >= best[1]):
+            best = (node, first, col, last)
+    if best is None:
+        raise CompileError(f"no `with ....session(remote=...)` statement found at line {line} "
+                           f"of {filename}", filename, line)
+    node, first, col, last = best
+    if not isinstance(node.body, cst.IndentedBlock):
+        raise CompileError("a remote session's body goes on its own lines, below "
+                           "`with ....session(remote=...):`", filename, first, col)
+    ret = cst.SimpleStatementLine([cst.Return(cst.Call(cst.Name("locals")))])
+    fn = cst.FunctionDef(name=cst.Name("__session__"), params=cst.Parameters(),
+                         body=cst.IndentedBlock([node.with_changes(leading_lines=()), ret]))
+    wrapper = cst.Module([fn]).code
+    names = [n for n in ast.walk(ast.parse(wrapper)) if isinstance(n, ast.Name)]
+    loads = {n.id for n in names if isinstance(n.ctx, ast.Load)}
+    stores = {n.id for n in names if not isinstance(n.ctx, ast.Load)}
+    return {
+        "source": Source(wrapper, filename, first - 1, col - 4),
+        "line": first,
+        "body_line": positions[node.body.body[0]][0],
+        "end_line": last,
+        "loads": frozenset(loads - {"locals"}),
+        "stores": frozenset(stores),
+        "later": frozenset(name for name, _l, _c in _reads_after(tree, first, last)),
+        "helpers": helper_names(filename, text, module),
+    }
+
+
+_compiled: dict = {}
+
+
+def compile_session(found: dict, params: tuple[str, ...]):
+    """The wrapped session compiled as a function taking ``params`` (cached)."""
+    import dataclasses
+
+    from .codegen import compile_source
+
+    src = found["source"]
+    key = (src.text, src.filename, src.first_line, params, found["helpers"])
+    got = _compiled.get(key)
+    if got is not None:
+        return got
+    head = "def __session__():"
+    assert src.text.startswith(head)
+    src = dataclasses.replace(src, text=f"def __session__({', '.join(params)}):"
+                              + src.text[len(head):])
+    got = _compiled[key] = compile_source(src, (), found["helpers"])
+    while len(_compiled) > 64:
+        _compiled.pop(next(iter(_compiled)))
+    return got

@@ -23,6 +23,7 @@ harmless there (it is remote already).
 
 from __future__ import annotations
 
+import sys
 from typing import Any, Self
 
 
@@ -31,19 +32,14 @@ class Session:
     in this process (false once a remote session ran on the server); ``values``: what
     the server sent back."""
 
-    __slots__ = ("here", "model", "remote", "values")
+    __slots__ = ("_body_line", "_direct", "_frame", "_old", "here", "model", "remote",
+                 "values")
 
     def __init__(self, model, remote: bool = False, **kwargs: Any) -> None:
         self._setup(model, remote, kwargs)
-        if self.remote:  # `model.session(remote=True)` that no compiler lowered
-            raise NotImplementedError(
-                "`model.session(remote=True)`, one remote request for all of its traces, "
-                "is sent from an @intervene function, whose compiler lowers the session "
-                "(write `remote=` as a keyword of `model.session(...)`); here it is not "
-                "compiled: decorate the function with @intervene, or give each trace "
-                "remote=True (`with model.trace(x, remote=True):` inside "
-                "`with model.session():`)"
-            )
+        # `model.session(remote=True)` that no compiler lowered: compiled from its
+        # source when entered (a script's or a cell's top level, a plain function)
+        self._direct = self.remote
 
     def _setup(self, model, remote, kwargs: dict) -> None:
         if kwargs:
@@ -53,16 +49,121 @@ class Session:
         self.remote = bool(remote)
         self.here = True
         self.values: dict = {}
+        self._direct = False
+        self._frame = None
 
     def __enter__(self) -> Self:
+        if self._direct:
+            self._run_direct(sys._getframe(1))
         return self
 
-    def __exit__(self, *exc) -> bool:
-        return False
+    def _run_direct(self, frame) -> None:
+        """Without a decorator: find the ``with`` statement in the caller's source,
+        compile it wrapped in a function (compiler/session.py ``find_session``), run
+        it (the request goes out there), bind what came back where the ``with`` is,
+        and skip the body (as runtime/direct.py does for a trace block)."""
+        import linecache
+
+        from compiler.errors import CompileError
+        from compiler.parse import has_with_at, recover_cell
+        from compiler.session import compile_session, find_session
+
+        from .direct import _CO_OPTIMIZED, _bind, _no_trace, _template
+
+        self._direct = False
+        code = frame.f_code
+        filename, line = code.co_filename, frame.f_lineno
+        lines = linecache.getlines(filename, frame.f_globals)
+        if not lines and recover_cell(filename, lambda text: has_with_at(text, line)):
+            lines = linecache.getlines(filename)
+        if not lines:
+            raise CompileError(
+                f"`with {self.model._path}.session(remote=True)` outside an @intervene "
+                f"function is compiled from its source, and there is none for {filename} "
+                "(`python -c`, exec() of a string or the plain REPL keep no source): write "
+                "it in a .py file or a notebook cell, or in a function decorated with "
+                "@intervene", filename, line)
+        found = find_session(filename, "".join(lines), line)
+        local = frame.f_locals
+        if code.co_flags & _CO_OPTIMIZED:  # a function: the names it binds that it reads
+            params = sorted(found["loads"] & local.keys())
+        else:  # module level: what it reads and assigns (others are the module's globals)
+            names = {**frame.f_globals, **local}
+            params = sorted(found["loads"] & found["stores"] & names.keys())
+            if local is not frame.f_globals:
+                params = sorted(set(params) | (found["loads"] & local.keys()))
+        from compiler import imported_helpers
+
+        extra = imported_helpers(frame.f_globals) - found["helpers"]
+        if extra:  # helpers imported from other files
+            found = {**found, "helpers": found["helpers"] | extra}
+        compiled = compile_session(found, tuple(params))
+        values = {p: (local[p] if p in local else frame.f_globals[p]) for p in params}
+        del local
+        handle = _direct_handle(compiled.plan, compiled.source,
+                                found["later"] & found["stores"])
+        compiled.build(handle, _template(frame.f_globals))(**values)
+        opened = handle.opened
+        handle.opened = None
+        if opened is not None:
+            self.here = opened.here
+            self.values = opened.values
+        _bind(frame, dict(self.values))
+        self._frame = frame
+        self._body_line = found["body_line"]
+        self._old = sys.gettrace(), frame.f_trace
+        sys.settrace(_no_trace)
+        frame.f_trace = self._skip
+        frame.f_trace_lines = True
+
+    def _skip(self, frame, event, arg):
+        from .direct import _SkipBody
+
+        if event == "line" and frame.f_lineno >= self._body_line:  # not the header's lines
+            raise _SkipBody
+        return self._skip
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        frame, self._frame = self._frame, None
+        if frame is None:
+            return False
+        from .direct import _SkipBody
+
+        old_global, old_local = self._old
+        frame.f_trace = old_local
+        sys.settrace(old_global)
+        self._old = None
+        return exc_type is _SkipBody
 
     def __repr__(self) -> str:
         where = "remote " if self.remote else ""
         return f"<{where}Session of {self.model._path}>"
+
+
+_handle_class = None
+
+
+def _direct_handle(plan, source, extra: frozenset):
+    """The handle of a wrapped session: its ``session`` also asks for ``extra`` (the
+    variables the code after the ``with`` reads) and keeps the Session it opened."""
+    global _handle_class
+    if _handle_class is None:
+        from .api import Handle
+
+        class DirectSessionHandle(Handle):
+            __slots__ = ("extra", "opened")
+
+            def session(self, model, index, lines, wanted, free, /, *args, **kwargs):
+                wanted = tuple(sorted({*wanted, *self.extra}))
+                self.opened = open_session(self, model, index, lines, wanted, free,
+                                           sys._getframe(1), args, kwargs)
+                return self.opened
+
+        _handle_class = DirectSessionHandle
+    handle = _handle_class(plan, source)
+    handle.extra = extra
+    handle.opened = None
+    return handle
 
 
 def open_session(handle, model, index: int, lines: tuple, wanted: tuple, free: tuple,
@@ -108,9 +209,9 @@ def request_for_session(handle, model, index: int, lines: tuple, wanted: tuple,
             value = local_vars[name]
         elif name in global_vars:
             value = global_vars[name]
-            if server_module(value):
-                continue
         else:  # a builtin, or not bound: the server says so at its line
+            continue
+        if server_module(value):
             continue
         if value is model:
             continue

@@ -209,16 +209,51 @@ def test_an_unsendable_value_is_refused_before_any_request(lm, requests):
     assert requests == []
 
 
-def test_an_undecorated_remote_session_says_what_to_do(lm, requests):
-    with pytest.raises(NotImplementedError) as info:
-        lm.session(remote=True)  # no compiler lowered it: refused before anything is sent
-    assert str(info.value) == (
-        "`model.session(remote=True)`, one remote request for all of its traces, is sent "
-        "from an @intervene function, whose compiler lowers the session (write `remote=` as "
-        "a keyword of `model.session(...)`); here it is not compiled: decorate the function "
-        "with @intervene, or give each trace remote=True (`with model.trace(x, "
-        "remote=True):` inside `with model.session():`)")
-    assert requests == []
+def test_an_undecorated_remote_session_is_one_request_too(lm, requests):
+    scale = 2.0
+    with lm.session(remote=True) as session:  # compiled from this file when entered
+        with lm.trace(IDS):
+            h = lm.model.layers[0].output[:, -1].save()
+        boost = h * scale
+        with lm.trace(OTHER):
+            lm.model.layers[0].output[:, -1] = boost
+            logits = lm.lm_head.output.save()
+    assert len(requests) == 1 and session.here is False
+    local = patched(lm, IDS, OTHER, scale, False)
+    with lm.trace(IDS):
+        h_local = lm.model.layers[0].output[:, -1].save()
+    assert torch.equal(h, h_local) and torch.equal(boost, h_local * scale)
+    with lm.trace(OTHER):
+        lm.model.layers[0].output[:, -1] = h_local * scale
+        want = lm.lm_head.output.save()
+    assert torch.equal(logits, want) and local[3].shape == logits.shape
+
+
+SCRIPT = """with model.session(remote=True):
+    with model.trace(ids):
+        h = model.model.layers[0].output.save()
+    n = float(h.norm())
+    with model.trace(ids):
+        model.model.layers[0].output[:] = h / n
+        out = model.model.layers[1].output.save()
+print(n > 0)
+"""
+
+
+def test_a_remote_session_on_a_scripts_first_line(lm, requests, tmp_path, capsys):
+    import runpy
+
+    path = tmp_path / "script.py"
+    path.write_text(SCRIPT)
+    got = runpy.run_path(str(path), init_globals={"model": lm, "ids": IDS})
+    assert len(requests) == 1 and capsys.readouterr().out == "True\n"
+    with lm.trace(IDS):
+        h = lm.model.layers[0].output.save()
+    with lm.trace(IDS):
+        lm.model.layers[0].output[:] = h / float(h.detach().norm())
+        out = lm.model.layers[1].output.save()
+    assert torch.equal(got["h"], h) and got["n"] == float(h.detach().norm())
+    assert torch.equal(got["out"], out)
 
 
 def test_a_session_takes_only_remote(lm):

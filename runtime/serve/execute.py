@@ -112,7 +112,8 @@ def check_header(header: dict, models: dict | None = None) -> None:
     for key in ("filename", "function", "model"):
         if not isinstance(header.get(key), str):
             raise JobError("ProtocolError", f"the job has no {key}")
-    if not isinstance(header.get("first_line"), int) or header["first_line"] < 1:
+    # (0: the wrapper of a block or session without a decorator on a file's first line)
+    if not isinstance(header.get("first_line"), int) or header["first_line"] < 0:
         raise JobError("ProtocolError", "the job has no first line")
     if models is not None and header["model"] not in models:
         raise JobError("ValueError", f"this server does not serve model {header['model']!r}; "
@@ -233,8 +234,8 @@ def _compile_session(header: dict, values: dict, root, helper_values: dict,
             raise JobError("ValueError", f"{name!r} is not a variable name", 1, filename)
     if model in values:
         raise JobError("ValueError", f"`{model}` is the served model; it cannot be sent")
-    if body_line < 3:  # the `def` and the `with` go on the two lines above the body
-        raise JobError("ValueError", "a remote session's body starts on line 3 of its file "
+    if body_line < 2:  # the `def` and the `with` go on the two lines above the body
+        raise JobError("ValueError", "a remote session's body starts on line 2 of its file "
                        "or later", body_line, filename)
     block = SessionBlock(index, model, body_line - 1)
     lines = src.text.splitlines(keepends=True)
