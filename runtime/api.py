@@ -229,11 +229,12 @@ def _invoke(tracer, fn, index: int, sets, x, /) -> None:
 
 
 def _firsts(block) -> list | None:
-    """Per lane of ``block`` (by index): ``[parts, value, site, None]`` of its one module
-    value when that read, of a static path, is all the lane asks for (an invoke the
-    compiler may have given a lazy start), else None; None when no lane is such.  Equal
-    paths share one tuple (``attach_static`` compares them by identity); the last item
-    is where the lane's variable is in its function's closure, once known."""
+    """Per lane of ``block`` (by index): ``[parts, value, None]`` of its one module value
+    when that read, of a static path, is all the lane asks for (an invoke the compiler
+    may have given a lazy start), else None; None when no lane is such.  Equal paths
+    share one tuple and values are interned (``attach_static`` compares them by
+    identity); the last item is where the lane's variable is in its function's closure,
+    once known (the same for every run of the block)."""
     if block.kind != "trace" or not block.lanes:
         return None
     out: list = [None] * (max(lane.index for lane in block.lanes) + 1)
@@ -244,8 +245,7 @@ def _firsts(block) -> list | None:
         # (a Checkpoint of compiler/plan.py; a Marker has no `parts`)
         if (getattr(cp, "parts", None) is not None and cp.access == "read"
                 and cp.value in ("output", "input", "inputs") and cp.steps is None):
-            out[lane.index] = [paths.setdefault(cp.parts, cp.parts), sys.intern(cp.value),
-                               cp.order, None]
+            out[lane.index] = [paths.setdefault(cp.parts, cp.parts), sys.intern(cp.value), None]
     return out if any(f is not None for f in out) else None
 
 

@@ -340,6 +340,7 @@ class Interleaver:
     counting = False  # a trace with step blocks: `fired` counts each module's calls
     static = False  # every module the lanes can ask for was attached before the run
     current_site = None  # the request being served (for messages)
+    lazy_grad = None  # the grad mode lazily started lanes began in (see attach_static)
     current: Event | None = None
     active: dict | None = None  # `_ACTIVE.__dict__` of the thread that activated it
     # Made on first use:
@@ -912,13 +913,15 @@ class Interleaver:
         # The same for lazily started lanes: the path and value the lane before asked for.
         l_parts = l_what = lazy_waiters = None
         top = -1  # the highest lane index seen so far (lanes come in source order)
+        if firsts is not None:
+            self.lazy_grad = grad  # lazily started lanes begin in it (all in this one)
         try:
             for (fn, spec, index), r in zip(lanes, _NO_ROWS if rows is None else rows):
                 if firsts is not None and spec.__class__ is tuple and now is not None:
                     # `(x, name)` of `__iv.invoke` (runtime/api.py): the variable it sets
                     first = firsts[index] if spec[1] is not None else None
                     if first is not None and not self.stop_requested:
-                        parts, what, site, at = first
+                        parts, what, at = first
                         if parts is not l_parts or what is not l_what or fired:
                             l_parts = lazy_waiters = None
                             try:  # `model.layers[5]` as the lane would write it
@@ -926,28 +929,28 @@ class Interleaver:
                             except Exception:  # noqa: BLE001 - the lane raises it at its line
                                 l_env = None
                             if l_env.__class__ is Envoy:
-                                l_mod = l_env._module
-                                l_phase = _PHASE[what]
-                                l_key = (id(l_mod), l_phase)
+                                l_key = (id(l_env._module), _PHASE[what])
                                 if l_key in attached:
                                     lazy_waiters = waiting.setdefault(l_key, [])
                                     l_parts, l_what = parts, what
+                                    # The request of every such lane of this value, less
+                                    # its site: `_wake` gets a lane's own from its code.
+                                    l_req = (l_env, what, None)
                         if lazy_waiters is not None:
-                            # (`gen` and `call_index` keep their class defaults: read only
-                            # once the lane is woken, which sets `gen`)
+                            # Only what `_serve` reads of it: its grad mode is `lazy_grad`,
+                            # `parked` the shared request; `_wake` sets the rest.
                             if at is None:  # the same for every run of this lane's code
-                                at = first[3] = fn.__code__.co_freevars.index(spec[1])
+                                at = first[2] = fn.__code__.co_freevars.index(spec[1])
                             lane = _new(Lane)
-                            lane.index, lane.rows, lane.grad, lane.later = index, r, grad, 0
+                            lane.index, lane.rows = index, r
                             lane.lazy, lane.wake = fn.__closure__[at], fn
-                            req = (l_env, what, site)
-                            lane.parked = (l_mod, l_phase, req)
+                            lane.parked = l_req
                             mine.append(lane)
                             if index > top:  # every lane parked so far comes before it
-                                lazy_waiters.append((lane, req, r))
+                                lazy_waiters.append((lane, l_req, r))
                                 top = index
                             else:
-                                _add_waiter(lazy_waiters, (lane, req, r))  # (lanes of a loop)
+                                _add_waiter(lazy_waiters, (lane, l_req, r))  # (lanes of a loop)
                             continue
                 if index > top:  # noqa: PLR1730 - (no call to max on this path)
                     top = index
@@ -1122,75 +1125,81 @@ class Interleaver:
         # one hook) are set where a value is first seen.
         seen = _NONE
         grad = None  # the value's requires_grad, while no lane's own code has run since
+        lazy_grad = self.lazy_grad  # the grad mode lazily started lanes began in
         try:
             for entry in waiters:
                 lane, req, rows = entry
-                if lane.later:  # `module.next()`: a later call
-                    lane.later -= 1
-                    key = (id(ev.module), ev.phase)
-                    again = self.waiting.get(key)
-                    if again is None:
-                        self.waiting[key] = [entry]
-                    else:
-                        _add_waiter(again, entry)
-                    continue
-                lane.parked = None
-                self.current_site = req[2]
-                if len(req) == 4:
-                    new = req[3] if rows is None else widen(ev.get(req[1]), req[3], rows, batch)
-                    ev.set(req[1], new)
-                    grad = None  # the lane's code runs: it may change the value in place
-                    self.advance(lane, None, None, None, outer)
-                else:
-                    value = ev.value if out else ev.get(req[1])
-                    if track:
-                        value = self._narrow(value, rows, ev.phase)
-                    elif rows is not None:  # an invoke's rows; a plain tensor first
-                        if value is not seen:
-                            seen, links, grad = value, None, None
-                            # Only a tensor with the batch's rows first is sliced.
-                            rows_first = (None if value.__class__ is not _Tensor else
-                                          bool(value.dim()) and value.shape[0] == batch)
-                        if rows_first:
-                            view = value[rows]
-                            if grad is None:  # read again once a lane's own code has run
-                                grad = value.requires_grad
-                            if grad:
-                                links = _link_rows(view, value, rows, links)
-                            value = view
-                        elif rows_first is None:
-                            value = narrow(value, rows, batch)
-                    lazy = lane.lazy
-                    if lazy is not None and lane.grad is outer:
-                        # A lane started lazily: `name = value` is all of it (no code of
-                        # the user's runs: nothing known of the value changes).
+                # A lane started lazily (`attach_static`) reads, at the call a plain
+                # request gets: none of the checks of the next few lines concern it.
+                lazy = lane.lazy
+                if lazy is None:
+                    if lane.later:  # `module.next()`: a later call
+                        lane.later -= 1
+                        key = (id(ev.module), ev.phase)
+                        again = self.waiting.get(key)
+                        if again is None:
+                            self.waiting[key] = [entry]
+                        else:
+                            _add_waiter(again, entry)
+                        continue
+                    lane.parked = None
+                    self.current_site = req[2]
+                    if len(req) == 4:
+                        new = req[3] if rows is None else widen(ev.get(req[1]), req[3], rows, batch)
+                        ev.set(req[1], new)
+                        grad = None  # the lane's code runs: it may change the value in place
+                        self.advance(lane, None, None, None, outer)
+                        continue
+                value = ev.value if out else ev.get(req[1])
+                if track:
+                    value = self._narrow(value, rows, ev.phase)
+                elif rows is not None:  # an invoke's rows; a plain tensor first
+                    if value is not seen:
+                        seen, links, grad = value, None, None
+                        # Only a tensor with the batch's rows first is sliced.
+                        rows_first = (None if value.__class__ is not _Tensor else
+                                      bool(value.dim()) and value.shape[0] == batch)
+                    if rows_first:
+                        view = value[rows]
+                        if grad is None:  # read again once a lane's own code has run
+                            grad = value.requires_grad
+                        if grad:
+                            links = _link_rows(view, value, rows, links)
+                        value = view
+                    elif rows_first is None:
+                        value = narrow(value, rows, batch)
+                if lazy is not None:
+                    if lazy_grad is outer:
+                        # `name = value` is all the lane does (no code of the user's runs:
+                        # nothing known of the value changes).
                         lane.done = True
                         lazy.cell_contents = value
                         continue
-                    grad = None  # the lane's code runs: it may change the value in place
-                    if lane.grad is not outer:
-                        if lazy is not None:
-                            self._wake(lane)
-                        self.advance(lane, value, None, None, outer)
-                        continue
-                    # `advance(lane, value)`, inline for the common case: a lane in this
-                    # grad mode that ends (a new request goes to `advance` as `first`).
-                    try:
-                        req = lane.gen.send(value)
-                    except StopIteration:
-                        lane.done = True
-                        if _grad_enabled() is not outer:  # it ended in another grad mode
-                            _set_grad_enabled(outer)
-                        continue
-                    except BaseException as exc:
-                        _lane_raised(lane, exc, outer)
-                        raise
-                    value = None
-                    now = _grad_enabled()
-                    if now is not outer:  # the lane's grad mode now (advance sets it again)
-                        lane.grad = now
+                    # Handed out in another grad mode: run as a generator after all.
+                    self.current_site = self._wake(lane)[2]
+                    lane.parked = None
+                grad = None  # the lane's code runs: it may change the value in place
+                if lane.grad is not outer:
+                    self.advance(lane, value, None, None, outer)
+                    continue
+                # `advance(lane, value)`, inline for the common case: a lane in this
+                # grad mode that ends (a new request goes to `advance` as `first`).
+                try:
+                    req = lane.gen.send(value)
+                except StopIteration:
+                    lane.done = True
+                    if _grad_enabled() is not outer:  # it ended in another grad mode
                         _set_grad_enabled(outer)
-                    self.advance(lane, None, None, req, outer)
+                    continue
+                except BaseException as exc:
+                    _lane_raised(lane, exc, outer)
+                    raise
+                value = None
+                now = _grad_enabled()
+                if now is not outer:  # the lane's grad mode now (advance sets it again)
+                    lane.grad = now
+                    _set_grad_enabled(outer)
+                self.advance(lane, None, None, req, outer)
         finally:
             self.current = prev
         if self.stop_requested and ev.phase is not GRAD and not self.ended:
@@ -1341,14 +1350,18 @@ class Interleaver:
             finally:
                 err = None  # no frame of a raised error may keep it (a reference cycle)
 
-    def _wake(self, lane: Lane) -> None:
+    def _wake(self, lane: Lane) -> tuple:
         """A lane started lazily (``attach_static``) that must run as a generator after
         all (an error to throw in at its line, another grad mode): its generator is made
-        and run to its request, the one it is parked with (nothing of the user's runs
-        before it), where it now waits as if started before the pass."""
+        and run to its request, the one it is parked for (nothing of the user's runs
+        before it), where it now waits as if started before the pass.  Returns that
+        request (its site: the shared one the lane was parked with has none)."""
         lane.lazy = None
+        lane.grad, lane.later = self.lazy_grad, 0
         gen = lane.gen = lane.wake()
-        gen.send(None)
+        req = gen.send(None)  # its own request (with its site): the one it is parked for
+        lane.parked = (req[0]._module, _PHASE[req[1]], req)
+        return req
 
     def _throw(self, lane: Lane, err: BaseException) -> None:
         """Throw ``err`` into ``lane`` at its line; if the lane catches it and goes on
