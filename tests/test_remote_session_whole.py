@@ -31,10 +31,17 @@ def engine():
         yield eng
 
 
+class Sent(list):
+    """The jobs the client sent (one per ``Client.run``); ``http``: every HTTP request."""
+
+    http: list
+
+
 @pytest.fixture
 def requests(remote, monkeypatch):
     """Every job the client sends (one per ``Client.run``), and still sent."""
-    sent = []
+    sent = Sent()
+    sent.http = []
     real = remote_client.Client.run
 
     def run(self, data, *args, **kwargs):
@@ -42,6 +49,17 @@ def requests(remote, monkeypatch):
         return real(self, data, *args, **kwargs)
 
     monkeypatch.setattr(remote_client.Client, "run", run)
+    def counted(verb: str):
+        real_call = getattr(remote, verb)
+
+        def call(*args, **kwargs):
+            sent.http.append((verb, args[:2]))
+            return real_call(*args, **kwargs)
+
+        return call
+
+    for verb in ("stream", "get", "post"):
+        monkeypatch.setattr(remote, verb, counted(verb))
     return sent
 
 
@@ -92,6 +110,7 @@ def test_a_remote_session_is_one_request_and_equals_the_local_one(lm, requests):
     assert requests == []  # remote=False: the session ran here
     got = patched(lm, IDS, OTHER, 2.0, True)
     assert len(requests) == 1  # the whole session, both traces and the Python between
+    assert requests.http == [("stream", ("POST", "/v1/run"))]  # one HTTP request
     for a, b in zip(got, local):
         if isinstance(a, torch.Tensor):
             assert a.dtype == b.dtype and torch.equal(a, b)
@@ -367,3 +386,26 @@ def test_a_session_index_that_does_not_exist_is_refused(http):
     data = _message(READ, True, [], x=IDS)
     resp = http.post("/v1/run", content=data)
     assert b"session 0 does not exist: `job` has 0 session(s)" in resp.content
+
+
+@pytest.mark.parametrize(("source", "message"), [
+    (("def job(model, x):\n    with model.session(remote=True):\n        with model.trace(x):\n"
+     "            h = model.model.layers[0].output.save()\n        import os\n"),
+     b"imports are not allowed in remote blocks"),
+    (("def job(model, x, other):\n    with model.session(remote=True):\n"
+     "        with other.trace(x):\n            h = other.lm_head.output.save()\n"),
+     b"a remote session runs blocks of its own model only"),
+    (("def job(model, x):\n    with model.session(remote=True):\n        def f():\n"
+     "            pass\n        with model.trace(x):\n            h = model.lm_head.output.save()\n"),
+     b"function definitions are not allowed"),
+    (("def job(model, x):\n    with model.session(remote=True):\n"
+     "        with model.trace(x) as tracer:\n            h = model.lm_head.output.save()\n"
+     "        w = tracer.register_hook\n"),
+     b"register_hook"),
+    (("def job(model, x):\n    with model.session(remote=True):\n"
+     "        p = model.lm_head.weight\n"),
+     b"weight"),
+])
+def test_hostile_sessions_are_refused_before_running(http, source, message):
+    resp = http.post("/v1/run", content=_message(source, True, [], x=IDS))
+    assert b"ValidationError" in resp.content and message in resp.content, resp.content[-400:]
