@@ -200,8 +200,11 @@ def find_session(filename: str, text: str, line: int) -> dict:
         if first <= line <= max(head_end, first) and (best is None or first >= best[1]):
             best = (node, first, col, last)
     if best is None:
-        raise CompileError(f"no `with ....session(remote=...)` statement found at line {line} "
-                           f"of {filename}", filename, line)
+        raise CompileError(
+            f"no `with ....session(remote=...)` statement found at line {line} of {filename}: "
+            "a remote session is compiled from its source, so write it as a `with` statement "
+            "of its own, `remote=` a keyword of `model.session(...)`, its traces in its body",
+            filename, line)
     node, first, col, last = best
     if not isinstance(node.body, cst.IndentedBlock):
         raise CompileError("a remote session's body goes on its own lines, below "

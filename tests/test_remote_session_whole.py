@@ -409,3 +409,58 @@ def test_a_session_index_that_does_not_exist_is_refused(http):
 def test_hostile_sessions_are_refused_before_running(http, source, message):
     resp = http.post("/v1/run", content=_message(source, True, [], x=IDS))
     assert b"ValidationError" in resp.content and message in resp.content, resp.content[-400:]
+
+
+@intervene
+def tracer_after(model, x):
+    with model.session(remote=True):  # noqa: SIM117 - a session around its trace
+        with model.generate(x, max_new_tokens=2) as tracer:
+            h = model.model.layers[0].output.save()
+    return h, tracer.result
+
+
+def test_a_tracer_read_after_a_remote_session_says_what_to_do(lm, requests):
+    with pytest.raises(TypeError) as info:
+        tracer_after(lm, IDS)
+    assert str(info.value) == (
+        "`tracer`, the tracer of a trace of the remote session, is read after the session, "
+        "but a tracer stays on the server: read what you need of it into a variable inside "
+        "the session (`tokens = tracer.result`)")
+
+
+@intervene
+def last_row(model, k):
+    """A helper: shipped with the session that calls it."""
+    return model.model.layers[k].output[:, -1]
+
+
+@intervene
+def with_helper(model, clean, corrupt, where):
+    with model.session(remote=where):
+        with model.trace(clean):
+            h = last_row(model, 0).save()
+        with model.trace(corrupt):
+            model.model.layers[0].output[:, -1] = h
+            logits = model.lm_head.output.save()
+    return h, logits
+
+
+def test_a_remote_session_ships_its_helpers(lm, requests):
+    local = with_helper(lm, IDS, OTHER, False)
+    got = with_helper(lm, IDS, OTHER, True)
+    assert len(requests) == 1
+    for a, b in zip(got, local):
+        assert torch.equal(a, b)
+
+
+@intervene
+def one_with(model, x):
+    with model.session(remote=True), model.trace(x):
+        h = model.model.layers[0].output.save()
+    return h
+
+
+def test_a_session_and_its_trace_in_one_with_says_what_to_write(lm, requests):
+    with pytest.raises(SyntaxError, match="write it as a `with` statement of its own"):
+        one_with(lm, IDS)
+    assert requests == []

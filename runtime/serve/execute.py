@@ -405,6 +405,14 @@ def encode_reply(job: Prepared, scope: dict, max_result: int) -> bytes:
                 f"variable `{name}`")
     mutated = {n: v for n, v in values.items() if isinstance(v, (list, dict)) and n in scope}
     tracer = next((v for v in scope.values() if isinstance(v, Tracer)), None)
+    if block.kind == "session":
+        for name, value in out.items():
+            if isinstance(value, Tracer):  # read after the session: it stays here
+                raise JobError(
+                    "TypeError", f"`{name}`, the tracer of a trace of the remote session, is "
+                    "read after the session, but a tracer stays on the server: read what you "
+                    f"need of it into a variable inside the session (`tokens = {name}.result`)",
+                    block.line, filename)
     enc = protocol.Encoder()
     try:
         reply: dict = {"saved": {n: enc.encode(v, labels[n]) for n, v in out.items()},
