@@ -18,7 +18,15 @@ it alone and runs it, its traces on its own copy of the model, and sends back
 the values the code after the session needs (``wanted``): what its traces saved,
 and the variables its body bound that the function reads after it, which the
 lowered code binds (``Session.values``).  An inner trace's ``remote=True`` is
-harmless there (it is remote already).
+harmless there (it is remote already).  On the server a session job runs alone (its
+traces never share a pass with other jobs: runtime/serve/batch.py).
+
+Without a decorator (``with model.session(remote=True):`` at a script's or a cell's
+top level, or in a plain function), ``Session.__enter__`` finds the statement in the
+caller's source, compiles it wrapped in a function (compiler/session.py
+``find_session``), runs that (the request goes out there), binds what came back (the
+saves, and the variables read after the ``with`` in the rest of the file or cell) where
+the ``with`` is, and skips the body, as runtime/direct.py does for a trace block.
 """
 
 from __future__ import annotations
