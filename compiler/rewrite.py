@@ -296,6 +296,7 @@ class Rewriter(cst.CSTTransformer):
         fdef = self.remember(fdef, self.pos(self.fn)[0])
         spec: cst.BaseExpression = invoke if invoke is not None else cst.Name("None")
         if (target is None and invoke is not None and _is_attr(invoke.func, "invoke")
+                and isinstance(invoke.func.value, cst.Name) and invoke.func.value.value == tracer
                 and len(invoke.args) == 1 and invoke.args[0].keyword is None
                 and not invoke.args[0].star):
             # `__iv.invoke(tracer, fn, index, sets, x)`: `tracer.invoke(x)` (one input,

@@ -109,6 +109,26 @@ def test_only_lanes_that_just_keep_one_value_start_lazily():
     assert "ha = __iv.save((yield __iv.read(model.layers[1], 'output', 0)))" in code
 
 
+@intervene
+def other_forms(model, a, b, other):
+    with model.trace() as tracer:
+        with other.invoke(a):  # not the block's tracer: registered on `tracer` as before
+            ha = model.layers[1].output.save()
+        with tracer.invoke(*b):
+            hb = model.layers[1].output.save()
+        with tracer.invoke(a) as inv:  # noqa: F841 - the `as` form is what is tested
+            hc = model.layers[1].output.save()
+    return ha, hb, hc
+
+
+def test_other_invoke_forms_are_compiled_as_before():
+    code = other_forms.code
+    assert "__iv.lane(tracer, __iv_lane0_0, other.invoke(a), 0)" in code
+    assert "__iv.lane(tracer, __iv_lane0_1, tracer.invoke(*b), 1)" in code
+    assert "inv = tracer.invoke(a)" in code and "__iv.lane(tracer, __iv_lane0_2, inv, 2)" in code
+    assert "__iv.invoke(" not in code
+
+
 def test_lazy_and_started_lanes_give_plain_hooks_values_and_order(mlp, started):
     events: list = []
     mlp._module.register_forward_pre_hook(lambda m, a: events.append("forward"))
