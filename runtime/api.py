@@ -1,8 +1,9 @@
 """The one small interface the rewritten code calls (``__iv`` in its text).
 
 Every compiled function gets a ``Handle`` bound to its plan; the rewritten
-code reaches the runtime only through it: ``block``, ``lane``, ``read``,
-``write``, ``save``, ``requires_grad``.  Keeping it this small is what lets a
+code reaches the runtime only through it: ``block``, ``lane`` (``invoke``: an
+invoke of one input and its lane in one call), ``read``, ``write``, ``save``,
+``requires_grad``.  Keeping it this small is what lets a
 server validate and run shipped experiments later.
 """
 
