@@ -139,6 +139,7 @@ class Rewriter(cst.CSTTransformer):
         self.step_ends: dict[int, cst.BaseStatement] = {}  # ... and of its `end_steps`
         self.saving_stmt = False
         self.scope: list[str] = []
+        self.block_loops = 0  # loops of the block (outside lanes) around the node visited
         self.hoist: list[list[cst.BaseStatement]] = []  # per statement being rebuilt
         self.comp_hoist: list[list[cst.BaseStatement]] = []
         self.comp_count = itertools.count()
@@ -337,7 +338,9 @@ class Rewriter(cst.CSTTransformer):
         block = self.block
         assert block is not None
         body = stmts[1:] if lane.nonlocal_names else stmts
-        if block.kind != "trace" or block.model_rebound or len(body) != 1:
+        if block.kind != "trace" or block.model_rebound or len(body) != 1 or self.block_loops:
+            # (in a loop of the block: its lanes come again, out of source order, where
+            # attach_static may not run lazily started lanes together)
             return None
         stmt = body[0]
         if not isinstance(stmt, cst.SimpleStatementLine) or len(stmt.body) != 1:
@@ -555,9 +558,13 @@ class Rewriter(cst.CSTTransformer):
 
     def visit_For_body(self, node):
         self._push("for", node)
+        if self.lane is None and self.block is not None:
+            self.block_loops += 1
 
     def leave_For_body(self, node):
         self._pop()
+        if self.lane is None and self.block is not None:
+            self.block_loops -= 1
 
     def visit_For_orelse(self, node):
         self._push("for-else", node)
@@ -573,9 +580,13 @@ class Rewriter(cst.CSTTransformer):
 
     def visit_While_body(self, node):
         self._push("while", node)
+        if self.lane is None and self.block is not None:
+            self.block_loops += 1
 
     def leave_While_body(self, node):
         self._pop()
+        if self.lane is None and self.block is not None:
+            self.block_loops -= 1
 
     def visit_While_orelse(self, node):
         self._push("while-else", node)

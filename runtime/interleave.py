@@ -266,7 +266,8 @@ class Lane:
     # A lane started lazily (`attach_static`): its generator (`gen`) is made only if it
     # must run as one after all (`Interleaver._wake`); until then `lazy` is the cell of
     # the variable it sets, set to its one value when that comes (all the lane does);
-    # `wake` is its generator function.
+    # `wake` is its generator function.  A run of such lanes waiting for one value is
+    # one `Lane` whose `lazy` lists them: (cell, rows, generator function, index).
     lazy = None
     wake = None
     gen = None  # (a lazily started lane's until it is woken; every other lane sets its own)
@@ -880,7 +881,8 @@ class Interleaver:
         variable it sets (``(x, name)`` from ``__iv.invoke``) is not run: nothing of the
         user's runs before or after its request, so it is parked here with the request it
         would make (same envoy, same tuple, same list, same order) and ``_serve`` puts
-        the value in that variable's cell, as the lane's ``name = ...`` would.  Anything
+        the value in that variable's cell, as the lane's ``name = ...`` would (consecutive
+        such lanes of one value share one ``Lane`` and one waiting entry).  Anything
         else (an unknown grad mode, ``tracer.stop()``, a path that does not resolve, a
         module not attached) starts its generator as usual, which then does what it
         always did."""
@@ -911,7 +913,7 @@ class Interleaver:
         # The module value the lane before asked for, and the lanes waiting for it.
         last = last_what = waiters = None
         # The same for lazily started lanes: the path and value the lane before asked for.
-        l_parts = l_what = lazy_waiters = None
+        l_parts = l_what = lazy_waiters = group = None
         top = -1  # the highest lane index seen so far (lanes come in source order)
         if firsts is not None:
             self.lazy_grad = grad  # lazily started lanes begin in it (all in this one)
@@ -923,7 +925,7 @@ class Interleaver:
                     if first is not None and not self.stop_requested:
                         parts, what, at = first
                         if parts is not l_parts or what is not l_what or fired:
-                            l_parts = lazy_waiters = None
+                            l_parts = lazy_waiters = group = None
                             try:  # `model.layers[5]` as the lane would write it
                                 l_env = self.root._resolve(parts)
                             except Exception:  # noqa: BLE001 - the lane raises it at its line
@@ -936,22 +938,32 @@ class Interleaver:
                                     # The request of every such lane of this value, less
                                     # its site: `_wake` gets a lane's own from its code.
                                     l_req = (l_env, what, None)
-                        if lazy_waiters is not None:
-                            # Only what `_serve` reads of it: its grad mode is `lazy_grad`,
-                            # `parked` the shared request; `_wake` sets the rest.
+                        if lazy_waiters is not None and r is not None:
                             if at is None:  # the same for every run of this lane's code
                                 at = first[2] = fn.__code__.co_freevars.index(spec[1])
-                            lane = _new(Lane)
-                            lane.index, lane.rows = index, r
-                            lane.lazy, lane.wake = fn.__closure__[at], fn
-                            lane.parked = l_req
-                            mine.append(lane)
+                            member = (fn.__closure__[at], r, fn, index)
+                            if group is not None and index > top:
+                                # The next lane of a run of them: the same waiting entry
+                                # (no other lane comes between them, in any list: the
+                                # compiler starts no lane of a loop lazily).
+                                group.lazy.append(member)
+                                mine.append(group)  # once per lane (cache.py counts them)
+                                top = index
+                                continue
+                            # A run of lazily started lanes of this value: one `Lane` and
+                            # one waiting entry for all (`_serve`: a slice and a cell
+                            # each); `lazy` lists them, `parked` is the shared request.
+                            group = _new(Lane)
+                            group.index, group.rows, group.parked = index, None, l_req
+                            group.lazy = [member]
+                            mine.append(group)
                             if index > top:  # every lane parked so far comes before it
-                                lazy_waiters.append((lane, l_req, r))
+                                lazy_waiters.append((group, l_req, None))
                                 top = index
                             else:
-                                _add_waiter(lazy_waiters, (lane, l_req, r))  # (lanes of a loop)
+                                _add_waiter(lazy_waiters, (group, l_req, None))
                             continue
+                group = None
                 if index > top:  # noqa: PLR1730 - (no call to max on this path)
                     top = index
                 # A lane without checkpoints runs whole in fn() (skip.py asks for its rows;
@@ -1150,6 +1162,27 @@ class Interleaver:
                         grad = None  # the lane's code runs: it may change the value in place
                         self.advance(lane, None, None, None, outer)
                         continue
+                elif lazy.__class__ is list:  # a run of lazily started lanes (attach_static)
+                    value = ev.value if out else ev.get(req[1])
+                    if (lazy_grad is outer and not track and value.__class__ is _Tensor
+                            and value.dim() and value.shape[0] == batch):
+                        # The common case: each its rows, in source order.
+                        if value is not seen:
+                            seen, links, grad, rows_first = value, None, None, True
+                        if grad is None:
+                            grad = value.requires_grad
+                        lane.done = True
+                        for cell, r, _fn, _index in lazy:
+                            view = value[r]
+                            if grad:
+                                links = _link_rows(view, value, r, links)
+                            cell.cell_contents = view
+                        continue
+                    # Anything else: one lane started lazily at a time, in its place.
+                    at = waiters.index(entry)
+                    waiters[at:at + 1] = [(one, req, one.rows) for one in self._ungroup(lane)]
+                    lane, req, rows = entry = waiters[at]
+                    lazy = lane.lazy
                 value = ev.value if out else ev.get(req[1])
                 if track:
                     value = self._narrow(value, rows, ev.phase)
@@ -1279,6 +1312,9 @@ class Interleaver:
                 if waiters:
                     self._serve(Event(gen._module, OUT, self.result), waiters)
                     progress = True
+        for lane in list(self.lanes):  # each lane of a run started lazily, alone
+            if not lane.done and lane.lazy.__class__ is list:
+                self._ungroup(lane)
         for lane in self.lanes:
             if lane.done or lane.parked is None:
                 continue
@@ -1349,6 +1385,21 @@ class Interleaver:
                 self._throw(lane, err)
             finally:
                 err = None  # no frame of a raised error may keep it (a reference cycle)
+
+    def _ungroup(self, group: Lane) -> list[Lane]:
+        """A run of lazily started lanes (``attach_static``) as one ``Lane`` each, in its
+        place in ``lanes``: for anything but its common case (another grad mode, backward
+        blocks, a value that is not a plain tensor, an error to tell each at its line)."""
+        req = group.parked
+        out = []
+        for cell, r, fn, index in group.lazy:
+            lane = _new(Lane)
+            lane.index, lane.rows, lane.lazy, lane.wake, lane.parked = index, r, cell, fn, req
+            out.append(lane)
+        group.done = True  # (it is no longer one of the lanes)
+        at = self.lanes.index(group)
+        self.lanes[at:at + len(out)] = out
+        return out
 
     def _wake(self, lane: Lane) -> tuple:
         """A lane started lazily (``attach_static``) that must run as a generator after

@@ -207,7 +207,10 @@ def in_a_loop(model, inputs):
 def test_lanes_of_a_loop_keep_source_order(mlp, started):
     inputs = xs(3)
     h, g = in_a_loop(mlp, inputs)
-    assert started["lazy"] == [[True] * 4]
+    # (an invoke in a loop of the block is started as a generator: its lanes come again,
+    # out of source order; the one after the loop starts lazily)
+    assert started["lazy"] == [[False, False, False, True]]
+    assert "__iv.invoke(tracer, __iv_lane0_0, 0, None, x)" in in_a_loop.code
     want = hooked(mlp._module, torch.cat([*inputs, inputs[0]]), mlp._module.layers[1])
     assert torch.equal(h, want[4:6])  # the loop's last invoke is served last of the loop
     assert torch.equal(g, want[6:8])
@@ -362,3 +365,73 @@ def across_two(model, a, b):
         with tracer.invoke(b):
             hb = model.layers[1].output.save()
     return ha, hb
+
+
+# -- runs of lazily started lanes: one waiting entry --------------------------------------------
+
+
+@intervene
+def three_in_no_grad(model, a, b, c):
+    with model.trace() as tracer:
+        with tracer.invoke(a):
+            ha = model.a.output.save()
+        with tracer.invoke(b):
+            hb = model.a.output.save()
+        with tracer.invoke(c):
+            hc = model.a.output.save()
+    return ha, hb, hc
+
+
+def test_a_run_handed_out_in_another_grad_mode_runs_lane_by_lane(started):
+    model = NNsight(_NoGradInside())
+    inputs = xs(3)
+    got = three_in_no_grad(model, *inputs)
+    assert started == {"lazy": [[True, True, True]], "woken": 3}
+    net = model._module
+    want = hooked(net, torch.cat(inputs), net.a)
+    for i, g in enumerate(got):
+        assert torch.equal(g, want[2 * i:2 * i + 2]) and not g.requires_grad
+    assert_no_hooks(net)
+
+
+@intervene
+def three_never_run(model, a, b, c):
+    with model.trace() as tracer:
+        with tracer.invoke(a):
+            ha = model.spare.output.save()  # FIRST-OF-RUN
+        with tracer.invoke(b):
+            hb = model.spare.output.save()
+        with tracer.invoke(c):
+            hc = model.spare.output.save()
+    return ha, hb, hc
+
+
+def test_a_run_whose_module_never_runs_fails_at_its_first_line(started):
+    model = NNsight(_Unused())
+    with pytest.raises(MissedCheckpointError, match=r"did not run") as info:
+        three_never_run(model, *xs(3))
+    assert info.value.line == _line_of("# FIRST-OF-RUN")
+    assert traceback.extract_tb(info.value.__traceback__)[-1].lineno == _line_of("# FIRST-OF-RUN")
+    assert started["woken"] == 1  # the first is told (the error ends the trace)
+    assert_no_hooks(model._module)
+
+
+@intervene
+def run_then_reader(model, a, b, c):
+    with model.trace() as tracer:
+        with tracer.invoke(a):
+            ha = model.layers[1].output.save()
+        with tracer.invoke(b):
+            hb = model.layers[1].output.save()
+        with tracer.invoke(c):  # served after the run: reads what the run set
+            hc = (model.layers[1].output + hb).save()
+    return ha, hb, hc
+
+
+def test_a_lane_served_after_a_run_sees_what_the_run_set(mlp, started):
+    inputs = xs(3)
+    ha, hb, hc = run_then_reader(mlp, *inputs)
+    assert started["lazy"] == [[True, True, False]]
+    out = hooked(mlp._module, torch.cat(inputs), mlp._module.layers[1])
+    assert torch.equal(ha, out[0:2]) and torch.equal(hb, out[2:4])
+    assert torch.equal(hc, out[4:6] + out[2:4])
