@@ -692,10 +692,12 @@ class Rewriter(cst.CSTTransformer):
 
 
     # -- checkpoints -----------------------------------------------------------
-    def _checkpoint(self, node: cst.Attribute, env: cst.BaseExpression, access: str) -> int:
+    def _checkpoint(self, node: cst.Attribute, env: cst.BaseExpression, access: str,
+                    at: cst.CSTNode | None = None) -> int:
+        """``at``: the node the user wrote, when ``node`` stands for it (``tracer.result``)."""
         assert self.block is not None and self.lane is not None
         tmp = next(self.tmp)
-        line, col = self.pos(node)
+        line, col = self.pos(node if at is None else at)
         self.pending[tmp] = PendingCheckpoint(
             block=self.block.index,
             lane=self.lane.index,
@@ -715,10 +717,11 @@ class Rewriter(cst.CSTTransformer):
         """Attributes that are checkpoints here: ``.grad`` only in backward blocks."""
         return VALUE_ATTRS | {"grad"} if self.backward_depth else VALUE_ATTRS
 
-    def _read(self, original: cst.Attribute, updated: cst.Attribute) -> cst.BaseExpression:
+    def _read(self, original: cst.Attribute, updated: cst.Attribute,
+              at: cst.CSTNode | None = None) -> cst.BaseExpression:
         access = "inplace" if id(original) in self.inplace_roots else "read"
-        tmp = self._checkpoint(original, updated.value, access)
-        req = _call("read", updated.value, self._string(original.attr.value, original),
+        tmp = self._checkpoint(original, updated.value, access, at)
+        req = _call("read", updated.value, self._string(original.attr.value, at or original),
                     cst.Integer(str(tmp)))
         if self.comp_hoist:
             self._comp_touch()
@@ -754,6 +757,8 @@ class Rewriter(cst.CSTTransformer):
             and updated.value.value in self.info.saved_anywhere
         ):
             return updated.value  # seed style: `saved.value` is the saved value itself
+        if self._is_result(original):
+            return self._result(original)
         if self.lane is None or attr not in self._values() or id(original) in self.write_targets:
             return updated
         if is_invoker_inputs(original, self.info.invokers):
@@ -766,6 +771,29 @@ class Rewriter(cst.CSTTransformer):
                 f"`variable.grad` inside it",
             )
         return self._read(original, updated)
+
+    def _is_result(self, node: cst.Attribute) -> bool:
+        """``tracer.result`` (the block's own tracer) in a lane."""
+        return (node.attr.value == "result" and self.lane is not None
+                and self.block.tracer is not None
+                and m.matches(node.value, m.Name(self.block.tracer)))
+
+    def _result(self, original: cst.Attribute) -> cst.BaseExpression:
+        """``tracer.result`` inside the block (nnsight's spelling): what the block's run
+        returns, asked for as a checkpoint: ``model.generator.output`` in a generate
+        block (the token ids, prompt included), ``model.output`` in a trace."""
+        if self.backward_depth:
+            raise self.error(original, "`.result` inside a backward block: the forward pass "
+                             "is over by then; read it into a variable before "
+                             "`with ....backward():`")
+        if id(original) in self.write_targets:
+            raise self.error(original, "`tracer.result` cannot be assigned: write "
+                             "`model.output` (a trace) or `model.generator.output` (generate)")
+        env: cst.BaseExpression = cst.Name(self.block.model)
+        if self.block.kind == "generate":
+            env = cst.Attribute(value=env, attr=cst.Name("generator"))
+        stands_for = cst.Attribute(value=env, attr=cst.Name("output"))
+        return self._read(stands_for, stands_for, at=original)
 
     def _helper_call(self, node: cst.Call) -> str | None:
         """``h(...)`` in a lane, ``h`` an @intervene helper of this file (a function with no
@@ -860,7 +888,8 @@ class Rewriter(cst.CSTTransformer):
                 if root is not None:
                     self.inplace_roots.add(id(root))
             return
-        if isinstance(target, cst.Attribute) and target.attr.value in self._values():
+        if isinstance(target, cst.Attribute) and (target.attr.value in self._values()
+                                                  or self._is_result(target)):
             self.write_targets.add(id(target))
         else:
             root = _value_root(target, self._values())

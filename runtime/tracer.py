@@ -239,7 +239,14 @@ class Tracer:
 
     @property
     def result(self):
-        """The generated token ids (prompt included), once generation has ended."""
+        """After a generate block: the generated token ids (prompt included).  Inside a
+        block the compiler makes ``tracer.result`` a checkpoint (``model.generator.output``
+        / ``model.output``); a trace keeps nothing after its block."""
+        if self._result is None and self._kind != "generate":
+            raise AttributeError(
+                f"`tracer.result` of a {self._kind} is what the model returned, kept only if "
+                "saved inside the block: `out = tracer.result.save()` (or "
+                "`model.output.save()`)")
         return self._result
 
     def __repr__(self) -> str:
