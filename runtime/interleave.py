@@ -1237,9 +1237,12 @@ class Interleaver:
             self.current = prev
         if self.stop_requested and ev.phase is not GRAD and not self.ended:
             raise StopTrace()  # a lane called tracer.stop(): the rest of the forward does not run
-        if (self.end_when_served and not self.waiting and not self.step_waiting
-                and not self.end_waiting and not self.barriers and not self.ended):
-            raise StopTrace()  # the server's trace: nothing after this is seen by a lane
+        if self.end_when_served:
+            if ev.changed:  # a lane replaced the value: the rest runs on it (its errors too)
+                self.end_when_served = False
+            elif (not self.waiting and not self.step_waiting and not self.end_waiting
+                  and not self.barriers and not self.ended):
+                raise StopTrace()  # the server's trace: nothing after this is seen by a lane
         return ev
 
     # -- order -------------------------------------------------------------------

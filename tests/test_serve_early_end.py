@@ -124,3 +124,25 @@ def test_a_model_whose_trace_ended_early_runs_whole_traces_afterwards():
     torch.testing.assert_close(h, hidden(fresh, B, 1), atol=0, rtol=0)
     torch.testing.assert_close(out.logits, logits, atol=0, rtol=0)
     assert not fresh._module._forward_hooks and not fresh._module._forward_pre_hooks
+
+
+BREAKS = '''def job(model, x):
+    with model.trace(x):
+        h = model.model.layers[0].output.save()
+        model.model.layers[0].output = h[..., :3]
+'''
+
+
+@pytest.mark.parametrize("max_jobs", [16, 1], ids=["shared", "alone"])
+def test_a_job_that_replaced_a_value_keeps_the_forward_and_its_error(lm, calls, max_jobs):  # noqa: F811
+    """The rest of the forward runs on what a lane wrote: the job gets the error its
+    write causes there, as a local trace raises it (not a reply as if it had worked)."""
+    with pytest.raises(RuntimeError, match="must match the size") as local:  # noqa: SIM117
+        with lm.trace(A):
+            h = lm.model.layers[0].output.save()
+            lm.model.layers[0].output = h[..., :3]
+    got, _, _ = run(lm, [message(BREAKS, x=A), message(EARLY, x=B)], max_jobs=max_jobs)
+    assert got[0][0] == b"E", got[0]
+    assert got[0][1]["type"] == "RuntimeError" and "must match the size" in got[0][1]["message"]
+    assert str(local.value).split("\n")[0] in got[0][1]["message"]
+    assert calls["layer1"] >= 1
