@@ -92,10 +92,11 @@ Only the block is checked: the server must run nothing else of the function
 alone as the body of a fresh function whose parameters are the values sent.
 
 The text must read the same to Python and to libcst: no control characters but
-tab and line ends, the same number of statements, and no identifier that Python
-would read as another name (it normalizes them with NFKC: ``ｔｏｒｃｈ`` is
-``torch``).  The names of the values sent must be plain identifiers (the server
-writes them into a ``def``).
+tab and line ends (nor U+0085, U+2028, U+2029, where ``str.splitlines`` ends a
+line), the same number of statements, and no identifier that Python would read
+as another name (it normalizes them with NFKC: ``ｔｏｒｃｈ`` is ``torch``).  The
+names of the values sent must be plain identifiers (the server writes them into a
+``def``).
 
 Limits: ``MAX_SOURCE_BYTES`` of source and ``MAX_DEPTH`` levels of syntax
 nesting (checked on Python's own parser before libcst sees the text).  Run
@@ -482,12 +483,14 @@ def _parse_function(source: str, first_line: int) -> tuple[cst.Module, cst.Funct
 # -- before parsing ------------------------------------------------------------
 
 
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x0c\x0e-\x1f\x7f]")
+# (U+0085, U+2028, U+2029: `str.splitlines`, with which the server cuts the block out
+# of the text, ends a line there; Python's tokenizer does not)
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x0c\x0e-\x1f\x7f\x85\u2028\u2029]")
 
 
 def _check_characters(source: str, first_line: int) -> None:
-    """No control characters but tab and line ends: nothing on which two parsers
-    could split lines differently."""
+    """No control characters but tab and line ends, nor line separators Python does not
+    end a line at: nothing on which two parsers could split lines differently."""
     found = _CONTROL.search(source)
     if found is not None:
         before = source[: found.start()]
