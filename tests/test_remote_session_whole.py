@@ -464,3 +464,21 @@ def test_a_session_and_its_trace_in_one_with_says_what_to_write(lm, requests):
     with pytest.raises(SyntaxError, match="write it as a `with` statement of its own"):
         one_with(lm, IDS)
     assert requests == []
+
+
+def test_a_remote_session_without_a_trace_sends_back_what_it_bound():
+    """Plain Python in a session (no trace block in it): its variables come back, not a
+    server error (the reply looked for the first trace's saves)."""
+    from test_batching import run
+
+    from runtime.remote import protocol
+    from runtime.serve.worker import load_model
+
+    source = ("def job(model, x):\n    with model.session(remote=True):\n"
+              "        a = x * 2\n        b = 3\n")
+    got, _, _ = run(load_model("tiny-llama"), [_message(source, True, ["a", "b"], x=IDS)],
+                    max_jobs=1)
+    assert got[0][0] == b"R", got[0]
+    header, tensors = got[0][1], got[0][2]
+    assert torch.equal(tensors[header["saved"]["a"]["k"]], IDS * 2)
+    assert protocol.decode_values({"b": header["saved"]["b"]}, tensors) == {"b": 3}

@@ -391,11 +391,12 @@ def encode_reply(job: Prepared, scope: dict, max_result: int) -> bytes:
     compiled, block, values, filename = job.compiled, job.block, job.values, job.filename
     # The block's saves, and what the client's compiler says it binds after the block (in
     # a session, a later trace's reads of this one's variables): the block's own variables.
-    saved = [*compiled.plan.blocks[0].saved,
-             *(n for n in job.wanted if n not in values and n != block.model)]
     if block.kind == "session":  # its traces' saves, and what its body bound (sent or not)
         saved = [*(n for b in compiled.plan.blocks for n in b.saved),
                  *(n for n in job.wanted if n != block.model)]
+    else:
+        saved = [*compiled.plan.blocks[0].saved,
+                 *(n for n in job.wanted if n not in values and n != block.model)]
     out: dict = {}
     labels: dict = {}
     for name in saved:
