@@ -386,9 +386,10 @@ class Tracer:
         """May the forward end once no lane waits for a value?  Only a ``trace`` whose
         every value is asked for by its lanes: no step blocks (calls counted to the
         end), backward blocks (the graph to the loss), caches (every module's output
-        recorded) or ``model.edit()`` interventions."""
+        recorded) or ``model.edit()`` interventions; and a model whose values stay as
+        they were handed out (runtime/serve/stable.py, learned before the first batch)."""
         if (self._kind != "trace" or self._has_steps or self._has_backward or self._caches
-                or self._root._edits):
+                or self._root._edits or not self._root.__dict__.get("_iv_outputs_stable")):
             return False
         for lane in self._block.lanes:
             for item in lane.items:

@@ -17,6 +17,7 @@ from runtime.remote import protocol
 from runtime.serve import Engine, Limits, execute
 from runtime.serve.batch import run_batch
 from runtime.serve.engine import FINAL, Job
+from runtime.serve.stable import outputs_stable
 from runtime.serve.worker import load_model, pack_batch, unpack_batch
 
 A = torch.tensor([[1, 5, 7, 9, 11]])
@@ -81,7 +82,9 @@ def lm():
 
 @pytest.fixture
 def forwards(lm):
-    """How many forward passes of the whole model ran."""
+    """How many forward passes of the whole model ran (after the server's probe
+    forward: runtime/serve/stable.py)."""
+    outputs_stable(lm)
     calls = []
     handle = lm._module.register_forward_pre_hook(lambda *a: calls.append(1))
     yield calls

@@ -11,6 +11,7 @@ import pytest
 import torch
 from test_batching import GEN, READ, A, B, C, message, run, same, saved, tensor_refs
 
+from runtime.serve.stable import outputs_stable
 from runtime.serve.worker import load_model
 
 # Every step: the last position's hidden state after layer 0, one entry per step.
@@ -114,7 +115,9 @@ def lm():
 
 @pytest.fixture
 def forwards(lm):
-    """How many forward passes of the whole model ran."""
+    """How many forward passes of the whole model ran (after the server's probe
+    forward: runtime/serve/stable.py)."""
+    outputs_stable(lm)
     calls = []
     handle = lm._module.register_forward_pre_hook(lambda *a: calls.append(1))
     yield calls
@@ -327,6 +330,7 @@ def test_trace_step_blocks_in_a_shared_pass_count_each_modules_calls():
     module.model.layers[1] = module.model.layers[0]
     module.requires_grad_(False)
     root = LanguageModel(module)
+    outputs_stable(root)  # the server's probe forward, before counting
     passes = []
     handle = module.register_forward_pre_hook(lambda *a: passes.append(1))
     try:

@@ -512,6 +512,9 @@ def run_batch(root, guard, jobs: list[tuple[str, bytes, bool]],
     served model was changed (the caller must reload it: end the worker)."""
     import json
 
+    from .stable import outputs_stable
+
+    outputs_stable(root)  # may its traces end early? (learned once per model)
     batch = _Batch(root, send, max_print)
     items = [_Item(batch, i, d, a or max_jobs <= 1) for i, d, a in jobs]
     for item in items:
