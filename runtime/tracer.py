@@ -389,7 +389,8 @@ class Tracer:
         recorded) or ``model.edit()`` interventions; and a model whose values stay as
         they were handed out (runtime/serve/stable.py, learned before the first batch)."""
         if (self._kind != "trace" or self._has_steps or self._has_backward or self._caches
-                or self._root._edits or not self._root.__dict__.get("_iv_outputs_stable")):
+                or self._root._edits or not self._root.__dict__.get("_iv_outputs_stable")
+                or not self._root._order_complete):  # a pass that learns the order runs whole
             return False
         for lane in self._block.lanes:
             for item in lane.items:

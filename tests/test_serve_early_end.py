@@ -183,6 +183,13 @@ def test_the_probe_runs_once_and_finds_the_served_llama_stable(lm):  # noqa: F81
     from runtime.serve.stable import KEY
 
     assert outputs_stable(lm) is True and lm.__dict__[KEY] is True
+    fresh = load_model("tiny-llama")
+    assert not fresh._order_complete
+    assert outputs_stable(fresh) is True
+    # The probe learned the module order: a trace that learns it runs whole (cut short,
+    # the order would stay unlearned and every later trace would learn it again).
+    assert fresh._order_complete
+    assert not fresh._module._forward_hooks and not fresh._module._forward_pre_hooks
     relu = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(inplace=True))
     from runtime import NNsight
 

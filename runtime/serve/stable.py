@@ -9,6 +9,8 @@ tensor.  So before a model's first server trace, one forward of a few tokens wit
 hook on every module notes each input and output tensor's version counter when the
 module is called and returns; if any changed by the end, the model's traces always
 run their whole forward.  The answer is kept on the model (``_iv_outputs_stable``).
+The same forward learns the module order (a trace that learns it runs whole: a pass
+cut short would leave it unlearned, and every later trace would learn it again).
 """
 
 from __future__ import annotations
@@ -47,8 +49,11 @@ def outputs_stable(root) -> bool:
     def post(mod, args, kwargs, out):
         _tensors(out, seen)
 
+    from ..tracer import _remove_handles, _settle_order
+
     handles = []
-    stable = False
+    stable = ran = False
+    learning = None if root._order_complete else root._learn_order()
     try:
         for mod in module.modules():
             handles.append(mod.register_forward_pre_hook(pre, with_kwargs=True))
@@ -58,6 +63,7 @@ def outputs_stable(root) -> bool:
         ids = torch.arange(1, 5, device=param.device if param is not None else None)[None] % vocab
         with torch.no_grad():
             module(ids)
+        ran = True
         stable = all(t._version == v for t, v in seen)
     except Exception:  # noqa: BLE001 - a model the probe cannot run: never end early
         stable = False
@@ -65,5 +71,8 @@ def outputs_stable(root) -> bool:
         for h in handles:
             h.remove()
         seen.clear()
+        if learning is not None:
+            _remove_handles(learning)
+            _settle_order(root, ran)
     root.__dict__[KEY] = stable
     return stable
