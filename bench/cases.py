@@ -384,9 +384,16 @@ def scaling(cfg: Config) -> Outcome:
         side: (timing.slope(list(INVOKES), ys) if all(y is not None for y in ys) else None)
         for side, ys in inv_series.items()
     }
-    out.rows.append(Row(case, "slope: cost per extra invoke", inv_slopes["ours"],
-                        inv_slopes["plain"], inv_slopes["nnsight"], unit="µs/invoke",
-                        status="info" if inv_slopes["ours"] is not None else "n/a"))
+    row = Row(case, "slope: cost per extra invoke", inv_slopes["ours"], inv_slopes["plain"],
+              inv_slopes["nnsight"], unit="µs/invoke", target="≤ plain + 1 µs")
+    if inv_slopes["ours"] is not None and inv_slopes["plain"] is not None:
+        extra = inv_slopes["ours"] - inv_slopes["plain"]  # issue 12: within 1 µs of slicing
+        row.status = "PASS" if extra <= 1.0 else "MISS"
+        row.headline = f"intervene {extra:+.2f} µs per invoke above plain slicing"
+        row.note = row.headline + " (slopes of the medians)"
+    else:
+        row.status = "n/a"
+    out.rows.append(row)
     out.plot["invokes"] = {"counts": list(INVOKES), "series": inv_series}
     return out
 
