@@ -169,10 +169,9 @@ def _wrap(node: cst.With, filename: str, line: int, col: int, end_line: int,
                        frozenset(stores))
 
 
-def find_block(filename: str, text: str, line: int) -> DirectBlock:
-    """The trace block whose ``with`` header is on ``line`` of ``text`` (the
-    innermost one, when blocks are nested in other ``with`` statements)."""
-    module, positions, found, tree = _parse(filename, text)
+def innermost_at(found, positions: dict, line: int):
+    """Of the ``with`` statements ``found``, the innermost whose header spans ``line``:
+    ``(node, first line, column, last line)``, or None."""
     best = None
     for node in found:
         first, col, last, _ = positions[node]
@@ -180,6 +179,14 @@ def find_block(filename: str, text: str, line: int) -> DirectBlock:
         head_end = positions[body.body[0]][0] - 1 if isinstance(body, cst.IndentedBlock) else last
         if first <= line <= max(head_end, first) and (best is None or first >= best[1]):
             best = (node, first, col, last)
+    return best
+
+
+def find_block(filename: str, text: str, line: int) -> DirectBlock:
+    """The trace block whose ``with`` header is on ``line`` of ``text`` (the
+    innermost one, when blocks are nested in other ``with`` statements)."""
+    module, positions, found, tree = _parse(filename, text)
+    best = innermost_at(found, positions, line)
     if best is None:
         raise CompileError(
             f"no `with ....trace(...)` / `.generate(...)` / `.scan(...)` statement found at "

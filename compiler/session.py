@@ -185,20 +185,14 @@ def find_session(filename: str, text: str, line: int) -> dict:
     import ast
 
     from . import walk
-    from .block import _parse, _reads_after, helper_names
+    from .block import _parse, _reads_after, helper_names, innermost_at
     from .errors import CompileError
     from .parse import Source, decorator_aliases
 
     module, positions, _found, tree = _parse(filename, text)
     finder = _Sessions(decorator_aliases(module))
     walk.visit(finder, module)
-    best = None
-    for node in finder.found:
-        first, col, last, _ = positions[node]
-        body = node.body
-        head_end = positions[body.body[0]][0] - 1 if isinstance(body, cst.IndentedBlock) else last
-        if first <= line <= max(head_end, first) and (best is None or first >= best[1]):
-            best = (node, first, col, last)
+    best = innermost_at(finder.found, positions, line)
     if best is None:
         raise CompileError(
             f"no `with ....session(remote=...)` statement found at line {line} of {filename}: "

@@ -413,13 +413,7 @@ def validate_block(
     if not isinstance(source, str) or not isinstance(block_index, int):
         raise ValidationError("a job needs its source text and a block number", first_line, 0,
                               "source")
-    helpers = dict(helpers or {})
-    _check_names(free_names or (), first_line, "a value was sent")
-    _check_names(helpers, first_line, "a helper was sent")
-    both = sorted(set(helpers) & set(free_names or ()))
-    if both:
-        raise ValidationError(f"`{both[0]}` was sent both as a value and as a helper",
-                              first_line, 0, both[0])
+    helpers = _check_sent(free_names or (), helpers, first_line)
     module, fn, positions = _parse_function(source, first_line)
     blocks = _blocks(fn)
     if not 0 <= block_index < len(blocks):
@@ -447,6 +441,19 @@ def _check_names(names: Iterable, first_line: int, what: str) -> None:
                 and unicodedata.normalize("NFKC", name) == name and not name.startswith("__")):
             raise ValidationError(f"{what} under the name {name!r}, which is not a "
                                   "plain variable name", first_line, 0, str(name)[:60])
+
+
+def _check_sent(free_names, helpers, first_line: int) -> dict:
+    """The names a job sent (values and helpers) are plain names, none sent as both;
+    the helpers as a dict."""
+    helpers = dict(helpers or {})
+    _check_names(free_names, first_line, "a value was sent")
+    _check_names(helpers, first_line, "a helper was sent")
+    both = sorted(set(helpers) & set(free_names))
+    if both:
+        raise ValidationError(f"`{both[0]}` was sent both as a value and as a helper",
+                              first_line, 0, both[0])
+    return helpers
 
 
 def _parse_function(source: str, first_line: int) -> tuple[cst.Module, cst.FunctionDef, dict]:
@@ -1594,13 +1601,7 @@ def validate_session(
     if not isinstance(source, str) or not isinstance(session_index, int):
         raise ValidationError("a job needs its source text and a session number", first_line,
                               0, "source")
-    helpers = dict(helpers or {})
-    _check_names(free_names, first_line, "a value was sent")
-    _check_names(helpers, first_line, "a helper was sent")
-    both = sorted(set(helpers) & set(free_names))
-    if both:
-        raise ValidationError(f"`{both[0]}` was sent both as a value and as a helper",
-                              first_line, 0, both[0])
+    helpers = _check_sent(free_names, helpers, first_line)
     _module, fn, positions = _parse_function(source, first_line)
     sessions = session_statements(fn)
     if not 0 <= session_index < len(sessions):

@@ -25,12 +25,10 @@ import sys
 
 from compiler.errors import CompileError
 
+from .body import BodySkipper
+
 _CO_OPTIMIZED = inspect.CO_OPTIMIZED
 _opens: dict[tuple, bool] = {}
-
-
-class _SkipBody(Exception):
-    """Raised on the body's first line; ``DirectTracer.__exit__`` swallows it."""
 
 
 def opens_with(frame) -> bool:
@@ -50,11 +48,7 @@ def opens_with(frame) -> bool:
     return got
 
 
-def _no_trace(frame, event, arg):
-    return None
-
-
-class DirectTracer:
+class DirectTracer(BodySkipper):
     """``with model.trace(...):`` outside compiled code (see the module docstring)."""
 
     def __init__(self, model, kind: str, args: tuple, kwargs: dict) -> None:
@@ -121,29 +115,9 @@ class DirectTracer:
         # As in a decorated function, what the block saved outlives it (nothing else).
         bound = {k: out[k] for k in compiled.plan.blocks[0].saved if k in out and k != block.target}
         _bind(frame, bound)
-        # Skip the body: raise on its first line (caught in __exit__).
-        self._frame = frame
-        self._body_line = block.body_line
-        self._old = sys.gettrace(), frame.f_trace
-        sys.settrace(_no_trace)
-        frame.f_trace = self._skip
-        frame.f_trace_lines = True
+        self._skip_body(frame, block.body_line)  # raises on its first line (see body.py)
         del frame
         return tracer if tracer is not None else self
-
-    def _skip(self, frame, event, arg):
-        if event == "line" and frame.f_lineno >= self._body_line:  # not the header's lines
-            raise _SkipBody
-        return self._skip
-
-    def __exit__(self, exc_type, exc, tb) -> bool:
-        frame, self._frame = self._frame, None
-        if frame is not None:
-            old_global, old_local = self._old
-            frame.f_trace = old_local
-            sys.settrace(old_global)
-            self._old = None
-        return exc_type is _SkipBody
 
 
 _handle_class = None

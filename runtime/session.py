@@ -34,8 +34,10 @@ from __future__ import annotations
 import sys
 from typing import Any, Self
 
+from .body import BodySkipper
 
-class Session:
+
+class Session(BodySkipper):
     """What ``with model.session() as session:`` binds.  ``here``: the body runs
     in this process (false once a remote session ran on the server); ``values``: what
     the server sent back."""
@@ -76,7 +78,7 @@ class Session:
         from compiler.parse import has_with_at, recover_cell
         from compiler.session import compile_session, find_session
 
-        from .direct import _CO_OPTIMIZED, _bind, _no_trace, _template
+        from .direct import _CO_OPTIMIZED, _bind, _template
 
         self._direct = False
         code = frame.f_code
@@ -117,31 +119,7 @@ class Session:
             self.here = opened.here
             self.values = opened.values
         _bind(frame, dict(self.values))
-        self._frame = frame
-        self._body_line = found["body_line"]
-        self._old = sys.gettrace(), frame.f_trace
-        sys.settrace(_no_trace)
-        frame.f_trace = self._skip
-        frame.f_trace_lines = True
-
-    def _skip(self, frame, event, arg):
-        from .direct import _SkipBody
-
-        if event == "line" and frame.f_lineno >= self._body_line:  # not the header's lines
-            raise _SkipBody
-        return self._skip
-
-    def __exit__(self, exc_type, exc, tb) -> bool:
-        frame, self._frame = self._frame, None
-        if frame is None:
-            return False
-        from .direct import _SkipBody
-
-        old_global, old_local = self._old
-        frame.f_trace = old_local
-        sys.settrace(old_global)
-        self._old = None
-        return exc_type is _SkipBody
+        self._skip_body(frame, found["body_line"])  # its body ran on the server
 
     def __repr__(self) -> str:
         where = "remote " if self.remote else ""
@@ -201,8 +179,8 @@ def request_for_session(handle, model, index: int, lines: tuple, wanted: tuple,
 
     from .remote import protocol
     from .remote.client import RemoteError, model_name
-    from .remote.helpers import encode_job_values, server_module
-    from .remote.protocol import PROTOCOL_VERSION, UnsendableError
+    from .remote.helpers import encode_sent, server_module
+    from .remote.protocol import PROTOCOL_VERSION
 
     src = handle.source
     if src is None:
@@ -225,13 +203,7 @@ def request_for_session(handle, model, index: int, lines: tuple, wanted: tuple,
             continue
         values[name] = value
         labels[name] = f"variable `{name}` (read at line {line})"
-    try:
-        trees, tensors, helpers = encode_job_values(values, labels)
-    except UnsendableError as exc:
-        raise UnsendableError(
-            f"line {lines[0]}: the remote session cannot send {exc}; compute it inside the "
-            "session or pass a plain value"
-        ) from None
+    trees, tensors, helpers = encode_sent(values, labels, lines[0], "session")
     header = {
         "protocol": PROTOCOL_VERSION,
         "compiler": compiler_version(),

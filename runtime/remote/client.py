@@ -31,8 +31,8 @@ from compiler.version import compiler_version  # sent; the server checks it
 
 from ..tracer import Tracer
 from . import phases, protocol
-from .helpers import encode_job_values, server_module
-from .protocol import PROTOCOL_VERSION, UnsendableError
+from .helpers import encode_sent, server_module
+from .protocol import PROTOCOL_VERSION
 
 FINAL = ("COMPLETED", "ERROR", "CANCELLED")
 
@@ -130,13 +130,8 @@ def request_for(tracer: RemoteTracer) -> bytes:
             f"(`model.{block.kind}(...)`), not `{block.model}`"
         )
     values, labels = free_values(tracer)
-    try:  # @intervene helpers the block calls travel as source (runtime/remote/helpers.py)
-        trees, tensors, helpers = encode_job_values(values, labels)
-    except UnsendableError as exc:
-        raise UnsendableError(
-            f"line {block.line}: the remote block cannot send {exc}; compute it inside the "
-            "block or pass a plain value"
-        ) from None
+    # @intervene helpers the block calls travel as source (runtime/remote/helpers.py)
+    trees, tensors, helpers = encode_sent(values, labels, block.line, "block")
     header = {
         "protocol": PROTOCOL_VERSION,
         "compiler": compiler_version(),

@@ -170,6 +170,18 @@ def encode_helpers(helpers: dict, encoder) -> dict:
     return out
 
 
+def encode_sent(values: dict, labels: dict, line: int, what: str) -> tuple[dict, dict, dict]:
+    """``encode_job_values``, with what cannot be sent said at the user's ``line`` of the
+    remote ``what`` ("block", "session")."""
+    try:
+        return encode_job_values(values, labels)
+    except UnsendableError as exc:
+        raise UnsendableError(
+            f"line {line}: the remote {what} cannot send {exc}; compute it inside the "
+            f"{what} or pass a plain value"
+        ) from None
+
+
 def encode_job_values(values: dict, labels: dict) -> tuple[dict, dict, dict]:
     """A block's free values -> ``(trees, tensors, helpers)``: what
     ``protocol.encode_values`` gives, with the helpers shipped as source."""

@@ -145,21 +145,26 @@ def _block_function(source, block, pad: str = "    ") -> tuple[str, int]:
 _COMPILED: dict = {}
 
 
+def _helper_sources(header: dict, helper_values: dict) -> dict:
+    """The helpers a job shipped, as the validator takes them."""
+    from compiler.validate import HelperSource
+
+    return {name: HelperSource(h["source"], h["first_line"], h["filename"],
+                               frozenset(helper_values[name][0]))
+            for name, h in (header.get("helpers") or {}).items()}
+
+
 def _compile_block(header: dict, values: dict, root, helper_values: dict,
                    wanted: tuple[str, ...] = ()):
     """Validate the job's block and its helpers, then compile the block alone and each
     helper: ``(Compiled, plan Block, {helper: Compiled})``."""
     from compiler.codegen import compile_source
     from compiler.parse import Source
-    from compiler.validate import HelperSource
 
     filename = header["filename"]
     index = header["block"]
     src = Source(header["source"], filename, header["first_line"], 0)
-    shipped = header.get("helpers") or {}
-    specs = {name: HelperSource(h["source"], h["first_line"], h["filename"],
-                                frozenset(helper_values[name][0]))
-             for name, h in shipped.items()}
+    specs = _helper_sources(header, helper_values)
     # The allowlist first: nothing else (not even our compiler) sees a refused source.
     validate(header["source"], index, frozenset(values), root._module, src.first_line, specs)
     names = frozenset(specs)  # a call of one of these in a lane runs it in the lane
@@ -214,15 +219,12 @@ def _compile_session(header: dict, values: dict, root, helper_values: dict,
     handle).  Nothing else of the function runs, not even the session's own call."""
     from compiler.codegen import compile_source
     from compiler.parse import Source
-    from compiler.validate import HelperSource, module_names_of, validate_session
+    from compiler.validate import module_names_of, validate_session
 
     filename = header["filename"]
     index = header["block"]
     src = Source(header["source"], filename, header["first_line"], 0)
-    shipped = header.get("helpers") or {}
-    specs = {name: HelperSource(h["source"], h["first_line"], h["filename"],
-                                frozenset(helper_values[name][0]))
-             for name, h in shipped.items()}
+    specs = _helper_sources(header, helper_values)
     model, body_line, end = validate_session(
         header["source"], index, free_names=frozenset(values),
         module_names=module_names_of(root._module), first_line=src.first_line, helpers=specs)
