@@ -346,9 +346,8 @@ def test_a_session_job_runs_alone_in_a_batch(lm):
 
     from runtime.remote import protocol
     from runtime.serve.batch import run_batch
-    from runtime.serve.worker import load_model
-
     from runtime.serve.stable import outputs_stable
+    from runtime.serve.worker import load_model
 
     root = load_model("tiny-llama")
     outputs_stable(root)  # the server's probe forward, before counting

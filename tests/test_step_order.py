@@ -21,7 +21,7 @@ PROMPT = torch.tensor([[1, 5, 7, 9, 11]])
 def later_step_earlier_module(model, x):
     with model.generate(x, max_new_tokens=5, do_sample=False) as tracer:
         with tracer.iter[0:2]:
-            logits = model.lm_head.output.save()
+            logits = model.lm_head.output.save()  # noqa: F841 - a checkpoint the order check sees
         with tracer.iter[3]:
             model.model.layers[0].output[:] = 0
         out = model.generator.output.save()
@@ -32,7 +32,7 @@ def later_step_earlier_module(model, x):
 def same_step_earlier_module(model, x):
     with model.generate(x, max_new_tokens=5, do_sample=False) as tracer:
         with tracer.iter[3]:
-            logits = model.lm_head.output.save()
+            logits = model.lm_head.output.save()  # noqa: F841 - a checkpoint the order check sees
         with tracer.iter[3]:
             model.model.layers[0].output[:] = 0
         out = model.generator.output.save()
