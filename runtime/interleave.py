@@ -1241,7 +1241,8 @@ class Interleaver:
             if ev.changed:  # a lane replaced the value: the rest runs on it (its errors too)
                 self.end_when_served = False
             elif (not self.waiting and not self.step_waiting and not self.end_waiting
-                  and not self.barriers and not self.ended):
+                  and not (self.barriers and any(b.waiting for b in self.barriers))
+                  and not self.ended):  # (a released barrier keeps no lane)
                 raise StopTrace()  # the server's trace: nothing after this is seen by a lane
         return ev
 

@@ -195,3 +195,25 @@ def test_the_probe_runs_once_and_finds_the_served_llama_stable(lm):  # noqa: F81
 
     net = NNsight(relu)  # the ReLU changes its input in place; a probe of ids fails: False
     assert outputs_stable(net) is False
+
+
+BARRIER = '''def job(model, a, b):
+    with model.trace() as tracer:
+        bar = tracer.barrier(2)
+        with tracer.invoke(a):
+            h = model.model.layers[0].output
+            bar()
+        with tracer.invoke(b):
+            bar()
+            model.model.layers[0].output[:] = h
+            y = model.model.layers[0].output.save()
+'''
+
+
+def test_a_job_whose_barrier_was_released_ends_early_too(lm, calls):  # noqa: F811
+    """A released barrier keeps no lane waiting: the pass ends after layer 0, and the
+    value is the one a local trace saves (invoke b's rows replaced by invoke a's)."""
+    got, _, _ = run(lm, [message(BARRIER, a=A, b=B)], max_jobs=1)
+    assert got[0][0] == b"R", got[0]
+    assert calls == {"layer1": 0, "lm_head": 0}
+    torch.testing.assert_close(saved(got[0], "y"), hidden(lm, A, 0), atol=1e-5, rtol=0)
