@@ -5,14 +5,27 @@ result equal to running it alone (and to plain transformers with hooks); a write
 step touches only its job's rows; a job whose rows end sooner than the call's last step
 runs again alone; a failing step-block job fails alone.  In-process on the tiny Llama."""
 
+# ruff: noqa: F811 - `lm` and `forwards` are test_batching's fixtures, imported as parameters
 from __future__ import annotations
 
 import pytest
 import torch
-from test_batching import GEN, READ, A, B, C, message, run, same, saved, tensor_refs
+from test_batching import (  # noqa: F401 - lm, forwards: fixtures
+    GEN,
+    READ,
+    A,
+    B,
+    C,
+    forwards,
+    lm,
+    message,
+    run,
+    same,
+    saved,
+    tensor_refs,
+)
 
 from runtime.serve.stable import outputs_stable
-from runtime.serve.worker import load_model
 
 # Every step: the last position's hidden state after layer 0, one entry per step.
 ALL = '''def job(model, x):
@@ -106,22 +119,6 @@ FAILS_AT_2 = '''def job(model, x):
             bad = model.model.layers[0].output[7].save()
         out = model.generator.output.save()
 '''
-
-
-@pytest.fixture(scope="module")
-def lm():
-    return load_model("tiny-llama")
-
-
-@pytest.fixture
-def forwards(lm):
-    """How many forward passes of the whole model ran (after the server's probe
-    forward: runtime/serve/stable.py)."""
-    outputs_stable(lm)
-    calls = []
-    handle = lm._module.register_forward_pre_hook(lambda *a: calls.append(1))
-    yield calls
-    handle.remove()
 
 
 def same_generate(got, alone) -> None:

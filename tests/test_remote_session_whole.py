@@ -11,24 +11,13 @@ from serve_support import (
     http_fixture,  # noqa: F401 (a fixture)
     lm_fixture,  # noqa: F401 (a fixture)
     remote_fixture,  # noqa: F401 (a fixture)
-    running,
 )
+from test_remote_session import IDS, OTHER, engine  # noqa: F401 - engine: the server's, a fixture
 
 from compiler import intervene
 from compiler.validate import ValidationError
 from runtime.remote import client as remote_client
 from runtime.remote.protocol import UnsendableError
-from runtime.serve import Engine, Limits
-
-IDS = torch.tensor([[1, 5, 7, 9, 11]])
-OTHER = torch.tensor([[2, 4, 6, 8, 10]])
-
-
-@pytest.fixture(scope="module")
-def engine():
-    eng = Engine(["tiny-llama"], Limits(job_timeout=20.0, max_result=2**22, max_print=4096))
-    with running(eng):
-        yield eng
 
 
 class Sent(list):

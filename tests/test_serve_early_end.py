@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_batching import BARRIER as BATCH_BARRIER
 from test_batching import A, B, C, lm, message, run, saved  # noqa: F401 - lm is a fixture
 
 from runtime.serve.stable import outputs_stable
@@ -197,17 +198,8 @@ def test_the_probe_runs_once_and_finds_the_served_llama_stable(lm):  # noqa: F81
     assert outputs_stable(net) is False
 
 
-BARRIER = '''def job(model, a, b):
-    with model.trace() as tracer:
-        bar = tracer.barrier(2)
-        with tracer.invoke(a):
-            h = model.model.layers[0].output
-            bar()
-        with tracer.invoke(b):
-            bar()
-            model.model.layers[0].output[:] = h
-            y = model.model.layers[0].output.save()
-'''
+# test_batching's barrier job, saving layer 0 (not the LM head) at the end
+BARRIER = BATCH_BARRIER.replace("model.lm_head.output.save()", "model.model.layers[0].output.save()")
 
 
 def test_a_job_whose_barrier_was_released_ends_early_too(lm, calls):  # noqa: F811
