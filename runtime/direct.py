@@ -65,15 +65,11 @@ class DirectTracer(BodySkipper):
 
     def __enter__(self):
         from compiler.block import compile_block, find_block
-        from compiler.parse import has_with_at, recover_cell
         from compiler.plan import Plan
 
         frame = sys._getframe(1)
-        code = frame.f_code
-        filename, line = code.co_filename, frame.f_lineno
-        lines = linecache.getlines(filename, frame.f_globals)
-        if not lines and recover_cell(filename, lambda text: has_with_at(text, line)):
-            lines = linecache.getlines(filename)  # a `%%time` cell's body
+        filename, line = frame.f_code.co_filename, frame.f_lineno
+        lines = caller_lines(frame)
         if not lines:
             raise CompileError(
                 f"`with {self._model._path}.{self._kind}(...)` outside an @intervene function "
@@ -84,17 +80,9 @@ class DirectTracer(BodySkipper):
                 filename, line,
             )
         block = find_block(filename, "".join(lines), line)
-        optimized = bool(code.co_flags & _CO_OPTIMIZED)
         local = frame.f_locals
-        if optimized:  # a function: the names it binds that the block reads
-            params = sorted(block.loads & local.keys())
-        else:  # module or class level: what the block reads and assigns (`n += 1`)
-            names = dict(frame.f_globals)
-            names.update(local)
-            params = sorted(block.loads & block.stores & names.keys())
-            if local is not frame.f_globals:  # a class body's own names
-                params = sorted(set(params) | (block.loads & local.keys()))
-        params = [p for p in params if p != block.target]
+        params = [p for p in caller_params(frame, local, block.loads, block.stores)
+                  if p != block.target]
         from compiler import imported_helpers
 
         extra = imported_helpers(frame.f_globals) - block.helpers
@@ -118,6 +106,34 @@ class DirectTracer(BodySkipper):
         self._skip_body(frame, block.body_line)  # raises on its first line (see body.py)
         del frame
         return tracer if tracer is not None else self
+
+
+def caller_lines(frame) -> list[str]:
+    """The source lines of the file ``frame`` runs (a ``%%time`` cell's body recovered,
+    ``compiler.parse.recover_cell``); empty when there are none."""
+    from compiler.parse import has_with_at, recover_cell
+
+    filename, line = frame.f_code.co_filename, frame.f_lineno
+    lines = linecache.getlines(filename, frame.f_globals)
+    if not lines and recover_cell(filename, lambda text: has_with_at(text, line)):
+        lines = linecache.getlines(filename)  # a `%%time` cell's body
+    return lines
+
+
+def caller_params(frame, local: dict, loads: frozenset, stores: frozenset) -> list[str]:
+    """The names of ``frame`` (``local``: its ``f_locals``) that a statement compiled
+    from its source takes as parameters, sorted: in a function, the names it binds
+    that the statement reads; at module or class level, what the statement reads and
+    assigns (``n += 1``; the others are the module's globals) and a class body's own
+    names it reads."""
+    if frame.f_code.co_flags & _CO_OPTIMIZED:
+        return sorted(loads & local.keys())
+    names = dict(frame.f_globals)
+    names.update(local)
+    params = sorted(loads & stores & names.keys())
+    if local is not frame.f_globals:  # a class body's own names
+        params = sorted(set(params) | (loads & local.keys()))
+    return params
 
 
 _handle_class = None

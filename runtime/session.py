@@ -72,20 +72,14 @@ class Session(BodySkipper):
         compile it wrapped in a function (compiler/session.py ``find_session``), run
         it (the request goes out there), bind what came back where the ``with`` is,
         and skip the body (as runtime/direct.py does for a trace block)."""
-        import linecache
-
         from compiler.errors import CompileError
-        from compiler.parse import has_with_at, recover_cell
         from compiler.session import compile_session, find_session
 
-        from .direct import _CO_OPTIMIZED, _bind, _template
+        from .direct import _bind, _template, caller_lines, caller_params
 
         self._direct = False
-        code = frame.f_code
-        filename, line = code.co_filename, frame.f_lineno
-        lines = linecache.getlines(filename, frame.f_globals)
-        if not lines and recover_cell(filename, lambda text: has_with_at(text, line)):
-            lines = linecache.getlines(filename)
+        filename, line = frame.f_code.co_filename, frame.f_lineno
+        lines = caller_lines(frame)
         if not lines:
             raise CompileError(
                 f"`with {self.model._path}.session(remote=True)` outside an @intervene "
@@ -95,13 +89,7 @@ class Session(BodySkipper):
                 "@intervene", filename, line)
         found = find_session(filename, "".join(lines), line)
         local = frame.f_locals
-        if code.co_flags & _CO_OPTIMIZED:  # a function: the names it binds that it reads
-            params = sorted(found["loads"] & local.keys())
-        else:  # module level: what it reads and assigns (others are the module's globals)
-            names = {**frame.f_globals, **local}
-            params = sorted(found["loads"] & found["stores"] & names.keys())
-            if local is not frame.f_globals:
-                params = sorted(set(params) | (found["loads"] & local.keys()))
+        params = caller_params(frame, local, found["loads"], found["stores"])
         from compiler import imported_helpers
 
         extra = imported_helpers(frame.f_globals) - found["helpers"]
