@@ -225,7 +225,11 @@ class Tracer:
         entry per step.  See runtime/cache.py."""
         from .cache import open_cache
 
-        return open_cache(self, modules, include_inputs, device, dtype, detach)
+        cache = open_cache(self, modules, include_inputs, device, dtype, detach)
+        inter = self._inter
+        if inter is not None:  # the cache sees every module: the server's trace runs whole
+            inter.end_when_served = False
+        return cache
 
     def barrier(self, n: int) -> Barrier:
         return Barrier(n)
@@ -386,17 +390,13 @@ class Tracer:
         """May the forward end once no lane waits for a value?  Only a ``trace`` whose
         every value is asked for by its lanes: no step blocks (calls counted to the
         end), backward blocks (the graph to the loss), caches (every module's output
-        recorded) or ``model.edit()`` interventions; and a model whose values stay as
-        they were handed out (runtime/serve/stable.py, learned before the first batch)."""
-        if (self._kind != "trace" or self._has_steps or self._has_backward or self._caches
-                or self._root._edits or not self._root.__dict__.get("_iv_outputs_stable")
-                or not self._root._order_complete):  # a pass that learns the order runs whole
-            return False
-        for lane in self._block.lanes:
-            for item in lane.items:
-                if getattr(item, "kind", None) == "cache":
-                    return False
-        return True
+        recorded: ``cache`` turns it off as a lane opens one) or ``model.edit()``
+        interventions; and a model whose values stay as they were handed out
+        (runtime/serve/stable.py, learned before the first batch)."""
+        return not (self._kind != "trace" or self._has_steps or self._has_backward
+                    or self._caches or self._root._edits
+                    or not self._root.__dict__.get("_iv_outputs_stable")
+                    or not self._root._order_complete)  # a pass that learns the order runs whole
 
     def _inputs(self) -> tuple[tuple, dict, list | None]:
         """The model's inputs, and each lane's rows of the batch (None: all rows).  The
