@@ -216,19 +216,12 @@ def run_remote_session(handle, model, index: int, lines: tuple, wanted: tuple, f
     changed are changed here too, in place, as after a remote trace)."""
     from .config import CONFIG
     from .remote import protocol
-    from .remote.client import Client
+    from .remote.client import Client, apply_mutated
 
     data = request_for_session(handle, model, index, lines, wanted, free, frame)
     client = Client(CONFIG.host, CONFIG.api_key)
     reply = client.run(data, filename=handle.plan.filename, line=lines[0])
     header, tensors = protocol.unpack(reply)
     saved = protocol.decode_values(header.get("saved", {}), tensors, model)
-    mutated = protocol.decode_values(header.get("mutated", {}), tensors, model)
-    for name, value in mutated.items():
-        target = frame.f_locals.get(name, frame.f_globals.get(name))
-        if isinstance(target, list) and isinstance(value, list):
-            target[:] = value
-        elif isinstance(target, dict) and isinstance(value, dict):
-            target.clear()
-            target.update(value)
+    apply_mutated(header, tensors, model, frame)
     return {n: v for n, v in saved.items() if n in wanted}

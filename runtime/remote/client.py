@@ -175,9 +175,19 @@ def run_block(tracer: RemoteTracer) -> None:
     if "result" in header:
         tracer._result = protocol.decode(header["result"], tensors, tracer._root)
     # Containers the block changed (outs.append(...)) change here too, in place.
-    mutated = protocol.decode_values(header.get("mutated", {}), tensors, tracer._root)
-    frame_locals = tracer._frame.f_locals if tracer._frame is not None else {}
-    frame_globals = tracer._frame.f_globals if tracer._frame is not None else {}
+    apply_mutated(header, tensors, tracer._root, tracer._frame)
+    if phases.PATH is not None:
+        for name, at in (("c0 start", t0), ("c1 encoded", t1), *client.stamps,
+                         ("c8 replied", t2), ("c9 bound", time.perf_counter())):
+            phases.stamp(client.job_id, name, at)
+
+
+def apply_mutated(header: dict, tensors: dict, root, frame) -> None:
+    """The lists and dicts a job changed on the server (its reply's ``mutated``), changed
+    the same way, in place, where ``frame`` (None: nowhere) sees them."""
+    mutated = protocol.decode_values(header.get("mutated", {}), tensors, root)
+    frame_locals = frame.f_locals if frame is not None else {}
+    frame_globals = frame.f_globals if frame is not None else {}
     for name, value in mutated.items():
         target = frame_locals.get(name, frame_globals.get(name))
         if isinstance(target, list) and isinstance(value, list):
@@ -185,10 +195,6 @@ def run_block(tracer: RemoteTracer) -> None:
         elif isinstance(target, dict) and isinstance(value, dict):
             target.clear()
             target.update(value)
-    if phases.PATH is not None:
-        for name, at in (("c0 start", t0), ("c1 encoded", t1), *client.stamps,
-                         ("c8 replied", t2), ("c9 bound", time.perf_counter())):
-            phases.stamp(client.job_id, name, at)
 
 
 # -- HTTP ---------------------------------------------------------------------------------
