@@ -123,9 +123,15 @@ def check_header(header: dict, models: dict | None = None) -> None:
 def _block_function(source, block, pad: str = "    ") -> tuple[str, int]:
     """The block alone, as the body of ``remote_block(model, <free>...)``: its text and
     the first line (in the user's file) of that text; ``pad``: its indentation."""
+    return _lines_as_body(source, block.line, block.end_line, pad), block.line - 1
+
+
+def _lines_as_body(source, line: int, end_line: int, pad: str) -> str:
+    """Lines ``line`` to ``end_line`` (of the user's file) of ``source``, dedented and
+    indented by ``pad``; blank lines stay, so the text keeps its line numbers."""
     lines = source.text.splitlines(keepends=True)
-    first = block.line - source.first_line  # 0-based in the text
-    last = block.end_line - source.first_line
+    first = line - source.first_line  # 0-based in the text
+    last = end_line - source.first_line
     body = lines[first : last + 1]
     head = body[0]
     indent = head[: len(head) - len(head.lstrip())]
@@ -138,7 +144,7 @@ def _block_function(source, block, pad: str = "    ") -> tuple[str, int]:
         out.append(pad + ln if ln.strip() else ln)
     if not out[-1].endswith("\n"):
         out[-1] += "\n"
-    return "".join(out), block.line - 1
+    return "".join(out)
 
 
 # Blocks this worker compiled (and validated) already: a repeated job skips both.
@@ -240,18 +246,9 @@ def _compile_session(header: dict, values: dict, root, helper_values: dict,
         raise JobError("ValueError", "a remote session's body starts on line 2 of its file "
                        "or later", body_line, filename)
     block = SessionBlock(index, model, body_line - 1)
-    lines = src.text.splitlines(keepends=True)
-    body = lines[body_line - src.first_line : end - src.first_line + 1]
-    head = body[0]
-    indent = head[: len(head) - len(head.lstrip())]
-    out = []
-    for ln in body:
-        ln = ln[len(indent):] if ln.startswith(indent) else ln.lstrip()
-        out.append(" " * 8 + ln if ln.strip() else ln)
-    if not out[-1].endswith("\n"):
-        out[-1] += "\n"
+    body = _lines_as_body(src, body_line, end, " " * 8)
     text = (f"def remote_block({', '.join([model, *sorted(values)])}):\n"
-            f"    with {model}.session():\n{''.join(out)}    return __iv_locals()\n")
+            f"    with {model}.session():\n{body}    return __iv_locals()\n")
     compiled = compile_source(Source(text, filename, body_line - 2, 0), (), frozenset(specs))
     return compiled, block, helpers
 
