@@ -163,15 +163,10 @@ def open_session(handle, model, index: int, lines: tuple, wanted: tuple, free: t
 def request_for_session(handle, model, index: int, lines: tuple, wanted: tuple,
                         free: tuple, frame) -> bytes:
     """The job message of a remote session (errors for unsendable values first)."""
-    from compiler.version import compiler_version
+    from .remote.client import RemoteError, pack_job
+    from .remote.helpers import server_module
 
-    from .remote import protocol
-    from .remote.client import RemoteError, model_name
-    from .remote.helpers import encode_sent, server_module
-    from .remote.protocol import PROTOCOL_VERSION
-
-    src = handle.source
-    if src is None:
+    if handle.source is None:
         raise RemoteError("this session has no compiled source to send (compile it with "
                           "@intervene)")
     local_vars = frame.f_locals
@@ -191,23 +186,8 @@ def request_for_session(handle, model, index: int, lines: tuple, wanted: tuple,
             continue
         values[name] = value
         labels[name] = f"variable `{name}` (read at line {line})"
-    trees, tensors, helpers = encode_sent(values, labels, lines[0], "session")
-    header = {
-        "protocol": PROTOCOL_VERSION,
-        "compiler": compiler_version(),
-        "model": model_name(model),
-        "function": handle.plan.name,
-        "source": src.text,
-        "filename": src.filename,
-        "first_line": src.first_line,
-        "block": index,
-        "session": True,
-        "values": trees,
-        "saved": list(wanted),
-    }
-    if helpers:
-        header["helpers"] = helpers
-    return protocol.pack(header, tensors)
+    return pack_job(handle, model, index, values, labels, lines[0], "session", wanted,
+                    session=True)
 
 
 def run_remote_session(handle, model, index: int, lines: tuple, wanted: tuple, free: tuple,

@@ -130,21 +130,32 @@ def request_for(tracer: RemoteTracer) -> bytes:
             f"(`model.{block.kind}(...)`), not `{block.model}`"
         )
     values, labels = free_values(tracer)
-    # @intervene helpers the block calls travel as source (runtime/remote/helpers.py)
-    trees, tensors, helpers = encode_sent(values, labels, block.line, "block")
+    # what the client binds after the block: its saves, and in a session the values a
+    # later trace reads (the server, compiling the block alone, cannot know those)
+    return pack_job(handle, tracer._root, block.index, values, labels, block.line, "block",
+                    block.saved)
+
+
+def pack_job(handle, root, index: int, values: dict, labels: dict, line: int, what: str,
+             saved, **extra) -> bytes:
+    """The job message of block (or session) ``index`` of ``handle``'s compiled source,
+    sending ``values`` (``encode_sent``: what cannot be sent is said at ``line``) and the
+    @intervene helpers they hold (as source, runtime/remote/helpers.py); ``saved``: the
+    names the reply is to bind; ``extra``: more header fields."""
+    src = handle.source
+    trees, tensors, helpers = encode_sent(values, labels, line, what)
     header = {
         "protocol": PROTOCOL_VERSION,
         "compiler": compiler_version(),
-        "model": model_name(tracer._root),
+        "model": model_name(root),
         "function": handle.plan.name,
         "source": src.text,
         "filename": src.filename,
         "first_line": src.first_line,
-        "block": block.index,
+        "block": index,
+        **extra,
         "values": trees,
-        # what the client binds after the block: its saves, and in a session the values a
-        # later trace reads (the server, compiling the block alone, cannot know those)
-        "saved": list(block.saved),
+        "saved": list(saved),
     }
     if helpers:
         header["helpers"] = helpers
