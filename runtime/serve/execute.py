@@ -160,6 +160,26 @@ def _helper_sources(header: dict, helper_values: dict) -> dict:
             for name, h in (header.get("helpers") or {}).items()}
 
 
+def _compile_helpers(specs: dict) -> dict:
+    """Each shipped helper compiled (a call of one of them in a lane runs it in the lane)."""
+    from compiler.codegen import compile_source
+    from compiler.parse import Source
+
+    names = frozenset(specs)
+    return {name: compile_source(Source(h.source, h.filename, h.first_line, 0), (), names)
+            for name, h in specs.items()}
+
+
+def _check_values(values: dict, model: str, filename: str) -> None:
+    """The names of the values sent become parameter names of the compiled function,
+    beside the served model's."""
+    for name in values:
+        if not name.isidentifier() or keyword.iskeyword(name) or name.startswith("__"):
+            raise JobError("ValueError", f"{name!r} is not a variable name", 1, filename)
+    if model in values:
+        raise JobError("ValueError", f"`{model}` is the served model; it cannot be sent")
+
+
 def _compile_block(header: dict, values: dict, root, helper_values: dict,
                    wanted: tuple[str, ...] = ()):
     """Validate the job's block and its helpers, then compile the block alone and each
@@ -173,19 +193,13 @@ def _compile_block(header: dict, values: dict, root, helper_values: dict,
     specs = _helper_sources(header, helper_values)
     # The allowlist first: nothing else (not even our compiler) sees a refused source.
     validate(header["source"], index, frozenset(values), root._module, src.first_line, specs)
-    names = frozenset(specs)  # a call of one of these in a lane runs it in the lane
-    helpers = {name: compile_source(Source(h.source, h.filename, h.first_line, 0), (), names)
-               for name, h in specs.items()}
+    helpers = _compile_helpers(specs)
     plan = compile_source(src).plan
     if index >= len(plan.blocks):
         raise JobError("ValueError", f"the function has no block {index}")
-    for name in values:  # they become parameter names of the function compiled below
-        if not name.isidentifier() or keyword.iskeyword(name) or name.startswith("__"):
-            raise JobError("ValueError", f"{name!r} is not a variable name", 1, filename)
     block = plan.blocks[index]
+    _check_values(values, block.model, filename)
     body, first = _block_function(src, block)
-    if block.model in values:
-        raise JobError("ValueError", f"`{block.model}` is the served model; it cannot be sent")
     names = [block.model, *sorted(values)]
     text = f"def remote_block({', '.join(names)}):\n{body}    return __iv_locals()\n"
     compiled = compile_source(Source(text, filename, first, 0), (), frozenset(specs))
@@ -234,14 +248,8 @@ def _compile_session(header: dict, values: dict, root, helper_values: dict,
     model, body_line, end = validate_session(
         header["source"], index, free_names=frozenset(values),
         module_names=module_names_of(root._module), first_line=src.first_line, helpers=specs)
-    names = frozenset(specs)
-    helpers = {name: compile_source(Source(h.source, h.filename, h.first_line, 0), (), names)
-               for name, h in specs.items()}
-    for name in values:
-        if not name.isidentifier() or keyword.iskeyword(name) or name.startswith("__"):
-            raise JobError("ValueError", f"{name!r} is not a variable name", 1, filename)
-    if model in values:
-        raise JobError("ValueError", f"`{model}` is the served model; it cannot be sent")
+    helpers = _compile_helpers(specs)
+    _check_values(values, model, filename)
     if body_line < 2:  # the `def` and the `with` go on the two lines above the body
         raise JobError("ValueError", "a remote session's body starts on line 2 of its file "
                        "or later", body_line, filename)
