@@ -36,8 +36,8 @@ import libcst as cst
 import libcst.matchers as m
 
 from .analyze import Analysis, _param_names, statements
+from .rewrite import RT, _rt
 
-RT = "__iv"
 _SESSION = m.Call(func=m.Attribute(attr=m.Name("session")))
 _CONSTANTS = frozenset({"True", "False", "None"})
 
@@ -118,7 +118,7 @@ def lower_session(rw, original: cst.With, updated: cst.With) -> cst.With | None:
     def text(value) -> cst.BaseExpression:
         return cst.parse_expression(repr(value))
 
-    new_call = cst.Call(cst.Attribute(cst.Name(RT), cst.Name("session")), [
+    new_call = cst.Call(_rt("session"), [
         cst.Arg(call.func.value),
         cst.Arg(cst.Integer(str(index))),
         cst.Arg(text((line, body_line, end))),
