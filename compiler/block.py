@@ -132,11 +132,25 @@ def _wrap(node: cst.With, filename: str, line: int, col: int, end_line: int,
             "`with ...:` and the body on the next line",
             filename, line, col,
         )
+    text, loads, stores = wrapped(node, NAME)
+    item = node.items[block_item(node)]
+    target = None
+    if item.asname is not None and isinstance(item.asname.name, cst.Name):
+        target = item.asname.name.value
+    # The wrapper's `def` sits on the line above the `with`; its body is indented
+    # 4 columns where the user's `with` is at `col`.
+    src = Source(text, filename, line - 1, col - 4)
+    return DirectBlock(src, line, body_line or line + 1, end_line, target, loads, stores)
+
+
+def wrapped(node: cst.With, name: str) -> tuple[str, frozenset[str], frozenset[str]]:
+    """``def <name>(): <node>; return locals()`` as text, with the names ``node`` reads
+    (``loads``) and binds in its own scope (``stores``)."""
     ret = cst.SimpleStatementLine(
         [cst.Return(cst.Call(cst.Name("locals")))]
     )
     fn = cst.FunctionDef(
-        name=cst.Name(NAME),
+        name=cst.Name(name),
         params=cst.Parameters(),
         body=cst.IndentedBlock([node.with_changes(leading_lines=()), ret]),
     )
@@ -158,15 +172,7 @@ def _wrap(node: cst.With, filename: str, line: int, col: int, end_line: int,
                                          ast.Lambda, ast.ListComp, ast.SetComp, ast.DictComp,
                                          ast.GeneratorExp))
         todo.extend((c, nested) for c in ast.iter_child_nodes(n))
-    item = node.items[block_item(node)]
-    target = None
-    if item.asname is not None and isinstance(item.asname.name, cst.Name):
-        target = item.asname.name.value
-    # The wrapper's `def` sits on the line above the `with`; its body is indented
-    # 4 columns where the user's `with` is at `col`.
-    src = Source(text, filename, line - 1, col - 4)
-    return DirectBlock(src, line, body_line or line + 1, end_line, target, frozenset(loads),
-                       frozenset(stores))
+    return text, frozenset(loads), frozenset(stores)
 
 
 def innermost_at(found, positions: dict, line: int):

@@ -182,10 +182,8 @@ def find_session(filename: str, text: str, line: int) -> dict:
     """The remote session whose ``with`` header is on ``line`` of ``text``, wrapped:
     ``{"source", "line", "body_line", "end_line", "loads", "stores", "later", "helpers"}``
     (``later``: the names read after it in the scope around it)."""
-    import ast
-
     from . import walk
-    from .block import _parse, _reads_after, helper_names, innermost_at
+    from .block import _parse, _reads_after, helper_names, innermost_at, wrapped
     from .errors import CompileError
     from .parse import Source, decorator_aliases
 
@@ -203,20 +201,14 @@ def find_session(filename: str, text: str, line: int) -> dict:
     if not isinstance(node.body, cst.IndentedBlock):
         raise CompileError("a remote session's body goes on its own lines, below "
                            "`with ....session(remote=...):`", filename, first, col)
-    ret = cst.SimpleStatementLine([cst.Return(cst.Call(cst.Name("locals")))])
-    fn = cst.FunctionDef(name=cst.Name("__session__"), params=cst.Parameters(),
-                         body=cst.IndentedBlock([node.with_changes(leading_lines=()), ret]))
-    wrapper = cst.Module([fn]).code
-    names = [n for n in ast.walk(ast.parse(wrapper)) if isinstance(n, ast.Name)]
-    loads = {n.id for n in names if isinstance(n.ctx, ast.Load)}
-    stores = {n.id for n in names if not isinstance(n.ctx, ast.Load)}
+    wrapper, loads, stores = wrapped(node, "__session__")
     return {
         "source": Source(wrapper, filename, first - 1, col - 4),
         "line": first,
         "body_line": positions[node.body.body[0]][0],
         "end_line": last,
-        "loads": frozenset(loads - {"locals"}),
-        "stores": frozenset(stores),
+        "loads": loads - {"locals"},
+        "stores": stores,
         "later": frozenset(name for name, _l, _c in _reads_after(tree, first, last)),
         "helpers": helper_names(filename, text, module),
     }
