@@ -739,11 +739,19 @@ def _free_names(block: BlockInfo, block_refs: list[NameRef], refs: list[NameRef]
     """What ``block`` reads from around it (a remote run sends these values): names
     it reads that the function binds elsewhere, or that nothing binds (globals,
     builtins); with the line of the first read."""
-    inside = {r.name for r in block_refs if r.store}
     outside = params | {r.name for r in refs if r.store and r.block is not block}
+    return free_names(block_refs, outside, {block.tracer})
+
+
+def free_names(inside_refs: list[NameRef], outside: set[str],
+               skip: set) -> tuple[tuple[str, int], ...]:
+    """``(name, first line)`` of each name ``inside_refs`` (the references of a block
+    or session, in order) read that ``outside`` binds or that nothing of them binds
+    (globals, builtins); not the names of ``skip`` (its tracers) nor constants."""
+    inside = {r.name for r in inside_refs if r.store}
     free: dict[str, int] = {}
-    for r in block_refs:
-        if r.store or r.name == block.tracer or r.name in free or r.name in _CONSTANTS:
+    for r in inside_refs:
+        if r.store or r.name in skip or r.name in free or r.name in _CONSTANTS:
             continue
         if r.name in outside or r.name not in inside:
             free[r.name] = r.line

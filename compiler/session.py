@@ -35,11 +35,10 @@ from __future__ import annotations
 import libcst as cst
 import libcst.matchers as m
 
-from .analyze import Analysis, _param_names, statements
+from .analyze import Analysis, _param_names, free_names, statements
 from .rewrite import RT, _rt
 
 _SESSION = m.Call(func=m.Attribute(attr=m.Name("session")))
-_CONSTANTS = frozenset({"True", "False", "None"})
 
 
 def session_item(node: cst.With) -> int | None:
@@ -76,16 +75,10 @@ def session_names(info: Analysis, fn: cst.FunctionDef, line: int, end: int,
     after = {r.name for r in refs if not r.store and r.line > end}
     saved = {n for b in info.blocks if line <= b.line <= end for n in b.saved}
     wanted = tuple(sorted(saved | (bound & after)))
-    stored = {r.name for r in inside if r.store}
     outside = set(_param_names(fn.params)) | {r.name for r in refs if r.store and not
                                               line <= r.line <= end}
-    free: dict[str, int] = {}
-    for r in sorted(inside, key=lambda r: (r.line, r.col)):
-        if r.store or r.name in free or r.name in _CONSTANTS or r.name in tracers:
-            continue
-        if r.name in outside or r.name not in stored:
-            free[r.name] = r.line
-    return wanted, tuple(sorted(free.items()))
+    inside.sort(key=lambda r: (r.line, r.col))
+    return wanted, free_names(inside, outside, tracers)
 
 
 def lower_session(rw, original: cst.With, updated: cst.With) -> cst.With | None:
