@@ -474,6 +474,8 @@ class _Analyzer(cst.CSTVisitor):
             )
 
     def visit_AugAssign(self, node: cst.AugAssign) -> None:
+        if isinstance(node.target, cst.Name):  # `n += 1` reads `n` before it binds it
+            self._ref(node.target, node.target.value, False)
         self._binds(node.target)
 
     def visit_For_target(self, node: cst.For) -> None:
